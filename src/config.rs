@@ -1,0 +1,536 @@
+//! Configuration: the embedded defaults, `hoard.toml`, `HOARD_*` environment
+//! variables and command-line flags, merged in that order (later wins) and
+//! validated into one `Config`. Nothing else reads the environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::reference::{validate_registry, DOCKER_HUB};
+
+/// Docker Hub's registry API endpoint (what `docker.io` means).
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+fn invalid(key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.to_string(),
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Flags of `hoard serve` (also accepted without the subcommand). Each has a
+/// `HOARD_*` environment variable; unset flags fall back to the file, then to
+/// the embedded defaults.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Config file (TOML); see config/hoard.toml.
+    #[arg(short, long, env = "HOARD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:5000].
+    #[arg(long, env = "HOARD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for blobs and the index [default: ./hoard-data].
+    #[arg(long, env = "HOARD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Map a registry host to the URL contacted, e.g. docker.io=http://127.0.0.1:5001 (repeatable).
+    #[arg(long, env = "HOARD_UPSTREAM", value_name = "HOST=URL", value_delimiter = ',')]
+    pub upstream: Vec<String>,
+    /// How long a tag is served without asking upstream, e.g. 30s, 5m [default: 5m].
+    #[arg(long, env = "HOARD_TAG_TTL", value_name = "DURATION")]
+    pub tag_ttl: Option<String>,
+    /// Also serve /metrics and /healthz on this address.
+    #[arg(long, env = "HOARD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Mirror any registry host a client names, not only configured ones.
+    #[arg(long, env = "HOARD_ALLOW_ANY_UPSTREAM", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_any_upstream: Option<bool>,
+    /// Largest manifest accepted from upstream, e.g. 4MiB [default: 4MiB].
+    #[arg(long, env = "HOARD_MAX_MANIFEST_SIZE", value_name = "SIZE")]
+    pub max_manifest_size: Option<String>,
+    /// Upstream connect timeout [default: 10s].
+    #[arg(long, env = "HOARD_CONNECT_TIMEOUT", value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// Upstream response-head timeout [default: 30s].
+    #[arg(long, env = "HOARD_RESPONSE_TIMEOUT", value_name = "DURATION")]
+    pub response_timeout: Option<String>,
+    /// Give up on an upstream body that sends nothing for this long [default: 30s].
+    #[arg(long, env = "HOARD_STALL_TIMEOUT", value_name = "DURATION")]
+    pub stall_timeout: Option<String>,
+    /// How long shutdown waits for transfers in progress [default: 30s].
+    #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
+}
+
+/// `hoard.toml` as written; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    tag_ttl: Option<String>,
+    allow_any_upstream: Option<bool>,
+    max_manifest_size: Option<Size>,
+    #[serde(default)]
+    upstream: FileUpstream,
+    #[serde(default)]
+    registries: BTreeMap<String, FileRegistry>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    stall_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRegistry {
+    url: Option<String>,
+    tag_ttl: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+}
+
+/// A size as a byte count or a string such as "4MiB".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Credentials hoard presents to an upstream registry. `Debug` never shows
+/// the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// Username and password (or access token used as password).
+    Basic { username: String, password: String },
+    /// A bearer token sent as is.
+    Bearer(String),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+            Credentials::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+        }
+    }
+}
+
+/// One upstream registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// Base URL actually contacted (scheme, host, optional port).
+    pub url: reqwest::Url,
+    /// Overrides the global tag TTL.
+    pub tag_ttl: Option<Duration>,
+    /// Credentials for this registry, if any.
+    pub credentials: Option<Credentials>,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub tag_ttl: Duration,
+    pub allow_any_upstream: bool,
+    pub max_manifest_bytes: u64,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub stall_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// Registry host (`docker.io`) -> how to reach it.
+    pub registries: BTreeMap<String, RegistryConfig>,
+}
+
+impl Config {
+    /// The embedded default: listen on :5000, data in ./hoard-data (or
+    /// `HOARD_DATA_DIR`, applied by clap), Docker Hub upstream.
+    pub fn embedded() -> Config {
+        let mut registries = BTreeMap::new();
+        registries.insert(
+            DOCKER_HUB.to_owned(),
+            RegistryConfig {
+                url: DOCKER_HUB_URL.parse().expect("valid url"),
+                tag_ttl: None,
+                credentials: None,
+            },
+        );
+        Config {
+            listen: "0.0.0.0:5000".parse().expect("valid addr"),
+            metrics_listen: None,
+            data_dir: PathBuf::from("hoard-data"),
+            log_format: LogFormat::Text,
+            tag_ttl: Duration::from_secs(300),
+            allow_any_upstream: false,
+            max_manifest_bytes: 4 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            registries,
+        }
+    }
+
+    /// Merges defaults, the config file, per-registry `HOARD_REGISTRY_*`
+    /// variables from `env`, and `args` (flags and their variables).
+    pub fn load(args: &ServeArgs, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut config = Config::embedded();
+        config.apply_file(file)?;
+        config.apply_registry_env(env)?;
+        config.apply_args(args)?;
+        Ok(config)
+    }
+
+    /// The tag TTL for one registry host.
+    pub fn tag_ttl_for(&self, registry: &str) -> Duration {
+        self.registries
+            .get(registry)
+            .and_then(|r| r.tag_ttl)
+            .unwrap_or(self.tag_ttl)
+    }
+
+    fn apply_file(&mut self, file: FileConfig) -> Result<()> {
+        set(&mut self.listen, file.listen);
+        if file.metrics_listen.is_some() {
+            self.metrics_listen = file.metrics_listen;
+        }
+        set(&mut self.data_dir, file.data_dir);
+        set(&mut self.log_format, file.log_format);
+        set(&mut self.allow_any_upstream, file.allow_any_upstream);
+        set_duration(&mut self.tag_ttl, "tag_ttl", file.tag_ttl.as_deref())?;
+        set_duration(&mut self.shutdown_timeout, "shutdown_timeout", file.shutdown_timeout.as_deref())?;
+        let up = file.upstream;
+        set_duration(&mut self.connect_timeout, "upstream.connect_timeout", up.connect_timeout.as_deref())?;
+        set_duration(&mut self.response_timeout, "upstream.response_timeout", up.response_timeout.as_deref())?;
+        set_duration(&mut self.stall_timeout, "upstream.stall_timeout", up.stall_timeout.as_deref())?;
+        if let Some(size) = file.max_manifest_size {
+            self.max_manifest_bytes = match size {
+                Size::Bytes(n) => n,
+                Size::Text(text) => parse_size(&text).map_err(|m| invalid("max_manifest_size", m))?,
+            };
+        }
+        for (host, raw) in file.registries {
+            self.apply_registry(&host, raw)?;
+        }
+        Ok(())
+    }
+
+    fn apply_registry(&mut self, host: &str, raw: FileRegistry) -> Result<()> {
+        let key = format!("registries.\"{host}\"");
+        validate_registry(host).map_err(|e| invalid(&key, e))?;
+        let existing = self.registries.get(host).cloned();
+        let url = match (raw.url, existing.as_ref()) {
+            (Some(url), _) => parse_url(&format!("{key}.url"), &url)?,
+            (None, Some(existing)) => existing.url.clone(),
+            (None, None) => parse_url(&format!("{key}.url"), &format!("https://{host}"))?,
+        };
+        let mut tag_ttl = existing.as_ref().and_then(|e| e.tag_ttl);
+        if let Some(ttl) = raw.tag_ttl {
+            tag_ttl = Some(parse_duration(&format!("{key}.tag_ttl"), &ttl)?);
+        }
+        // Fields merge with what an earlier layer set, so the environment can
+        // supply just the password for a username from the file.
+        let existing = existing.and_then(|e| e.credentials);
+        let untouched = raw.token.is_none() && raw.username.is_none() && raw.password.is_none();
+        if untouched {
+            return self.finish_registry(host, url, tag_ttl, existing);
+        }
+        let (mut username, mut password) = match existing {
+            Some(Credentials::Basic { username, password }) => (Some(username), Some(password)),
+            _ => (None, None),
+        };
+        if raw.username.is_some() {
+            username = raw.username;
+        }
+        if raw.password.is_some() {
+            password = raw.password;
+        }
+        let credentials = match (raw.token, username, password) {
+            (Some(token), _, _) => Some(Credentials::Bearer(token)),
+            (None, Some(username), Some(password)) => Some(Credentials::Basic { username, password }),
+            (None, None, None) => None,
+            _ => return Err(invalid(&key, "username and password go together")),
+        };
+        self.finish_registry(host, url, tag_ttl, credentials)
+    }
+
+    fn finish_registry(
+        &mut self,
+        host: &str,
+        url: reqwest::Url,
+        tag_ttl: Option<Duration>,
+        credentials: Option<Credentials>,
+    ) -> Result<()> {
+        self.registries.insert(
+            host.to_owned(),
+            RegistryConfig {
+                url,
+                tag_ttl,
+                credentials,
+            },
+        );
+        Ok(())
+    }
+
+    /// `HOARD_REGISTRY_<HOST>_{URL,USERNAME,PASSWORD,TOKEN,TAG_TTL}` for
+    /// configured hosts, the host upper-cased with `.`, `-`, `:` as `_`
+    /// (e.g. `HOARD_REGISTRY_DOCKER_IO_PASSWORD`).
+    fn apply_registry_env(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Result<()> {
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("HOARD_REGISTRY_"))
+            .collect();
+        if env.is_empty() {
+            return Ok(());
+        }
+        let hosts: Vec<String> = self.registries.keys().cloned().collect();
+        for host in hosts {
+            let prefix = format!(
+                "HOARD_REGISTRY_{}_",
+                host.to_ascii_uppercase().replace(['.', '-', ':'], "_")
+            );
+            let get = |field: &str| env.get(&format!("{prefix}{field}")).cloned();
+            let raw = FileRegistry {
+                url: get("URL"),
+                tag_ttl: get("TAG_TTL"),
+                username: get("USERNAME"),
+                password: get("PASSWORD"),
+                token: get("TOKEN"),
+            };
+            if raw.url.is_some() || raw.tag_ttl.is_some() || raw.username.is_some() || raw.password.is_some() || raw.token.is_some() {
+                self.apply_registry(&host, raw)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_args(&mut self, args: &ServeArgs) -> Result<()> {
+        set(&mut self.listen, args.listen);
+        if args.metrics_listen.is_some() {
+            self.metrics_listen = args.metrics_listen;
+        }
+        set(&mut self.data_dir, args.data_dir.clone());
+        set(&mut self.log_format, args.log_format);
+        set(&mut self.allow_any_upstream, args.allow_any_upstream);
+        set_duration(&mut self.tag_ttl, "--tag-ttl", args.tag_ttl.as_deref())?;
+        set_duration(&mut self.connect_timeout, "--connect-timeout", args.connect_timeout.as_deref())?;
+        set_duration(&mut self.response_timeout, "--response-timeout", args.response_timeout.as_deref())?;
+        set_duration(&mut self.stall_timeout, "--stall-timeout", args.stall_timeout.as_deref())?;
+        set_duration(&mut self.shutdown_timeout, "--shutdown-timeout", args.shutdown_timeout.as_deref())?;
+        if let Some(size) = &args.max_manifest_size {
+            self.max_manifest_bytes = parse_size(size).map_err(|m| invalid("--max-manifest-size", m))?;
+        }
+        for mapping in &args.upstream {
+            let (host, url) = mapping
+                .split_once('=')
+                .ok_or_else(|| invalid("--upstream", format!("{mapping:?} is not HOST=URL")))?;
+            self.apply_registry(
+                host.trim(),
+                FileRegistry {
+                    url: Some(url.trim().to_owned()),
+                    ..FileRegistry::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *slot = value;
+    }
+}
+
+fn set_duration(slot: &mut Duration, key: &str, text: Option<&str>) -> Result<()> {
+    if let Some(text) = text {
+        *slot = parse_duration(key, text)?;
+    }
+    Ok(())
+}
+
+/// Durations such as `30s`, `5m`, `1h 30m`, `250ms`.
+pub fn parse_duration(key: &str, text: &str) -> Result<Duration> {
+    humantime::parse_duration(text.trim()).map_err(|e| invalid(key, format!("{text:?}: {e}")))
+}
+
+fn parse_url(key: &str, text: &str) -> Result<reqwest::Url> {
+    let url: reqwest::Url = text.parse().map_err(|e| invalid(key, format!("{text:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(key, format!("{text:?} is not an http(s) URL")));
+    }
+    Ok(url)
+}
+
+/// Sizes such as `4194304`, `4MiB`, `512KiB`, `1GB`.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_serves_docker_hub_on_5000() {
+        let c = Config::load(&ServeArgs::default(), []).unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.data_dir, PathBuf::from("hoard-data"));
+        assert_eq!(c.registries["docker.io"].url.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(c.tag_ttl, Duration::from_secs(300));
+        assert!(!c.allow_any_upstream);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hoard.toml");
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let c = Config::load(&args, []).unwrap();
+        assert!(c.registries.contains_key("ghcr.io"));
+        assert!(c.registries.contains_key("quay.io"));
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hoard.toml");
+        std::fs::write(
+            &path,
+            r#"
+tag_ttl = "1m"
+max_manifest_size = "1MiB"
+[registries."ghcr.io"]
+tag_ttl = "10s"
+username = "bot"
+password = "from-file"
+"#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            tag_ttl: Some("30s".into()),
+            upstream: vec!["docker.io=http://127.0.0.1:5001".into()],
+            ..ServeArgs::default()
+        };
+        let env = [("HOARD_REGISTRY_GHCR_IO_PASSWORD".to_string(), "from-env".to_string())];
+        let c = Config::load(&args, env).unwrap();
+        assert_eq!(c.tag_ttl, Duration::from_secs(30));
+        assert_eq!(c.max_manifest_bytes, 1 << 20);
+        assert_eq!(c.tag_ttl_for("ghcr.io"), Duration::from_secs(10));
+        assert_eq!(c.tag_ttl_for("docker.io"), Duration::from_secs(30));
+        assert_eq!(c.registries["docker.io"].url.as_str(), "http://127.0.0.1:5001/");
+        assert_eq!(c.registries["ghcr.io"].url.as_str(), "https://ghcr.io/");
+        let creds = c.registries["ghcr.io"].credentials.clone().unwrap();
+        assert_eq!(
+            creds,
+            Credentials::Basic {
+                username: "bot".into(),
+                password: "from-env".into()
+            }
+        );
+        assert!(!format!("{creds:?}").contains("from-env"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            ServeArgs { tag_ttl: Some("soon".into()), ..Default::default() },
+            ServeArgs { upstream: vec!["docker.io".into()], ..Default::default() },
+            ServeArgs { upstream: vec!["docker.io=ftp://x".into()], ..Default::default() },
+            ServeArgs { upstream: vec!["Bad_Host=http://x".into()], ..Default::default() },
+            ServeArgs { max_manifest_size: Some("4 parsecs".into()), ..Default::default() },
+        ] {
+            assert!(Config::load(&args, []).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! hoard: a pull-through caching mirror for container registries.
+//!
+//! Request path: `registry` (HTTP) -> `mirror` (policy) -> `store` (local
+//! blobs and index) | `upstream` (registry client). Only `mirror` talks to
+//! both `store` and `upstream`.
+
+pub mod config;
+pub mod metrics;
+pub mod mirror;
+pub mod reference;
+pub mod registry;
+pub mod store;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store in {path}: {source}")]
+    Store {
+        path: std::path::PathBuf,
+        source: store::Error,
+    },
+    #[error("cannot build the upstream client: {0}")]
+    Upstream(#[from] upstream::Error),
+}
+
+/// A mirror ready to serve: store opened, upstream client built.
+pub struct Daemon {
+    app: Arc<registry::App>,
+    config: config::Config,
+}
+
+impl Daemon {
+    /// Opens the store under `config.data_dir` (removing leftovers of
+    /// interrupted downloads) and builds the upstream client. Blocking.
+    pub fn open(config: config::Config) -> Result<Daemon, StartError> {
+        let metrics = Arc::new(metrics::Metrics::new());
+        let store = store::Store::open(&config.data_dir).map_err(|source| StartError::Store {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let upstream = upstream::Client::new(&config, metrics.clone())?;
+        let mirror = mirror::Mirror::new(config.clone(), Arc::new(store), upstream, metrics.clone());
+        Ok(Daemon {
+            app: Arc::new(registry::App { mirror, metrics }),
+            config,
+        })
+    }
+
+    /// The metrics of this daemon.
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.app.metrics.clone()
+    }
+
+    /// Serves the registry API on `listener` (and /metrics alone on
+    /// `metrics_listener`) until `shutdown` resolves; then drains and flushes
+    /// the index.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let grace = self.config.shutdown_timeout;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let metrics_task = metrics_listener.map(|l| {
+            let app = self.app.clone();
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(registry::serve(l, app, registry::Surface::MetricsOnly, stop, grace))
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        registry::serve(listener, self.app.clone(), registry::Surface::Full, stopped(stop_rx), grace).await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        if let Err(e) = self.app.mirror.flush() {
+            tracing::error!(error = %e, "index flush failed");
+        }
+        info!("stopped");
+    }
+}

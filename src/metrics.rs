@@ -1,0 +1,150 @@
+//! Prometheus metrics. One `Metrics` per server (tests run several side by
+//! side), each with its own registry. Labels stay bounded: kinds, outcomes,
+//! configured registry hosts and status codes, never repositories or digests.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric hoard exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `hoard_cache_requests_total{kind,result}`: lookups by outcome.
+    pub cache_requests: IntCounterVec,
+    /// `hoard_served_bytes_total{source}`: body bytes sent to clients.
+    pub served_bytes: IntCounterVec,
+    /// `hoard_upstream_requests_total{registry,method,status}`.
+    pub upstream_requests: IntCounterVec,
+    /// `hoard_upstream_ratelimit_remaining{registry}` from `ratelimit-remaining`.
+    pub ratelimit_remaining: IntGaugeVec,
+    /// `hoard_upstream_ratelimit_limit{registry}` from `ratelimit-limit`.
+    pub ratelimit_limit: IntGaugeVec,
+    /// `hoard_store_bytes`: size of the committed blobs.
+    pub store_bytes: IntGauge,
+    /// `hoard_inflight_fetches`: upstream downloads running now.
+    pub inflight_fetches: IntGauge,
+    /// `hoard_digest_mismatches_total`: upstream content that failed verification.
+    pub digest_mismatches: IntCounter,
+    /// `hoard_http_requests_total{method,status}`: client requests answered.
+    pub http_requests: IntCounterVec,
+    /// `hoard_http_request_duration_seconds{route}`: time to the response head.
+    pub http_duration: HistogramVec,
+    /// `hoard_upstream_fetch_duration_seconds`: time to fill a blob.
+    pub fetch_duration: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let cache_requests = counter_vec(
+            "hoard_cache_requests_total",
+            "Manifest and blob lookups by cache outcome.",
+            &["kind", "result"],
+        );
+        let served_bytes = counter_vec(
+            "hoard_served_bytes_total",
+            "Body bytes sent to clients, from the local store or streamed from upstream.",
+            &["source"],
+        );
+        let upstream_requests = counter_vec(
+            "hoard_upstream_requests_total",
+            "Requests sent to upstream registries by status (or error kind).",
+            &["registry", "method", "status"],
+        );
+        let ratelimit_remaining = gauge_vec(
+            "hoard_upstream_ratelimit_remaining",
+            "Last ratelimit-remaining header seen from each upstream registry.",
+            &["registry"],
+        );
+        let ratelimit_limit = gauge_vec(
+            "hoard_upstream_ratelimit_limit",
+            "Last ratelimit-limit header seen from each upstream registry.",
+            &["registry"],
+        );
+        let store_bytes = gauge("hoard_store_bytes", "Bytes of verified content in the store.");
+        let inflight_fetches = gauge(
+            "hoard_inflight_fetches",
+            "Upstream blob downloads in progress.",
+        );
+        let digest_mismatches =
+            IntCounter::new("hoard_digest_mismatches_total", "Upstream content discarded because its sha256 did not match.")
+                .expect("valid metric");
+        registry
+            .register(Box::new(digest_mismatches.clone()))
+            .expect("unique metric");
+        let http_requests = counter_vec(
+            "hoard_http_requests_total",
+            "Client requests by method and response status.",
+            &["method", "status"],
+        );
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "hoard_http_request_duration_seconds",
+                "Time from request to response head, by route.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["route"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(http_duration.clone()))
+            .expect("unique metric");
+        let fetch_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "hoard_upstream_fetch_duration_seconds",
+                "Time to download and verify a blob from upstream.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fetch_duration.clone()))
+            .expect("unique metric");
+        Metrics {
+            registry,
+            cache_requests,
+            served_bytes,
+            upstream_requests,
+            ratelimit_remaining,
+            ratelimit_limit,
+            store_bytes,
+            inflight_fetches,
+            digest_mismatches,
+            http_requests,
+            http_duration,
+            fetch_duration,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails");
+        String::from_utf8(out).expect("prometheus text is utf-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}

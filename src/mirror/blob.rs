@@ -1,0 +1,292 @@
+//! Blob lookups and downloads. A stored, linked blob is a hit. A missing one
+//! starts (or joins) the one download for its digest; the download runs in
+//! a detached task that outlives the client that started it, hashes and
+//! writes on a blocking thread while the network keeps receiving, and
+//! commits only verified bytes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::error::{Error, Result};
+use super::fill::{Fill, FillState};
+use super::stream::{self, ByteStream};
+use super::{Inner, Outcome};
+use crate::reference::{Digest, Repository};
+use crate::store::{self, BlobWriter, StoredBlob};
+use crate::upstream;
+
+/// Chunks queued between the network and the writer thread.
+const WRITE_QUEUE: usize = 16;
+
+/// Downloads in progress, by digest.
+#[derive(Default)]
+pub(super) struct Fills {
+    map: Mutex<HashMap<Digest, Arc<Fill>>>,
+}
+
+/// A blob ready to be sent.
+pub struct Blob {
+    /// How the lookup was answered.
+    pub outcome: Outcome,
+    /// The length, when known (always for stored blobs; for downloads when
+    /// upstream sent `Content-Length`).
+    pub len: Option<u64>,
+    source: Source,
+    served: prometheus::IntCounterVec,
+}
+
+enum Source {
+    Stored(StoredBlob),
+    Filling(Arc<Fill>),
+}
+
+impl Blob {
+    /// Whether the bytes come from the store (so any range can be served).
+    pub fn is_stored(&self) -> bool {
+        matches!(self.source, Source::Stored(_))
+    }
+
+    /// Streams `start..end` (the whole blob with `None`).
+    pub fn stream(self, range: Option<(u64, u64)>) -> ByteStream {
+        let (start, end) = match range {
+            Some((start, end)) => (start, Some(end)),
+            None => (0, self.len),
+        };
+        match self.source {
+            Source::Stored(blob) => stream::spawn(
+                Arc::new(blob.file),
+                start,
+                end,
+                None,
+                self.served.with_label_values(&["cache"]),
+            ),
+            Source::Filling(fill) => stream::spawn(
+                fill.file(),
+                start,
+                end,
+                Some(fill),
+                self.served.with_label_values(&["upstream"]),
+            ),
+        }
+    }
+}
+
+enum Step {
+    Stored(StoredBlob),
+    Join(Arc<Fill>),
+    Lead(Arc<Fill>),
+    Confirm,
+}
+
+/// Finds or fetches `digest` for `repo`.
+pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Digest) -> Result<Blob> {
+    let mut confirmed = false;
+    loop {
+        let step = match stored(inner, repo, digest, confirmed)? {
+            Some(step) => step,
+            None => {
+                // Decide under the lock, re-checking the store: a fill
+                // commits before it leaves the map, so there is no moment
+                // when neither shows the blob.
+                let mut fills = inner.fills.map.lock().expect("fills lock");
+                if let Some(fill) = fills.get(digest) {
+                    if confirmed || fill.repo() == repo {
+                        Step::Join(fill.clone())
+                    } else {
+                        Step::Confirm
+                    }
+                } else if let Some(step) = stored(inner, repo, digest, confirmed)? {
+                    step
+                } else {
+                    let writer = inner.store.create_temp()?;
+                    let fill = Arc::new(Fill::new(repo.clone(), writer.file()));
+                    fills.insert(digest.clone(), fill.clone());
+                    tokio::spawn(run(inner.clone(), repo.clone(), digest.clone(), fill.clone(), writer));
+                    Step::Lead(fill)
+                }
+            }
+        };
+        let (source, outcome, len) = match step {
+            Step::Stored(blob) => {
+                let len = Some(blob.meta.size);
+                (Source::Stored(blob), Outcome::Hit, len)
+            }
+            Step::Join(fill) => {
+                let len = fill.started().await?;
+                (Source::Filling(fill), Outcome::Coalesced, len)
+            }
+            Step::Lead(fill) => {
+                let len = fill.started().await?;
+                (Source::Filling(fill), Outcome::Miss, len)
+            }
+            Step::Confirm => {
+                inner
+                    .upstream
+                    .head_blob(repo, digest)
+                    .await
+                    .map_err(|e| blob_error(e, repo, digest))?;
+                if inner.store.blob_meta(digest)?.is_some() {
+                    inner.store.link(repo, digest)?;
+                }
+                confirmed = true;
+                continue;
+            }
+        };
+        return Ok(Blob {
+            outcome,
+            len,
+            source,
+            served: inner.metrics.served_bytes.clone(),
+        });
+    }
+}
+
+/// Answers a `HEAD`: from the store, a download in progress, or an upstream
+/// `HEAD` (a `HEAD` alone does not start a download).
+pub(super) async fn head(inner: &Arc<Inner>, repo: &Repository, digest: &Digest) -> Result<(Option<u64>, Outcome)> {
+    if inner.store.is_linked(repo, digest)? {
+        if let Some(meta) = inner.store.blob_meta(digest)? {
+            return Ok((Some(meta.size), Outcome::Hit));
+        }
+    }
+    let fill = inner.fills.map.lock().expect("fills lock").get(digest).cloned();
+    if let Some(fill) = fill.filter(|f| f.repo() == repo) {
+        return Ok((fill.started().await?, Outcome::Coalesced));
+    }
+    let len = inner
+        .upstream
+        .head_blob(repo, digest)
+        .await
+        .map_err(|e| blob_error(e, repo, digest))?;
+    if let Some(meta) = inner.store.blob_meta(digest)? {
+        inner.store.link(repo, digest)?;
+        return Ok((Some(meta.size), Outcome::Hit));
+    }
+    Ok((len, Outcome::Miss))
+}
+
+/// The stored blob if present; `Confirm` if it is stored but not known to
+/// belong to `repo`.
+fn stored(inner: &Inner, repo: &Repository, digest: &Digest, confirmed: bool) -> Result<Option<Step>> {
+    if inner.store.blob_meta(digest)?.is_none() {
+        return Ok(None);
+    }
+    if !confirmed && !inner.store.is_linked(repo, digest)? {
+        return Ok(Some(Step::Confirm));
+    }
+    Ok(inner.store.open_blob(digest)?.map(Step::Stored))
+}
+
+/// The download task: fetch, verify, commit, then leave the map.
+async fn run(inner: Arc<Inner>, repo: Repository, digest: Digest, fill: Arc<Fill>, writer: BlobWriter) {
+    inner.metrics.inflight_fetches.inc();
+    let started = Instant::now();
+    let result = download(&inner, &repo, &digest, &fill, writer).await;
+    match result {
+        Ok(len) => {
+            inner.metrics.fetch_duration.observe(started.elapsed().as_secs_f64());
+            inner.metrics.store_bytes.set(inner.store.size_bytes() as i64);
+            debug!(repository = %repo, %digest, bytes = len, "blob cached");
+            fill.set(FillState::Complete { len });
+        }
+        Err(e) => {
+            if let Error::DigestMismatch { .. } = e {
+                inner.metrics.digest_mismatches.inc();
+            }
+            warn!(repository = %repo, %digest, error = %e, "blob download failed");
+            fill.set(FillState::Failed(e));
+        }
+    }
+    let mut fills = inner.fills.map.lock().expect("fills lock");
+    if fills.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &fill)) {
+        fills.remove(&digest);
+    }
+    drop(fills);
+    inner.metrics.inflight_fetches.dec();
+}
+
+async fn download(
+    inner: &Arc<Inner>,
+    repo: &Repository,
+    digest: &Digest,
+    fill: &Arc<Fill>,
+    mut writer: BlobWriter,
+) -> Result<u64> {
+    let mut response = inner
+        .upstream
+        .get_blob(repo, digest)
+        .await
+        .map_err(|e| blob_error(e, repo, digest))?;
+    let len = response.len;
+    fill.set(FillState::Streaming { len, written: 0 });
+
+    // Hashing and disk writes run on a blocking thread, overlapping the
+    // network; the bounded queue keeps memory flat if the disk is slower.
+    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
+    let progress = fill.clone();
+    let writing = tokio::task::spawn_blocking(move || -> store::Result<BlobWriter> {
+        while let Some(chunk) = rx.blocking_recv() {
+            writer.write(&chunk)?;
+            progress.advance(writer.written());
+        }
+        Ok(writer)
+    });
+    let mut received: u64 = 0;
+    let network = loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                received += chunk.len() as u64;
+                if len.is_some_and(|len| received > len) {
+                    break Err(Error::Upstream(upstream::Error::Body {
+                        registry: repo.registry().to_owned(),
+                        message: "body longer than content-length".into(),
+                    }));
+                }
+                if tx.send(chunk).await.is_err() {
+                    break Ok(()); // the writer failed; its error is below
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(Error::Upstream(e)),
+        }
+    };
+    drop(tx);
+    let writer = writing.await??;
+    network?;
+    if len.is_some_and(|len| writer.written() != len) {
+        return Err(Error::Upstream(upstream::Error::Body {
+            registry: repo.registry().to_owned(),
+            message: format!("body ended after {} of {} bytes", writer.written(), len.unwrap_or(0)),
+        }));
+    }
+    let store = inner.store.clone();
+    let expected = digest.clone();
+    let committed = tokio::task::spawn_blocking(move || store.commit(writer, &expected, None)).await?;
+    let meta = match committed {
+        Ok(meta) => meta,
+        Err(store::Error::DigestMismatch { actual, .. }) => {
+            return Err(Error::DigestMismatch {
+                repo: repo.clone(),
+                expected: digest.clone(),
+                actual,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    inner.store.link(repo, digest)?;
+    Ok(meta.size)
+}
+
+fn blob_error(e: upstream::Error, repo: &Repository, digest: &Digest) -> Error {
+    match e {
+        upstream::Error::NotFound { .. } => Error::BlobUnknown {
+            repo: repo.clone(),
+            digest: digest.clone(),
+        },
+        e => Error::Upstream(e),
+    }
+}

@@ -1,0 +1,147 @@
+//! Response bodies, and the access log line written when a body is done
+//! (complete, failed or abandoned by the client), so the line carries the
+//! bytes really sent and the full duration.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tracing::info;
+
+use crate::mirror::ByteStream;
+
+/// A response body: nothing, a buffer, or a blob stream.
+pub struct Body {
+    kind: Kind,
+    log: Option<AccessLog>,
+}
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(ByteStream),
+}
+
+impl Body {
+    /// No body (HEAD, 304).
+    pub fn empty() -> Body {
+        Body {
+            kind: Kind::Empty,
+            log: None,
+        }
+    }
+
+    /// A body already in memory.
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        Body {
+            kind: Kind::Full(Some(bytes.into())),
+            log: None,
+        }
+    }
+
+    /// A streamed blob.
+    pub fn stream(stream: ByteStream) -> Body {
+        Body {
+            kind: Kind::Stream(stream),
+            log: None,
+        }
+    }
+
+    /// Attaches the access log entry written when the body is dropped.
+    pub fn logged(mut self, mut log: AccessLog) -> Body {
+        log.complete = matches!(self.kind, Kind::Empty);
+        self.log = Some(log);
+        self
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(Ok)),
+            Kind::Stream(stream) => stream.poll_next(cx),
+        };
+        if let (Poll::Ready(item), Some(log)) = (&polled, this.log.as_mut()) {
+            match item {
+                Some(Ok(chunk)) => log.bytes += chunk.len() as u64,
+                Some(Err(_)) => log.failed = true,
+                None => log.complete = true,
+            }
+        }
+        polled.map(|item| item.map(|r| r.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// One access log line, written on drop.
+pub struct AccessLog {
+    pub method: http::Method,
+    pub path: String,
+    pub status: u16,
+    pub result: &'static str,
+    pub started: Instant,
+    bytes: u64,
+    complete: bool,
+    failed: bool,
+}
+
+impl AccessLog {
+    /// An entry for a request that started at `started`.
+    pub fn new(method: http::Method, path: String, status: u16, result: &'static str, started: Instant) -> AccessLog {
+        AccessLog {
+            method,
+            path,
+            status,
+            result,
+            started,
+            bytes: 0,
+            complete: false,
+            failed: false,
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let end = if self.failed {
+            "failed"
+        } else if self.complete {
+            "complete"
+        } else {
+            "aborted"
+        };
+        info!(
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes = self.bytes,
+            cache = self.result,
+            body = end,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! Request handling: route, one call into the mirror, response headers as
+//! the spec and the clients expect them. No policy and no I/O of its own.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use tracing::warn;
+
+use super::body::{AccessLog, Body};
+use super::error::{ApiError, Code};
+use super::range::{self, RangeError};
+use super::routes::{self, Route, RouteError};
+use crate::metrics::Metrics;
+use crate::mirror::{self, Accept, Mirror};
+use crate::reference::{Digest, Reference, Repository};
+
+const API_VERSION: &str = "registry/2.0";
+
+/// What every request handler shares.
+pub struct App {
+    pub mirror: Mirror,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Which endpoints a listener offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The registry API plus /metrics and /healthz.
+    Full,
+    /// Only /metrics and /healthz (the `--metrics-listen` listener).
+    MetricsOnly,
+}
+
+/// Answers one request.
+pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Response<Body> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let routed = routes::route(&path, request.uri().query());
+    let label = match &routed {
+        Ok(Route::Manifest { .. }) => "manifest",
+        Ok(Route::Blob { .. }) => "blob",
+        Ok(Route::Tags { .. }) => "tags",
+        Ok(Route::Base) => "base",
+        Ok(Route::Metrics) => "metrics",
+        Ok(Route::Healthz) => "healthz",
+        Ok(Route::Unsupported) | Err(_) => "other",
+    };
+    let (mut response, result) = match routed {
+        Ok(route @ (Route::Metrics | Route::Healthz)) => (meta(app, &method, route), "-"),
+        Ok(_) if surface == Surface::MetricsOnly => (error(&ApiError::new(Code::NotFound, "no such endpoint")), "-"),
+        Ok(route) => dispatch(app, &method, route, &path, request.headers()).await,
+        Err(RouteError::NotFound) => (error(&ApiError::new(Code::NotFound, "no such endpoint")), "-"),
+        Err(RouteError::Invalid(e)) => (error(&ApiError::from(&e)), "-"),
+    };
+    response
+        .headers_mut()
+        .insert("docker-distribution-api-version", HeaderValue::from_static(API_VERSION));
+    let status = response.status();
+    app.metrics
+        .http_requests
+        .with_label_values(&[method.as_str(), status.as_str()])
+        .inc();
+    app.metrics
+        .http_duration
+        .with_label_values(&[label])
+        .observe(started.elapsed().as_secs_f64());
+    let log = AccessLog::new(method, path, status.as_u16(), result, started);
+    response.map(|body| body.logged(log))
+}
+
+async fn dispatch(
+    app: &App,
+    method: &Method,
+    route: Route,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> (Response<Body>, &'static str) {
+    let head = *method == Method::HEAD;
+    if *method != Method::GET && !head {
+        // Push, delete and anything else: a pull-through mirror is read-only.
+        return (error(&ApiError::new(Code::Unsupported, "this registry mirror is read-only")), "-");
+    }
+    let result = match route {
+        Route::Base => Ok((json_response(Bytes::from_static(b"{}"), head), "-")),
+        Route::Manifest { repo, reference } => manifest(app, &repo, &reference, head, headers).await,
+        Route::Blob { repo, digest } if head => blob_head(app, &repo, &digest).await,
+        Route::Blob { repo, digest } => blob(app, &repo, &digest, headers).await,
+        Route::Tags { repo, query } => tags(app, &repo, &query, path, head).await,
+        Route::Unsupported => Err(ApiError::new(Code::Unsupported, "this registry mirror is read-only")),
+        Route::Metrics | Route::Healthz => unreachable!("handled before dispatch"),
+    };
+    result.unwrap_or_else(|e| (error(&e), "-"))
+}
+
+fn meta(app: &App, method: &Method, route: Route) -> Response<Body> {
+    if *method != Method::GET && *method != Method::HEAD {
+        return error(&ApiError::new(Code::Unsupported, "method not allowed"));
+    }
+    let (body, content_type) = match route {
+        Route::Metrics => (app.metrics.render(), "text/plain; version=0.0.4"),
+        _ => ("ok\n".to_owned(), "text/plain"),
+    };
+    let mut response = Response::new(if *method == Method::HEAD { Body::empty() } else { Body::full(body) });
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+type Handled = Result<(Response<Body>, &'static str), ApiError>;
+
+/// Logs what the client is not told.
+fn fail(e: mirror::Error) -> ApiError {
+    let api = ApiError::from(&e);
+    if api.code.status().is_server_error() || api.code.status() == StatusCode::TOO_MANY_REQUESTS {
+        warn!(error = %e, "request failed");
+    }
+    api
+}
+
+async fn manifest(
+    app: &App,
+    repo: &Repository,
+    reference: &Reference,
+    head: bool,
+    headers: &http::HeaderMap,
+) -> Handled {
+    let accept = Accept::parse(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let (manifest, outcome) = app.mirror.manifest(repo, reference, &accept).await.map_err(fail)?;
+    let etag = format!("\"{}\"", manifest.digest);
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let len = manifest.bytes.len();
+    let (status, body) = if not_modified {
+        (StatusCode::NOT_MODIFIED, Body::empty())
+    } else if head {
+        (StatusCode::OK, Body::empty())
+    } else {
+        (StatusCode::OK, Body::full(manifest.bytes.clone()))
+    };
+    let response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, &manifest.media_type)
+        .header(header::CONTENT_LENGTH, len)
+        .header("docker-content-digest", manifest.digest.to_string())
+        .header(header::ETAG, etag)
+        .body(body)
+        .map_err(|_| ApiError::new(Code::Unknown, "invalid upstream content type"))?;
+    Ok((response, outcome.as_str()))
+}
+
+async fn blob_head(app: &App, repo: &Repository, digest: &Digest) -> Handled {
+    let (len, outcome) = app.mirror.blob_head(repo, digest).await.map_err(fail)?;
+    let mut response = blob_headers(digest, StatusCode::OK);
+    if let Some(len) = len {
+        response = response.header(header::CONTENT_LENGTH, len);
+    }
+    Ok((response.body(Body::empty()).expect("valid response"), outcome.as_str()))
+}
+
+async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::HeaderMap) -> Handled {
+    let range_header = headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("invalid"));
+    let blob = app.mirror.blob(repo, digest).await.map_err(fail)?;
+    let outcome = blob.outcome.as_str();
+    let Some(len) = blob.len else {
+        // Upstream sent no length: stream it whole, chunked; ranges need a
+        // known length.
+        let response = blob_headers(digest, StatusCode::OK).body(Body::stream(blob.stream(None)));
+        return Ok((response.expect("valid response"), outcome));
+    };
+    let range = match range_header.map(|h| range::parse(h, len)).transpose() {
+        Ok(range) => range,
+        Err(e) => {
+            let message = match e {
+                RangeError::Malformed => "invalid range",
+                RangeError::Unsatisfiable => "range not satisfiable",
+            };
+            let mut response = error(&ApiError::new(Code::RangeInvalid, message));
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{len}")).expect("valid header"),
+            );
+            return Ok((response, outcome));
+        }
+    };
+    let response = match range {
+        Some((start, end)) => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_LENGTH, end - start)
+            .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1))
+            .body(Body::stream(blob.stream(Some((start, end))))),
+        None => blob_headers(digest, StatusCode::OK)
+            .header(header::CONTENT_LENGTH, len)
+            .body(Body::stream(blob.stream(None))),
+    };
+    Ok((response.expect("valid response"), outcome))
+}
+
+fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ACCEPT_RANGES, "bytes")
+}
+
+async fn tags(app: &App, repo: &Repository, query: &str, path: &str, head: bool) -> Handled {
+    let (list, outcome) = app.mirror.tags(repo, query).await.map_err(fail)?;
+    let len = list.bytes.len();
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, &list.content_type)
+        .header(header::CONTENT_LENGTH, len);
+    // Point the next-page link at this mirror's path for the repository.
+    if let Some(link) = list.link.as_deref().and_then(|l| rewrite_link(l, path)) {
+        response = response.header(header::LINK, link);
+    }
+    let body = if head { Body::empty() } else { Body::full(list.bytes) };
+    let response = response
+        .body(body)
+        .map_err(|_| ApiError::new(Code::Unavailable, "invalid upstream tag list"))?;
+    Ok((response, outcome.as_str()))
+}
+
+fn rewrite_link(link: &str, path: &str) -> Option<String> {
+    let (_, after) = link.split_once("/tags/list")?;
+    let prefix = path.strip_suffix("/tags/list")?;
+    HeaderValue::from_str(&format!("<{prefix}/tags/list{after}")).ok()?;
+    Some(format!("<{prefix}/tags/list{after}"))
+}
+
+fn json_response(body: Bytes, head: bool) -> Response<Body> {
+    let len = body.len();
+    let body = if head { Body::empty() } else { Body::full(body) };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, len)
+        .body(body)
+        .expect("valid response")
+}
+
+/// The spec's JSON error response.
+pub fn error(e: &ApiError) -> Response<Body> {
+    let mut response = json_response(e.body().into(), false);
+    *response.status_mut() = e.code.status();
+    if let Some(after) = e.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
+    }
+    if e.code == Code::Unsupported {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_page_link_points_at_the_mirror_path() {
+        assert_eq!(
+            rewrite_link(r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#, "/v2/alpine/tags/list").as_deref(),
+            Some(r#"</v2/alpine/tags/list?last=b&n=2>; rel="next""#)
+        );
+        assert_eq!(rewrite_link("garbage", "/v2/a/tags/list"), None);
+    }
+}

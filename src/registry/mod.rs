@@ -1,0 +1,17 @@
+//! The HTTP face of hoard: the pull side of the Docker Registry HTTP API v2 /
+//! OCI distribution spec, plus /metrics and /healthz. Parses requests into
+//! typed values, calls the mirror, writes responses. All error answers are
+//! made in `error`.
+
+mod body;
+mod error;
+mod handlers;
+mod range;
+mod routes;
+mod server;
+
+pub use body::Body;
+pub use error::{ApiError, Code};
+pub use handlers::{handle, App, Surface};
+pub use routes::{route, Route, RouteError};
+pub use server::serve;

@@ -1,0 +1,146 @@
+//! Content-addressed blob files: `<data>/blobs/sha256/<2 hex>/<64 hex>`.
+//! New content is written to `<data>/tmp/`, hashed as it is written, and
+//! renamed into place only once the digest matched and the file was fsynced,
+//! so a partial or corrupt download is never visible under its digest.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use super::error::{Error, Result};
+use crate::reference::Digest;
+
+/// The on-disk layout of blob and temp files.
+#[derive(Debug)]
+pub struct BlobFiles {
+    blobs: PathBuf,
+    tmp: PathBuf,
+    next_temp: AtomicU64,
+}
+
+impl BlobFiles {
+    /// Creates the folders and removes temp files a previous run left behind
+    /// (a crash mid-download leaves only those, never a visible blob).
+    pub fn open(root: &Path) -> Result<BlobFiles> {
+        let blobs = root.join("blobs").join("sha256");
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(BlobFiles {
+            blobs,
+            tmp,
+            next_temp: AtomicU64::new(0),
+        })
+    }
+
+    /// Where the verified blob with this digest lives.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs.join(&hex[..2]).join(hex)
+    }
+
+    /// Opens a committed blob for reading, `None` if its file is missing.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<File>> {
+        let path = self.path(digest);
+        match File::open(&path) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Starts a new temp file in the same file system as the blobs, so the
+    /// final rename is atomic.
+    pub fn create_temp(&self) -> Result<BlobWriter> {
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(BlobWriter {
+            temp: Some(path),
+            file: Arc::new(file),
+            hasher: Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Verifies, fsyncs and renames a finished temp file into place.
+    /// Blocking: call from a blocking thread.
+    pub fn commit(&self, mut writer: BlobWriter, expected: &Digest) -> Result<u64> {
+        let actual = Digest::from_hasher(std::mem::take(&mut writer.hasher));
+        if &actual != expected {
+            return Err(Error::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+                size: writer.written,
+            });
+        }
+        let temp = writer.temp.take().expect("temp path present until commit");
+        let dest = self.path(expected);
+        let result = (|| {
+            writer.file.sync_all().map_err(|e| Error::io(&temp, e))?;
+            let dir = dest.parent().expect("blob path has a parent");
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            fs::rename(&temp, &dest).map_err(|e| Error::io(&dest, e))?;
+            // Make the rename itself durable.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(dir, e))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result.map(|()| writer.written)
+    }
+}
+
+/// A temp file being filled. Dropping it without a commit deletes the file.
+#[derive(Debug)]
+pub struct BlobWriter {
+    temp: Option<PathBuf>,
+    file: Arc<File>,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl BlobWriter {
+    /// Hashes and appends a chunk. Blocking.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.hasher.update(chunk);
+        (&*self.file).write_all(chunk).map_err(|e| {
+            Error::io(self.temp.as_deref().unwrap_or(Path::new("?")), e)
+        })?;
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// A handle readers use (`read_at`) to follow the file while it fills;
+    /// it stays valid across the rename.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}

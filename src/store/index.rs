@@ -1,0 +1,145 @@
+//! The sled 0.34 index: what the blob files are (size, media type, last
+//! access), which repository may see which digest, and what each tag pointed
+//! to when it was last fetched. Records are small JSON values.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+use crate::reference::{Digest, Repository};
+
+/// What the store knows of one committed blob or manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Size in bytes.
+    pub size: u64,
+    /// Set for manifests (their `Content-Type`), absent for layer blobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    /// Unix seconds of the last read, for eviction.
+    pub last_access: u64,
+}
+
+/// What a tag resolved to at its last upstream fetch or revalidation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    /// Digest of the manifest the tag points to.
+    pub digest: String,
+    /// Its media type.
+    pub media_type: String,
+    /// Unix milliseconds of the last time upstream confirmed it.
+    pub checked_at: u64,
+}
+
+/// The sled trees.
+pub struct Index {
+    db: sled::Db,
+    blobs: sled::Tree,
+    links: sled::Tree,
+    tags: sled::Tree,
+}
+
+impl Index {
+    /// Opens (or creates) the index under `dir`.
+    pub fn open(dir: &Path) -> Result<Index> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        Ok(Index {
+            blobs: db.open_tree("blobs")?,
+            links: db.open_tree("links")?,
+            tags: db.open_tree("tags")?,
+            db,
+        })
+    }
+
+    pub fn blob(&self, digest: &Digest) -> Result<Option<BlobMeta>> {
+        decode(self.blobs.get(digest.as_bytes())?, || digest.to_string())
+    }
+
+    pub fn put_blob(&self, digest: &Digest, meta: &BlobMeta) -> Result<()> {
+        self.blobs.insert(digest.as_bytes(), encode(meta))?;
+        Ok(())
+    }
+
+    pub fn remove_blob(&self, digest: &Digest) -> Result<()> {
+        self.blobs.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
+    /// Sum of the sizes of all committed blobs.
+    pub fn total_size(&self) -> Result<u64> {
+        let mut total = 0;
+        for entry in self.blobs.iter() {
+            let (key, value) = entry?;
+            let meta: BlobMeta = serde_json::from_slice(&value)
+                .map_err(|_| Error::CorruptRecord(hex::encode(&key)))?;
+            total += meta.size;
+        }
+        Ok(total)
+    }
+
+    pub fn is_linked(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
+        Ok(self.links.contains_key(link_key(repo, digest))?)
+    }
+
+    pub fn link(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        self.links.insert(link_key(repo, digest), &[])?;
+        Ok(())
+    }
+
+    pub fn tag(&self, repo: &Repository, tag: &str) -> Result<Option<TagRecord>> {
+        let key = tag_key(repo, tag);
+        decode(self.tags.get(&key)?, || key.clone())
+    }
+
+    pub fn put_tag(&self, repo: &Repository, tag: &str, record: &TagRecord) -> Result<()> {
+        self.tags.insert(tag_key(repo, tag), encode(record))?;
+        Ok(())
+    }
+
+    pub fn remove_tag(&self, repo: &Repository, tag: &str) -> Result<()> {
+        self.tags.remove(tag_key(repo, tag))?;
+        Ok(())
+    }
+
+    /// The tags of `repo` the index knows, sorted.
+    pub fn tags_of(&self, repo: &Repository) -> Result<Vec<String>> {
+        let prefix = format!("{repo}:");
+        let mut tags = Vec::new();
+        for entry in self.tags.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let key = String::from_utf8_lossy(&key);
+            tags.push(key[prefix.len()..].to_owned());
+        }
+        Ok(tags)
+    }
+
+    /// Flushes to disk; sled also flushes on its own every 500 ms.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn link_key(repo: &Repository, digest: &Digest) -> String {
+    format!("{repo}@{digest}")
+}
+
+fn tag_key(repo: &Repository, tag: &str) -> String {
+    format!("{repo}:{tag}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("index records serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    raw: Option<sled::IVec>,
+    key: impl FnOnce() -> String,
+) -> Result<Option<T>> {
+    raw.map(|raw| serde_json::from_slice(&raw).map_err(|_| Error::CorruptRecord(key())))
+        .transpose()
+}

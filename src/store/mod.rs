@@ -1,0 +1,258 @@
+//! The local store: verified blob files plus the sled index that says what
+//! they are and who may see them. Knows nothing of HTTP or upstreams; the
+//! `mirror` decides what goes in and when.
+
+mod blobs;
+mod error;
+mod index;
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use blobs::BlobWriter;
+pub use error::{Error, Result};
+pub use index::{BlobMeta, TagRecord};
+
+use blobs::BlobFiles;
+use index::Index;
+
+use crate::reference::{Digest, Repository};
+
+/// How stale `last_access` may get before a read rewrites it; keeps the hot
+/// read path from writing to sled on every hit.
+const ACCESS_GRANULARITY_SECS: u64 = 60;
+
+/// Blob files and their index.
+pub struct Store {
+    files: BlobFiles,
+    index: Index,
+    bytes: AtomicU64,
+}
+
+/// A committed blob opened for reading.
+#[derive(Debug)]
+pub struct StoredBlob {
+    pub file: File,
+    pub meta: BlobMeta,
+}
+
+impl Store {
+    /// Opens the store under `root`, removing leftovers of interrupted
+    /// downloads. Blocking.
+    pub fn open(root: &Path) -> Result<Store> {
+        let files = BlobFiles::open(root)?;
+        let index = Index::open(&root.join("index"))?;
+        let bytes = index.total_size()?;
+        Ok(Store {
+            files,
+            index,
+            bytes: AtomicU64::new(bytes),
+        })
+    }
+
+    /// Total size of the committed blobs.
+    pub fn size_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The index record of a committed blob.
+    pub fn blob_meta(&self, digest: &Digest) -> Result<Option<BlobMeta>> {
+        self.index.blob(digest)
+    }
+
+    /// Opens a committed blob and notes the access. An index entry whose file
+    /// is gone (removed by hand) is dropped and reported as absent.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<StoredBlob>> {
+        let Some(mut meta) = self.index.blob(digest)? else {
+            return Ok(None);
+        };
+        let Some(file) = self.files.open_blob(digest)? else {
+            self.index.remove_blob(digest)?;
+            self.bytes.fetch_sub(meta.size.min(self.size_bytes()), Ordering::Relaxed);
+            return Ok(None);
+        };
+        let now = unix_secs();
+        if now.saturating_sub(meta.last_access) >= ACCESS_GRANULARITY_SECS {
+            meta.last_access = now;
+            self.index.put_blob(digest, &meta)?;
+        }
+        Ok(Some(StoredBlob { file, meta }))
+    }
+
+    /// Starts a temp file for new content.
+    pub fn create_temp(&self) -> Result<BlobWriter> {
+        self.files.create_temp()
+    }
+
+    /// Verifies `writer`'s content against `digest`, makes it durable and
+    /// visible, then records it in the index (file first, so the index never
+    /// points at a missing file). A mismatch deletes the temp file. Blocking.
+    pub fn commit(
+        &self,
+        writer: BlobWriter,
+        digest: &Digest,
+        media_type: Option<String>,
+    ) -> Result<BlobMeta> {
+        let size = self.files.commit(writer, digest)?;
+        let meta = BlobMeta {
+            size,
+            media_type,
+            last_access: unix_secs(),
+        };
+        let previous = self.index.blob(digest)?;
+        self.index.put_blob(digest, &meta)?;
+        if previous.is_none() {
+            self.bytes.fetch_add(size, Ordering::Relaxed);
+        }
+        Ok(meta)
+    }
+
+    /// Writes a small in-memory object (a manifest) through the same
+    /// verify-then-rename path. Blocking.
+    pub fn put_bytes(&self, digest: &Digest, media_type: Option<String>, data: &[u8]) -> Result<BlobMeta> {
+        let mut writer = self.create_temp()?;
+        writer.write(data)?;
+        self.commit(writer, digest, media_type)
+    }
+
+    /// Whether `repo` was seen upstream to contain `digest`.
+    pub fn is_linked(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
+        self.index.is_linked(repo, digest)
+    }
+
+    /// Records that upstream confirmed `repo` contains `digest`.
+    pub fn link(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        self.index.link(repo, digest)
+    }
+
+    /// What `repo:tag` last resolved to.
+    pub fn tag(&self, repo: &Repository, tag: &str) -> Result<Option<TagRecord>> {
+        self.index.tag(repo, tag)
+    }
+
+    /// Records what `repo:tag` resolves to now.
+    pub fn put_tag(&self, repo: &Repository, tag: &str, record: &TagRecord) -> Result<()> {
+        self.index.put_tag(repo, tag, record)
+    }
+
+    /// Forgets a tag upstream no longer has.
+    pub fn remove_tag(&self, repo: &Repository, tag: &str) -> Result<()> {
+        self.index.remove_tag(repo, tag)
+    }
+
+    /// Tags of `repo` present in the index.
+    pub fn tags_of(&self, repo: &Repository) -> Result<Vec<String>> {
+        self.index.tags_of(repo)
+    }
+
+    /// Flushes the index (on shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.index.flush()
+    }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch, the clock of `TagRecord::checked_at`.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn commit_verifies_and_makes_visible() {
+        let (_dir, store) = store();
+        let data = b"hello layer";
+        let digest = Digest::of(data);
+        assert!(store.open_blob(&digest).unwrap().is_none());
+        let mut w = store.create_temp().unwrap();
+        w.write(&data[..5]).unwrap();
+        w.write(&data[5..]).unwrap();
+        let meta = store.commit(w, &digest, None).unwrap();
+        assert_eq!(meta.size, data.len() as u64);
+        let blob = store.open_blob(&digest).unwrap().unwrap();
+        assert_eq!(std::io::read_to_string(blob.file).unwrap().as_bytes(), data);
+        assert_eq!(store.size_bytes(), data.len() as u64);
+    }
+
+    #[test]
+    fn mismatch_is_never_visible_and_temp_is_removed() {
+        let (dir, store) = store();
+        let claimed = Digest::of(b"the real content");
+        let mut w = store.create_temp().unwrap();
+        w.write(b"something else").unwrap();
+        let err = store.commit(w, &claimed, None).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }));
+        assert!(store.open_blob(&claimed).unwrap().is_none());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(!store.files.path(&claimed).exists());
+    }
+
+    #[test]
+    fn dropped_writer_leaves_nothing_and_restart_clears_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut w = store.create_temp().unwrap();
+            w.write(b"partial").unwrap();
+            drop(w);
+            assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        }
+        // A crash leaves a temp file behind: the next start removes it.
+        std::fs::write(dir.path().join("tmp").join("leftover"), b"half a layer").unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn links_and_tags_are_per_repository() {
+        let (_dir, store) = store();
+        let a = Repository::new("docker.io", "a").unwrap();
+        let b = Repository::new("docker.io", "b").unwrap();
+        let d = Digest::of(b"x");
+        store.link(&a, &d).unwrap();
+        assert!(store.is_linked(&a, &d).unwrap());
+        assert!(!store.is_linked(&b, &d).unwrap());
+        let rec = TagRecord {
+            digest: d.to_string(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_at: 1,
+        };
+        store.put_tag(&a, "1.0", &rec).unwrap();
+        store.put_tag(&a, "2.0", &rec).unwrap();
+        assert_eq!(store.tag(&a, "1.0").unwrap(), Some(rec));
+        assert_eq!(store.tag(&b, "1.0").unwrap(), None);
+        assert_eq!(store.tags_of(&a).unwrap(), vec!["1.0", "2.0"]);
+        store.remove_tag(&a, "1.0").unwrap();
+        assert_eq!(store.tags_of(&a).unwrap(), vec!["2.0"]);
+    }
+
+    #[test]
+    fn missing_file_drops_index_entry() {
+        let (_dir, store) = store();
+        let d = Digest::of(b"gone");
+        store.put_bytes(&d, None, b"gone").unwrap();
+        std::fs::remove_file(store.files.path(&d)).unwrap();
+        assert!(store.open_blob(&d).unwrap().is_none());
+        assert!(store.blob_meta(&d).unwrap().is_none());
+    }
+}

@@ -1,0 +1,335 @@
+//! Upstream authentication: `WWW-Authenticate` challenges, the Docker token
+//! flow and the token cache. Tokens are cached per (registry, scope) until
+//! shortly before they expire; a registry's last challenge is remembered so
+//! the next new scope fetches its token before the first request instead of
+//! after a 401. <https://distribution.github.io/distribution/spec/auth/token/>
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::error::{Error, Result};
+use crate::config::Credentials;
+
+/// Token lifetime when the token server does not say (the spec's default).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Tokens are dropped this long before they expire.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+impl Challenge {
+    /// Parses `Bearer realm="..",service="..",scope=".."` or `Basic realm=".."`.
+    pub fn parse(header: &str) -> Option<Challenge> {
+        let header = header.trim();
+        let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+        let params = parse_params(rest);
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.clone())
+        };
+        if scheme.eq_ignore_ascii_case("basic") {
+            Some(Challenge::Basic)
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            Some(Challenge::Bearer {
+                realm: get("realm")?,
+                service: get("service"),
+                scope: get("scope"),
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// `key=value` and `key="quoted, \"escaped\""` pairs separated by commas.
+fn parse_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            return out;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek() {
+                if *c == ',' {
+                    break;
+                }
+                value.push(*c);
+                chars.next();
+            }
+        }
+        out.push((key.trim().to_owned(), value.trim().to_owned()));
+    }
+}
+
+/// What goes in the `Authorization` header of a registry request.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Authorization {
+    Basic { username: String, password: String },
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Authorization::Basic { .. } => "Basic(<redacted>)",
+            Authorization::Bearer(_) => "Bearer(<redacted>)",
+        })
+    }
+}
+
+impl Authorization {
+    /// Sets the header on a request (reqwest marks it sensitive).
+    pub fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            Authorization::Basic { username, password } => request.basic_auth(username, Some(password)),
+            Authorization::Bearer(token) => request.bearer_auth(token),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// Cached tokens and challenges for every upstream.
+#[derive(Default)]
+pub struct Authenticator {
+    tokens: Mutex<HashMap<(String, String), (Authorization, Instant)>>,
+    challenges: Mutex<HashMap<String, Challenge>>,
+}
+
+impl Authenticator {
+    /// The authorization to send before any challenge: a cached token, or
+    /// one fetched now because this registry challenged us before.
+    pub async fn prepare(
+        &self,
+        http: &reqwest::Client,
+        registry: &str,
+        credentials: Option<&Credentials>,
+        scope: &str,
+    ) -> Result<Option<Authorization>> {
+        if let Some(Credentials::Bearer(token)) = credentials {
+            return Ok(Some(Authorization::Bearer(token.clone())));
+        }
+        if let Some(auth) = self.cached(registry, scope) {
+            return Ok(Some(auth));
+        }
+        let known = self.challenges.lock().expect("lock").get(registry).cloned();
+        match known {
+            Some(challenge) => self.answer(http, registry, credentials, &challenge, scope).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Answers a 401's challenge and caches the result for `scope`.
+    pub async fn answer(
+        &self,
+        http: &reqwest::Client,
+        registry: &str,
+        credentials: Option<&Credentials>,
+        challenge: &Challenge,
+        scope: &str,
+    ) -> Result<Authorization> {
+        self.challenges
+            .lock()
+            .expect("lock")
+            .insert(registry.to_owned(), challenge.clone());
+        let (auth, lifetime) = match challenge {
+            Challenge::Basic => match credentials {
+                Some(Credentials::Basic { username, password }) => (
+                    Authorization::Basic {
+                        username: username.clone(),
+                        password: password.clone(),
+                    },
+                    Duration::from_secs(3600),
+                ),
+                _ => {
+                    return Err(Error::Unauthorized {
+                        registry: registry.to_owned(),
+                        envelope: None,
+                    })
+                }
+            },
+            Challenge::Bearer { realm, service, .. } => {
+                fetch_token(http, registry, credentials, realm, service.as_deref(), scope).await?
+            }
+        };
+        let expires = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1));
+        self.tokens
+            .lock()
+            .expect("lock")
+            .insert((registry.to_owned(), scope.to_owned()), (auth.clone(), expires));
+        Ok(auth)
+    }
+
+    /// Drops a cached token the registry refused.
+    pub fn forget(&self, registry: &str, scope: &str) {
+        self.tokens
+            .lock()
+            .expect("lock")
+            .remove(&(registry.to_owned(), scope.to_owned()));
+    }
+
+    fn cached(&self, registry: &str, scope: &str) -> Option<Authorization> {
+        let mut tokens = self.tokens.lock().expect("lock");
+        let key = (registry.to_owned(), scope.to_owned());
+        match tokens.get(&key) {
+            Some((auth, expires)) if *expires > Instant::now() => Some(auth.clone()),
+            Some(_) => {
+                tokens.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+async fn fetch_token(
+    http: &reqwest::Client,
+    registry: &str,
+    credentials: Option<&Credentials>,
+    realm: &str,
+    service: Option<&str>,
+    scope: &str,
+) -> Result<(Authorization, Duration)> {
+    let token_error = |message: String| Error::Token {
+        registry: registry.to_owned(),
+        message,
+    };
+    let mut url: reqwest::Url = realm
+        .parse()
+        .map_err(|_| token_error("challenge realm is not a url".into()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(token_error("challenge realm is not http(s)".into()));
+    }
+    {
+        let mut query = url.query_pairs_mut();
+        if let Some(service) = service {
+            query.append_pair("service", service);
+        }
+        query.append_pair("scope", scope);
+        if let Some(Credentials::Basic { username, .. }) = credentials {
+            query.append_pair("account", username);
+        }
+    }
+    let mut request = http.get(url);
+    if let Some(Credentials::Basic { username, password }) = credentials {
+        request = request.basic_auth(username, Some(password));
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| token_error(e.without_url().to_string()))?;
+    if !response.status().is_success() {
+        return Err(token_error(format!("status {}", response.status().as_u16())));
+    }
+    let body: TokenResponse = response
+        .json_bounded()
+        .await
+        .map_err(token_error)?;
+    let token = body
+        .token
+        .or(body.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| token_error("response has no token".into()))?;
+    let lifetime = body
+        .expires_in
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    Ok((Authorization::Bearer(token), lifetime))
+}
+
+/// Reads a small JSON body without trusting its size.
+trait JsonBounded {
+    async fn json_bounded<T: for<'de> Deserialize<'de>>(self) -> std::result::Result<T, String>;
+}
+
+impl JsonBounded for reqwest::Response {
+    async fn json_bounded<T: for<'de> Deserialize<'de>>(mut self) -> std::result::Result<T, String> {
+        const LIMIT: usize = 1024 * 1024;
+        let mut body = Vec::new();
+        while let Some(chunk) = self.chunk().await.map_err(|e| e.without_url().to_string())? {
+            if body.len() + chunk.len() > LIMIT {
+                return Err("response too large".into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("invalid json: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenge() {
+        let c = Challenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn parses_unquoted_escaped_and_basic() {
+        let c = Challenge::parse(r#"bearer realm=http://a/token, scope="repository:x:pull,push", service="s\"q""#).unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "http://a/token".into(),
+                service: Some("s\"q".into()),
+                scope: Some("repository:x:pull,push".into()),
+            }
+        );
+        assert_eq!(Challenge::parse(r#"Basic realm="registry""#), Some(Challenge::Basic));
+        assert_eq!(Challenge::parse("Bearer service=x"), None, "realm is required");
+        assert_eq!(Challenge::parse("Negotiate abc"), None);
+        assert_eq!(Challenge::parse(""), None);
+    }
+
+    #[test]
+    fn authorization_debug_hides_secrets() {
+        let a = Authorization::Bearer("canary-secret".into());
+        assert!(!format!("{a:?}").contains("canary"));
+    }
+}

@@ -1,0 +1,486 @@
+//! The upstream registry client: one per daemon, shared by every request.
+//! Speaks the pull side of the distribution API to each configured
+//! registry, answers auth challenges, follows blob redirects without
+//! credentials, and reads rate-limit headers into metrics. Streams blob
+//! bodies; buffers only manifests, with a size cap. Knows nothing of the
+//! store or of caching policy.
+
+mod auth;
+mod error;
+mod ratelimit;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, StatusCode};
+
+pub use auth::Challenge;
+pub use error::{Envelope, Error, Result};
+
+use crate::config::{Config, Credentials, RegistryConfig};
+use crate::metrics::Metrics;
+use crate::reference::{Digest, Reference, Repository};
+
+/// Every manifest media type hoard understands, for upstream `Accept`.
+/// Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>
+pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// Redirect hops followed for one request (Docker Hub uses one).
+const MAX_REDIRECTS: usize = 5;
+/// Upstream error bodies read for their envelope, at most.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A manifest fetched from upstream.
+#[derive(Debug, Clone)]
+pub struct ManifestResponse {
+    pub bytes: Bytes,
+    pub media_type: String,
+    /// `Docker-Content-Digest`, when upstream sent it.
+    pub digest: Option<Digest>,
+}
+
+/// A manifest `HEAD` answer.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+}
+
+/// A tag list page from upstream.
+#[derive(Debug, Clone)]
+pub struct TagsResponse {
+    pub bytes: Bytes,
+    pub content_type: Option<String>,
+    /// The `Link` header for the next page, as upstream sent it.
+    pub link: Option<String>,
+}
+
+/// A blob body being received.
+pub struct BlobResponse {
+    response: reqwest::Response,
+    registry: String,
+    stall_timeout: Duration,
+    /// `Content-Length`, when upstream sent it.
+    pub len: Option<u64>,
+}
+
+impl BlobResponse {
+    /// The next chunk, `None` at the end; fails if nothing arrives within the
+    /// stall timeout or the connection breaks.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        match tokio::time::timeout(self.stall_timeout, self.response.chunk()).await {
+            Ok(Ok(chunk)) => Ok(chunk),
+            Ok(Err(e)) => Err(Error::Body {
+                registry: self.registry.clone(),
+                message: e.without_url().to_string(),
+            }),
+            Err(_) => Err(Error::Timeout {
+                registry: self.registry.clone(),
+                what: "blob body",
+            }),
+        }
+    }
+}
+
+/// Client for all upstream registries.
+pub struct Client {
+    http: reqwest::Client,
+    registries: BTreeMap<String, RegistryConfig>,
+    allow_any_upstream: bool,
+    auth: auth::Authenticator,
+    metrics: Arc<Metrics>,
+    response_timeout: Duration,
+    stall_timeout: Duration,
+    max_manifest_bytes: u64,
+}
+
+impl Client {
+    /// Builds the shared HTTP client from the configuration.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("hoard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Connect {
+                registry: "-".into(),
+                message: e.to_string(),
+            })?;
+        Ok(Client {
+            http,
+            registries: config.registries.clone(),
+            allow_any_upstream: config.allow_any_upstream,
+            auth: auth::Authenticator::default(),
+            metrics,
+            response_timeout: config.response_timeout,
+            stall_timeout: config.stall_timeout,
+            max_manifest_bytes: config.max_manifest_bytes,
+        })
+    }
+
+    /// Whether requests for this registry host may be sent at all.
+    pub fn serves(&self, registry: &str) -> bool {
+        self.allow_any_upstream || self.registries.contains_key(registry)
+    }
+
+    /// `GET` a manifest, buffered up to the manifest size cap.
+    pub async fn get_manifest(
+        &self,
+        repo: &Repository,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<ManifestResponse> {
+        let path = format!("manifests/{reference}");
+        let mut response = self.send(repo, Method::GET, &path, Some(accept)).await?;
+        let registry = repo.registry();
+        let limit = self.max_manifest_bytes;
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(Error::ManifestTooLarge {
+                registry: registry.to_owned(),
+                limit,
+            });
+        }
+        let media_type = header_string(response.headers(), header::CONTENT_TYPE).ok_or_else(|| {
+            Error::BadResponse {
+                registry: registry.to_owned(),
+                message: "manifest without content-type".into(),
+            }
+        })?;
+        let digest = content_digest(response.headers());
+        let mut body = Vec::new();
+        loop {
+            let chunk = tokio::time::timeout(self.stall_timeout, response.chunk())
+                .await
+                .map_err(|_| Error::Timeout {
+                    registry: registry.to_owned(),
+                    what: "manifest body",
+                })?
+                .map_err(|e| Error::Body {
+                    registry: registry.to_owned(),
+                    message: e.without_url().to_string(),
+                })?;
+            let Some(chunk) = chunk else { break };
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(Error::ManifestTooLarge {
+                    registry: registry.to_owned(),
+                    limit,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(ManifestResponse {
+            bytes: body.into(),
+            media_type,
+            digest,
+        })
+    }
+
+    /// `HEAD` a manifest: what a tag points to now, without spending a pull
+    /// (Docker Hub does not count `HEAD` against the rate limit).
+    pub async fn head_manifest(
+        &self,
+        repo: &Repository,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<ManifestHead> {
+        let path = format!("manifests/{reference}");
+        let response = self.send(repo, Method::HEAD, &path, Some(accept)).await?;
+        Ok(ManifestHead {
+            digest: content_digest(response.headers()),
+            media_type: header_string(response.headers(), header::CONTENT_TYPE),
+        })
+    }
+
+    /// `GET` a blob, following redirects; the body is streamed by the caller.
+    pub async fn get_blob(&self, repo: &Repository, digest: &Digest) -> Result<BlobResponse> {
+        let response = self
+            .send(repo, Method::GET, &format!("blobs/{digest}"), None)
+            .await?;
+        Ok(BlobResponse {
+            len: response.content_length(),
+            response,
+            registry: repo.registry().to_owned(),
+            stall_timeout: self.stall_timeout,
+        })
+    }
+
+    /// `HEAD` a blob: confirms `repo` has it (used before serving content
+    /// cached for another repository) and returns its length if given.
+    pub async fn head_blob(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
+        let response = self
+            .send(repo, Method::HEAD, &format!("blobs/{digest}"), None)
+            .await?;
+        Ok(header_string(response.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()))
+    }
+
+    /// `GET /v2/<name>/tags/list`, with the client's pagination query.
+    pub async fn get_tags(&self, repo: &Repository, query: &str) -> Result<TagsResponse> {
+        let path = if query.is_empty() {
+            "tags/list".to_owned()
+        } else {
+            format!("tags/list?{query}")
+        };
+        let response = self.send(repo, Method::GET, &path, Some("application/json")).await?;
+        let content_type = header_string(response.headers(), header::CONTENT_TYPE);
+        let link = header_string(response.headers(), header::LINK);
+        let registry = repo.registry().to_owned();
+        let bytes = read_bounded(response, self.max_manifest_bytes as usize)
+            .await
+            .map_err(|message| Error::Body { registry, message })?;
+        Ok(TagsResponse {
+            bytes,
+            content_type,
+            link,
+        })
+    }
+
+    /// Sends one request to `repo`'s registry, answering one auth challenge
+    /// and following redirects. Non-success statuses become errors.
+    async fn send(
+        &self,
+        repo: &Repository,
+        method: Method,
+        tail: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response> {
+        let registry = repo.registry();
+        let (base, credentials) = self.endpoint(registry)?;
+        let url = base
+            .join(&format!("v2/{}/{tail}", repo.name()))
+            .map_err(|e| Error::BadResponse {
+                registry: registry.to_owned(),
+                message: format!("cannot build url: {e}"),
+            })?;
+        let scope = format!("repository:{}:pull", repo.name());
+        let mut authorization = self
+            .auth
+            .prepare(&self.http, registry, credentials, &scope)
+            .await?;
+        let mut answered = false;
+        loop {
+            let response = self
+                .follow(registry, &method, url.clone(), accept, authorization.as_ref())
+                .await?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !answered {
+                let challenge = response
+                    .headers()
+                    .get_all(header::WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(Challenge::parse);
+                if let Some(challenge) = challenge {
+                    self.auth.forget(registry, &scope);
+                    authorization = Some(
+                        self.auth
+                            .answer(&self.http, registry, credentials, &challenge, &scope)
+                            .await?,
+                    );
+                    answered = true;
+                    continue;
+                }
+            }
+            if status.is_success() {
+                return Ok(response);
+            }
+            return Err(self.status_error(registry, response).await);
+        }
+    }
+
+    /// One request and its redirects. Credentials go only to the registry's
+    /// own origin: a redirect elsewhere (Docker Hub's blob CDN) gets none.
+    async fn follow(
+        &self,
+        registry: &str,
+        method: &Method,
+        mut url: reqwest::Url,
+        accept: Option<&str>,
+        authorization: Option<&auth::Authorization>,
+    ) -> Result<reqwest::Response> {
+        let origin = url.origin();
+        for hop in 0..=MAX_REDIRECTS {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if let Some(accept) = accept {
+                request = request.header(header::ACCEPT, accept);
+            }
+            if let (Some(auth), true) = (authorization, url.origin() == origin) {
+                request = auth.apply(request);
+            }
+            let sent = tokio::time::timeout(self.response_timeout, request.send()).await;
+            let response = match sent {
+                Err(_) => {
+                    self.count(registry, method, "timeout");
+                    return Err(Error::Timeout {
+                        registry: registry.to_owned(),
+                        what: "response",
+                    });
+                }
+                Ok(Err(e)) => {
+                    self.count(registry, method, "error");
+                    return Err(Error::Connect {
+                        registry: registry.to_owned(),
+                        message: e.without_url().to_string(),
+                    });
+                }
+                Ok(Ok(response)) => response,
+            };
+            self.count(registry, method, response.status().as_str());
+            if hop == 0 {
+                self.record_ratelimit(registry, response.headers());
+            }
+            let location = response.headers().get(header::LOCATION);
+            if !response.status().is_redirection() || location.is_none() {
+                return Ok(response);
+            }
+            let location = location.and_then(|l| l.to_str().ok()).unwrap_or_default();
+            url = url.join(location).map_err(|_| Error::BadResponse {
+                registry: registry.to_owned(),
+                message: "invalid redirect location".into(),
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(Error::BadResponse {
+                    registry: registry.to_owned(),
+                    message: "redirect to a non-http url".into(),
+                });
+            }
+        }
+        Err(Error::Redirects {
+            registry: registry.to_owned(),
+        })
+    }
+
+    fn endpoint(&self, registry: &str) -> Result<(reqwest::Url, Option<&Credentials>)> {
+        if let Some(config) = self.registries.get(registry) {
+            return Ok((config.url.clone(), config.credentials.as_ref()));
+        }
+        if self.allow_any_upstream {
+            let url = format!("https://{registry}/")
+                .parse()
+                .map_err(|_| Error::UnknownRegistry(registry.to_owned()))?;
+            return Ok((url, None));
+        }
+        Err(Error::UnknownRegistry(registry.to_owned()))
+    }
+
+    fn count(&self, registry: &str, method: &Method, status: &str) {
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[registry, method.as_str(), status])
+            .inc();
+    }
+
+    fn record_ratelimit(&self, registry: &str, headers: &HeaderMap) {
+        if let Some(remaining) = ratelimit::parse(headers, "ratelimit-remaining") {
+            self.metrics
+                .ratelimit_remaining
+                .with_label_values(&[registry])
+                .set(remaining);
+        }
+        if let Some(limit) = ratelimit::parse(headers, "ratelimit-limit") {
+            self.metrics
+                .ratelimit_limit
+                .with_label_values(&[registry])
+                .set(limit);
+        }
+    }
+
+    async fn status_error(&self, registry: &str, response: reqwest::Response) -> Error {
+        let status = response.status();
+        let retry_after = ratelimit::retry_after(response.headers());
+        let envelope = read_bounded(response, MAX_ERROR_BODY)
+            .await
+            .ok()
+            .and_then(|body| parse_envelope(&body));
+        let registry = registry.to_owned();
+        match status {
+            StatusCode::NOT_FOUND => Error::NotFound { registry },
+            StatusCode::UNAUTHORIZED => Error::Unauthorized { registry, envelope },
+            StatusCode::FORBIDDEN => Error::Denied { registry, envelope },
+            StatusCode::TOO_MANY_REQUESTS => Error::TooManyRequests {
+                registry,
+                retry_after,
+            },
+            _ => Error::Status {
+                registry,
+                status: status.as_u16(),
+                envelope,
+            },
+        }
+    }
+}
+
+fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn content_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v.trim()).ok())
+}
+
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> std::result::Result<Bytes, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| e.without_url().to_string())?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("body larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.into())
+}
+
+/// The first error of a registry error body.
+fn parse_envelope(body: &[u8]) -> Option<Envelope> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        errors: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    let body: Body = serde_json::from_slice(body).ok()?;
+    let first = body.errors.into_iter().next()?;
+    Some(Envelope {
+        code: first.code,
+        message: first.message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_is_read_from_error_bodies() {
+        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
+        assert_eq!(
+            parse_envelope(body),
+            Some(Envelope {
+                code: "MANIFEST_UNKNOWN".into(),
+                message: "manifest unknown".into()
+            })
+        );
+        assert_eq!(parse_envelope(b"<html>"), None);
+        assert_eq!(parse_envelope(br#"{"errors":[]}"#), None);
+    }
+}
