@@ -117,6 +117,16 @@ impl Metrics {
         registry
             .register(Box::new(fetch_duration.clone()))
             .expect("unique metric");
+        // Series that exist from the start, so rates and ratios are defined
+        // before the first request.
+        for kind in ["manifest", "blob"] {
+            for result in ["hit", "miss", "revalidated", "stale", "coalesced"] {
+                cache_requests.with_label_values(&[kind, result]);
+            }
+        }
+        for source in ["cache", "upstream"] {
+            served_bytes.with_label_values(&[source]);
+        }
         Metrics {
             registry,
             cache_requests,

@@ -14,7 +14,7 @@ use super::error::{ApiError, Code};
 use super::range::{self, RangeError};
 use super::routes::{self, Route, RouteError};
 use crate::metrics::Metrics;
-use crate::mirror::{self, Accept, Mirror};
+use crate::mirror::{self, Accept, Mirror, Outcome};
 use crate::reference::{Digest, Reference, Repository};
 
 const API_VERSION: &str = "registry/2.0";
@@ -147,6 +147,14 @@ async fn manifest(
     } else if head {
         (StatusCode::OK, Body::empty())
     } else {
+        let source = match outcome {
+            Outcome::Miss | Outcome::Coalesced => "upstream",
+            Outcome::Hit | Outcome::Revalidated | Outcome::Stale => "cache",
+        };
+        app.metrics
+            .served_bytes
+            .with_label_values(&[source])
+            .inc_by(len as u64);
         (StatusCode::OK, Body::full(manifest.bytes.clone()))
     };
     let response = Response::builder()

@@ -1,0 +1,101 @@
+//! Upstream auth: the token flow, token caching, and credentials that never
+//! reach a redirected host or come from a client.
+
+use crate::fake::{digest_of, Fake};
+use crate::{error_code, Hoard};
+
+#[tokio::test]
+async fn token_flow_is_answered_and_cached_per_scope() {
+    let fake = Fake::start().await;
+    fake.require_token("tok-123", None);
+    let (_, layer) = fake.put_image("library/alpine", "1", b"authed layer");
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    assert_eq!(hoard.get("/v2/alpine/manifests/1").await.status(), 200);
+    let r = hoard.get(&format!("/v2/alpine/blobs/{layer}")).await;
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"authed layer");
+    assert_eq!(fake.hits("GET", "/token"), 1, "{:?}", fake.all_hits());
+    // The second request used the cached token: only the first got a 401.
+    let challenged = fake
+        .state
+        .authorizations
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(line, auth)| line.contains("/v2/") && auth.is_none())
+        .count();
+    assert_eq!(challenged, 1);
+}
+
+#[tokio::test]
+async fn configured_credentials_go_to_the_token_endpoint() {
+    let fake = Fake::start().await;
+    // "bot:s3cret" in base64.
+    fake.require_token("tok-xyz", Some("Basic Ym90OnMzY3JldA=="));
+    fake.put_image("library/private", "1", b"p");
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let path = dir.join("hoard.toml");
+        std::fs::write(&path, "[registries.\"docker.io\"]\nusername = \"bot\"\npassword = \"s3cret\"\n").unwrap();
+        args.config = Some(path);
+    })
+    .await;
+    assert_eq!(hoard.get("/v2/private/manifests/1").await.status(), 200);
+}
+
+#[tokio::test]
+async fn redirected_blob_downloads_never_carry_the_token() {
+    let registry = Fake::start().await;
+    let cdn = Fake::start().await;
+    registry.require_token("secret-token", None);
+    registry.redirect_blobs_to(&cdn.url());
+    let layer = b"layer served by the cdn".to_vec();
+    let (_, layer_digest) = registry.put_image("library/alpine", "1", &layer);
+    cdn.put_blob("cdn", layer.clone());
+    let hoard = Hoard::start(&registry.url(), &[], |_| {}).await;
+    let r = hoard.get(&format!("/v2/alpine/blobs/{layer_digest}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+    assert_eq!(cdn.hits("GET", "/cdn/"), 1);
+    let cdn_auth = cdn.state.authorizations.lock().unwrap().clone();
+    assert!(cdn_auth.iter().all(|(_, auth)| auth.is_none()), "{cdn_auth:?}");
+    // The registry itself did get the token.
+    assert!(registry
+        .state
+        .authorizations
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, auth)| auth.as_deref() == Some("Bearer secret-token")));
+}
+
+#[tokio::test]
+async fn client_authorization_is_never_forwarded() {
+    let fake = Fake::start().await;
+    let (_, layer) = fake.put_image("library/alpine", "1", b"x");
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    for path in ["/v2/alpine/manifests/1".to_owned(), format!("/v2/alpine/blobs/{layer}")] {
+        let r = hoard
+            .client
+            .get(hoard.url(&path))
+            .header("authorization", "Basic Y2xpZW50OmNsaWVudC1zZWNyZXQ=")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let seen = fake.state.authorizations.lock().unwrap().clone();
+    assert!(seen.iter().all(|(_, auth)| auth.is_none()), "{seen:?}");
+}
+
+#[tokio::test]
+async fn failing_token_endpoint_is_a_502_and_nothing_is_stored() {
+    let fake = Fake::start().await;
+    fake.require_token("t", None);
+    fake.fail_token_endpoint();
+    fake.put_image("library/alpine", "1", b"x");
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let r = hoard.get("/v2/alpine/manifests/1").await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(hoard.blob_files(), 0);
+}

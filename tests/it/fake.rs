@@ -1,0 +1,437 @@
+//! An in-process fake upstream registry for fault injection: counts every
+//! request, can demand bearer tokens, redirect blobs to a second "CDN"
+//! server, and misbehave on purpose (429, 500, wrong bytes, cut or slow
+//! bodies, a failing token endpoint).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+pub fn digest_of(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// A misbehaviour for requests whose path contains a given string.
+#[derive(Clone)]
+pub enum Fault {
+    /// Answer this status (with `Retry-After` if given).
+    Status(u16, Option<u64>),
+    /// Serve these bytes instead of the real content.
+    WrongBody(Bytes),
+    /// Announce the full length, send half, then close.
+    CutBody,
+    /// Send the first half, then wait for the gate before the rest.
+    Gate(Arc<Notify>),
+    /// Pause this long between 64 KiB chunks.
+    Slow(Duration),
+    /// Wait this long before the response head.
+    Delay(Duration),
+}
+
+#[derive(Default)]
+pub struct State {
+    manifests: Mutex<HashMap<(String, String), (Bytes, String)>>,
+    blobs: Mutex<HashMap<(String, String), Bytes>>,
+    tags: Mutex<HashMap<String, Vec<String>>>,
+    hits: Mutex<Vec<String>>,
+    faults: Mutex<Vec<(String, Fault)>>,
+    /// Authorization headers seen, per request line.
+    pub authorizations: Mutex<Vec<(String, Option<String>)>>,
+    /// Require `Bearer <token>` issued by /token.
+    token_auth: Mutex<Option<TokenAuth>>,
+    /// Redirect blob GETs to this base URL.
+    redirect: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
+struct TokenAuth {
+    token: String,
+    basic: Option<String>,
+    fail: bool,
+}
+
+/// A running fake registry. Stops when dropped.
+pub struct Fake {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Fake {
+    pub async fn start() -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let (stop, mut stopped) = oneshot::channel();
+        let served = state.clone();
+        tokio::spawn(async move {
+            // Dropping the set on stop aborts open connections too, so a
+            // stopped fake looks like a dead upstream, pooled connections included.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stopped => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                };
+                let state = served.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(handle(state, addr, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Fake {
+            addr,
+            state,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn put_blob(&self, name: &str, data: impl Into<Bytes>) -> String {
+        let data = data.into();
+        let digest = digest_of(&data);
+        self.state
+            .blobs
+            .lock()
+            .unwrap()
+            .insert((name.to_owned(), digest.clone()), data);
+        digest
+    }
+
+    /// Stores a manifest under its digest and, if given, a tag.
+    pub fn put_manifest(&self, name: &str, tag: Option<&str>, media_type: &str, data: impl Into<Bytes>) -> String {
+        let data = data.into();
+        let digest = digest_of(&data);
+        let mut manifests = self.state.manifests.lock().unwrap();
+        manifests.insert((name.to_owned(), digest.clone()), (data.clone(), media_type.to_owned()));
+        if let Some(tag) = tag {
+            manifests.insert((name.to_owned(), tag.to_owned()), (data, media_type.to_owned()));
+            self.state
+                .tags
+                .lock()
+                .unwrap()
+                .entry(name.to_owned())
+                .or_default()
+                .push(tag.to_owned());
+        }
+        digest
+    }
+
+    /// A small image: config + one layer + manifest tagged `tag`.
+    /// Returns (manifest digest, layer digest).
+    pub fn put_image(&self, name: &str, tag: &str, layer: &[u8]) -> (String, String) {
+        let layer_digest = self.put_blob(name, layer.to_vec());
+        let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#);
+        let config_digest = self.put_blob(name, config.clone().into_bytes());
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer_digest}","size":{}}}]}}"#,
+            config.len(),
+            layer.len()
+        );
+        let digest = self.put_manifest(name, Some(tag), "application/vnd.oci.image.manifest.v1+json", manifest.into_bytes());
+        (digest, layer_digest)
+    }
+
+    /// Removes a tag (or digest) so upstream answers 404 for it.
+    pub fn remove_manifest(&self, name: &str, reference: &str) {
+        self.state
+            .manifests
+            .lock()
+            .unwrap()
+            .remove(&(name.to_owned(), reference.to_owned()));
+    }
+
+    pub fn fault(&self, path_contains: &str, fault: Fault) {
+        self.state
+            .faults
+            .lock()
+            .unwrap()
+            .push((path_contains.to_owned(), fault));
+    }
+
+    pub fn clear_faults(&self) {
+        self.state.faults.lock().unwrap().clear();
+    }
+
+    pub fn require_token(&self, token: &str, basic: Option<&str>) {
+        *self.state.token_auth.lock().unwrap() = Some(TokenAuth {
+            token: token.to_owned(),
+            basic: basic.map(str::to_owned),
+            fail: false,
+        });
+    }
+
+    pub fn fail_token_endpoint(&self) {
+        if let Some(auth) = self.state.token_auth.lock().unwrap().as_mut() {
+            auth.fail = true;
+        }
+    }
+
+    pub fn redirect_blobs_to(&self, base: &str) {
+        *self.state.redirect.lock().unwrap() = Some(base.to_owned());
+    }
+
+    /// How many requests matched `method` and a path containing `path`.
+    pub fn hits(&self, method: &str, path: &str) -> usize {
+        self.state
+            .hits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.starts_with(&format!("{method} ")) && line.contains(path))
+            .count()
+    }
+
+    pub fn all_hits(&self) -> Vec<String> {
+        self.state.hits.lock().unwrap().clone()
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<BoxBody> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn error_body(code: &str) -> String {
+    format!(r#"{{"errors":[{{"code":"{code}","message":"fake says {code}"}}]}}"#)
+}
+
+async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Response<BoxBody> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let line = format!("{method} {}", req.uri());
+    state.hits.lock().unwrap().push(line.clone());
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
+    state
+        .authorizations
+        .lock()
+        .unwrap()
+        .push((line.clone(), authorization.clone()));
+
+    let fault = state
+        .faults
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| path.contains(p.as_str()))
+        .map(|(_, f)| f.clone());
+    if let Some(Fault::Delay(d)) = &fault {
+        tokio::time::sleep(*d).await;
+    }
+    if let Some(Fault::Status(code, retry)) = &fault {
+        let mut r = full(StatusCode::from_u16(*code).unwrap(), error_body("FAULT"));
+        if let Some(retry) = retry {
+            r.headers_mut().insert("retry-after", (*retry).into());
+        }
+        return r;
+    }
+
+    if path == "/token" {
+        let auth = state.token_auth.lock().unwrap().clone();
+        let Some(auth) = auth else {
+            return full(StatusCode::NOT_FOUND, "");
+        };
+        if auth.fail {
+            return full(StatusCode::INTERNAL_SERVER_ERROR, "token server down");
+        }
+        if let Some(basic) = &auth.basic {
+            if authorization.as_deref() != Some(basic.as_str()) {
+                return full(StatusCode::UNAUTHORIZED, "bad credentials");
+            }
+        }
+        return full(
+            StatusCode::OK,
+            format!(r#"{{"token":"{}","expires_in":300}}"#, auth.token),
+        );
+    }
+    if path.starts_with("/cdn/") {
+        // The redirected blob host: serves blobs by digest, no auth.
+        let digest = path.rsplit('/').next().unwrap_or("");
+        let data = state
+            .blobs
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|((_, d), _)| d == digest)
+            .map(|(_, v)| v.clone());
+        return match data {
+            Some(data) => body_response(data, fault, &method).await,
+            None => full(StatusCode::NOT_FOUND, ""),
+        };
+    }
+    if path == "/v2/" {
+        return full(StatusCode::OK, "{}");
+    }
+
+    let token_auth = state.token_auth.lock().unwrap().clone();
+    if let Some(auth) = token_auth {
+        if authorization.as_deref() != Some(&format!("Bearer {}", auth.token)) {
+            let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
+            r.headers_mut().insert(
+                "www-authenticate",
+                format!(r#"Bearer realm="http://{me}/token",service="fake",scope="repository:x:pull""#)
+                    .parse()
+                    .unwrap(),
+            );
+            return r;
+        }
+    }
+
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return full(StatusCode::NOT_FOUND, "");
+    };
+    let mut r = if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        let found = state
+            .manifests
+            .lock()
+            .unwrap()
+            .get(&(name.to_owned(), reference.to_owned()))
+            .cloned();
+        match found {
+            Some((data, media_type)) => {
+                let digest = digest_of(&data);
+                let mut r = body_response(data, fault, &method).await;
+                r.headers_mut().insert("content-type", media_type.parse().unwrap());
+                r.headers_mut().insert("docker-content-digest", digest.parse().unwrap());
+                r
+            }
+            None => full(StatusCode::NOT_FOUND, error_body("MANIFEST_UNKNOWN")),
+        }
+    } else if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        let found = state
+            .blobs
+            .lock()
+            .unwrap()
+            .get(&(name.to_owned(), digest.to_owned()))
+            .cloned();
+        let redirect = state.redirect.lock().unwrap().clone();
+        match (found, redirect) {
+            (Some(_), Some(base)) if method == "GET" => {
+                let mut r = full(StatusCode::TEMPORARY_REDIRECT, "");
+                r.headers_mut()
+                    .insert("location", format!("{base}/cdn/{digest}").parse().unwrap());
+                r
+            }
+            (Some(data), _) => {
+                let mut r = body_response(data, fault, &method).await;
+                r.headers_mut().insert("docker-content-digest", digest.parse().unwrap());
+                r
+            }
+            (None, _) => full(StatusCode::NOT_FOUND, error_body("BLOB_UNKNOWN")),
+        }
+    } else if let Some(name) = rest.strip_suffix("/tags/list") {
+        match state.tags.lock().unwrap().get(name) {
+            Some(tags) => full(
+                StatusCode::OK,
+                serde_json::json!({ "name": name, "tags": tags }).to_string(),
+            ),
+            None => full(StatusCode::NOT_FOUND, error_body("NAME_UNKNOWN")),
+        }
+    } else {
+        full(StatusCode::NOT_FOUND, "")
+    };
+    r.headers_mut().insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+    r.headers_mut().insert("ratelimit-remaining", "42;w=21600".parse().unwrap());
+    r
+}
+
+/// The content, as the fault (if any) says.
+async fn body_response(data: Bytes, fault: Option<Fault>, method: &str) -> Response<BoxBody> {
+    let len = data.len();
+    let head_only = method == "HEAD";
+    let body: BoxBody = match fault {
+        _ if head_only => Full::new(Bytes::new()).map_err(|never| match never {}).boxed(),
+        Some(Fault::WrongBody(other)) => {
+            let mut r = full(StatusCode::OK, other.clone());
+            r.headers_mut().insert("content-length", other.len().into());
+            return r;
+        }
+        Some(Fault::CutBody) => {
+            let half = data.slice(..len / 2);
+            let stream = futures_stream(vec![Ok(half), Err(std::io::Error::other("cut"))], None, None);
+            StreamBody::new(stream).boxed()
+        }
+        Some(Fault::Gate(gate)) => {
+            let chunks = vec![Ok(data.slice(..len / 2)), Ok(data.slice(len / 2..))];
+            StreamBody::new(futures_stream(chunks, Some((1, gate)), None)).boxed()
+        }
+        Some(Fault::Slow(pause)) => {
+            let chunks = (0..len)
+                .step_by(64 * 1024)
+                .map(|i| Ok(data.slice(i..(i + 64 * 1024).min(len))))
+                .collect();
+            StreamBody::new(futures_stream(chunks, None, Some(pause))).boxed()
+        }
+        _ => Full::new(data).map_err(|never| match never {}).boxed(),
+    };
+    let mut r = Response::new(body);
+    r.headers_mut().insert("content-length", len.into());
+    r
+}
+
+/// A body from chunks, optionally waiting on a gate before chunk `i` or
+/// pausing between chunks.
+fn futures_stream(
+    chunks: Vec<std::io::Result<Bytes>>,
+    gate: Option<(usize, Arc<Notify>)>,
+    pause: Option<Duration>,
+) -> impl futures_core::Stream<Item = std::io::Result<Frame<Bytes>>> + Send + Sync + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if let Some((at, gate)) = &gate {
+                if i == *at {
+                    gate.notified().await;
+                }
+            }
+            if i > 0 {
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            if tx.send(chunk.map(Frame::data)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream(rx)
+}
+
+struct ReceiverStream(tokio::sync::mpsc::Receiver<std::io::Result<Frame<Bytes>>>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = std::io::Result<Frame<Bytes>>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}

@@ -1,0 +1,209 @@
+//! Upstream faults: rate limits, outages, corrupt, cut and stalled bodies.
+//! The store stays consistent and cached content stays servable.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::fake::{digest_of, Fake, Fault};
+use crate::{error_code, Hoard};
+
+fn short_ttl(args: &mut hoard::config::ServeArgs) {
+    args.tag_ttl = Some("100ms".into());
+}
+
+async fn past_ttl() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+#[tokio::test]
+async fn rate_limited_miss_is_toomanyrequests_with_retry_after() {
+    let fake = Fake::start().await;
+    fake.put_image("library/alpine", "1", b"x");
+    fake.fault("/manifests/", Fault::Status(429, Some(37)));
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let r = hoard.get("/v2/alpine/manifests/1").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "37");
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    assert_eq!(hoard.blob_files(), 0);
+}
+
+#[tokio::test]
+async fn tag_past_ttl_is_revalidated_with_head_and_refetched_only_when_moved() {
+    let fake = Fake::start().await;
+    let (first, _) = fake.put_image("library/alpine", "latest", b"v1");
+    let hoard = Hoard::start(&fake.url(), &[], short_ttl).await;
+    assert_eq!(hoard.get("/v2/alpine/manifests/latest").await.status(), 200);
+    // Inside the TTL: no upstream request at all.
+    hoard.get("/v2/alpine/manifests/latest").await;
+    assert_eq!(fake.all_hits().len(), 1);
+    past_ttl().await;
+    let r = hoard.get("/v2/alpine/manifests/latest").await;
+    assert_eq!(r.headers()["docker-content-digest"], first.as_str());
+    assert_eq!(fake.hits("HEAD", "/manifests/latest"), 1);
+    assert_eq!(fake.hits("GET", "/manifests/"), 1, "unchanged tag: HEAD only");
+    assert_eq!(
+        hoard.metric(r#"hoard_cache_requests_total{kind="manifest",result="revalidated"}"#),
+        1.0
+    );
+    let (second, _) = fake.put_image("library/alpine", "latest", b"v2");
+    past_ttl().await;
+    let r = hoard.get("/v2/alpine/manifests/latest").await;
+    assert_eq!(r.headers()["docker-content-digest"], second.as_str());
+    assert_eq!(fake.hits("GET", "/manifests/"), 2);
+}
+
+#[tokio::test]
+async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
+    let fake = Fake::start().await;
+    let (digest, layer) = fake.put_image("library/alpine", "3", b"layer");
+    let hoard = Hoard::start(&fake.url(), &[], short_ttl).await;
+    assert_eq!(hoard.get("/v2/alpine/manifests/3").await.status(), 200);
+    assert_eq!(hoard.get(&format!("/v2/alpine/blobs/{layer}")).await.status(), 200);
+
+    for fault in [Fault::Status(500, None), Fault::Status(503, None), Fault::Status(429, Some(5))] {
+        fake.clear_faults();
+        fake.fault("/manifests/", fault);
+        past_ttl().await;
+        let r = hoard.get("/v2/alpine/manifests/3").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    }
+    assert_eq!(
+        hoard.metric(r#"hoard_cache_requests_total{kind="manifest",result="stale"}"#),
+        3.0
+    );
+
+    fake.clear_faults();
+    fake.remove_manifest("library/alpine", "3");
+    past_ttl().await;
+    let r = hoard.get("/v2/alpine/manifests/3").await;
+    assert_eq!(r.status(), 404, "a tag upstream deleted is never served stale");
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    // By digest, the content itself is still there.
+    assert_eq!(hoard.get(&format!("/v2/alpine/manifests/{digest}")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn cached_image_stays_pullable_when_upstream_is_gone() {
+    let fake = Fake::start().await;
+    let (digest, layer) = fake.put_image("library/alpine", "3", b"still here");
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        short_ttl(args);
+        args.connect_timeout = Some("500ms".into());
+    })
+    .await;
+    assert_eq!(hoard.get("/v2/alpine/manifests/3").await.status(), 200);
+    assert_eq!(hoard.get(&format!("/v2/alpine/blobs/{layer}")).await.status(), 200);
+    drop(fake);
+    past_ttl().await;
+    let r = hoard.get("/v2/alpine/manifests/3").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    let r = hoard.get(&format!("/v2/alpine/blobs/{layer}")).await;
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"still here");
+    let r = hoard.get("/v2/alpine/manifests/other").await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    let r = hoard.get("/v2/alpine/tags/list").await;
+    assert_eq!(r.status(), 200, "tags known locally are listed while upstream is down");
+}
+
+#[tokio::test]
+async fn blob_with_wrong_digest_is_cut_and_never_kept() {
+    let fake = Fake::start().await;
+    let real = vec![7u8; 300_000];
+    let digest = fake.put_blob("library/x", real.clone());
+    fake.fault("/blobs/", Fault::WrongBody(Bytes::from(vec![8u8; 300_000])));
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let path = format!("/v2/x/blobs/{digest}");
+    let r = hoard.get(&path).await;
+    assert_eq!(r.status(), 200, "headers go out before the digest is known");
+    assert!(r.bytes().await.is_err(), "the client sees a cut connection, not a bad body");
+    assert_eq!(hoard.metric("hoard_digest_mismatches_total"), 1.0);
+    assert_eq!(hoard.blob_files(), 0);
+    assert_eq!(hoard.temp_files(), 0);
+
+    fake.clear_faults();
+    let body = hoard.get(&path).await.bytes().await.unwrap();
+    assert_eq!(digest_of(&body), digest);
+    assert_eq!(fake.hits("GET", "/blobs/"), 2, "the bad copy was not served from cache");
+}
+
+#[tokio::test]
+async fn manifest_with_wrong_digest_is_refused() {
+    let fake = Fake::start().await;
+    let (digest, _) = fake.put_image("library/x", "1", b"x");
+    fake.fault("/manifests/", Fault::WrongBody(Bytes::from_static(b"{\"schemaVersion\":2}")));
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let r = hoard.get(&format!("/v2/x/manifests/{digest}")).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(hoard.blob_files(), 0);
+}
+
+#[tokio::test]
+async fn cut_body_leaves_nothing_and_the_next_request_refetches() {
+    let fake = Fake::start().await;
+    let data = vec![3u8; 1 << 20];
+    let digest = fake.put_blob("library/x", data.clone());
+    fake.fault("/blobs/", Fault::CutBody);
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let path = format!("/v2/x/blobs/{digest}");
+    let r = hoard.get(&path).await;
+    assert!(r.bytes().await.is_err());
+    assert_eq!(hoard.blob_files(), 0);
+    assert_eq!(hoard.temp_files(), 0);
+    fake.clear_faults();
+    assert_eq!(hoard.get(&path).await.bytes().await.unwrap().len(), 1 << 20);
+    assert_eq!(fake.hits("GET", "/blobs/"), 2);
+}
+
+#[tokio::test]
+async fn stalled_body_is_abandoned_after_the_stall_timeout() {
+    let fake = Fake::start().await;
+    let digest = fake.put_blob("library/x", vec![1u8; 256 * 1024]);
+    fake.fault("/blobs/", Fault::Slow(Duration::from_secs(3)));
+    let hoard = Hoard::start(&fake.url(), &[], |args| args.stall_timeout = Some("300ms".into())).await;
+    let r = hoard.get(&format!("/v2/x/blobs/{digest}")).await;
+    assert!(r.bytes().await.is_err());
+    assert_eq!(hoard.blob_files(), 0);
+    assert_eq!(hoard.temp_files(), 0);
+}
+
+#[tokio::test]
+async fn upstream_500_on_a_cold_blob_is_a_502() {
+    let fake = Fake::start().await;
+    let digest = fake.put_blob("library/x", b"x".to_vec());
+    fake.fault("/blobs/", Fault::Status(500, None));
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let r = hoard.get(&format!("/v2/x/blobs/{digest}")).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn content_cached_for_one_repository_needs_upstream_confirmation_for_another() {
+    let fake = Fake::start().await;
+    let secret = b"private layer".to_vec();
+    let digest = fake.put_blob("acme/private", secret.clone());
+    fake.put_blob("acme/public", secret.clone());
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    assert_eq!(hoard.get(&format!("/v2/acme/private/blobs/{digest}")).await.status(), 200);
+
+    // Upstream says this repository does not have it: refused, even by digest.
+    let r = hoard.get(&format!("/v2/acme/other/blobs/{digest}")).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    assert_eq!(fake.hits("HEAD", "/v2/acme/other/blobs/"), 1);
+
+    // Upstream confirms this one has it: served from cache, no second GET.
+    let r = hoard.get(&format!("/v2/acme/public/blobs/{digest}")).await;
+    assert_eq!(r.bytes().await.unwrap().as_ref(), secret.as_slice());
+    assert_eq!(fake.hits("HEAD", "/v2/acme/public/blobs/"), 1);
+    assert_eq!(fake.hits("GET", "/blobs/"), 1);
+    // And linked from then on.
+    hoard.get(&format!("/v2/acme/public/blobs/{digest}")).await;
+    assert_eq!(fake.hits("HEAD", "/v2/acme/public/blobs/"), 1);
+}

@@ -1,0 +1,160 @@
+//! In-process integration tests: hoard on 127.0.0.1:0 in front of the fake
+//! upstream in `fake`. One binary, one module per topic.
+
+mod fake;
+
+mod auth;
+mod faults;
+mod pull;
+mod single_flight;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hoard::config::{Config, ServeArgs};
+use tokio::sync::oneshot;
+
+/// A hoard daemon running in this process. Stops when dropped.
+pub struct Hoard {
+    pub addr: SocketAddr,
+    pub metrics: std::sync::Arc<hoard::metrics::Metrics>,
+    pub data: tempfile::TempDir,
+    pub client: reqwest::Client,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hoard {
+    /// hoard with `docker.io` (and any `extra` HOST=URL) mapped to `upstream`.
+    pub async fn start(upstream: &str, extra: &[&str], tweak: impl FnOnce(&mut ServeArgs)) -> Hoard {
+        let data = tempfile::tempdir().unwrap();
+        Hoard::start_in(data, upstream, extra, tweak).await
+    }
+
+    pub async fn start_in(
+        data: tempfile::TempDir,
+        upstream: &str,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut ServeArgs),
+    ) -> Hoard {
+        let mut upstreams = vec![format!("docker.io={upstream}")];
+        upstreams.extend(extra.iter().map(|s| s.to_string()));
+        let mut args = ServeArgs {
+            data_dir: Some(data.path().to_owned()),
+            upstream: upstreams,
+            stall_timeout: Some("2s".into()),
+            response_timeout: Some("5s".into()),
+            shutdown_timeout: Some("1s".into()),
+            ..ServeArgs::default()
+        };
+        tweak(&mut args);
+        let config = Config::load(&args, []).unwrap();
+        let daemon = hoard::Daemon::open(config).unwrap();
+        let metrics = daemon.metrics();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.run(listener, None, async move {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Hoard {
+            addr,
+            metrics,
+            data,
+            client,
+            stop,
+            task,
+        }
+    }
+
+    /// Shuts the daemon down, waits for it, and hands back its data dir.
+    pub async fn stop(self) -> tempfile::TempDir {
+        let Hoard { data, stop, task, .. } = self;
+        let _ = stop.send(());
+        task.await.unwrap();
+        data
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn head(&self, path: &str) -> reqwest::Response {
+        self.client.head(self.url(path)).send().await.unwrap()
+    }
+
+    /// The value of one metric series from /metrics (0 if absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// Files under blobs/ (committed content).
+    pub fn blob_files(&self) -> usize {
+        count_files(&self.data.path().join("blobs"))
+    }
+
+    /// Files under tmp/ (downloads in progress or leftovers).
+    pub fn temp_files(&self) -> usize {
+        count_files(&self.data.path().join("tmp"))
+    }
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.file_type().unwrap().is_dir() {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// Sends `request_line` verbatim (no client-side path normalization) and
+/// returns the status and body.
+pub async fn raw_request(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The registry error code of a JSON error body.
+pub async fn error_code(response: reqwest::Response) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).expect("a JSON error body");
+    body["errors"][0]["code"].as_str().expect("an error code").to_owned()
+}
+
+/// Polls `check` until it holds or `limit` passes.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
