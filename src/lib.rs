@@ -85,6 +85,12 @@ impl Daemon {
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
+        // Downloads are detached from clients; give them the grace period
+        // too. One still running after it leaves only a temp file, which
+        // the next start removes.
+        if !self.app.mirror.drain(grace).await {
+            tracing::warn!("blob downloads still running at shutdown were abandoned");
+        }
         if let Err(e) = self.app.mirror.flush() {
             tracing::error!(error = %e, "index flush failed");
         }

@@ -28,6 +28,12 @@ pub(super) struct Fills {
     map: Mutex<HashMap<Digest, Arc<Fill>>>,
 }
 
+impl Fills {
+    pub(super) fn is_empty(&self) -> bool {
+        self.map.lock().expect("fills lock").is_empty()
+    }
+}
+
 /// A blob ready to be sent.
 pub struct Blob {
     /// How the lookup was answered.
@@ -129,9 +135,9 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                     .head_blob(repo, digest)
                     .await
                     .map_err(|e| blob_error(e, repo, digest))?;
-                if inner.store.blob_meta(digest)?.is_some() {
-                    inner.store.link(repo, digest)?;
-                }
+                // A link records what upstream said, whether or not the
+                // bytes are here yet (they may still be downloading).
+                inner.store.link(repo, digest)?;
                 confirmed = true;
                 continue;
             }
@@ -162,11 +168,11 @@ pub(super) async fn head(inner: &Arc<Inner>, repo: &Repository, digest: &Digest)
         .head_blob(repo, digest)
         .await
         .map_err(|e| blob_error(e, repo, digest))?;
-    if let Some(meta) = inner.store.blob_meta(digest)? {
-        inner.store.link(repo, digest)?;
-        return Ok((Some(meta.size), Outcome::Hit));
+    inner.store.link(repo, digest)?;
+    match inner.store.blob_meta(digest)? {
+        Some(meta) => Ok((Some(meta.size), Outcome::Hit)),
+        None => Ok((len, Outcome::Miss)),
     }
-    Ok((len, Outcome::Miss))
 }
 
 /// The stored blob if present; `Confirm` if it is stored but not known to

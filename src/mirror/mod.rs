@@ -168,6 +168,19 @@ impl Mirror {
         }
     }
 
+    /// Waits (at most `limit`) for blob downloads in progress to end, so a
+    /// shutdown does not throw away work a moment from done.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.inner.fills.is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Flushes the index; called on shutdown.
     pub fn flush(&self) -> Result<()> {
         Ok(self.inner.store.flush()?)

@@ -43,9 +43,13 @@ pub struct Index {
 impl Index {
     /// Opens (or creates) the index under `dir`.
     pub fn open(dir: &Path) -> Result<Index> {
+        // No background flusher thread: commits flush explicitly (a blob is
+        // durable in the index once `commit` returns), and the lock on the
+        // index is released as soon as the store is dropped.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(64 * 1024 * 1024)
+            .flush_every_ms(None)
             .open()?;
         Ok(Index {
             blobs: db.open_tree("blobs")?,
@@ -117,7 +121,7 @@ impl Index {
         Ok(tags)
     }
 
-    /// Flushes to disk; sled also flushes on its own every 500 ms.
+    /// Makes every change so far durable.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())

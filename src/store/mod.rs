@@ -103,6 +103,7 @@ impl Store {
         };
         let previous = self.index.blob(digest)?;
         self.index.put_blob(digest, &meta)?;
+        self.index.flush()?;
         if previous.is_none() {
             self.bytes.fetch_add(size, Ordering::Relaxed);
         }
@@ -147,7 +148,7 @@ impl Store {
         self.index.tags_of(repo)
     }
 
-    /// Flushes the index (on shutdown).
+    /// Flushes the index (on shutdown; commits flush on their own).
     pub fn flush(&self) -> Result<()> {
         self.index.flush()
     }

@@ -70,6 +70,7 @@ async fn cache_survives_a_restart() {
     let (_, layer) = fake.put_image("library/busybox", "1", b"persisted");
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     assert_eq!(hoard.get("/v2/busybox/manifests/1").await.status(), 200);
+    // Shutdown waits for the download this request started.
     assert_eq!(hoard.get(&format!("/v2/busybox/blobs/{layer}")).await.status(), 200);
     let data = hoard.stop().await;
     let hoard = Hoard::start_in(data, &fake.url(), &[], |_| {}).await;
