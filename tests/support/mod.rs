@@ -1,0 +1,483 @@
+//! Shared end-to-end test support: real images built here (gzip tar layers,
+//! configs with correct diff_ids, Docker and OCI manifests, multi-arch
+//! indexes), pushed to a real distribution registry over plain HTTP; and
+//! guards that start real daemons on 127.0.0.1 and stop them by PID on drop.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+pub fn digest_of(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Fails the test with a clear message when a real tool is missing: the
+/// README's test command (scripts/test.sh) installs them.
+pub fn require_tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("`{name}` is not installed: run scripts/test.sh (it installs the end-to-end tools from Debian), or apt-get install the package that has `{name}`")
+    })
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible.
+pub fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = 0x9e37_79b9u32 ^ seed.wrapping_mul(0x85eb_ca6b);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A content-addressed object.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    pub media_type: String,
+    pub data: Vec<u8>,
+}
+
+impl Blob {
+    pub fn digest(&self) -> String {
+        digest_of(&self.data)
+    }
+
+    fn descriptor(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mediaType": self.media_type,
+            "digest": self.digest(),
+            "size": self.data.len(),
+        })
+    }
+}
+
+/// A compressed layer and the digest of its uncompressed tar.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub gz: Vec<u8>,
+    pub diff_id: String,
+}
+
+/// A tar of `files` (path, content, mode; symlinks as `->target`),
+/// gzipped. mtimes are fixed so digests are reproducible.
+pub fn layer(files: &[(&str, Vec<u8>, u32)]) -> Layer {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _, _) in files {
+        let mut p = Path::new(path).parent();
+        while let Some(dir) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(dir.to_owned());
+            p = dir.parent();
+        }
+    }
+    for dir in dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_mtime(1_700_000_000);
+        h.set_size(0);
+        tar.append_data(&mut h, &dir, std::io::empty()).unwrap();
+    }
+    for (path, content, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        h.set_mode(*mode);
+        if let Some(target) = std::str::from_utf8(content).ok().and_then(|c| c.strip_prefix("->")) {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            tar.append_link(&mut h, path, target).unwrap();
+        } else {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(content.len() as u64);
+            tar.append_data(&mut h, path, content.as_slice()).unwrap();
+        }
+    }
+    let raw = tar.into_inner().unwrap();
+    let diff_id = digest_of(&raw);
+    // Large layers are stored, not compressed: still valid gzip, and fast.
+    let level = if raw.len() > 1 << 20 {
+        flate2::Compression::none()
+    } else {
+        flate2::Compression::fast()
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), level);
+    gz.write_all(&raw).unwrap();
+    Layer {
+        gz: gz.finish().unwrap(),
+        diff_id,
+    }
+}
+
+/// A root filesystem with busybox-static as /bin/busybox and `sh`, `echo`
+/// links: runnable by dockerd and containerd.
+pub fn busybox_layer() -> Layer {
+    let busybox = std::fs::read("/bin/busybox")
+        .unwrap_or_else(|_| panic!("/bin/busybox is missing: apt-get install busybox-static (scripts/test.sh does)"));
+    layer(&[
+        ("bin/busybox", busybox, 0o755),
+        ("bin/sh", b"->busybox".to_vec(), 0o777),
+        ("bin/echo", b"->busybox".to_vec(), 0o777),
+        ("etc/hoard-release", b"built by hoard's tests\n".to_vec(), 0o644),
+    ])
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Docker,
+    Oci,
+}
+
+/// One single-platform image.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub config: Blob,
+    pub layers: Vec<Blob>,
+    pub manifest: Blob,
+    pub arch: String,
+}
+
+pub fn image(format: Format, arch: &str, layers: &[Layer]) -> Image {
+    let config = serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "created": "2024-01-01T00:00:00Z",
+        "config": { "Cmd": ["/bin/sh"] },
+        "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>() },
+        "history": layers.iter().map(|_| serde_json::json!({"created": "2024-01-01T00:00:00Z", "created_by": "hoard tests"})).collect::<Vec<_>>(),
+    });
+    let (manifest_type, config_type, layer_type) = match format {
+        Format::Docker => (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER),
+        Format::Oci => (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER),
+    };
+    let config = Blob {
+        media_type: config_type.into(),
+        data: serde_json::to_vec(&config).unwrap(),
+    };
+    let layers: Vec<Blob> = layers
+        .iter()
+        .map(|l| Blob {
+            media_type: layer_type.into(),
+            data: l.gz.clone(),
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": manifest_type,
+        "config": config.descriptor(),
+        "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+    });
+    Image {
+        manifest: Blob {
+            media_type: manifest_type.into(),
+            data: serde_json::to_vec_pretty(&manifest).unwrap(),
+        },
+        config,
+        layers,
+        arch: arch.into(),
+    }
+}
+
+/// A multi-arch index over `images`.
+pub fn index(format: Format, images: &[Image]) -> Blob {
+    let media_type = match format {
+        Format::Docker => DOCKER_LIST,
+        Format::Oci => OCI_INDEX,
+    };
+    let manifests: Vec<serde_json::Value> = images
+        .iter()
+        .map(|i| {
+            let mut d = i.manifest.descriptor();
+            d["platform"] = serde_json::json!({ "architecture": i.arch, "os": "linux" });
+            d
+        })
+        .collect();
+    Blob {
+        media_type: media_type.into(),
+        data: serde_json::to_vec_pretty(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": manifests,
+        }))
+        .unwrap(),
+    }
+}
+
+/// Pushes by plain HTTP, as the distribution API says.
+pub struct Pusher {
+    pub base: String,
+    client: reqwest::blocking::Client,
+}
+
+impl Pusher {
+    pub fn new(base: &str) -> Pusher {
+        Pusher {
+            base: base.trim_end_matches('/').to_owned(),
+            client: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn blob(&self, name: &str, blob: &Blob) {
+        let r = self
+            .client
+            .post(format!("{}/v2/{name}/blobs/uploads/", self.base))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202, "start upload of {name}");
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        let location = if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            location
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let r = self
+            .client
+            .put(format!("{location}{sep}digest={}", blob.digest()))
+            .header("content-type", "application/octet-stream")
+            .body(blob.data.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201, "finish upload of {name}");
+    }
+
+    pub fn manifest(&self, name: &str, reference: &str, manifest: &Blob) {
+        let r = self
+            .client
+            .put(format!("{}/v2/{name}/manifests/{reference}", self.base))
+            .header("content-type", &manifest.media_type)
+            .body(manifest.data.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201, "push manifest {name}:{reference}: {}", r.text().unwrap_or_default());
+    }
+
+    /// Pushes an image's blobs and manifest; tags it if `tag` is given.
+    pub fn image(&self, name: &str, tag: Option<&str>, image: &Image) {
+        for blob in image.layers.iter().chain([&image.config]) {
+            self.blob(name, blob);
+        }
+        let reference = tag.map(str::to_owned).unwrap_or_else(|| image.manifest.digest());
+        self.manifest(name, &reference, &image.manifest);
+    }
+
+    /// Pushes every child, then the index under `tag`.
+    pub fn index(&self, name: &str, tag: &str, images: &[Image], index: &Blob) {
+        for image in images {
+            self.image(name, None, image);
+        }
+        self.manifest(name, tag, index);
+    }
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Daemon {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, command: &mut Command, log: PathBuf) -> Daemon {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Daemon {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `url` answers (any HTTP status), or fails the test.
+    pub fn wait_http(&mut self, url: &str) {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("{} exited with {status} while starting:\n{}", self.name, self.log_text());
+            }
+            if client.get(url).send().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} did not answer on {url}:\n{}", self.name, self.log_text());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian's docker-registry (distribution 2.8) on a free loopback port.
+pub struct Distribution {
+    pub daemon: Daemon,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Distribution {
+    pub fn start() -> Distribution {
+        let bin = require_tool("docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut daemon = Daemon::spawn(
+            "docker-registry",
+            Command::new(bin).arg("serve").arg(&config),
+            dir.path().join("registry.log"),
+        );
+        daemon.wait_http(&format!("http://127.0.0.1:{port}/v2/"));
+        Distribution {
+            daemon,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Access-log request lines (`GET /v2/... HTTP/1.1`) so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.daemon
+            .log_text()
+            .lines()
+            .filter_map(|line| line.split_once("] \"").map(|(_, rest)| rest.split('"').next().unwrap_or("").to_owned()))
+            .collect()
+    }
+
+    /// How many requests with `method` had a path containing `path`.
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.starts_with(&format!("{method} ")) && r.contains(path))
+            .count()
+    }
+}
+
+/// The real `hoard` binary with every registry host mapped to `upstream`.
+pub struct HoardProcess {
+    pub daemon: Daemon,
+    pub port: u16,
+    pub data: tempfile::TempDir,
+}
+
+impl HoardProcess {
+    pub fn start(upstream: &str, extra_args: &[&str]) -> HoardProcess {
+        let data = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data.path().join("store"))
+            .arg("--upstream")
+            .arg(format!("docker.io={upstream},ghcr.io={upstream},quay.io={upstream}"))
+            .args(extra_args)
+            .env_remove("HOARD_CONFIG");
+        let mut daemon = Daemon::spawn("hoard", &mut command, data.path().join("hoard.log"));
+        daemon.wait_http(&format!("http://127.0.0.1:{port}/healthz"));
+        HoardProcess { daemon, port, data }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn metrics(&self) -> String {
+        reqwest::blocking::get(format!("http://{}/metrics", self.addr()))
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    /// The value of one metric series (0 if absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+/// Runs a client command, failing the test with its output if it fails.
+pub fn run(command: &mut Command) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        panic!(
+            "{command:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    stdout
+}
