@@ -62,7 +62,12 @@ pub struct ServeArgs {
     #[arg(long, env = "HOARD_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Map a registry host to the URL contacted, e.g. docker.io=http://127.0.0.1:5001 (repeatable).
-    #[arg(long, env = "HOARD_UPSTREAM", value_name = "HOST=URL", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "HOARD_UPSTREAM",
+        value_name = "HOST=URL",
+        value_delimiter = ','
+    )]
     pub upstream: Vec<String>,
     /// How long a tag is served without asking upstream, e.g. 30s, 5m [default: 5m].
     #[arg(long, env = "HOARD_TAG_TTL", value_name = "DURATION")]
@@ -216,7 +221,10 @@ impl Config {
 
     /// Merges defaults, the config file, per-registry `HOARD_REGISTRY_*`
     /// variables from `env`, and `args` (flags and their variables).
-    pub fn load(args: &ServeArgs, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+    pub fn load(
+        args: &ServeArgs,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
@@ -245,15 +253,33 @@ impl Config {
         set(&mut self.log_format, file.log_format);
         set(&mut self.allow_any_upstream, file.allow_any_upstream);
         set_duration(&mut self.tag_ttl, "tag_ttl", file.tag_ttl.as_deref())?;
-        set_duration(&mut self.shutdown_timeout, "shutdown_timeout", file.shutdown_timeout.as_deref())?;
+        set_duration(
+            &mut self.shutdown_timeout,
+            "shutdown_timeout",
+            file.shutdown_timeout.as_deref(),
+        )?;
         let up = file.upstream;
-        set_duration(&mut self.connect_timeout, "upstream.connect_timeout", up.connect_timeout.as_deref())?;
-        set_duration(&mut self.response_timeout, "upstream.response_timeout", up.response_timeout.as_deref())?;
-        set_duration(&mut self.stall_timeout, "upstream.stall_timeout", up.stall_timeout.as_deref())?;
+        set_duration(
+            &mut self.connect_timeout,
+            "upstream.connect_timeout",
+            up.connect_timeout.as_deref(),
+        )?;
+        set_duration(
+            &mut self.response_timeout,
+            "upstream.response_timeout",
+            up.response_timeout.as_deref(),
+        )?;
+        set_duration(
+            &mut self.stall_timeout,
+            "upstream.stall_timeout",
+            up.stall_timeout.as_deref(),
+        )?;
         if let Some(size) = file.max_manifest_size {
             self.max_manifest_bytes = match size {
                 Size::Bytes(n) => n,
-                Size::Text(text) => parse_size(&text).map_err(|m| invalid("max_manifest_size", m))?,
+                Size::Text(text) => {
+                    parse_size(&text).map_err(|m| invalid("max_manifest_size", m))?
+                }
             };
         }
         for (host, raw) in file.registries {
@@ -294,7 +320,9 @@ impl Config {
         }
         let credentials = match (raw.token, username, password) {
             (Some(token), _, _) => Some(Credentials::Bearer(token)),
-            (None, Some(username), Some(password)) => Some(Credentials::Basic { username, password }),
+            (None, Some(username), Some(password)) => {
+                Some(Credentials::Basic { username, password })
+            }
             (None, None, None) => None,
             _ => return Err(invalid(&key, "username and password go together")),
         };
@@ -322,7 +350,10 @@ impl Config {
     /// `HOARD_REGISTRY_<HOST>_{URL,USERNAME,PASSWORD,TOKEN,TAG_TTL}` for
     /// configured hosts, the host upper-cased with `.`, `-`, `:` as `_`
     /// (e.g. `HOARD_REGISTRY_DOCKER_IO_PASSWORD`).
-    fn apply_registry_env(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Result<()> {
+    fn apply_registry_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<()> {
         let env: BTreeMap<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("HOARD_REGISTRY_"))
@@ -344,7 +375,12 @@ impl Config {
                 password: get("PASSWORD"),
                 token: get("TOKEN"),
             };
-            if raw.url.is_some() || raw.tag_ttl.is_some() || raw.username.is_some() || raw.password.is_some() || raw.token.is_some() {
+            if raw.url.is_some()
+                || raw.tag_ttl.is_some()
+                || raw.username.is_some()
+                || raw.password.is_some()
+                || raw.token.is_some()
+            {
                 self.apply_registry(&host, raw)?;
             }
         }
@@ -360,12 +396,29 @@ impl Config {
         set(&mut self.log_format, args.log_format);
         set(&mut self.allow_any_upstream, args.allow_any_upstream);
         set_duration(&mut self.tag_ttl, "--tag-ttl", args.tag_ttl.as_deref())?;
-        set_duration(&mut self.connect_timeout, "--connect-timeout", args.connect_timeout.as_deref())?;
-        set_duration(&mut self.response_timeout, "--response-timeout", args.response_timeout.as_deref())?;
-        set_duration(&mut self.stall_timeout, "--stall-timeout", args.stall_timeout.as_deref())?;
-        set_duration(&mut self.shutdown_timeout, "--shutdown-timeout", args.shutdown_timeout.as_deref())?;
+        set_duration(
+            &mut self.connect_timeout,
+            "--connect-timeout",
+            args.connect_timeout.as_deref(),
+        )?;
+        set_duration(
+            &mut self.response_timeout,
+            "--response-timeout",
+            args.response_timeout.as_deref(),
+        )?;
+        set_duration(
+            &mut self.stall_timeout,
+            "--stall-timeout",
+            args.stall_timeout.as_deref(),
+        )?;
+        set_duration(
+            &mut self.shutdown_timeout,
+            "--shutdown-timeout",
+            args.shutdown_timeout.as_deref(),
+        )?;
         if let Some(size) = &args.max_manifest_size {
-            self.max_manifest_bytes = parse_size(size).map_err(|m| invalid("--max-manifest-size", m))?;
+            self.max_manifest_bytes =
+                parse_size(size).map_err(|m| invalid("--max-manifest-size", m))?;
         }
         for mapping in &args.upstream {
             let (host, url) = mapping
@@ -413,7 +466,9 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration> {
 }
 
 fn parse_url(key: &str, text: &str) -> Result<reqwest::Url> {
-    let url: reqwest::Url = text.parse().map_err(|e| invalid(key, format!("{text:?}: {e}")))?;
+    let url: reqwest::Url = text
+        .parse()
+        .map_err(|e| invalid(key, format!("{text:?}: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(invalid(key, format!("{text:?} is not an http(s) URL")));
     }
@@ -427,7 +482,9 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size"))?;
     let factor: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -454,7 +511,10 @@ mod tests {
         let c = Config::load(&ServeArgs::default(), []).unwrap();
         assert_eq!(c.listen.port(), 5000);
         assert_eq!(c.data_dir, PathBuf::from("hoard-data"));
-        assert_eq!(c.registries["docker.io"].url.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(
+            c.registries["docker.io"].url.as_str(),
+            "https://registry-1.docker.io/"
+        );
         assert_eq!(c.tag_ttl, Duration::from_secs(300));
         assert!(!c.allow_any_upstream);
     }
@@ -493,13 +553,19 @@ password = "from-file"
             upstream: vec!["docker.io=http://127.0.0.1:5001".into()],
             ..ServeArgs::default()
         };
-        let env = [("HOARD_REGISTRY_GHCR_IO_PASSWORD".to_string(), "from-env".to_string())];
+        let env = [(
+            "HOARD_REGISTRY_GHCR_IO_PASSWORD".to_string(),
+            "from-env".to_string(),
+        )];
         let c = Config::load(&args, env).unwrap();
         assert_eq!(c.tag_ttl, Duration::from_secs(30));
         assert_eq!(c.max_manifest_bytes, 1 << 20);
         assert_eq!(c.tag_ttl_for("ghcr.io"), Duration::from_secs(10));
         assert_eq!(c.tag_ttl_for("docker.io"), Duration::from_secs(30));
-        assert_eq!(c.registries["docker.io"].url.as_str(), "http://127.0.0.1:5001/");
+        assert_eq!(
+            c.registries["docker.io"].url.as_str(),
+            "http://127.0.0.1:5001/"
+        );
         assert_eq!(c.registries["ghcr.io"].url.as_str(), "https://ghcr.io/");
         let creds = c.registries["ghcr.io"].credentials.clone().unwrap();
         assert_eq!(
@@ -515,11 +581,26 @@ password = "from-file"
     #[test]
     fn bad_values_are_refused() {
         for args in [
-            ServeArgs { tag_ttl: Some("soon".into()), ..Default::default() },
-            ServeArgs { upstream: vec!["docker.io".into()], ..Default::default() },
-            ServeArgs { upstream: vec!["docker.io=ftp://x".into()], ..Default::default() },
-            ServeArgs { upstream: vec!["Bad_Host=http://x".into()], ..Default::default() },
-            ServeArgs { max_manifest_size: Some("4 parsecs".into()), ..Default::default() },
+            ServeArgs {
+                tag_ttl: Some("soon".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                upstream: vec!["docker.io".into()],
+                ..Default::default()
+            },
+            ServeArgs {
+                upstream: vec!["docker.io=ftp://x".into()],
+                ..Default::default()
+            },
+            ServeArgs {
+                upstream: vec!["Bad_Host=http://x".into()],
+                ..Default::default()
+            },
+            ServeArgs {
+                max_manifest_size: Some("4 parsecs".into()),
+                ..Default::default()
+            },
         ] {
             assert!(Config::load(&args, []).is_err(), "{args:?}");
         }

@@ -46,7 +46,8 @@ impl Daemon {
             source,
         })?;
         let upstream = upstream::Client::new(&config, metrics.clone())?;
-        let mirror = mirror::Mirror::new(config.clone(), Arc::new(store), upstream, metrics.clone());
+        let mirror =
+            mirror::Mirror::new(config.clone(), Arc::new(store), upstream, metrics.clone());
         Ok(Daemon {
             app: Arc::new(registry::App { mirror, metrics }),
             config,
@@ -75,13 +76,26 @@ impl Daemon {
         let metrics_task = metrics_listener.map(|l| {
             let app = self.app.clone();
             let stop = stopped(stop_rx.clone());
-            tokio::spawn(registry::serve(l, app, registry::Surface::MetricsOnly, stop, grace))
+            tokio::spawn(registry::serve(
+                l,
+                app,
+                registry::Surface::MetricsOnly,
+                stop,
+                grace,
+            ))
         });
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        registry::serve(listener, self.app.clone(), registry::Surface::Full, stopped(stop_rx), grace).await;
+        registry::serve(
+            listener,
+            self.app.clone(),
+            registry::Surface::Full,
+            stopped(stop_rx),
+            grace,
+        )
+        .await;
         if let Some(task) = metrics_task {
             let _ = task.await;
         }

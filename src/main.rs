@@ -62,7 +62,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "hoard starting"
     );
     let daemon = tokio::task::spawn_blocking(move || hoard::Daemon::open(config)).await??;
-    daemon.run(listener, metrics_listener, shutdown_signal()).await;
+    daemon
+        .run(listener, metrics_listener, shutdown_signal())
+        .await;
     Ok(())
 }
 
@@ -78,7 +80,9 @@ async fn shutdown_signal() {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

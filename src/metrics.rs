@@ -40,17 +40,23 @@ impl Metrics {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let cache_requests = counter_vec(
@@ -78,14 +84,19 @@ impl Metrics {
             "Last ratelimit-limit header seen from each upstream registry.",
             &["registry"],
         );
-        let store_bytes = gauge("hoard_store_bytes", "Bytes of verified content in the store.");
+        let store_bytes = gauge(
+            "hoard_store_bytes",
+            "Bytes of verified content in the store.",
+        );
         let inflight_fetches = gauge(
             "hoard_inflight_fetches",
             "Upstream blob downloads in progress.",
         );
-        let digest_mismatches =
-            IntCounter::new("hoard_digest_mismatches_total", "Upstream content discarded because its sha256 did not match.")
-                .expect("valid metric");
+        let digest_mismatches = IntCounter::new(
+            "hoard_digest_mismatches_total",
+            "Upstream content discarded because its sha256 did not match.",
+        )
+        .expect("valid metric");
         registry
             .register(Box::new(digest_mismatches.clone()))
             .expect("unique metric");
@@ -99,7 +110,10 @@ impl Metrics {
                 "hoard_http_request_duration_seconds",
                 "Time from request to response head, by route.",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
             &["route"],
         )
         .expect("valid metric");
@@ -111,7 +125,9 @@ impl Metrics {
                 "hoard_upstream_fetch_duration_seconds",
                 "Time to download and verify a blob from upstream.",
             )
-            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
         )
         .expect("valid metric");
         registry

@@ -230,13 +230,15 @@ pub fn validate_registry(host: &str) -> Result<(), ReferenceError> {
         Some((name, port)) => (name, Some(port)),
         None => (host, None),
     };
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
     if host.len() <= 253 && port_ok && name.split('.').all(label_ok) {
         Ok(())
@@ -312,12 +314,21 @@ mod tests {
 
     #[test]
     fn names_follow_the_spec_grammar() {
-        for good in ["alpine", "library/alpine", "a/b/c", "my-app", "a__b", "a.b", "a---b", "0"] {
+        for good in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "my-app",
+            "a__b",
+            "a.b",
+            "a---b",
+            "0",
+        ] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
         for bad in [
-            "", "Alpine", "/alpine", "alpine/", "a//b", "..", "a/../b", "a/./b", "-a", "a-", "a___b",
-            "a..b", "%2e%2e", "a b", "a\0b", "é",
+            "", "Alpine", "/alpine", "alpine/", "a//b", "..", "a/../b", "a/./b", "-a", "a-",
+            "a___b", "a..b", "%2e%2e", "a b", "a\0b", "é",
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
@@ -337,7 +348,10 @@ mod tests {
 
     #[test]
     fn references_parse_as_tag_or_digest() {
-        assert_eq!(Reference::parse("3.19").unwrap(), Reference::Tag("3.19".into()));
+        assert_eq!(
+            Reference::parse("3.19").unwrap(),
+            Reference::Tag("3.19".into())
+        );
         assert_eq!(Reference::parse("_x").unwrap(), Reference::Tag("_x".into()));
         assert!(matches!(
             Reference::parse(&format!("sha256:{HEX}")).unwrap(),
@@ -350,12 +364,30 @@ mod tests {
 
     #[test]
     fn registry_hosts() {
-        for good in ["docker.io", "ghcr.io", "localhost", "127.0.0.1:5000", "registry-1.docker.io"] {
+        for good in [
+            "docker.io",
+            "ghcr.io",
+            "localhost",
+            "127.0.0.1:5000",
+            "registry-1.docker.io",
+        ] {
             assert!(validate_registry(good).is_ok(), "{good}");
         }
-        for bad in ["", "Docker.io", "a..b", "host:", "host:123456", "-a.io", "a_b.io"] {
+        for bad in [
+            "",
+            "Docker.io",
+            "a..b",
+            "host:",
+            "host:123456",
+            "-a.io",
+            "a_b.io",
+        ] {
             assert!(validate_registry(bad).is_err(), "{bad:?}");
         }
-        assert!(looks_like_host("ghcr.io") && looks_like_host("localhost") && !looks_like_host("library"));
+        assert!(
+            looks_like_host("ghcr.io")
+                && looks_like_host("localhost")
+                && !looks_like_host("library")
+        );
     }
 }

@@ -24,10 +24,14 @@ fn seed(upstream: &Distribution) -> Seeded {
     let extra = layer(&[("srv/data.bin", noise(300_000, 7), 0o644)]);
     let docker = image(Format::Docker, "amd64", &[base.clone(), extra.clone()]);
     push.image("library/alpine-like", Some("3"), &docker);
-    let oci = image(Format::Oci, "amd64", &[base.clone()]);
+    let oci = image(Format::Oci, "amd64", std::slice::from_ref(&base));
     push.image("owner/app", Some("1.0"), &oci);
-    let amd = image(Format::Oci, "amd64", &[base.clone()]);
-    let arm = image(Format::Oci, "arm64", &[layer(&[("arch", b"arm64\n".to_vec(), 0o644)])]);
+    let amd = image(Format::Oci, "amd64", std::slice::from_ref(&base));
+    let arm = image(
+        Format::Oci,
+        "arm64",
+        &[layer(&[("arch", b"arm64\n".to_vec(), 0o644)])],
+    );
     let index = index(Format::Oci, &[amd.clone(), arm.clone()]);
     push.index("library/multi", "1", &[amd.clone(), arm.clone()], &index);
     Seeded {
@@ -106,13 +110,23 @@ fn skopeo_pulls_through_hoard_and_the_second_pull_is_free() {
     assert_eq!(dir_blobs(&out.path().join("1-0")), want);
     let manifest = std::fs::read(out.path().join("1-0/manifest.json")).unwrap();
     assert_eq!(digest_of(&manifest), seeded.docker.manifest.digest());
-    let mut want_arm: Vec<String> = seeded.arm.layers.iter().chain([&seeded.arm.config]).map(Blob::digest).collect();
+    let mut want_arm: Vec<String> = seeded
+        .arm
+        .layers
+        .iter()
+        .chain([&seeded.arm.config])
+        .map(Blob::digest)
+        .collect();
     want_arm.sort();
     assert_eq!(dir_blobs(&out.path().join("1-5")), want_arm);
     // skopeo converts a Docker manifest for an OCI layout; the layers are
     // the same bytes.
     for layer in &seeded.docker.layers {
-        assert!(out.path().join("1-1/blobs/sha256").join(&layer.digest()[7..]).exists());
+        assert!(out
+            .path()
+            .join("1-1/blobs/sha256")
+            .join(&layer.digest()[7..])
+            .exists());
     }
     let all_index = std::fs::read_to_string(out.path().join("1-4/index.json")).unwrap();
     assert!(all_index.contains(&seeded.index.digest()), "{all_index}");
@@ -127,12 +141,26 @@ fn skopeo_pulls_through_hoard_and_the_second_pull_is_free() {
 
     let blob_gets = upstream.count("GET", "/blobs/");
     let manifest_gets = upstream.count("GET", "/manifests/");
-    assert!(blob_gets > 0 && manifest_gets > 0, "{:?}", upstream.requests());
+    assert!(
+        blob_gets > 0 && manifest_gets > 0,
+        "{:?}",
+        upstream.requests()
+    );
 
     // Second round, inside the tag TTL: no GET of any blob or manifest upstream.
     pull_all(2);
-    assert_eq!(upstream.count("GET", "/blobs/"), blob_gets, "{:#?}", upstream.requests());
-    assert_eq!(upstream.count("GET", "/manifests/"), manifest_gets, "{:#?}", upstream.requests());
+    assert_eq!(
+        upstream.count("GET", "/blobs/"),
+        blob_gets,
+        "{:#?}",
+        upstream.requests()
+    );
+    assert_eq!(
+        upstream.count("GET", "/manifests/"),
+        manifest_gets,
+        "{:#?}",
+        upstream.requests()
+    );
     assert_eq!(dir_blobs(&out.path().join("2-0")), want);
     assert!(hoard.metric(r#"hoard_cache_requests_total{kind="blob",result="hit"}"#) > 0.0);
     assert!(hoard.metric(r#"hoard_served_bytes_total{source="cache"}"#) > 0.0);
@@ -149,14 +177,21 @@ fn skopeo_inspect_lists_tags_through_hoard() {
             .arg("--tls-verify=false")
             .arg(format!("docker://{}/{image}", hoard.addr())));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert!(v["RepoTags"].as_array().is_some_and(|t| !t.is_empty()), "{out}");
+        assert!(
+            v["RepoTags"].as_array().is_some_and(|t| !t.is_empty()),
+            "{out}"
+        );
         let digest = v["Digest"].as_str().unwrap();
         assert!(
             digest == seeded.docker.manifest.digest() || digest == seeded.oci.manifest.digest(),
             "{out}"
         );
     }
-    assert!(upstream.count("GET", "/tags/list") >= 2, "{:?}", upstream.requests());
+    assert!(
+        upstream.count("GET", "/tags/list") >= 2,
+        "{:?}",
+        upstream.requests()
+    );
 }
 
 #[test]
@@ -170,7 +205,10 @@ fn fifty_concurrent_pulls_of_a_cold_50mib_blob_make_one_upstream_get() {
     Pusher::new(&upstream.url()).blob("library/big", &big);
     drop(big);
     let hoard = HoardProcess::start(&upstream.url(), &[]);
-    let url = Arc::new(format!("http://{}/v2/library/big/blobs/{digest}", hoard.addr()));
+    let url = Arc::new(format!(
+        "http://{}/v2/library/big/blobs/{digest}",
+        hoard.addr()
+    ));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let digests: Vec<String> = runtime.block_on(async {
         let client = reqwest::Client::new();
@@ -195,6 +233,11 @@ fn fifty_concurrent_pulls_of_a_cold_50mib_blob_make_one_upstream_get() {
         out
     });
     assert!(digests.iter().all(|d| *d == digest));
-    assert_eq!(upstream.count("GET", &digest), 1, "{:#?}", upstream.requests());
+    assert_eq!(
+        upstream.count("GET", &digest),
+        1,
+        "{:#?}",
+        upstream.requests()
+    );
     assert_eq!(hoard.metric("hoard_inflight_fetches"), 0.0);
 }

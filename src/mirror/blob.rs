@@ -111,7 +111,13 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                     let writer = inner.store.create_temp()?;
                     let fill = Arc::new(Fill::new(repo.clone(), writer.file()));
                     fills.insert(digest.clone(), fill.clone());
-                    tokio::spawn(run(inner.clone(), repo.clone(), digest.clone(), fill.clone(), writer));
+                    tokio::spawn(run(
+                        inner.clone(),
+                        repo.clone(),
+                        digest.clone(),
+                        fill.clone(),
+                        writer,
+                    ));
                     Step::Lead(fill)
                 }
             }
@@ -153,13 +159,23 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
 
 /// Answers a `HEAD`: from the store, a download in progress, or an upstream
 /// `HEAD` (a `HEAD` alone does not start a download).
-pub(super) async fn head(inner: &Arc<Inner>, repo: &Repository, digest: &Digest) -> Result<(Option<u64>, Outcome)> {
+pub(super) async fn head(
+    inner: &Arc<Inner>,
+    repo: &Repository,
+    digest: &Digest,
+) -> Result<(Option<u64>, Outcome)> {
     if inner.store.is_linked(repo, digest)? {
         if let Some(meta) = inner.store.blob_meta(digest)? {
             return Ok((Some(meta.size), Outcome::Hit));
         }
     }
-    let fill = inner.fills.map.lock().expect("fills lock").get(digest).cloned();
+    let fill = inner
+        .fills
+        .map
+        .lock()
+        .expect("fills lock")
+        .get(digest)
+        .cloned();
     if let Some(fill) = fill.filter(|f| f.repo() == repo) {
         return Ok((fill.started().await?, Outcome::Coalesced));
     }
@@ -177,7 +193,12 @@ pub(super) async fn head(inner: &Arc<Inner>, repo: &Repository, digest: &Digest)
 
 /// The stored blob if present; `Confirm` if it is stored but not known to
 /// belong to `repo`.
-fn stored(inner: &Inner, repo: &Repository, digest: &Digest, confirmed: bool) -> Result<Option<Step>> {
+fn stored(
+    inner: &Inner,
+    repo: &Repository,
+    digest: &Digest,
+    confirmed: bool,
+) -> Result<Option<Step>> {
     if inner.store.blob_meta(digest)?.is_none() {
         return Ok(None);
     }
@@ -188,14 +209,26 @@ fn stored(inner: &Inner, repo: &Repository, digest: &Digest, confirmed: bool) ->
 }
 
 /// The download task: fetch, verify, commit, then leave the map.
-async fn run(inner: Arc<Inner>, repo: Repository, digest: Digest, fill: Arc<Fill>, writer: BlobWriter) {
+async fn run(
+    inner: Arc<Inner>,
+    repo: Repository,
+    digest: Digest,
+    fill: Arc<Fill>,
+    writer: BlobWriter,
+) {
     inner.metrics.inflight_fetches.inc();
     let started = Instant::now();
     let result = download(&inner, &repo, &digest, &fill, writer).await;
     match result {
         Ok(len) => {
-            inner.metrics.fetch_duration.observe(started.elapsed().as_secs_f64());
-            inner.metrics.store_bytes.set(inner.store.size_bytes() as i64);
+            inner
+                .metrics
+                .fetch_duration
+                .observe(started.elapsed().as_secs_f64());
+            inner
+                .metrics
+                .store_bytes
+                .set(inner.store.size_bytes() as i64);
             debug!(repository = %repo, %digest, bytes = len, "blob cached");
             fill.set(FillState::Complete { len });
         }
@@ -266,12 +299,17 @@ async fn download(
     if len.is_some_and(|len| writer.written() != len) {
         return Err(Error::Upstream(upstream::Error::Body {
             registry: repo.registry().to_owned(),
-            message: format!("body ended after {} of {} bytes", writer.written(), len.unwrap_or(0)),
+            message: format!(
+                "body ended after {} of {} bytes",
+                writer.written(),
+                len.unwrap_or(0)
+            ),
         }));
     }
     let store = inner.store.clone();
     let expected = digest.clone();
-    let committed = tokio::task::spawn_blocking(move || store.commit(writer, &expected, None)).await?;
+    let committed =
+        tokio::task::spawn_blocking(move || store.commit(writer, &expected, None)).await?;
     let meta = match committed {
         Ok(meta) => meta,
         Err(store::Error::DigestMismatch { actual, .. }) => {

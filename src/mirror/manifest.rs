@@ -60,7 +60,10 @@ mod tests {
             bytes: json.into(),
         };
         assert_eq!(m.references(), vec![a, b, c]);
-        let junk = Manifest { bytes: Bytes::from_static(b"not json"), ..m };
+        let junk = Manifest {
+            bytes: Bytes::from_static(b"not json"),
+            ..m
+        };
         assert!(junk.references().is_empty());
     }
 }

@@ -54,6 +54,9 @@ pub struct TagList {
     pub link: Option<String>,
 }
 
+/// Manifest lookups in progress, by repository and reference.
+type ManifestFlights = flight::Flights<(Repository, Reference), (Arc<Manifest>, Outcome)>;
+
 /// The mirror, shared by every request (cheap to clone).
 #[derive(Clone)]
 pub struct Mirror {
@@ -67,13 +70,18 @@ struct Inner {
     metrics: Arc<Metrics>,
     hot: moka::sync::Cache<Digest, Arc<Manifest>>,
     tag_lists: moka::sync::Cache<String, TagList>,
-    manifest_flights: Arc<flight::Flights<(Repository, Reference), (Arc<Manifest>, Outcome)>>,
+    manifest_flights: Arc<ManifestFlights>,
     fills: blob::Fills,
 }
 
 impl Mirror {
     /// A mirror over `store` and `upstream`.
-    pub fn new(config: Config, store: Arc<Store>, upstream: upstream::Client, metrics: Arc<Metrics>) -> Mirror {
+    pub fn new(
+        config: Config,
+        store: Arc<Store>,
+        upstream: upstream::Client,
+        metrics: Arc<Metrics>,
+    ) -> Mirror {
         metrics.store_bytes.set(store.size_bytes() as i64);
         Mirror {
             inner: Arc::new(Inner {
@@ -123,7 +131,11 @@ impl Mirror {
     }
 
     /// A blob's length for a `HEAD`, without downloading it.
-    pub async fn blob_head(&self, repo: &Repository, digest: &Digest) -> Result<(Option<u64>, Outcome)> {
+    pub async fn blob_head(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<(Option<u64>, Outcome)> {
         self.inner.check_registry(repo)?;
         let (len, outcome) = blob::head(&self.inner, repo, digest).await?;
         self.inner.count("blob", outcome);
@@ -143,7 +155,9 @@ impl Mirror {
             Ok(response) => {
                 let list = TagList {
                     bytes: response.bytes,
-                    content_type: response.content_type.unwrap_or_else(|| "application/json".into()),
+                    content_type: response
+                        .content_type
+                        .unwrap_or_else(|| "application/json".into()),
                     link: response.link,
                 };
                 inner.tag_lists.insert(key, list.clone());
@@ -264,7 +278,10 @@ impl Inner {
                 Ok((manifest, Outcome::Miss))
             }
         };
-        let (result, joined) = self.manifest_flights.run((repo.clone(), reference), work).await;
+        let (result, joined) = self
+            .manifest_flights
+            .run((repo.clone(), reference), work)
+            .await;
         result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
     }
 
@@ -279,7 +296,10 @@ impl Inner {
     ) -> Result<(Arc<Manifest>, Outcome)> {
         let reference = Reference::Tag(tag.to_owned());
         let Some((mut record, manifest)) = cached else {
-            return Ok((self.fetch_manifest(repo, &reference, accept).await?, Outcome::Miss));
+            return Ok((
+                self.fetch_manifest(repo, &reference, accept).await?,
+                Outcome::Miss,
+            ));
         };
         let head = self
             .upstream
@@ -341,7 +361,11 @@ impl Inner {
         let store = self.store.clone();
         let stored = manifest.clone();
         tokio::task::spawn_blocking(move || {
-            store.put_bytes(&stored.digest, Some(stored.media_type.clone()), &stored.bytes)
+            store.put_bytes(
+                &stored.digest,
+                Some(stored.media_type.clone()),
+                &stored.bytes,
+            )
         })
         .await??;
         self.metrics.store_bytes.set(self.store.size_bytes() as i64);
@@ -374,22 +398,24 @@ impl Inner {
         }
         let store = self.store.clone();
         let key = digest.clone();
-        let loaded = tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Vec<u8>)>> {
-            let Some(blob) = store.open_blob(&key)? else {
-                return Ok(None);
-            };
-            let Some(media_type) = blob.meta.media_type.clone() else {
-                return Ok(None);
-            };
-            let mut bytes = Vec::with_capacity(blob.meta.size as usize);
-            std::io::Read::read_to_end(&mut &blob.file, &mut bytes)
-                .map_err(|e| store::Error::Io {
-                    path: key.hex().into(),
-                    source: Arc::new(e),
+        let loaded =
+            tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Vec<u8>)>> {
+                let Some(blob) = store.open_blob(&key)? else {
+                    return Ok(None);
+                };
+                let Some(media_type) = blob.meta.media_type.clone() else {
+                    return Ok(None);
+                };
+                let mut bytes = Vec::with_capacity(blob.meta.size as usize);
+                std::io::Read::read_to_end(&mut &blob.file, &mut bytes).map_err(|e| {
+                    store::Error::Io {
+                        path: key.hex().into(),
+                        source: Arc::new(e),
+                    }
                 })?;
-            Ok(Some((media_type, bytes)))
-        })
-        .await??;
+                Ok(Some((media_type, bytes)))
+            })
+            .await??;
         Ok(loaded.map(|(media_type, bytes)| {
             let manifest = Arc::new(Manifest {
                 digest: digest.clone(),

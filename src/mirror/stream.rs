@@ -66,7 +66,10 @@ pub(super) fn spawn(
             if limit <= pos {
                 if end.is_some_and(|end| pos < end) {
                     let _ = tx
-                        .send(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than announced")))
+                        .send(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "blob shorter than announced",
+                        )))
                         .await;
                 }
                 return;

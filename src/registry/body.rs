@@ -62,7 +62,10 @@ impl http_body::Body for Body {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
@@ -110,7 +113,13 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// An entry for a request that started at `started`.
-    pub fn new(method: http::Method, path: String, status: u16, result: &'static str, started: Instant) -> AccessLog {
+    pub fn new(
+        method: http::Method,
+        path: String,
+        status: u16,
+        result: &'static str,
+        started: Instant,
+    ) -> AccessLog {
         AccessLog {
             method,
             path,

@@ -56,7 +56,9 @@ impl Code {
     /// The HTTP status it is sent with.
     pub fn status(self) -> StatusCode {
         match self {
-            Code::BlobUnknown | Code::ManifestUnknown | Code::NameUnknown | Code::NotFound => StatusCode::NOT_FOUND,
+            Code::BlobUnknown | Code::ManifestUnknown | Code::NameUnknown | Code::NotFound => {
+                StatusCode::NOT_FOUND
+            }
             Code::DigestInvalid | Code::NameInvalid | Code::TagInvalid => StatusCode::BAD_REQUEST,
             Code::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             Code::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -109,11 +111,13 @@ impl ApiError {
 impl From<&ReferenceError> for ApiError {
     fn from(e: &ReferenceError) -> ApiError {
         let code = match e {
-            ReferenceError::InvalidName(_) | ReferenceError::NameTooLong | ReferenceError::InvalidRegistry(_) => {
-                Code::NameInvalid
-            }
+            ReferenceError::InvalidName(_)
+            | ReferenceError::NameTooLong
+            | ReferenceError::InvalidRegistry(_) => Code::NameInvalid,
             ReferenceError::InvalidTag(_) => Code::TagInvalid,
-            ReferenceError::InvalidDigest(_) | ReferenceError::UnsupportedAlgorithm(_) => Code::DigestInvalid,
+            ReferenceError::InvalidDigest(_) | ReferenceError::UnsupportedAlgorithm(_) => {
+                Code::DigestInvalid
+            }
         };
         ApiError::new(code, e.to_string())
     }
@@ -123,21 +127,26 @@ impl From<&mirror::Error> for ApiError {
     fn from(e: &mirror::Error) -> ApiError {
         use mirror::Error as M;
         match e {
-            M::RegistryDenied(registry) => ApiError::new(Code::Denied, format!("registry {registry} is not mirrored here"))
-                .with_detail(json!({ "registry": registry })),
-            M::ManifestUnknown { repo, reference } => ApiError::new(Code::ManifestUnknown, "manifest unknown")
-                .with_detail(json!({ "name": repo.name(), "reference": reference })),
-            M::BlobUnknown { digest, .. } => {
-                ApiError::new(Code::BlobUnknown, "blob unknown").with_detail(json!({ "digest": digest.to_string() }))
+            M::RegistryDenied(registry) => ApiError::new(
+                Code::Denied,
+                format!("registry {registry} is not mirrored here"),
+            )
+            .with_detail(json!({ "registry": registry })),
+            M::ManifestUnknown { repo, reference } => {
+                ApiError::new(Code::ManifestUnknown, "manifest unknown")
+                    .with_detail(json!({ "name": repo.name(), "reference": reference }))
             }
+            M::BlobUnknown { digest, .. } => ApiError::new(Code::BlobUnknown, "blob unknown")
+                .with_detail(json!({ "digest": digest.to_string() })),
             M::NameUnknown(repo) => {
                 ApiError::new(Code::NameUnknown, "repository name not known to registry")
                     .with_detail(json!({ "name": repo.name() }))
             }
-            M::DigestMismatch { expected, .. } => {
-                ApiError::new(Code::Unavailable, "upstream sent content that does not match its digest")
-                    .with_detail(json!({ "digest": expected.to_string() }))
-            }
+            M::DigestMismatch { expected, .. } => ApiError::new(
+                Code::Unavailable,
+                "upstream sent content that does not match its digest",
+            )
+            .with_detail(json!({ "digest": expected.to_string() })),
             M::Upstream(e) => ApiError::from(e),
             M::Store(_) | M::Internal(_) => ApiError::new(Code::Unknown, "internal error"),
         }
@@ -148,22 +157,34 @@ impl From<&upstream::Error> for ApiError {
     fn from(e: &upstream::Error) -> ApiError {
         use upstream::Error as U;
         match e {
-            U::UnknownRegistry(registry) => ApiError::new(Code::Denied, format!("registry {registry} is not mirrored here")),
+            U::UnknownRegistry(registry) => ApiError::new(
+                Code::Denied,
+                format!("registry {registry} is not mirrored here"),
+            ),
             U::NotFound { .. } => ApiError::new(Code::NameUnknown, "not found upstream"),
-            U::Unauthorized { .. } => ApiError::new(Code::Unauthorized, "upstream registry refused access"),
+            U::Unauthorized { .. } => {
+                ApiError::new(Code::Unauthorized, "upstream registry refused access")
+            }
             U::Denied { .. } => ApiError::new(Code::Denied, "upstream registry denied access"),
             U::TooManyRequests { retry_after, .. } => ApiError {
                 retry_after: *retry_after,
-                ..ApiError::new(Code::TooManyRequests, "upstream registry rate limit reached")
+                ..ApiError::new(
+                    Code::TooManyRequests,
+                    "upstream registry rate limit reached",
+                )
             },
-            U::Timeout { .. } => ApiError::new(Code::UpstreamTimeout, "upstream registry timed out"),
+            U::Timeout { .. } => {
+                ApiError::new(Code::UpstreamTimeout, "upstream registry timed out")
+            }
             U::Status { .. }
             | U::Connect { .. }
             | U::Token { .. }
             | U::Body { .. }
             | U::Redirects { .. }
             | U::BadResponse { .. }
-            | U::ManifestTooLarge { .. } => ApiError::new(Code::Unavailable, "upstream registry unavailable"),
+            | U::ManifestTooLarge { .. } => {
+                ApiError::new(Code::Unavailable, "upstream registry unavailable")
+            }
         }
     }
 }
@@ -179,12 +200,14 @@ mod tests {
 
     #[test]
     fn body_is_the_spec_envelope() {
-        let e = ApiError::new(Code::BlobUnknown, "blob unknown").with_detail(json!({"digest": "x"}));
+        let e =
+            ApiError::new(Code::BlobUnknown, "blob unknown").with_detail(json!({"digest": "x"}));
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
         assert_eq!(v["errors"][0]["message"], "blob unknown");
         assert_eq!(v["errors"][0]["detail"]["digest"], "x");
-        let plain: serde_json::Value = serde_json::from_slice(&ApiError::new(Code::Unknown, "x").body()).unwrap();
+        let plain: serde_json::Value =
+            serde_json::from_slice(&ApiError::new(Code::Unknown, "x").body()).unwrap();
         assert!(plain["errors"][0].get("detail").is_none());
     }
 
@@ -193,63 +216,170 @@ mod tests {
         let d = Digest::of(b"x");
         let reg = || "docker.io".to_string();
         let cases: Vec<(mirror::Error, StatusCode, &str)> = vec![
-            (mirror::Error::RegistryDenied(reg()), StatusCode::FORBIDDEN, "DENIED"),
             (
-                mirror::Error::ManifestUnknown { repo: repo(), reference: "1".into() },
+                mirror::Error::RegistryDenied(reg()),
+                StatusCode::FORBIDDEN,
+                "DENIED",
+            ),
+            (
+                mirror::Error::ManifestUnknown {
+                    repo: repo(),
+                    reference: "1".into(),
+                },
                 StatusCode::NOT_FOUND,
                 "MANIFEST_UNKNOWN",
             ),
-            (mirror::Error::BlobUnknown { repo: repo(), digest: d.clone() }, StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
-            (mirror::Error::NameUnknown(repo()), StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
             (
-                mirror::Error::DigestMismatch { repo: repo(), expected: d.clone(), actual: d.clone() },
+                mirror::Error::BlobUnknown {
+                    repo: repo(),
+                    digest: d.clone(),
+                },
+                StatusCode::NOT_FOUND,
+                "BLOB_UNKNOWN",
+            ),
+            (
+                mirror::Error::NameUnknown(repo()),
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+            ),
+            (
+                mirror::Error::DigestMismatch {
+                    repo: repo(),
+                    expected: d.clone(),
+                    actual: d.clone(),
+                },
                 StatusCode::BAD_GATEWAY,
                 "UNAVAILABLE",
             ),
-            (mirror::Error::Internal("x".into()), StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            (
+                mirror::Error::Internal("x".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+            ),
             (
                 mirror::Error::Store(crate::store::Error::CorruptRecord("k".into())),
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
             ),
             (
-                upstream::Error::TooManyRequests { registry: reg(), retry_after: Some(Duration::from_secs(9)) }.into(),
+                upstream::Error::TooManyRequests {
+                    registry: reg(),
+                    retry_after: Some(Duration::from_secs(9)),
+                }
+                .into(),
                 StatusCode::TOO_MANY_REQUESTS,
                 "TOOMANYREQUESTS",
             ),
-            (upstream::Error::Timeout { registry: reg(), what: "x" }.into(), StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
             (
-                upstream::Error::Status { registry: reg(), status: 500, envelope: None }.into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (upstream::Error::Connect { registry: reg(), message: "x".into() }.into(), StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
-            (upstream::Error::Token { registry: reg(), message: "x".into() }.into(), StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
-            (upstream::Error::Body { registry: reg(), message: "x".into() }.into(), StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
-            (upstream::Error::Redirects { registry: reg() }.into(), StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
-            (
-                upstream::Error::BadResponse { registry: reg(), message: "x".into() }.into(),
-                StatusCode::BAD_GATEWAY,
+                upstream::Error::Timeout {
+                    registry: reg(),
+                    what: "x",
+                }
+                .into(),
+                StatusCode::GATEWAY_TIMEOUT,
                 "UNAVAILABLE",
             ),
             (
-                upstream::Error::ManifestTooLarge { registry: reg(), limit: 1 }.into(),
+                upstream::Error::Status {
+                    registry: reg(),
+                    status: 500,
+                    envelope: None,
+                }
+                .into(),
                 StatusCode::BAD_GATEWAY,
                 "UNAVAILABLE",
             ),
             (
-                upstream::Error::Unauthorized { registry: reg(), envelope: None }.into(),
+                upstream::Error::Connect {
+                    registry: reg(),
+                    message: "x".into(),
+                }
+                .into(),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+            (
+                upstream::Error::Token {
+                    registry: reg(),
+                    message: "x".into(),
+                }
+                .into(),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+            (
+                upstream::Error::Body {
+                    registry: reg(),
+                    message: "x".into(),
+                }
+                .into(),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+            (
+                upstream::Error::Redirects { registry: reg() }.into(),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+            (
+                upstream::Error::BadResponse {
+                    registry: reg(),
+                    message: "x".into(),
+                }
+                .into(),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+            (
+                upstream::Error::ManifestTooLarge {
+                    registry: reg(),
+                    limit: 1,
+                }
+                .into(),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+            (
+                upstream::Error::Unauthorized {
+                    registry: reg(),
+                    envelope: None,
+                }
+                .into(),
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHORIZED",
             ),
-            (upstream::Error::Denied { registry: reg(), envelope: None }.into(), StatusCode::FORBIDDEN, "DENIED"),
-            (upstream::Error::NotFound { registry: reg() }.into(), StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
-            (upstream::Error::UnknownRegistry(reg()).into(), StatusCode::FORBIDDEN, "DENIED"),
+            (
+                upstream::Error::Denied {
+                    registry: reg(),
+                    envelope: None,
+                }
+                .into(),
+                StatusCode::FORBIDDEN,
+                "DENIED",
+            ),
+            (
+                upstream::Error::NotFound { registry: reg() }.into(),
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+            ),
+            (
+                upstream::Error::UnknownRegistry(reg()).into(),
+                StatusCode::FORBIDDEN,
+                "DENIED",
+            ),
         ];
         for (err, status, code) in cases {
             let api = ApiError::from(&err);
-            assert_eq!((api.code.status(), api.code.as_str()), (status, code), "{err:?}");
-            assert!(!api.message.contains("sha256:"), "no internal detail in {:?}", api.message);
+            assert_eq!(
+                (api.code.status(), api.code.as_str()),
+                (status, code),
+                "{err:?}"
+            );
+            assert!(
+                !api.message.contains("sha256:"),
+                "no internal detail in {:?}",
+                api.message
+            );
         }
         let e = ApiError::from(&mirror::Error::from(upstream::Error::TooManyRequests {
             registry: reg(),
@@ -266,7 +396,10 @@ mod tests {
             (ReferenceError::InvalidRegistry("x".into()), "NAME_INVALID"),
             (ReferenceError::InvalidTag("x".into()), "TAG_INVALID"),
             (ReferenceError::InvalidDigest("x".into()), "DIGEST_INVALID"),
-            (ReferenceError::UnsupportedAlgorithm("md5".into()), "DIGEST_INVALID"),
+            (
+                ReferenceError::UnsupportedAlgorithm("md5".into()),
+                "DIGEST_INVALID",
+            ),
         ] {
             let api = ApiError::from(&e);
             assert_eq!(api.code.as_str(), code);

@@ -51,14 +51,21 @@ pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Resp
     };
     let (mut response, result) = match routed {
         Ok(route @ (Route::Metrics | Route::Healthz)) => (meta(app, &method, route), "-"),
-        Ok(_) if surface == Surface::MetricsOnly => (error(&ApiError::new(Code::NotFound, "no such endpoint")), "-"),
+        Ok(_) if surface == Surface::MetricsOnly => (
+            error(&ApiError::new(Code::NotFound, "no such endpoint")),
+            "-",
+        ),
         Ok(route) => dispatch(app, &method, route, &path, request.headers()).await,
-        Err(RouteError::NotFound) => (error(&ApiError::new(Code::NotFound, "no such endpoint")), "-"),
+        Err(RouteError::NotFound) => (
+            error(&ApiError::new(Code::NotFound, "no such endpoint")),
+            "-",
+        ),
         Err(RouteError::Invalid(e)) => (error(&ApiError::from(&e)), "-"),
     };
-    response
-        .headers_mut()
-        .insert("docker-distribution-api-version", HeaderValue::from_static(API_VERSION));
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static(API_VERSION),
+    );
     let status = response.status();
     app.metrics
         .http_requests
@@ -82,15 +89,26 @@ async fn dispatch(
     let head = *method == Method::HEAD;
     if *method != Method::GET && !head {
         // Push, delete and anything else: a pull-through mirror is read-only.
-        return (error(&ApiError::new(Code::Unsupported, "this registry mirror is read-only")), "-");
+        return (
+            error(&ApiError::new(
+                Code::Unsupported,
+                "this registry mirror is read-only",
+            )),
+            "-",
+        );
     }
     let result = match route {
         Route::Base => Ok((json_response(Bytes::from_static(b"{}"), head), "-")),
-        Route::Manifest { repo, reference } => manifest(app, &repo, &reference, head, headers).await,
+        Route::Manifest { repo, reference } => {
+            manifest(app, &repo, &reference, head, headers).await
+        }
         Route::Blob { repo, digest } if head => blob_head(app, &repo, &digest).await,
         Route::Blob { repo, digest } => blob(app, &repo, &digest, headers).await,
         Route::Tags { repo, query } => tags(app, &repo, &query, path, head).await,
-        Route::Unsupported => Err(ApiError::new(Code::Unsupported, "this registry mirror is read-only")),
+        Route::Unsupported => Err(ApiError::new(
+            Code::Unsupported,
+            "this registry mirror is read-only",
+        )),
         Route::Metrics | Route::Healthz => unreachable!("handled before dispatch"),
     };
     result.unwrap_or_else(|e| (error(&e), "-"))
@@ -104,7 +122,11 @@ fn meta(app: &App, method: &Method, route: Route) -> Response<Body> {
         Route::Metrics => (app.metrics.render(), "text/plain; version=0.0.4"),
         _ => ("ok\n".to_owned(), "text/plain"),
     };
-    let mut response = Response::new(if *method == Method::HEAD { Body::empty() } else { Body::full(body) });
+    let mut response = Response::new(if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::full(body)
+    });
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -135,7 +157,11 @@ async fn manifest(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
-    let (manifest, outcome) = app.mirror.manifest(repo, reference, &accept).await.map_err(fail)?;
+    let (manifest, outcome) = app
+        .mirror
+        .manifest(repo, reference, &accept)
+        .await
+        .map_err(fail)?;
     let etag = format!("\"{}\"", manifest.digest);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -174,11 +200,16 @@ async fn blob_head(app: &App, repo: &Repository, digest: &Digest) -> Handled {
     if let Some(len) = len {
         response = response.header(header::CONTENT_LENGTH, len);
     }
-    Ok((response.body(Body::empty()).expect("valid response"), outcome.as_str()))
+    Ok((
+        response.body(Body::empty()).expect("valid response"),
+        outcome.as_str(),
+    ))
 }
 
 async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::HeaderMap) -> Handled {
-    let range_header = headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("invalid"));
+    let range_header = headers
+        .get(header::RANGE)
+        .map(|v| v.to_str().unwrap_or("invalid"));
     let blob = app.mirror.blob(repo, digest).await.map_err(fail)?;
     let outcome = blob.outcome.as_str();
     let Some(len) = blob.len else {
@@ -205,7 +236,10 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
     let response = match range {
         Some((start, end)) => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
             .header(header::CONTENT_LENGTH, end - start)
-            .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1))
+            .header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{len}", end - 1),
+            )
             .body(Body::stream(blob.stream(Some((start, end))))),
         None => blob_headers(digest, StatusCode::OK)
             .header(header::CONTENT_LENGTH, len)
@@ -233,7 +267,11 @@ async fn tags(app: &App, repo: &Repository, query: &str, path: &str, head: bool)
     if let Some(link) = list.link.as_deref().and_then(|l| rewrite_link(l, path)) {
         response = response.header(header::LINK, link);
     }
-    let body = if head { Body::empty() } else { Body::full(list.bytes) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::full(list.bytes)
+    };
     let response = response
         .body(body)
         .map_err(|_| ApiError::new(Code::Unavailable, "invalid upstream tag list"))?;
@@ -249,7 +287,11 @@ fn rewrite_link(link: &str, path: &str) -> Option<String> {
 
 fn json_response(body: Bytes, head: bool) -> Response<Body> {
     let len = body.len();
-    let body = if head { Body::empty() } else { Body::full(body) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::full(body)
+    };
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, len)
@@ -281,7 +323,11 @@ mod tests {
     #[test]
     fn next_page_link_points_at_the_mirror_path() {
         assert_eq!(
-            rewrite_link(r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#, "/v2/alpine/tags/list").as_deref(),
+            rewrite_link(
+                r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#,
+                "/v2/alpine/tags/list"
+            )
+            .as_deref(),
             Some(r#"</v2/alpine/tags/list?last=b&n=2>; rel="next""#)
         );
         assert_eq!(rewrite_link("garbage", "/v2/a/tags/list"), None);

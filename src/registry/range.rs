@@ -13,7 +13,10 @@ pub enum RangeError {
 /// The half-open byte range `[start, end)` that `header` asks of a blob of
 /// `len` bytes.
 pub fn parse(header: &str, len: u64) -> Result<(u64, u64), RangeError> {
-    let spec = header.trim().strip_prefix("bytes=").ok_or(RangeError::Malformed)?;
+    let spec = header
+        .trim()
+        .strip_prefix("bytes=")
+        .ok_or(RangeError::Malformed)?;
     if spec.contains(',') {
         return Err(RangeError::Malformed);
     }
@@ -33,7 +36,11 @@ pub fn parse(header: &str, len: u64) -> Result<(u64, u64), RangeError> {
         return Ok((len - suffix.min(len), len));
     }
     let start = number(first)?;
-    let end = if last.is_empty() { len - 1.min(len) } else { number(last)? };
+    let end = if last.is_empty() {
+        len - 1.min(len)
+    } else {
+        number(last)?
+    };
     if end < start && !last.is_empty() {
         return Err(RangeError::Malformed);
     }
@@ -60,8 +67,15 @@ mod tests {
     #[test]
     fn bad_ranges() {
         for bad in [
-            "bytes=", "bytes=a-b", "items=0-1", "bytes=5-1", "bytes=0-1,3-4", "bytes=--1", "bytes=-1-2",
-            "bytes=99999999999999999999999-", "0-1",
+            "bytes=",
+            "bytes=a-b",
+            "items=0-1",
+            "bytes=5-1",
+            "bytes=0-1,3-4",
+            "bytes=--1",
+            "bytes=-1-2",
+            "bytes=99999999999999999999999-",
+            "0-1",
         ] {
             assert_eq!(parse(bad, 1000), Err(RangeError::Malformed), "{bad}");
         }

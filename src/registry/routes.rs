@@ -13,7 +13,10 @@ pub enum Route {
     /// `/v2/`: the API version check.
     Base,
     /// `/v2/<name>/manifests/<reference>`.
-    Manifest { repo: Repository, reference: Reference },
+    Manifest {
+        repo: Repository,
+        reference: Reference,
+    },
     /// `/v2/<name>/blobs/<digest>`.
     Blob { repo: Repository, digest: Digest },
     /// `/v2/<name>/tags/list`, with the sanitized `n`/`last` query.
@@ -99,7 +102,9 @@ fn repository(segments: &[&str], ns: Option<&str>) -> Result<Repository, Referen
             validate_registry(ns)?;
             // containerd's `override_path` form: `/v2/<host>/<name>` + `?ns=<host>`.
             match segments.split_first() {
-                Some((first, rest)) if !rest.is_empty() && canonical_registry(first) == ns => (ns, rest),
+                Some((first, rest)) if !rest.is_empty() && canonical_registry(first) == ns => {
+                    (ns, rest)
+                }
                 _ => (ns, segments),
             }
         }
@@ -173,9 +178,11 @@ mod tests {
 
     fn manifest(path: &str, query: Option<&str>) -> (String, String, String) {
         match route(path, query).unwrap() {
-            Route::Manifest { repo, reference } => {
-                (repo.registry().to_owned(), repo.name().to_owned(), reference.to_string())
-            }
+            Route::Manifest { repo, reference } => (
+                repo.registry().to_owned(),
+                repo.name().to_owned(),
+                reference.to_string(),
+            ),
             other => panic!("{other:?}"),
         }
     }
@@ -185,17 +192,32 @@ mod tests {
         let want = ("docker.io".into(), "library/alpine".into(), "3.19".into());
         assert_eq!(manifest("/v2/alpine/manifests/3.19", None), want);
         assert_eq!(manifest("/v2/library/alpine/manifests/3.19", None), want);
-        assert_eq!(manifest("/v2/library/alpine/manifests/3.19", Some("ns=docker.io")), want);
-        assert_eq!(manifest("/v2/docker.io/library/alpine/manifests/3.19", None), want);
-        assert_eq!(manifest("/v2/index.docker.io/alpine/manifests/3.19", None), want);
+        assert_eq!(
+            manifest("/v2/library/alpine/manifests/3.19", Some("ns=docker.io")),
+            want
+        );
+        assert_eq!(
+            manifest("/v2/docker.io/library/alpine/manifests/3.19", None),
+            want
+        );
+        assert_eq!(
+            manifest("/v2/index.docker.io/alpine/manifests/3.19", None),
+            want
+        );
     }
 
     #[test]
     fn ns_and_host_prefix_pick_the_registry() {
         let want = ("ghcr.io".into(), "owner/app".into(), "1.0".into());
-        assert_eq!(manifest("/v2/owner/app/manifests/1.0", Some("ns=ghcr.io")), want);
+        assert_eq!(
+            manifest("/v2/owner/app/manifests/1.0", Some("ns=ghcr.io")),
+            want
+        );
         assert_eq!(manifest("/v2/ghcr.io/owner/app/manifests/1.0", None), want);
-        assert_eq!(manifest("/v2/ghcr.io/owner/app/manifests/1.0", Some("ns=ghcr.io")), want);
+        assert_eq!(
+            manifest("/v2/ghcr.io/owner/app/manifests/1.0", Some("ns=ghcr.io")),
+            want
+        );
         assert_eq!(
             manifest("/v2/quay.io/org/x/manifests/latest", None),
             ("quay.io".into(), "org/x".into(), "latest".into())
@@ -232,10 +254,19 @@ mod tests {
         assert_eq!(route("/metrics", None), Ok(Route::Metrics));
         assert_eq!(route("/healthz", None), Ok(Route::Healthz));
         assert_eq!(route("/v2/_catalog", None), Ok(Route::Unsupported));
-        assert_eq!(route("/v2/alpine/blobs/uploads/", None), Ok(Route::Unsupported));
-        assert_eq!(route("/v2/alpine/blobs/uploads/abc", None), Ok(Route::Unsupported));
+        assert_eq!(
+            route("/v2/alpine/blobs/uploads/", None),
+            Ok(Route::Unsupported)
+        );
+        assert_eq!(
+            route("/v2/alpine/blobs/uploads/abc", None),
+            Ok(Route::Unsupported)
+        );
         assert_eq!(route("/v1/x", None), Err(RouteError::NotFound));
-        assert_eq!(route("/v2/alpine/whatever/x", None), Err(RouteError::NotFound));
+        assert_eq!(
+            route("/v2/alpine/whatever/x", None),
+            Err(RouteError::NotFound)
+        );
     }
 
     #[test]
@@ -254,10 +285,16 @@ mod tests {
             "/v2/alpine/blobs/md5:abc",
             "/v2/alpine/blobs/../../x",
         ] {
-            assert!(matches!(route(path, None), Err(RouteError::Invalid(_))), "{path}");
+            assert!(
+                matches!(route(path, None), Err(RouteError::Invalid(_))),
+                "{path}"
+            );
         }
         let long = format!("/v2/{}/manifests/latest", "a".repeat(300));
-        assert_eq!(route(&long, None), Err(RouteError::Invalid(ReferenceError::NameTooLong)));
+        assert_eq!(
+            route(&long, None),
+            Err(RouteError::Invalid(ReferenceError::NameTooLong))
+        );
         assert!(route("/v2/a/manifests/x", Some("ns=Bad_Host")).is_err());
         assert!(route("/v2/a/tags/list", Some("n=abc")).is_err());
         assert!(route("/v2/a/tags/list", Some("last=../x")).is_err());

@@ -118,9 +118,9 @@ impl BlobWriter {
     /// Hashes and appends a chunk. Blocking.
     pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
         self.hasher.update(chunk);
-        (&*self.file).write_all(chunk).map_err(|e| {
-            Error::io(self.temp.as_deref().unwrap_or(Path::new("?")), e)
-        })?;
+        (&*self.file)
+            .write_all(chunk)
+            .map_err(|e| Error::io(self.temp.as_deref().unwrap_or(Path::new("?")), e))?;
         self.written += chunk.len() as u64;
         Ok(())
     }

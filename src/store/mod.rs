@@ -70,7 +70,8 @@ impl Store {
         };
         let Some(file) = self.files.open_blob(digest)? else {
             self.index.remove_blob(digest)?;
-            self.bytes.fetch_sub(meta.size.min(self.size_bytes()), Ordering::Relaxed);
+            self.bytes
+                .fetch_sub(meta.size.min(self.size_bytes()), Ordering::Relaxed);
             return Ok(None);
         };
         let now = unix_secs();
@@ -112,7 +113,12 @@ impl Store {
 
     /// Writes a small in-memory object (a manifest) through the same
     /// verify-then-rename path. Blocking.
-    pub fn put_bytes(&self, digest: &Digest, media_type: Option<String>, data: &[u8]) -> Result<BlobMeta> {
+    pub fn put_bytes(
+        &self,
+        digest: &Digest,
+        media_type: Option<String>,
+        data: &[u8],
+    ) -> Result<BlobMeta> {
         let mut writer = self.create_temp()?;
         writer.write(data)?;
         self.commit(writer, digest, media_type)
@@ -204,7 +210,10 @@ mod tests {
         let err = store.commit(w, &claimed, None).unwrap_err();
         assert!(matches!(err, Error::DigestMismatch { .. }));
         assert!(store.open_blob(&claimed).unwrap().is_none());
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
         assert!(!store.files.path(&claimed).exists());
     }
 
@@ -216,12 +225,18 @@ mod tests {
             let mut w = store.create_temp().unwrap();
             w.write(b"partial").unwrap();
             drop(w);
-            assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+            assert_eq!(
+                std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+                0
+            );
         }
         // A crash leaves a temp file behind: the next start removes it.
         std::fs::write(dir.path().join("tmp").join("leftover"), b"half a layer").unwrap();
         let _store = Store::open(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[test]

@@ -110,7 +110,9 @@ impl Authorization {
     /// Sets the header on a request (reqwest marks it sensitive).
     pub fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match self {
-            Authorization::Basic { username, password } => request.basic_auth(username, Some(password)),
+            Authorization::Basic { username, password } => {
+                request.basic_auth(username, Some(password))
+            }
             Authorization::Bearer(token) => request.bearer_auth(token),
         }
     }
@@ -148,7 +150,10 @@ impl Authenticator {
         }
         let known = self.challenges.lock().expect("lock").get(registry).cloned();
         match known {
-            Some(challenge) => self.answer(http, registry, credentials, &challenge, scope).await.map(Some),
+            Some(challenge) => self
+                .answer(http, registry, credentials, &challenge, scope)
+                .await
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -183,14 +188,25 @@ impl Authenticator {
                 }
             },
             Challenge::Bearer { realm, service, .. } => {
-                fetch_token(http, registry, credentials, realm, service.as_deref(), scope).await?
+                fetch_token(
+                    http,
+                    registry,
+                    credentials,
+                    realm,
+                    service.as_deref(),
+                    scope,
+                )
+                .await?
             }
         };
-        let expires = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1));
-        self.tokens
-            .lock()
-            .expect("lock")
-            .insert((registry.to_owned(), scope.to_owned()), (auth.clone(), expires));
+        let expires = Instant::now()
+            + lifetime
+                .saturating_sub(EXPIRY_MARGIN)
+                .max(Duration::from_secs(1));
+        self.tokens.lock().expect("lock").insert(
+            (registry.to_owned(), scope.to_owned()),
+            (auth.clone(), expires),
+        );
         Ok(auth)
     }
 
@@ -253,12 +269,12 @@ async fn fetch_token(
         .await
         .map_err(|e| token_error(e.without_url().to_string()))?;
     if !response.status().is_success() {
-        return Err(token_error(format!("status {}", response.status().as_u16())));
+        return Err(token_error(format!(
+            "status {}",
+            response.status().as_u16()
+        )));
     }
-    let body: TokenResponse = response
-        .json_bounded()
-        .await
-        .map_err(token_error)?;
+    let body: TokenResponse = response.json_bounded().await.map_err(token_error)?;
     let token = body
         .token
         .or(body.access_token)
@@ -277,10 +293,16 @@ trait JsonBounded {
 }
 
 impl JsonBounded for reqwest::Response {
-    async fn json_bounded<T: for<'de> Deserialize<'de>>(mut self) -> std::result::Result<T, String> {
+    async fn json_bounded<T: for<'de> Deserialize<'de>>(
+        mut self,
+    ) -> std::result::Result<T, String> {
         const LIMIT: usize = 1024 * 1024;
         let mut body = Vec::new();
-        while let Some(chunk) = self.chunk().await.map_err(|e| e.without_url().to_string())? {
+        while let Some(chunk) = self
+            .chunk()
+            .await
+            .map_err(|e| e.without_url().to_string())?
+        {
             if body.len() + chunk.len() > LIMIT {
                 return Err("response too large".into());
             }
@@ -312,7 +334,10 @@ mod tests {
 
     #[test]
     fn parses_unquoted_escaped_and_basic() {
-        let c = Challenge::parse(r#"bearer realm=http://a/token, scope="repository:x:pull,push", service="s\"q""#).unwrap();
+        let c = Challenge::parse(
+            r#"bearer realm=http://a/token, scope="repository:x:pull,push", service="s\"q""#,
+        )
+        .unwrap();
         assert_eq!(
             c,
             Challenge::Bearer {
@@ -321,8 +346,15 @@ mod tests {
                 scope: Some("repository:x:pull,push".into()),
             }
         );
-        assert_eq!(Challenge::parse(r#"Basic realm="registry""#), Some(Challenge::Basic));
-        assert_eq!(Challenge::parse("Bearer service=x"), None, "realm is required");
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="registry""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(
+            Challenge::parse("Bearer service=x"),
+            None,
+            "realm is required"
+        );
         assert_eq!(Challenge::parse("Negotiate abc"), None);
         assert_eq!(Challenge::parse(""), None);
     }

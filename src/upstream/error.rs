@@ -40,7 +40,10 @@ pub enum Error {
         envelope: Option<Envelope>,
     },
     #[error("{registry}: timed out waiting for {what}")]
-    Timeout { registry: String, what: &'static str },
+    Timeout {
+        registry: String,
+        what: &'static str,
+    },
     #[error("{registry}: connection failed: {message}")]
     Connect { registry: String, message: String },
     #[error("{registry}: token endpoint failed: {message}")]

@@ -148,12 +148,13 @@ impl Client {
                 limit,
             });
         }
-        let media_type = header_string(response.headers(), header::CONTENT_TYPE).ok_or_else(|| {
-            Error::BadResponse {
-                registry: registry.to_owned(),
-                message: "manifest without content-type".into(),
-            }
-        })?;
+        let media_type =
+            header_string(response.headers(), header::CONTENT_TYPE).ok_or_else(|| {
+                Error::BadResponse {
+                    registry: registry.to_owned(),
+                    message: "manifest without content-type".into(),
+                }
+            })?;
         let digest = content_digest(response.headers());
         let mut body = Vec::new();
         loop {
@@ -228,7 +229,9 @@ impl Client {
         } else {
             format!("tags/list?{query}")
         };
-        let response = self.send(repo, Method::GET, &path, Some("application/json")).await?;
+        let response = self
+            .send(repo, Method::GET, &path, Some("application/json"))
+            .await?;
         let content_type = header_string(response.headers(), header::CONTENT_TYPE);
         let link = header_string(response.headers(), header::LINK);
         let registry = repo.registry().to_owned();
@@ -267,7 +270,13 @@ impl Client {
         let mut answered = false;
         loop {
             let response = self
-                .follow(registry, &method, url.clone(), accept, authorization.as_ref())
+                .follow(
+                    registry,
+                    &method,
+                    url.clone(),
+                    accept,
+                    authorization.as_ref(),
+                )
                 .await?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !answered {
@@ -431,7 +440,10 @@ fn content_digest(headers: &HeaderMap) -> Option<Digest> {
         .and_then(|v| Digest::parse(v.trim()).ok())
 }
 
-async fn read_bounded(mut response: reqwest::Response, limit: usize) -> std::result::Result<Bytes, String> {
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> std::result::Result<Bytes, String> {
     let mut body = Vec::new();
     while let Some(chunk) = response
         .chunk()
@@ -472,7 +484,8 @@ mod tests {
 
     #[test]
     fn envelope_is_read_from_error_bodies() {
-        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
+        let body =
+            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
         assert_eq!(
             parse_envelope(body),
             Some(Envelope {

@@ -12,7 +12,13 @@ pub fn parse(headers: &HeaderMap, name: &str) -> Option<i64> {
 
 /// `Retry-After` in seconds (the HTTP-date form is treated as absent).
 pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
-    let secs: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    let secs: u64 = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(std::time::Duration::from_secs(secs))
 }
 

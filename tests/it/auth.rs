@@ -35,7 +35,11 @@ async fn configured_credentials_go_to_the_token_endpoint() {
     let hoard = Hoard::start(&fake.url(), &[], |args| {
         let dir = tempfile::tempdir().unwrap().keep();
         let path = dir.join("hoard.toml");
-        std::fs::write(&path, "[registries.\"docker.io\"]\nusername = \"bot\"\npassword = \"s3cret\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[registries.\"docker.io\"]\nusername = \"bot\"\npassword = \"s3cret\"\n",
+        )
+        .unwrap();
         args.config = Some(path);
     })
     .await;
@@ -57,7 +61,10 @@ async fn redirected_blob_downloads_never_carry_the_token() {
     assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
     assert_eq!(cdn.hits("GET", "/cdn/"), 1);
     let cdn_auth = cdn.state.authorizations.lock().unwrap().clone();
-    assert!(cdn_auth.iter().all(|(_, auth)| auth.is_none()), "{cdn_auth:?}");
+    assert!(
+        cdn_auth.iter().all(|(_, auth)| auth.is_none()),
+        "{cdn_auth:?}"
+    );
     // The registry itself did get the token.
     assert!(registry
         .state
@@ -73,7 +80,10 @@ async fn client_authorization_is_never_forwarded() {
     let fake = Fake::start().await;
     let (_, layer) = fake.put_image("library/alpine", "1", b"x");
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
-    for path in ["/v2/alpine/manifests/1".to_owned(), format!("/v2/alpine/blobs/{layer}")] {
+    for path in [
+        "/v2/alpine/manifests/1".to_owned(),
+        format!("/v2/alpine/blobs/{layer}"),
+    ] {
         let r = hoard
             .client
             .get(hoard.url(&path))

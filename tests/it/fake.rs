@@ -122,13 +122,25 @@ impl Fake {
     }
 
     /// Stores a manifest under its digest and, if given, a tag.
-    pub fn put_manifest(&self, name: &str, tag: Option<&str>, media_type: &str, data: impl Into<Bytes>) -> String {
+    pub fn put_manifest(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        data: impl Into<Bytes>,
+    ) -> String {
         let data = data.into();
         let digest = digest_of(&data);
         let mut manifests = self.state.manifests.lock().unwrap();
-        manifests.insert((name.to_owned(), digest.clone()), (data.clone(), media_type.to_owned()));
+        manifests.insert(
+            (name.to_owned(), digest.clone()),
+            (data.clone(), media_type.to_owned()),
+        );
         if let Some(tag) = tag {
-            manifests.insert((name.to_owned(), tag.to_owned()), (data, media_type.to_owned()));
+            manifests.insert(
+                (name.to_owned(), tag.to_owned()),
+                (data, media_type.to_owned()),
+            );
             self.state
                 .tags
                 .lock()
@@ -144,14 +156,21 @@ impl Fake {
     /// Returns (manifest digest, layer digest).
     pub fn put_image(&self, name: &str, tag: &str, layer: &[u8]) -> (String, String) {
         let layer_digest = self.put_blob(name, layer.to_vec());
-        let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#);
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#
+        );
         let config_digest = self.put_blob(name, config.clone().into_bytes());
         let manifest = format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer_digest}","size":{}}}]}}"#,
             config.len(),
             layer.len()
         );
-        let digest = self.put_manifest(name, Some(tag), "application/vnd.oci.image.manifest.v1+json", manifest.into_bytes());
+        let digest = self.put_manifest(
+            name,
+            Some(tag),
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.into_bytes(),
+        );
         (digest, layer_digest)
     }
 
@@ -211,7 +230,11 @@ impl Fake {
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<BoxBody> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r
 }
@@ -296,9 +319,11 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
             let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
             r.headers_mut().insert(
                 "www-authenticate",
-                format!(r#"Bearer realm="http://{me}/token",service="fake",scope="repository:x:pull""#)
-                    .parse()
-                    .unwrap(),
+                format!(
+                    r#"Bearer realm="http://{me}/token",service="fake",scope="repository:x:pull""#
+                )
+                .parse()
+                .unwrap(),
             );
             return r;
         }
@@ -318,8 +343,10 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
             Some((data, media_type)) => {
                 let digest = digest_of(&data);
                 let mut r = body_response(data, fault, &method).await;
-                r.headers_mut().insert("content-type", media_type.parse().unwrap());
-                r.headers_mut().insert("docker-content-digest", digest.parse().unwrap());
+                r.headers_mut()
+                    .insert("content-type", media_type.parse().unwrap());
+                r.headers_mut()
+                    .insert("docker-content-digest", digest.parse().unwrap());
                 r
             }
             None => full(StatusCode::NOT_FOUND, error_body("MANIFEST_UNKNOWN")),
@@ -341,7 +368,8 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
             }
             (Some(data), _) => {
                 let mut r = body_response(data, fault, &method).await;
-                r.headers_mut().insert("docker-content-digest", digest.parse().unwrap());
+                r.headers_mut()
+                    .insert("docker-content-digest", digest.parse().unwrap());
                 r
             }
             (None, _) => full(StatusCode::NOT_FOUND, error_body("BLOB_UNKNOWN")),
@@ -357,8 +385,10 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
     } else {
         full(StatusCode::NOT_FOUND, "")
     };
-    r.headers_mut().insert("ratelimit-limit", "100;w=21600".parse().unwrap());
-    r.headers_mut().insert("ratelimit-remaining", "42;w=21600".parse().unwrap());
+    r.headers_mut()
+        .insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+    r.headers_mut()
+        .insert("ratelimit-remaining", "42;w=21600".parse().unwrap());
     r
 }
 
@@ -367,7 +397,9 @@ async fn body_response(data: Bytes, fault: Option<Fault>, method: &str) -> Respo
     let len = data.len();
     let head_only = method == "HEAD";
     let body: BoxBody = match fault {
-        _ if head_only => Full::new(Bytes::new()).map_err(|never| match never {}).boxed(),
+        _ if head_only => Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
         Some(Fault::WrongBody(other)) => {
             let mut r = full(StatusCode::OK, other.clone());
             r.headers_mut().insert("content-length", other.len().into());
@@ -375,7 +407,11 @@ async fn body_response(data: Bytes, fault: Option<Fault>, method: &str) -> Respo
         }
         Some(Fault::CutBody) => {
             let half = data.slice(..len / 2);
-            let stream = futures_stream(vec![Ok(half), Err(std::io::Error::other("cut"))], None, None);
+            let stream = futures_stream(
+                vec![Ok(half), Err(std::io::Error::other("cut"))],
+                None,
+                None,
+            );
             StreamBody::new(stream).boxed()
         }
         Some(Fault::Gate(gate)) => {

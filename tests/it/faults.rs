@@ -42,7 +42,11 @@ async fn tag_past_ttl_is_revalidated_with_head_and_refetched_only_when_moved() {
     let r = hoard.get("/v2/alpine/manifests/latest").await;
     assert_eq!(r.headers()["docker-content-digest"], first.as_str());
     assert_eq!(fake.hits("HEAD", "/manifests/latest"), 1);
-    assert_eq!(fake.hits("GET", "/manifests/"), 1, "unchanged tag: HEAD only");
+    assert_eq!(
+        fake.hits("GET", "/manifests/"),
+        1,
+        "unchanged tag: HEAD only"
+    );
     assert_eq!(
         hoard.metric(r#"hoard_cache_requests_total{kind="manifest",result="revalidated"}"#),
         1.0
@@ -60,9 +64,19 @@ async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
     let (digest, layer) = fake.put_image("library/alpine", "3", b"layer");
     let hoard = Hoard::start(&fake.url(), &[], short_ttl).await;
     assert_eq!(hoard.get("/v2/alpine/manifests/3").await.status(), 200);
-    assert_eq!(hoard.get(&format!("/v2/alpine/blobs/{layer}")).await.status(), 200);
+    assert_eq!(
+        hoard
+            .get(&format!("/v2/alpine/blobs/{layer}"))
+            .await
+            .status(),
+        200
+    );
 
-    for fault in [Fault::Status(500, None), Fault::Status(503, None), Fault::Status(429, Some(5))] {
+    for fault in [
+        Fault::Status(500, None),
+        Fault::Status(503, None),
+        Fault::Status(429, Some(5)),
+    ] {
         fake.clear_faults();
         fake.fault("/manifests/", fault);
         past_ttl().await;
@@ -79,10 +93,20 @@ async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
     fake.remove_manifest("library/alpine", "3");
     past_ttl().await;
     let r = hoard.get("/v2/alpine/manifests/3").await;
-    assert_eq!(r.status(), 404, "a tag upstream deleted is never served stale");
+    assert_eq!(
+        r.status(),
+        404,
+        "a tag upstream deleted is never served stale"
+    );
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     // By digest, the content itself is still there.
-    assert_eq!(hoard.get(&format!("/v2/alpine/manifests/{digest}")).await.status(), 200);
+    assert_eq!(
+        hoard
+            .get(&format!("/v2/alpine/manifests/{digest}"))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -95,7 +119,13 @@ async fn cached_image_stays_pullable_when_upstream_is_gone() {
     })
     .await;
     assert_eq!(hoard.get("/v2/alpine/manifests/3").await.status(), 200);
-    assert_eq!(hoard.get(&format!("/v2/alpine/blobs/{layer}")).await.status(), 200);
+    assert_eq!(
+        hoard
+            .get(&format!("/v2/alpine/blobs/{layer}"))
+            .await
+            .status(),
+        200
+    );
     drop(fake);
     past_ttl().await;
     let r = hoard.get("/v2/alpine/manifests/3").await;
@@ -107,7 +137,11 @@ async fn cached_image_stays_pullable_when_upstream_is_gone() {
     assert_eq!(r.status(), 502);
     assert_eq!(error_code(r).await, "UNAVAILABLE");
     let r = hoard.get("/v2/alpine/tags/list").await;
-    assert_eq!(r.status(), 200, "tags known locally are listed while upstream is down");
+    assert_eq!(
+        r.status(),
+        200,
+        "tags known locally are listed while upstream is down"
+    );
 }
 
 #[tokio::test]
@@ -120,7 +154,10 @@ async fn blob_with_wrong_digest_is_cut_and_never_kept() {
     let path = format!("/v2/x/blobs/{digest}");
     let r = hoard.get(&path).await;
     assert_eq!(r.status(), 200, "headers go out before the digest is known");
-    assert!(r.bytes().await.is_err(), "the client sees a cut connection, not a bad body");
+    assert!(
+        r.bytes().await.is_err(),
+        "the client sees a cut connection, not a bad body"
+    );
     assert_eq!(hoard.metric("hoard_digest_mismatches_total"), 1.0);
     assert_eq!(hoard.blob_files(), 0);
     assert_eq!(hoard.temp_files(), 0);
@@ -128,14 +165,21 @@ async fn blob_with_wrong_digest_is_cut_and_never_kept() {
     fake.clear_faults();
     let body = hoard.get(&path).await.bytes().await.unwrap();
     assert_eq!(digest_of(&body), digest);
-    assert_eq!(fake.hits("GET", "/blobs/"), 2, "the bad copy was not served from cache");
+    assert_eq!(
+        fake.hits("GET", "/blobs/"),
+        2,
+        "the bad copy was not served from cache"
+    );
 }
 
 #[tokio::test]
 async fn manifest_with_wrong_digest_is_refused() {
     let fake = Fake::start().await;
     let (digest, _) = fake.put_image("library/x", "1", b"x");
-    fake.fault("/manifests/", Fault::WrongBody(Bytes::from_static(b"{\"schemaVersion\":2}")));
+    fake.fault(
+        "/manifests/",
+        Fault::WrongBody(Bytes::from_static(b"{\"schemaVersion\":2}")),
+    );
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     let r = hoard.get(&format!("/v2/x/manifests/{digest}")).await;
     assert_eq!(r.status(), 502);
@@ -165,7 +209,10 @@ async fn stalled_body_is_abandoned_after_the_stall_timeout() {
     let fake = Fake::start().await;
     let digest = fake.put_blob("library/x", vec![1u8; 256 * 1024]);
     fake.fault("/blobs/", Fault::Slow(Duration::from_secs(3)));
-    let hoard = Hoard::start(&fake.url(), &[], |args| args.stall_timeout = Some("300ms".into())).await;
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.stall_timeout = Some("300ms".into())
+    })
+    .await;
     let r = hoard.get(&format!("/v2/x/blobs/{digest}")).await;
     assert!(r.bytes().await.is_err());
     assert_eq!(hoard.blob_files(), 0);
@@ -190,7 +237,13 @@ async fn content_cached_for_one_repository_needs_upstream_confirmation_for_anoth
     let digest = fake.put_blob("acme/private", secret.clone());
     fake.put_blob("acme/public", secret.clone());
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
-    assert_eq!(hoard.get(&format!("/v2/acme/private/blobs/{digest}")).await.status(), 200);
+    assert_eq!(
+        hoard
+            .get(&format!("/v2/acme/private/blobs/{digest}"))
+            .await
+            .status(),
+        200
+    );
 
     // Upstream says this repository does not have it: refused, even by digest.
     let r = hoard.get(&format!("/v2/acme/other/blobs/{digest}")).await;

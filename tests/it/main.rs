@@ -26,7 +26,11 @@ pub struct Hoard {
 
 impl Hoard {
     /// hoard with `docker.io` (and any `extra` HOST=URL) mapped to `upstream`.
-    pub async fn start(upstream: &str, extra: &[&str], tweak: impl FnOnce(&mut ServeArgs)) -> Hoard {
+    pub async fn start(
+        upstream: &str,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut ServeArgs),
+    ) -> Hoard {
         let data = tempfile::tempdir().unwrap();
         Hoard::start_in(data, upstream, extra, tweak).await
     }
@@ -74,7 +78,9 @@ impl Hoard {
 
     /// Shuts the daemon down, waits for it, and hands back its data dir.
     pub async fn stop(self) -> tempfile::TempDir {
-        let Hoard { data, stop, task, .. } = self;
+        let Hoard {
+            data, stop, task, ..
+        } = self;
         let _ = stop.send(());
         task.await.unwrap();
         data
@@ -97,7 +103,10 @@ impl Hoard {
         self.metrics
             .render()
             .lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 
@@ -113,7 +122,9 @@ impl Hoard {
 }
 
 fn count_files(dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| {
@@ -136,15 +147,26 @@ pub async fn raw_request(addr: SocketAddr, method: &str, target: &str) -> (u16, 
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// The registry error code of a JSON error body.
 pub async fn error_code(response: reqwest::Response) -> String {
-    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).expect("a JSON error body");
-    body["errors"][0]["code"].as_str().expect("an error code").to_owned()
+    let body: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).expect("a JSON error body");
+    body["errors"][0]["code"]
+        .as_str()
+        .expect("an error code")
+        .to_owned()
 }
 
 /// Polls `check` until it holds or `limit` passes.

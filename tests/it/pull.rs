@@ -12,7 +12,10 @@ async fn base_endpoint_answers_api_version() {
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     let r = hoard.get("/v2/").await;
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
     assert_eq!(r.text().await.unwrap(), "{}");
     assert_eq!(hoard.get("/healthz").await.status(), 200);
 }
@@ -23,24 +26,49 @@ async fn manifest_and_blob_are_fetched_once_then_served_from_cache() {
     let (manifest_digest, layer) = fake.put_image("library/alpine", "3.19", b"layer bytes");
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
 
-    for path in ["/v2/alpine/manifests/3.19", "/v2/library/alpine/manifests/3.19"] {
+    for path in [
+        "/v2/alpine/manifests/3.19",
+        "/v2/library/alpine/manifests/3.19",
+    ] {
         let r = hoard.get(path).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
-        assert_eq!(r.headers()["docker-content-digest"], manifest_digest.as_str());
-        assert_eq!(r.headers()["etag"], format!("\"{manifest_digest}\"").as_str());
-        let len: usize = r.headers()["content-length"].to_str().unwrap().parse().unwrap();
+        assert_eq!(
+            r.headers()["docker-content-digest"],
+            manifest_digest.as_str()
+        );
+        assert_eq!(
+            r.headers()["etag"],
+            format!("\"{manifest_digest}\"").as_str()
+        );
+        let len: usize = r.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         let body = r.bytes().await.unwrap();
         assert_eq!(body.len(), len);
         assert_eq!(digest_of(&body), manifest_digest);
     }
-    let by_digest = hoard.get(&format!("/v2/alpine/manifests/{manifest_digest}")).await;
+    let by_digest = hoard
+        .get(&format!("/v2/alpine/manifests/{manifest_digest}"))
+        .await;
     assert_eq!(by_digest.status(), 200);
     let head = hoard.head("/v2/alpine/manifests/3.19").await;
     assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["docker-content-digest"], manifest_digest.as_str());
+    assert_eq!(
+        head.headers()["docker-content-digest"],
+        manifest_digest.as_str()
+    );
     assert_eq!(head.headers()["content-type"], OCI_MANIFEST);
-    assert!(head.headers()["content-length"].to_str().unwrap().parse::<usize>().unwrap() > 0);
+    assert!(
+        head.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            > 0
+    );
 
     for _ in 0..3 {
         let r = hoard.get(&format!("/v2/alpine/blobs/{layer}")).await;
@@ -60,7 +88,10 @@ async fn manifest_and_blob_are_fetched_once_then_served_from_cache() {
         1.0
     );
     assert!(hoard.metric(r#"hoard_served_bytes_total{source="cache"}"#) >= 22.0);
-    assert_eq!(hoard.metric(r#"hoard_upstream_ratelimit_remaining{registry="docker.io"}"#), 42.0);
+    assert_eq!(
+        hoard.metric(r#"hoard_upstream_ratelimit_remaining{registry="docker.io"}"#),
+        42.0
+    );
     assert!(hoard.metric("hoard_store_bytes") > 0.0);
 }
 
@@ -71,7 +102,13 @@ async fn cache_survives_a_restart() {
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     assert_eq!(hoard.get("/v2/busybox/manifests/1").await.status(), 200);
     // Shutdown waits for the download this request started.
-    assert_eq!(hoard.get(&format!("/v2/busybox/blobs/{layer}")).await.status(), 200);
+    assert_eq!(
+        hoard
+            .get(&format!("/v2/busybox/blobs/{layer}"))
+            .await
+            .status(),
+        200
+    );
     let data = hoard.stop().await;
     let hoard = Hoard::start_in(data, &fake.url(), &[], |_| {}).await;
     let r = hoard.get(&format!("/v2/busybox/blobs/{layer}")).await;
@@ -90,21 +127,45 @@ async fn ranges_are_served_from_the_store() {
     let path = format!("/v2/r/blobs/{digest}");
     assert_eq!(hoard.get(&path).await.bytes().await.unwrap().len(), 10_000);
 
-    let r = hoard.client.get(hoard.url(&path)).header("range", "bytes=100-199").send().await.unwrap();
+    let r = hoard
+        .client
+        .get(hoard.url(&path))
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 100-199/10000");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[100..200]);
 
-    let r = hoard.client.get(hoard.url(&path)).header("range", "bytes=-10").send().await.unwrap();
+    let r = hoard
+        .client
+        .get(hoard.url(&path))
+        .header("range", "bytes=-10")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[9990..]);
 
-    let r = hoard.client.get(hoard.url(&path)).header("range", "bytes=10000-").send().await.unwrap();
+    let r = hoard
+        .client
+        .get(hoard.url(&path))
+        .header("range", "bytes=10000-")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */10000");
     assert_eq!(error_code(r).await, "RANGE_INVALID");
 
-    let r = hoard.client.get(hoard.url(&path)).header("range", "bytes=0-1,5-6").send().await.unwrap();
+    let r = hoard
+        .client
+        .get(hoard.url(&path))
+        .header("range", "bytes=0-1,5-6")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 416);
 
     let head = hoard.head(&path).await;
@@ -128,7 +189,9 @@ async fn ns_parameter_and_host_prefix_route_to_other_registries() {
     assert_eq!(r.headers()["docker-content-digest"], ghcr_digest.as_str());
     let r = hoard.get("/v2/ghcr.io/owner/app/manifests/1.0").await;
     assert_eq!(r.headers()["docker-content-digest"], ghcr_digest.as_str());
-    let r = hoard.get(&format!("/v2/ghcr.io/owner/app/blobs/{ghcr_layer}")).await;
+    let r = hoard
+        .get(&format!("/v2/ghcr.io/owner/app/blobs/{ghcr_layer}"))
+        .await;
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"from ghcr");
     assert_eq!(ghcr.hits("GET", "/v2/owner/app/manifests/1.0"), 1);
 
@@ -162,10 +225,14 @@ async fn unknown_content_is_a_registry_404() {
     let r = hoard.get("/v2/alpine/manifests/nope").await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
-    let r = hoard.get(&format!("/v2/alpine/blobs/{}", digest_of(b"nope"))).await;
+    let r = hoard
+        .get(&format!("/v2/alpine/blobs/{}", digest_of(b"nope")))
+        .await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
-    let r = hoard.head(&format!("/v2/alpine/blobs/{}", digest_of(b"nope"))).await;
+    let r = hoard
+        .head(&format!("/v2/alpine/blobs/{}", digest_of(b"nope")))
+        .await;
     assert_eq!(r.status(), 404);
     assert_eq!(hoard.blob_files(), 0);
 }
@@ -176,17 +243,42 @@ async fn malformed_requests_get_json_errors_and_write_nothing() {
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     let cases = [
         ("GET", "/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/%2e%2e/%2e%2e/etc/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/a/../../etc/passwd/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/a/%2F..%2F/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/alpine/blobs/..%2f..%2fetc%2fpasswd", 400, "NAME_INVALID"),
+        (
+            "GET",
+            "/v2/%2e%2e/%2e%2e/etc/manifests/latest",
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/a/../../etc/passwd/manifests/latest",
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/a/%2F..%2F/manifests/latest",
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/alpine/blobs/..%2f..%2fetc%2fpasswd",
+            400,
+            "NAME_INVALID",
+        ),
         ("GET", "/v2/alpine/blobs/sha256:1234", 400, "DIGEST_INVALID"),
         ("GET", "/v2/alpine/blobs/sha512:1234", 400, "DIGEST_INVALID"),
         ("GET", "/v2/alpine/manifests/-bad", 400, "TAG_INVALID"),
         ("GET", "/v2/nothing-here", 404, "UNSUPPORTED"),
         ("POST", "/v2/alpine/blobs/uploads/", 405, "UNSUPPORTED"),
         ("PUT", "/v2/alpine/manifests/latest", 405, "UNSUPPORTED"),
-        ("DELETE", &format!("/v2/alpine/blobs/{}", digest_of(b"x")), 405, "UNSUPPORTED"),
+        (
+            "DELETE",
+            &format!("/v2/alpine/blobs/{}", digest_of(b"x")),
+            405,
+            "UNSUPPORTED",
+        ),
         ("GET", "/v2/_catalog", 405, "UNSUPPORTED"),
     ];
     for (method, path, status, code) in cases {
@@ -197,7 +289,11 @@ async fn malformed_requests_get_json_errors_and_write_nothing() {
     }
     let long = format!("/v2/{}/manifests/latest", "a".repeat(300));
     assert_eq!(error_code(hoard.get(&long).await).await, "NAME_INVALID");
-    assert!(fake.all_hits().is_empty(), "nothing reached upstream: {:?}", fake.all_hits());
+    assert!(
+        fake.all_hits().is_empty(),
+        "nothing reached upstream: {:?}",
+        fake.all_hits()
+    );
     assert_eq!(hoard.blob_files(), 0);
 }
 
@@ -209,7 +305,10 @@ async fn every_accept_line_is_forwarded_and_partial_accept_does_not_rewrite_the_
     let r = hoard
         .client
         .get(hoard.url("/v2/a/manifests/1"))
-        .header("accept", "application/vnd.docker.distribution.manifest.v2+json")
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
         .header("accept", "application/vnd.oci.image.manifest.v1+json")
         .send()
         .await

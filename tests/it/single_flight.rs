@@ -80,7 +80,11 @@ async fn first_bytes_reach_every_client_before_the_download_ends() {
             .unwrap();
         got.extend_from_slice(&chunk);
     }
-    assert_eq!(hoard.blob_files(), 0, "nothing is committed before the download ends");
+    assert_eq!(
+        hoard.blob_files(),
+        0,
+        "nothing is committed before the download ends"
+    );
     gate.notify_one();
     for (r, got) in [(&mut first, &mut got_first), (&mut second, &mut got_second)] {
         while let Some(chunk) = r.chunk().await.unwrap() {
@@ -123,7 +127,9 @@ async fn concurrent_manifest_requests_make_one_upstream_get() {
     let mut clients = Vec::new();
     for _ in 0..20 {
         let hoard = hoard.clone();
-        clients.push(tokio::spawn(async move { hoard.get("/v2/m/manifests/1").await.status() }));
+        clients.push(tokio::spawn(async move {
+            hoard.get("/v2/m/manifests/1").await.status()
+        }));
     }
     for c in clients {
         assert_eq!(c.await.unwrap(), 200);

@@ -39,7 +39,11 @@ pub fn require_tool(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible.
@@ -108,7 +112,10 @@ pub fn layer(files: &[(&str, Vec<u8>, u32)]) -> Layer {
         let mut h = tar::Header::new_gnu();
         h.set_mtime(1_700_000_000);
         h.set_mode(*mode);
-        if let Some(target) = std::str::from_utf8(content).ok().and_then(|c| c.strip_prefix("->")) {
+        if let Some(target) = std::str::from_utf8(content)
+            .ok()
+            .and_then(|c| c.strip_prefix("->"))
+        {
             h.set_entry_type(tar::EntryType::Symlink);
             h.set_size(0);
             tar.append_link(&mut h, path, target).unwrap();
@@ -137,13 +144,18 @@ pub fn layer(files: &[(&str, Vec<u8>, u32)]) -> Layer {
 /// A root filesystem with busybox-static as /bin/busybox and `sh`, `echo`
 /// links: runnable by dockerd and containerd.
 pub fn busybox_layer() -> Layer {
-    let busybox = std::fs::read("/bin/busybox")
-        .unwrap_or_else(|_| panic!("/bin/busybox is missing: apt-get install busybox-static (scripts/test.sh does)"));
+    let busybox = std::fs::read("/bin/busybox").unwrap_or_else(|_| {
+        panic!("/bin/busybox is missing: apt-get install busybox-static (scripts/test.sh does)")
+    });
     layer(&[
         ("bin/busybox", busybox, 0o755),
         ("bin/sh", b"->busybox".to_vec(), 0o777),
         ("bin/echo", b"->busybox".to_vec(), 0o777),
-        ("etc/hoard-release", b"built by hoard's tests\n".to_vec(), 0o644),
+        (
+            "etc/hoard-release",
+            b"built by hoard's tests\n".to_vec(),
+            0o644,
+        ),
     ])
 }
 
@@ -277,7 +289,12 @@ impl Pusher {
             .body(manifest.data.clone())
             .send()
             .unwrap();
-        assert_eq!(r.status(), 201, "push manifest {name}:{reference}: {}", r.text().unwrap_or_default());
+        assert_eq!(
+            r.status(),
+            201,
+            "push manifest {name}:{reference}: {}",
+            r.text().unwrap_or_default()
+        );
     }
 
     /// Pushes an image's blobs and manifest; tags it if `tag` is given.
@@ -285,7 +302,9 @@ impl Pusher {
         for blob in image.layers.iter().chain([&image.config]) {
             self.blob(name, blob);
         }
-        let reference = tag.map(str::to_owned).unwrap_or_else(|| image.manifest.digest());
+        let reference = tag
+            .map(str::to_owned)
+            .unwrap_or_else(|| image.manifest.digest());
         self.manifest(name, &reference, &image.manifest);
     }
 
@@ -338,14 +357,22 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited with {status} while starting:\n{}", self.name, self.log_text());
+                panic!(
+                    "{} exited with {status} while starting:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             if client.get(url).send().is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("{} did not answer on {url}:\n{}", self.name, self.log_text());
+        panic!(
+            "{} did not answer on {url}:\n{}",
+            self.name,
+            self.log_text()
+        );
     }
 }
 
@@ -408,7 +435,10 @@ impl Distribution {
         self.daemon
             .log_text()
             .lines()
-            .filter_map(|line| line.split_once("] \"").map(|(_, rest)| rest.split('"').next().unwrap_or("").to_owned()))
+            .filter_map(|line| {
+                line.split_once("] \"")
+                    .map(|(_, rest)| rest.split('"').next().unwrap_or("").to_owned())
+            })
             .collect()
     }
 
@@ -440,7 +470,9 @@ impl HoardProcess {
             .arg("--data-dir")
             .arg(data.path().join("store"))
             .arg("--upstream")
-            .arg(format!("docker.io={upstream},ghcr.io={upstream},quay.io={upstream}"))
+            .arg(format!(
+                "docker.io={upstream},ghcr.io={upstream},quay.io={upstream}"
+            ))
             .args(extra_args)
             .env_remove("HOARD_CONFIG");
         let mut daemon = Daemon::spawn("hoard", &mut command, data.path().join("hoard.log"));
@@ -463,14 +495,19 @@ impl HoardProcess {
     pub fn metric(&self, series: &str) -> f64 {
         self.metrics()
             .lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 }
 
 /// Runs a client command, failing the test with its output if it fails.
 pub fn run(command: &mut Command) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         panic!(
