@@ -16,11 +16,13 @@ use super::fill::{Fill, FillState};
 use super::stream::{self, ByteStream};
 use super::{Inner, Outcome};
 use crate::reference::{Digest, Repository};
-use crate::store::{self, BlobWriter, StoredBlob};
+use crate::store::{self, BlobWriter, StoredBlob, VerifiedBlob};
 use crate::upstream;
 
 /// Chunks queued between the network and the writer thread.
 const WRITE_QUEUE: usize = 16;
+/// Bytes written between two progress notifications while data keeps coming.
+const PUBLISH_EVERY: u64 = 1 << 20;
 
 /// Downloads in progress, by digest.
 #[derive(Default)]
@@ -62,21 +64,15 @@ impl Blob {
             Some((start, end)) => (start, Some(end)),
             None => (0, self.len),
         };
+        let source = if self.outcome == Outcome::Hit {
+            "cache"
+        } else {
+            "upstream"
+        };
+        let served = self.served.with_label_values(&[source]);
         match self.source {
-            Source::Stored(blob) => stream::spawn(
-                Arc::new(blob.file),
-                start,
-                end,
-                None,
-                self.served.with_label_values(&["cache"]),
-            ),
-            Source::Filling(fill) => stream::spawn(
-                fill.file(),
-                start,
-                end,
-                Some(fill),
-                self.served.with_label_values(&["upstream"]),
-            ),
+            Source::Stored(blob) => stream::spawn(Arc::new(blob.file), start, end, None, served),
+            Source::Filling(fill) => stream::spawn(fill.file(), start, end, Some(fill), served),
         }
     }
 }
@@ -100,7 +96,7 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                 // when neither shows the blob.
                 let mut fills = inner.fills.map.lock().expect("fills lock");
                 if let Some(fill) = fills.get(digest) {
-                    if confirmed || fill.repo() == repo {
+                    if confirmed || fill.repo() == repo || inner.store.is_linked(repo, digest)? {
                         Step::Join(fill.clone())
                     } else {
                         Step::Confirm
@@ -128,8 +124,15 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                 (Source::Stored(blob), Outcome::Hit, len)
             }
             Step::Join(fill) => {
+                // A verified download still being committed is as good as
+                // stored: a hit.
+                let outcome = if fill.is_complete() {
+                    Outcome::Hit
+                } else {
+                    Outcome::Coalesced
+                };
                 let len = fill.started().await?;
-                (Source::Filling(fill), Outcome::Coalesced, len)
+                (Source::Filling(fill), outcome, len)
             }
             Step::Lead(fill) => {
                 let len = fill.started().await?;
@@ -208,7 +211,9 @@ fn stored(
     Ok(inner.store.open_blob(digest)?.map(Step::Stored))
 }
 
-/// The download task: fetch, verify, commit, then leave the map.
+/// The download task: fetch and verify (then readers may finish), commit,
+/// then leave the map. Readers do not wait for the fsync: they are served
+/// from the verified temp file, which stays valid across the rename.
 async fn run(
     inner: Arc<Inner>,
     repo: Repository,
@@ -218,19 +223,34 @@ async fn run(
 ) {
     inner.metrics.inflight_fetches.inc();
     let started = Instant::now();
-    let result = download(&inner, &repo, &digest, &fill, writer).await;
-    match result {
-        Ok(len) => {
-            inner
-                .metrics
-                .fetch_duration
-                .observe(started.elapsed().as_secs_f64());
-            inner
-                .metrics
-                .store_bytes
-                .set(inner.store.size_bytes() as i64);
-            debug!(repository = %repo, %digest, bytes = len, "blob cached");
-            fill.set(FillState::Complete { len });
+    match download(&inner, &repo, &digest, &fill, writer).await {
+        Ok(verified) => {
+            fill.set(FillState::Complete {
+                len: verified.size(),
+            });
+            let store = inner.store.clone();
+            let committed = tokio::task::spawn_blocking(move || store.commit(verified, None)).await;
+            match committed {
+                Ok(Ok(meta)) => {
+                    let linked = inner.store.link(&repo, &digest);
+                    if let Err(e) = linked {
+                        warn!(repository = %repo, %digest, error = %e, "cannot link blob");
+                    }
+                    inner
+                        .metrics
+                        .fetch_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    inner
+                        .metrics
+                        .store_bytes
+                        .set(inner.store.size_bytes() as i64);
+                    debug!(repository = %repo, %digest, bytes = meta.size, "blob cached");
+                }
+                Ok(Err(e)) => {
+                    warn!(repository = %repo, %digest, error = %e, "blob served but not cached")
+                }
+                Err(e) => warn!(repository = %repo, %digest, error = %e, "blob commit task failed"),
+            }
         }
         Err(e) => {
             if let Error::DigestMismatch { .. } = e {
@@ -254,7 +274,7 @@ async fn download(
     digest: &Digest,
     fill: &Arc<Fill>,
     mut writer: BlobWriter,
-) -> Result<u64> {
+) -> Result<VerifiedBlob> {
     let mut response = inner
         .upstream
         .get_blob(repo, digest)
@@ -268,9 +288,15 @@ async fn download(
     let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
     let progress = fill.clone();
     let writing = tokio::task::spawn_blocking(move || -> store::Result<BlobWriter> {
+        let mut published = 0;
         while let Some(chunk) = rx.blocking_recv() {
             writer.write(&chunk)?;
-            progress.advance(writer.written());
+            // Wake readers per batch, not per network chunk: each wake-up
+            // costs every reader a read, and network chunks are small.
+            if rx.is_empty() || writer.written() - published >= PUBLISH_EVERY {
+                published = writer.written();
+                progress.advance(published);
+            }
         }
         Ok(writer)
     });
@@ -306,23 +332,14 @@ async fn download(
             ),
         }));
     }
-    let store = inner.store.clone();
-    let expected = digest.clone();
-    let committed =
-        tokio::task::spawn_blocking(move || store.commit(writer, &expected, None)).await?;
-    let meta = match committed {
-        Ok(meta) => meta,
-        Err(store::Error::DigestMismatch { actual, .. }) => {
-            return Err(Error::DigestMismatch {
-                repo: repo.clone(),
-                expected: digest.clone(),
-                actual,
-            })
-        }
-        Err(e) => return Err(e.into()),
-    };
-    inner.store.link(repo, digest)?;
-    Ok(meta.size)
+    writer.verify(digest).map_err(|e| match e {
+        store::Error::DigestMismatch { actual, .. } => Error::DigestMismatch {
+            repo: repo.clone(),
+            expected: digest.clone(),
+            actual,
+        },
+        e => e.into(),
+    })
 }
 
 fn blob_error(e: upstream::Error, repo: &Repository, digest: &Digest) -> Error {

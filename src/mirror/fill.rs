@@ -65,6 +65,12 @@ impl Fill {
         });
     }
 
+    /// Whether the content is complete and verified (only the commit to the
+    /// store may still be running).
+    pub fn is_complete(&self) -> bool {
+        matches!(*self.state.borrow(), FillState::Complete { .. })
+    }
+
     /// A receiver readers pass to `readable`.
     pub fn subscribe(&self) -> watch::Receiver<FillState> {
         self.state.subscribe()

@@ -75,19 +75,12 @@ impl BlobFiles {
         })
     }
 
-    /// Verifies, fsyncs and renames a finished temp file into place.
-    /// Blocking: call from a blocking thread.
-    pub fn commit(&self, mut writer: BlobWriter, expected: &Digest) -> Result<u64> {
-        let actual = Digest::from_hasher(std::mem::take(&mut writer.hasher));
-        if &actual != expected {
-            return Err(Error::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-                size: writer.written,
-            });
-        }
+    /// Makes verified content durable and visible: fsync, rename into place,
+    /// fsync the directory. Blocking: call from a blocking thread.
+    pub fn commit(&self, verified: VerifiedBlob) -> Result<u64> {
+        let VerifiedBlob { mut writer, digest } = verified;
         let temp = writer.temp.take().expect("temp path present until commit");
-        let dest = self.path(expected);
+        let dest = self.path(&digest);
         let result = (|| {
             writer.file.sync_all().map_err(|e| Error::io(&temp, e))?;
             let dir = dest.parent().expect("blob path has a parent");
@@ -125,6 +118,23 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Checks the content against `expected`. Only verified content can be
+    /// committed; a mismatch drops (deletes) the temp file.
+    pub fn verify(mut self, expected: &Digest) -> Result<VerifiedBlob> {
+        let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        if &actual != expected {
+            return Err(Error::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+                size: self.written,
+            });
+        }
+        Ok(VerifiedBlob {
+            writer: self,
+            digest: actual,
+        })
+    }
+
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
@@ -134,6 +144,26 @@ impl BlobWriter {
     /// it stays valid across the rename.
     pub fn file(&self) -> Arc<File> {
         self.file.clone()
+    }
+}
+
+/// A temp file whose content matched its digest, not yet in place.
+/// Dropping it deletes the file.
+#[derive(Debug)]
+pub struct VerifiedBlob {
+    writer: BlobWriter,
+    digest: Digest,
+}
+
+impl VerifiedBlob {
+    /// The digest the content matched.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.writer.written
     }
 }
 

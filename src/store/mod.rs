@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use blobs::BlobWriter;
+pub use blobs::{BlobWriter, VerifiedBlob};
 pub use error::{Error, Result};
 pub use index::{BlobMeta, TagRecord};
 
@@ -87,23 +87,19 @@ impl Store {
         self.files.create_temp()
     }
 
-    /// Verifies `writer`'s content against `digest`, makes it durable and
-    /// visible, then records it in the index (file first, so the index never
-    /// points at a missing file). A mismatch deletes the temp file. Blocking.
-    pub fn commit(
-        &self,
-        writer: BlobWriter,
-        digest: &Digest,
-        media_type: Option<String>,
-    ) -> Result<BlobMeta> {
-        let size = self.files.commit(writer, digest)?;
+    /// Makes verified content durable and visible, then records it in the
+    /// index (file first, so the index never points at a missing file).
+    /// Blocking.
+    pub fn commit(&self, verified: VerifiedBlob, media_type: Option<String>) -> Result<BlobMeta> {
+        let digest = verified.digest().clone();
+        let size = self.files.commit(verified)?;
         let meta = BlobMeta {
             size,
             media_type,
             last_access: unix_secs(),
         };
-        let previous = self.index.blob(digest)?;
-        self.index.put_blob(digest, &meta)?;
+        let previous = self.index.blob(&digest)?;
+        self.index.put_blob(&digest, &meta)?;
         self.index.flush()?;
         if previous.is_none() {
             self.bytes.fetch_add(size, Ordering::Relaxed);
@@ -121,7 +117,7 @@ impl Store {
     ) -> Result<BlobMeta> {
         let mut writer = self.create_temp()?;
         writer.write(data)?;
-        self.commit(writer, digest, media_type)
+        self.commit(writer.verify(digest)?, media_type)
     }
 
     /// Whether `repo` was seen upstream to contain `digest`.
@@ -194,7 +190,7 @@ mod tests {
         let mut w = store.create_temp().unwrap();
         w.write(&data[..5]).unwrap();
         w.write(&data[5..]).unwrap();
-        let meta = store.commit(w, &digest, None).unwrap();
+        let meta = store.commit(w.verify(&digest).unwrap(), None).unwrap();
         assert_eq!(meta.size, data.len() as u64);
         let blob = store.open_blob(&digest).unwrap().unwrap();
         assert_eq!(std::io::read_to_string(blob.file).unwrap().as_bytes(), data);
@@ -207,7 +203,7 @@ mod tests {
         let claimed = Digest::of(b"the real content");
         let mut w = store.create_temp().unwrap();
         w.write(b"something else").unwrap();
-        let err = store.commit(w, &claimed, None).unwrap_err();
+        let err = w.verify(&claimed).unwrap_err();
         assert!(matches!(err, Error::DigestMismatch { .. }));
         assert!(store.open_blob(&claimed).unwrap().is_none());
         assert_eq!(

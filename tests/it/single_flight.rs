@@ -50,9 +50,17 @@ async fn fifty_concurrent_pulls_of_a_cold_50mib_blob_make_one_upstream_get() {
         assert_eq!(client.await.unwrap(), digest);
     }
     assert_eq!(fake.hits("GET", "/blobs/"), 1, "{:?}", fake.all_hits());
-    let miss = hoard.metric(r#"hoard_cache_requests_total{kind="blob",result="miss"}"#);
-    let coalesced = hoard.metric(r#"hoard_cache_requests_total{kind="blob",result="coalesced"}"#);
-    assert_eq!((miss, coalesced), (1.0, 49.0));
+    let result = |r: &str| {
+        hoard.metric(&format!(
+            r#"hoard_cache_requests_total{{kind="blob",result="{r}"}}"#
+        ))
+    };
+    assert_eq!(result("miss"), 1.0);
+    assert!(
+        result("coalesced") >= 1.0,
+        "requests joined the download in flight"
+    );
+    assert_eq!(result("coalesced") + result("hit"), 49.0);
     assert_eq!(hoard.metric("hoard_inflight_fetches"), 0.0);
     assert_eq!(hoard.temp_files(), 0);
 }
