@@ -99,11 +99,11 @@ impl Daemon {
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
-        // Downloads are detached from clients; give them the grace period
-        // too. One still running after it leaves only a temp file, which
-        // the next start removes.
+        // Downloads are detached from clients: give them the grace period
+        // too, then cancel them (their temp files are deleted; a crash
+        // instead leaves them to the next start, which removes them).
         if !self.app.mirror.drain(grace).await {
-            tracing::warn!("blob downloads still running at shutdown were abandoned");
+            tracing::warn!("blob downloads still running after the grace period were cancelled");
         }
         if let Err(e) = self.app.mirror.flush() {
             tracing::error!(error = %e, "index flush failed");

@@ -44,14 +44,20 @@ impl Accept {
     }
 
     /// The `Accept` value sent upstream: everything the client listed (one
-    /// joined list, so no line is lost), or every known type if it listed
-    /// nothing.
+    /// joined list, so no line is lost). A client that lists nothing or
+    /// `*/*` gets every known manifest type named explicitly first:
+    /// distribution answers 404 for an OCI manifest unless its type is named.
     pub fn upstream_header(&self) -> String {
-        if self.types.is_empty() {
-            MANIFEST_MEDIA_TYPES.join(", ")
-        } else {
-            self.types.join(", ")
+        let mut types: Vec<&str> = Vec::new();
+        if self.types.is_empty() || self.wildcard {
+            types.extend(MANIFEST_MEDIA_TYPES);
         }
+        for t in &self.types {
+            if !types.contains(&t.as_str()) {
+                types.push(t);
+            }
+        }
+        types.join(", ")
     }
 }
 
@@ -79,6 +85,12 @@ mod tests {
         assert_eq!(empty.upstream_header(), MANIFEST_MEDIA_TYPES.join(", "));
         let star = Accept::parse(["application/vnd.oci.image.manifest.v1+json, */*"]);
         assert!(star.is_complete() && star.allows("x/y"));
+        let header = star.upstream_header();
+        assert!(
+            MANIFEST_MEDIA_TYPES.iter().all(|t| header.contains(t)),
+            "{header}"
+        );
+        assert!(header.ends_with("*/*"));
     }
 
     #[test]

@@ -27,12 +27,60 @@ const PUBLISH_EVERY: u64 = 1 << 20;
 /// Downloads in progress, by digest.
 #[derive(Default)]
 pub(super) struct Fills {
-    map: Mutex<HashMap<Digest, Arc<Fill>>>,
+    map: Mutex<HashMap<Digest, Running>>,
+}
+
+struct Running {
+    fill: Arc<Fill>,
+    task: tokio::task::AbortHandle,
 }
 
 impl Fills {
     pub(super) fn is_empty(&self) -> bool {
         self.map.lock().expect("fills lock").is_empty()
+    }
+
+    fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.map
+            .lock()
+            .expect("fills lock")
+            .get(digest)
+            .map(|r| r.fill.clone())
+    }
+
+    /// Cancels every download (shutdown past its grace period): temp files
+    /// are deleted and readers get a cut connection.
+    pub(super) fn abort_all(&self) {
+        for running in self.map.lock().expect("fills lock").values() {
+            running.task.abort();
+        }
+    }
+}
+
+/// Ends a fill however its task ends (finished, failed or aborted): readers
+/// are told, the map entry goes, the gauge comes down.
+struct FillGuard {
+    inner: Arc<Inner>,
+    digest: Digest,
+    fill: Arc<Fill>,
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if !self.fill.is_finished() {
+            self.fill.set(FillState::Failed(Error::Internal(
+                "download cancelled".into(),
+            )));
+        }
+        let mut fills = self.inner.fills.map.lock().expect("fills lock");
+        if fills
+            .get(&self.digest)
+            .is_some_and(|r| Arc::ptr_eq(&r.fill, &self.fill))
+        {
+            fills.remove(&self.digest);
+        }
+        drop(fills);
+        self.inner.metrics.inflight_fetches.dec();
     }
 }
 
@@ -95,7 +143,7 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                 // commits before it leaves the map, so there is no moment
                 // when neither shows the blob.
                 let mut fills = inner.fills.map.lock().expect("fills lock");
-                if let Some(fill) = fills.get(digest) {
+                if let Some(fill) = fills.get(digest).map(|r| r.fill.clone()) {
                     if confirmed || fill.repo() == repo || inner.store.is_linked(repo, digest)? {
                         Step::Join(fill.clone())
                     } else {
@@ -106,14 +154,22 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                 } else {
                     let writer = inner.store.create_temp()?;
                     let fill = Arc::new(Fill::new(repo.clone(), writer.file()));
-                    fills.insert(digest.clone(), fill.clone());
-                    tokio::spawn(run(
+                    // Spawned under the lock: the task cannot end (and
+                    // remove its entry) before the entry exists.
+                    let task = tokio::spawn(run(
                         inner.clone(),
                         repo.clone(),
                         digest.clone(),
                         fill.clone(),
                         writer,
                     ));
+                    fills.insert(
+                        digest.clone(),
+                        Running {
+                            fill: fill.clone(),
+                            task: task.abort_handle(),
+                        },
+                    );
                     Step::Lead(fill)
                 }
             }
@@ -172,13 +228,7 @@ pub(super) async fn head(
             return Ok((Some(meta.size), Outcome::Hit));
         }
     }
-    let fill = inner
-        .fills
-        .map
-        .lock()
-        .expect("fills lock")
-        .get(digest)
-        .cloned();
+    let fill = inner.fills.get(digest);
     if let Some(fill) = fill.filter(|f| f.repo() == repo) {
         return Ok((fill.started().await?, Outcome::Coalesced));
     }
@@ -222,6 +272,11 @@ async fn run(
     writer: BlobWriter,
 ) {
     inner.metrics.inflight_fetches.inc();
+    let _guard = FillGuard {
+        inner: inner.clone(),
+        digest: digest.clone(),
+        fill: fill.clone(),
+    };
     let started = Instant::now();
     match download(&inner, &repo, &digest, &fill, writer).await {
         Ok(verified) => {
@@ -260,12 +315,6 @@ async fn run(
             fill.set(FillState::Failed(e));
         }
     }
-    let mut fills = inner.fills.map.lock().expect("fills lock");
-    if fills.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &fill)) {
-        fills.remove(&digest);
-    }
-    drop(fills);
-    inner.metrics.inflight_fetches.dec();
 }
 
 async fn download(

@@ -71,6 +71,14 @@ impl Fill {
         matches!(*self.state.borrow(), FillState::Complete { .. })
     }
 
+    /// Whether the fill reached its end, good or bad.
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            *self.state.borrow(),
+            FillState::Complete { .. } | FillState::Failed(_)
+        )
+    }
+
     /// A receiver readers pass to `readable`.
     pub fn subscribe(&self) -> watch::Receiver<FillState> {
         self.state.subscribe()

@@ -183,11 +183,13 @@ impl Mirror {
     }
 
     /// Waits (at most `limit`) for blob downloads in progress to end, so a
-    /// shutdown does not throw away work a moment from done.
+    /// shutdown does not throw away work a moment from done; cancels the
+    /// rest (their temp files are deleted, never promoted).
     pub async fn drain(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while !self.inner.fills.is_empty() {
             if tokio::time::Instant::now() >= deadline {
+                self.inner.fills.abort_all();
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -106,6 +106,8 @@ pub struct AccessLog {
     pub status: u16,
     pub result: &'static str,
     pub started: Instant,
+    /// `Content-Length`: hyper stops polling once that much is sent.
+    pub expected: Option<u64>,
     bytes: u64,
     complete: bool,
     failed: bool,
@@ -126,6 +128,7 @@ impl AccessLog {
             status,
             result,
             started,
+            expected: None,
             bytes: 0,
             complete: false,
             failed: false,
@@ -137,7 +140,7 @@ impl Drop for AccessLog {
     fn drop(&mut self) {
         let end = if self.failed {
             "failed"
-        } else if self.complete {
+        } else if self.complete || self.expected == Some(self.bytes) {
             "complete"
         } else {
             "aborted"

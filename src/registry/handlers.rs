@@ -75,7 +75,12 @@ pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Resp
         .http_duration
         .with_label_values(&[label])
         .observe(started.elapsed().as_secs_f64());
-    let log = AccessLog::new(method, path, status.as_u16(), result, started);
+    let mut log = AccessLog::new(method, path, status.as_u16(), result, started);
+    log.expected = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     response.map(|body| body.logged(log))
 }
 

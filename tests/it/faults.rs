@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::fake::{digest_of, Fake, Fault};
-use crate::{error_code, Hoard};
+use crate::{count_files, error_code, Hoard};
 
 fn short_ttl(args: &mut hoard::config::ServeArgs) {
     args.tag_ttl = Some("100ms".into());
@@ -259,4 +259,43 @@ async fn content_cached_for_one_repository_needs_upstream_confirmation_for_anoth
     // And linked from then on.
     hoard.get(&format!("/v2/acme/public/blobs/{digest}")).await;
     assert_eq!(fake.hits("HEAD", "/v2/acme/public/blobs/"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_download_cuts_cleanly_and_promotes_nothing() {
+    let fake = Fake::start().await;
+    let digest = fake.put_blob("library/x", vec![5u8; 1 << 20]);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    fake.fault("/blobs/", Fault::Gate(gate.clone()));
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.shutdown_timeout = Some("300ms".into());
+    })
+    .await;
+    let path = format!("/v2/x/blobs/{digest}");
+    let mut r = hoard.get(&path).await;
+    r.chunk().await.unwrap().unwrap();
+    assert_eq!(hoard.temp_files(), 1, "the download is in progress");
+
+    // Upstream never finishes within the grace period: the client is cut,
+    // the download cancelled, its temp file deleted.
+    let data = hoard.stop().await;
+    let rest = loop {
+        match r.chunk().await {
+            Ok(Some(_)) => continue,
+            end => break end,
+        }
+    };
+    assert!(
+        rest.is_err(),
+        "the client sees a cut connection, not an end"
+    );
+    assert_eq!(count_files(&data.path().join("tmp")), 0);
+    assert_eq!(count_files(&data.path().join("blobs")), 0);
+
+    // A restart serves a fresh, complete download.
+    gate.notify_one();
+    fake.clear_faults();
+    let hoard = Hoard::start_in(data, &fake.url(), &[], |_| {}).await;
+    let body = hoard.get(&path).await.bytes().await.unwrap();
+    assert_eq!(digest_of(&body), digest);
 }

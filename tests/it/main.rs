@@ -121,7 +121,8 @@ impl Hoard {
     }
 }
 
-fn count_files(dir: &std::path::Path) -> usize {
+/// Files below `dir`, recursively.
+pub fn count_files(dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

@@ -1,0 +1,157 @@
+//! The real `hoard` binary as an operator runs it: no config file, JSON logs,
+//! a separate metrics listener, SIGTERM.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn wait_exit(daemon: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hoard did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn runs_without_a_config_file_and_stops_cleanly_on_sigterm() {
+    let cwd = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = cwd.path().join("hoard.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hoard"))
+        .current_dir(cwd.path())
+        .env_remove("HOARD_DATA_DIR")
+        .env_remove("HOARD_CONFIG")
+        .env("HOARD_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v2/");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let response = loop {
+        if let Ok(r) = client.get(&url).send() {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hoard did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
+    assert!(
+        cwd.path().join("hoard-data/index").is_dir(),
+        "embedded default data dir"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("docker.io=https://registry-1.docker.io/"),
+        "{text}"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("stopped"));
+}
+
+#[test]
+fn json_access_log_has_one_line_per_request_and_no_authorization() {
+    let upstream = Distribution::start();
+    let image = image(
+        Format::Oci,
+        "amd64",
+        &[layer(&[("x", b"x".to_vec(), 0o644)])],
+    );
+    Pusher::new(&upstream.url()).image("library/logged", Some("1"), &image);
+    let metrics_port = free_port();
+    let hoard = HoardProcess::start(
+        &upstream.url(),
+        &[
+            "--log-format",
+            "json",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+    );
+    let client = reqwest::blocking::Client::new();
+    let base = format!("http://{}", hoard.addr());
+    let canary = "Bearer canary-secret-4f1c";
+    for path in [
+        "/v2/library/logged/manifests/1".to_owned(),
+        format!("/v2/library/logged/blobs/{}", image.layers[0].digest()),
+    ] {
+        let r = client
+            .get(format!("{base}{path}"))
+            .header("authorization", canary)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().unwrap();
+    }
+    // The metrics listener serves metrics and nothing else.
+    let metrics = client
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .unwrap();
+    assert!(metrics
+        .text()
+        .unwrap()
+        .contains("hoard_cache_requests_total"));
+    let other = client
+        .get(format!(
+            "http://127.0.0.1:{metrics_port}/v2/library/logged/manifests/1"
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(other.status(), 404);
+
+    std::thread::sleep(Duration::from_millis(200));
+    let log = hoard.daemon.log_text();
+    assert!(
+        !log.contains("canary-secret"),
+        "authorization leaked into the log:\n{log}"
+    );
+    let requests: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+        })
+        .filter(|v| v["fields"]["message"] == "request")
+        .collect();
+    let manifest = requests
+        .iter()
+        .find(|v| v["fields"]["path"] == "/v2/library/logged/manifests/1")
+        .expect("a line for the manifest request");
+    assert_eq!(manifest["fields"]["status"], 200);
+    assert_eq!(manifest["fields"]["cache"], "miss");
+    assert_eq!(manifest["fields"]["method"], "GET");
+    assert!(manifest["fields"]["bytes"].as_u64().unwrap() > 0);
+    assert!(manifest["fields"]["duration_ms"].as_f64().is_some());
+    let blob = requests
+        .iter()
+        .find(|v| v["fields"]["path"].as_str().unwrap().contains("/blobs/"))
+        .expect("a line for the blob request");
+    assert_eq!(blob["fields"]["body"], "complete");
+}
