@@ -11,10 +11,15 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::error::{Error, Result};
+use super::{read_bounded, ReadError};
 use crate::config::Credentials;
 
 /// Token lifetime when the token server does not say (the spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest token response read.
+const MAX_TOKEN_RESPONSE: u64 = 1024 * 1024;
+/// A token response that sends nothing for this long has failed.
+const TOKEN_STALL: Duration = Duration::from_secs(30);
 /// Tokens are dropped this long before they expire.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 
@@ -264,9 +269,9 @@ async fn fetch_token(
     if let Some(Credentials::Basic { username, password }) = credentials {
         request = request.basic_auth(username, Some(password));
     }
-    let response = request
-        .send()
+    let response = tokio::time::timeout(TOKEN_STALL, request.send())
         .await
+        .map_err(|_| token_error("timed out".into()))?
         .map_err(|e| token_error(e.without_url().to_string()))?;
     if !response.status().is_success() {
         return Err(token_error(format!(
@@ -274,7 +279,17 @@ async fn fetch_token(
             response.status().as_u16()
         )));
     }
-    let body: TokenResponse = response.json_bounded().await.map_err(token_error)?;
+    let body = read_bounded(response, MAX_TOKEN_RESPONSE, TOKEN_STALL)
+        .await
+        .map_err(|e| {
+            token_error(match e {
+                ReadError::TooLarge => "response too large".into(),
+                ReadError::Stalled => "response stalled".into(),
+                ReadError::Broken(message) => message,
+            })
+        })?;
+    let body: TokenResponse =
+        serde_json::from_slice(&body).map_err(|e| token_error(format!("invalid json: {e}")))?;
     let token = body
         .token
         .or(body.access_token)
@@ -285,31 +300,6 @@ async fn fetch_token(
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_TOKEN_LIFETIME);
     Ok((Authorization::Bearer(token), lifetime))
-}
-
-/// Reads a small JSON body without trusting its size.
-trait JsonBounded {
-    async fn json_bounded<T: for<'de> Deserialize<'de>>(self) -> std::result::Result<T, String>;
-}
-
-impl JsonBounded for reqwest::Response {
-    async fn json_bounded<T: for<'de> Deserialize<'de>>(
-        mut self,
-    ) -> std::result::Result<T, String> {
-        const LIMIT: usize = 1024 * 1024;
-        let mut body = Vec::new();
-        while let Some(chunk) = self
-            .chunk()
-            .await
-            .map_err(|e| e.without_url().to_string())?
-        {
-            if body.len() + chunk.len() > LIMIT {
-                return Err("response too large".into());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        serde_json::from_slice(&body).map_err(|e| format!("invalid json: {e}"))
-    }
 }
 
 #[cfg(test)]

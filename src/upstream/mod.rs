@@ -35,7 +35,7 @@ pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
 /// Redirect hops followed for one request (Docker Hub uses one).
 const MAX_REDIRECTS: usize = 5;
 /// Upstream error bodies read for their envelope, at most.
-const MAX_ERROR_BODY: usize = 64 * 1024;
+const MAX_ERROR_BODY: u64 = 64 * 1024;
 
 /// A manifest fetched from upstream.
 #[derive(Debug, Clone)]
@@ -139,7 +139,7 @@ impl Client {
         accept: &str,
     ) -> Result<ManifestResponse> {
         let path = format!("manifests/{reference}");
-        let mut response = self.send(repo, Method::GET, &path, Some(accept)).await?;
+        let response = self.send(repo, Method::GET, &path, Some(accept)).await?;
         let registry = repo.registry();
         let limit = self.max_manifest_bytes;
         if response.content_length().is_some_and(|n| n > limit) {
@@ -156,29 +156,19 @@ impl Client {
                 }
             })?;
         let digest = content_digest(response.headers());
-        let mut body = Vec::new();
-        loop {
-            let chunk = tokio::time::timeout(self.stall_timeout, response.chunk())
-                .await
-                .map_err(|_| Error::Timeout {
-                    registry: registry.to_owned(),
+        let registry = registry.to_owned();
+        let body = read_bounded(response, limit, self.stall_timeout)
+            .await
+            .map_err(|e| match e {
+                ReadError::TooLarge => Error::ManifestTooLarge { registry, limit },
+                ReadError::Stalled => Error::Timeout {
+                    registry,
                     what: "manifest body",
-                })?
-                .map_err(|e| Error::Body {
-                    registry: registry.to_owned(),
-                    message: e.without_url().to_string(),
-                })?;
-            let Some(chunk) = chunk else { break };
-            if (body.len() + chunk.len()) as u64 > limit {
-                return Err(Error::ManifestTooLarge {
-                    registry: registry.to_owned(),
-                    limit,
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
+                },
+                ReadError::Broken(message) => Error::Body { registry, message },
+            })?;
         Ok(ManifestResponse {
-            bytes: body.into(),
+            bytes: body,
             media_type,
             digest,
         })
@@ -235,9 +225,19 @@ impl Client {
         let content_type = header_string(response.headers(), header::CONTENT_TYPE);
         let link = header_string(response.headers(), header::LINK);
         let registry = repo.registry().to_owned();
-        let bytes = read_bounded(response, self.max_manifest_bytes as usize)
+        let bytes = read_bounded(response, self.max_manifest_bytes, self.stall_timeout)
             .await
-            .map_err(|message| Error::Body { registry, message })?;
+            .map_err(|e| match e {
+                ReadError::Stalled => Error::Timeout {
+                    registry,
+                    what: "tag list",
+                },
+                ReadError::TooLarge => Error::Body {
+                    registry,
+                    message: "tag list too large".into(),
+                },
+                ReadError::Broken(message) => Error::Body { registry, message },
+            })?;
         Ok(TagsResponse {
             bytes,
             content_type,
@@ -404,7 +404,7 @@ impl Client {
     async fn status_error(&self, registry: &str, response: reqwest::Response) -> Error {
         let status = response.status();
         let retry_after = ratelimit::retry_after(response.headers());
-        let envelope = read_bounded(response, MAX_ERROR_BODY)
+        let envelope = read_bounded(response, MAX_ERROR_BODY, self.stall_timeout)
             .await
             .ok()
             .and_then(|body| parse_envelope(&body));
@@ -440,22 +440,34 @@ fn content_digest(headers: &HeaderMap) -> Option<Digest> {
         .and_then(|v| Digest::parse(v.trim()).ok())
 }
 
-async fn read_bounded(
+/// Why a buffered body could not be read.
+pub(crate) enum ReadError {
+    TooLarge,
+    Stalled,
+    Broken(String),
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes and giving
+/// up if nothing arrives for `stall`.
+pub(crate) async fn read_bounded(
     mut response: reqwest::Response,
-    limit: usize,
-) -> std::result::Result<Bytes, String> {
+    limit: u64,
+    stall: Duration,
+) -> std::result::Result<Bytes, ReadError> {
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| e.without_url().to_string())?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(format!("body larger than {limit} bytes"));
+    loop {
+        let chunk = tokio::time::timeout(stall, response.chunk())
+            .await
+            .map_err(|_| ReadError::Stalled)?
+            .map_err(|e| ReadError::Broken(e.without_url().to_string()))?;
+        let Some(chunk) = chunk else {
+            return Ok(body.into());
+        };
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(ReadError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.into())
 }
 
 /// The first error of a registry error body.

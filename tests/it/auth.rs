@@ -10,7 +10,7 @@ async fn token_flow_is_answered_and_cached_per_scope() {
     fake.require_token("tok-123", None);
     let (_, layer) = fake.put_image("library/alpine", "1", b"authed layer");
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
-    assert_eq!(hoard.get("/v2/alpine/manifests/1").await.status(), 200);
+    assert_eq!(hoard.status("/v2/alpine/manifests/1").await, 200);
     let r = hoard.get(&format!("/v2/alpine/blobs/{layer}")).await;
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"authed layer");
     assert_eq!(fake.hits("GET", "/token"), 1, "{:?}", fake.all_hits());
@@ -43,7 +43,7 @@ async fn configured_credentials_go_to_the_token_endpoint() {
         args.config = Some(path);
     })
     .await;
-    assert_eq!(hoard.get("/v2/private/manifests/1").await.status(), 200);
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
 }
 
 #[tokio::test]

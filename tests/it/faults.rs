@@ -34,7 +34,7 @@ async fn tag_past_ttl_is_revalidated_with_head_and_refetched_only_when_moved() {
     let fake = Fake::start().await;
     let (first, _) = fake.put_image("library/alpine", "latest", b"v1");
     let hoard = Hoard::start(&fake.url(), &[], short_ttl).await;
-    assert_eq!(hoard.get("/v2/alpine/manifests/latest").await.status(), 200);
+    assert_eq!(hoard.status("/v2/alpine/manifests/latest").await, 200);
     // Inside the TTL: no upstream request at all.
     hoard.get("/v2/alpine/manifests/latest").await;
     assert_eq!(fake.all_hits().len(), 1);
@@ -63,12 +63,9 @@ async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
     let fake = Fake::start().await;
     let (digest, layer) = fake.put_image("library/alpine", "3", b"layer");
     let hoard = Hoard::start(&fake.url(), &[], short_ttl).await;
-    assert_eq!(hoard.get("/v2/alpine/manifests/3").await.status(), 200);
+    assert_eq!(hoard.status("/v2/alpine/manifests/3").await, 200);
     assert_eq!(
-        hoard
-            .get(&format!("/v2/alpine/blobs/{layer}"))
-            .await
-            .status(),
+        hoard.status(&format!("/v2/alpine/blobs/{layer}")).await,
         200
     );
 
@@ -102,9 +99,8 @@ async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
     // By digest, the content itself is still there.
     assert_eq!(
         hoard
-            .get(&format!("/v2/alpine/manifests/{digest}"))
-            .await
-            .status(),
+            .status(&format!("/v2/alpine/manifests/{digest}"))
+            .await,
         200
     );
 }
@@ -118,12 +114,9 @@ async fn cached_image_stays_pullable_when_upstream_is_gone() {
         args.connect_timeout = Some("500ms".into());
     })
     .await;
-    assert_eq!(hoard.get("/v2/alpine/manifests/3").await.status(), 200);
+    assert_eq!(hoard.status("/v2/alpine/manifests/3").await, 200);
     assert_eq!(
-        hoard
-            .get(&format!("/v2/alpine/blobs/{layer}"))
-            .await
-            .status(),
+        hoard.status(&format!("/v2/alpine/blobs/{layer}")).await,
         200
     );
     drop(fake);
@@ -239,9 +232,8 @@ async fn content_cached_for_one_repository_needs_upstream_confirmation_for_anoth
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     assert_eq!(
         hoard
-            .get(&format!("/v2/acme/private/blobs/{digest}"))
-            .await
-            .status(),
+            .status(&format!("/v2/acme/private/blobs/{digest}"))
+            .await,
         200
     );
 

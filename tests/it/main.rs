@@ -94,6 +94,14 @@ impl Hoard {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
+    /// The status of a GET, body discarded.
+    pub async fn status(&self, path: &str) -> u16 {
+        let r = self.get(path).await;
+        let status = r.status().as_u16();
+        let _ = r.bytes().await;
+        status
+    }
+
     pub async fn head(&self, path: &str) -> reqwest::Response {
         self.client.head(self.url(path)).send().await.unwrap()
     }

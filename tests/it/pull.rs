@@ -17,7 +17,7 @@ async fn base_endpoint_answers_api_version() {
         "registry/2.0"
     );
     assert_eq!(r.text().await.unwrap(), "{}");
-    assert_eq!(hoard.get("/healthz").await.status(), 200);
+    assert_eq!(hoard.status("/healthz").await, 200);
 }
 
 #[tokio::test]
@@ -100,20 +100,17 @@ async fn cache_survives_a_restart() {
     let fake = Fake::start().await;
     let (_, layer) = fake.put_image("library/busybox", "1", b"persisted");
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
-    assert_eq!(hoard.get("/v2/busybox/manifests/1").await.status(), 200);
+    assert_eq!(hoard.status("/v2/busybox/manifests/1").await, 200);
     // Shutdown waits for the download this request started.
     assert_eq!(
-        hoard
-            .get(&format!("/v2/busybox/blobs/{layer}"))
-            .await
-            .status(),
+        hoard.status(&format!("/v2/busybox/blobs/{layer}")).await,
         200
     );
     let data = hoard.stop().await;
     let hoard = Hoard::start_in(data, &fake.url(), &[], |_| {}).await;
     let r = hoard.get(&format!("/v2/busybox/blobs/{layer}")).await;
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"persisted");
-    assert_eq!(hoard.get("/v2/busybox/manifests/1").await.status(), 200);
+    assert_eq!(hoard.status("/v2/busybox/manifests/1").await, 200);
     assert_eq!(fake.hits("GET", "/blobs/"), 1);
     assert_eq!(fake.hits("GET", "/manifests/"), 1);
 }
