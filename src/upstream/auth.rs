@@ -130,11 +130,46 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
+/// A cached authorization and how long it is good for.
+#[derive(Clone)]
+struct Token {
+    authorization: Authorization,
+    lifetime: Duration,
+}
+
+/// Each token expires on its own lifetime (moka's per-entry expiry).
+struct TokenExpiry;
+
+impl moka::Expiry<(String, String), Token> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _: &(String, String),
+        token: &Token,
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(token.lifetime)
+    }
+}
+
+/// Tokens kept at most; the least used go first.
+const MAX_TOKENS: u64 = 10_000;
+
 /// Cached tokens and challenges for every upstream.
-#[derive(Default)]
 pub struct Authenticator {
-    tokens: Mutex<HashMap<(String, String), (Authorization, Instant)>>,
+    tokens: moka::sync::Cache<(String, String), Token>,
     challenges: Mutex<HashMap<String, Challenge>>,
+}
+
+impl Default for Authenticator {
+    fn default() -> Authenticator {
+        Authenticator {
+            tokens: moka::sync::Cache::builder()
+                .max_capacity(MAX_TOKENS)
+                .expire_after(TokenExpiry)
+                .build(),
+            challenges: Mutex::default(),
+        }
+    }
 }
 
 impl Authenticator {
@@ -204,13 +239,15 @@ impl Authenticator {
                 .await?
             }
         };
-        let expires = Instant::now()
-            + lifetime
-                .saturating_sub(EXPIRY_MARGIN)
-                .max(Duration::from_secs(1));
-        self.tokens.lock().expect("lock").insert(
+        let lifetime = lifetime
+            .saturating_sub(EXPIRY_MARGIN)
+            .max(Duration::from_secs(1));
+        self.tokens.insert(
             (registry.to_owned(), scope.to_owned()),
-            (auth.clone(), expires),
+            Token {
+                authorization: auth.clone(),
+                lifetime,
+            },
         );
         Ok(auth)
     }
@@ -218,22 +255,13 @@ impl Authenticator {
     /// Drops a cached token the registry refused.
     pub fn forget(&self, registry: &str, scope: &str) {
         self.tokens
-            .lock()
-            .expect("lock")
-            .remove(&(registry.to_owned(), scope.to_owned()));
+            .invalidate(&(registry.to_owned(), scope.to_owned()));
     }
 
     fn cached(&self, registry: &str, scope: &str) -> Option<Authorization> {
-        let mut tokens = self.tokens.lock().expect("lock");
-        let key = (registry.to_owned(), scope.to_owned());
-        match tokens.get(&key) {
-            Some((auth, expires)) if *expires > Instant::now() => Some(auth.clone()),
-            Some(_) => {
-                tokens.remove(&key);
-                None
-            }
-            None => None,
-        }
+        self.tokens
+            .get(&(registry.to_owned(), scope.to_owned()))
+            .map(|token| token.authorization)
     }
 }
 
@@ -347,6 +375,35 @@ mod tests {
         );
         assert_eq!(Challenge::parse("Negotiate abc"), None);
         assert_eq!(Challenge::parse(""), None);
+    }
+
+    #[tokio::test]
+    async fn answers_are_cached_per_scope_until_forgotten() {
+        let auth = Authenticator::default();
+        let http = reqwest::Client::new();
+        let creds = Credentials::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        auth.answer(&http, "r", Some(&creds), &Challenge::Basic, "s1")
+            .await
+            .unwrap();
+        assert!(auth.cached("r", "s1").is_some());
+        assert!(auth.cached("r", "s2").is_none());
+        // A new scope is answered from the remembered challenge, before any 401.
+        assert!(auth
+            .prepare(&http, "r", Some(&creds), "s2")
+            .await
+            .unwrap()
+            .is_some());
+        auth.forget("r", "s1");
+        assert!(auth.cached("r", "s1").is_none());
+        // Basic without credentials cannot be answered.
+        let err = auth
+            .answer(&http, "r", None, &Challenge::Basic, "s3")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unauthorized { .. }));
     }
 
     #[test]
