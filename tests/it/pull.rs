@@ -338,3 +338,27 @@ async fn metrics_endpoint_exports_the_contract() {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }
 }
+
+#[tokio::test]
+async fn unconfigured_registries_are_denied_unless_any_upstream_is_allowed() {
+    let fake = Fake::start().await;
+    let denied = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let r = denied.get("/v2/registry.example/app/manifests/1").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "DENIED");
+
+    // Allowed: hoard contacts https://<host> itself. This one does not
+    // resolve here, so the answer is an upstream failure, not a refusal.
+    let open = Hoard::start(&fake.url(), &[], |args| {
+        args.allow_any_upstream = Some(true);
+        args.connect_timeout = Some("2s".into());
+    })
+    .await;
+    let r = open.get("/v2/registry.invalid/app/manifests/1").await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(
+        open.metric(r#"hoard_upstream_requests_total{method="GET",registry="registry.invalid",status="error"}"#),
+        1.0
+    );
+}
