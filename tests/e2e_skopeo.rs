@@ -10,39 +10,6 @@ use std::sync::Arc;
 
 use support::*;
 
-struct Seeded {
-    docker: Image,
-    oci: Image,
-    arm: Image,
-    amd: Image,
-    index: Blob,
-}
-
-fn seed(upstream: &Distribution) -> Seeded {
-    let push = Pusher::new(&upstream.url());
-    let base = busybox_layer();
-    let extra = layer(&[("srv/data.bin", noise(300_000, 7), 0o644)]);
-    let docker = image(Format::Docker, "amd64", &[base.clone(), extra.clone()]);
-    push.image("library/alpine-like", Some("3"), &docker);
-    let oci = image(Format::Oci, "amd64", std::slice::from_ref(&base));
-    push.image("owner/app", Some("1.0"), &oci);
-    let amd = image(Format::Oci, "amd64", std::slice::from_ref(&base));
-    let arm = image(
-        Format::Oci,
-        "arm64",
-        &[layer(&[("arch", b"arm64\n".to_vec(), 0o644)])],
-    );
-    let index = index(Format::Oci, &[amd.clone(), arm.clone()]);
-    push.index("library/multi", "1", &[amd.clone(), arm.clone()], &index);
-    Seeded {
-        docker,
-        oci,
-        arm,
-        amd,
-        index,
-    }
-}
-
 fn skopeo() -> Command {
     let mut c = Command::new(require_tool("skopeo"));
     c.arg("--insecure-policy");
@@ -171,7 +138,11 @@ fn skopeo_inspect_lists_tags_through_hoard() {
     let upstream = Distribution::start();
     let seeded = seed(&upstream);
     let hoard = HoardProcess::start(&upstream.url(), &[]);
-    for image in ["library/alpine-like:3", "ghcr.io/owner/app:1.0"] {
+    for image in [
+        "library/alpine-like:3",
+        "ghcr.io/owner/app:1.0",
+        "quay.io/owner/app:1.0",
+    ] {
         let out = run(skopeo()
             .arg("inspect")
             .arg("--tls-verify=false")
@@ -188,7 +159,7 @@ fn skopeo_inspect_lists_tags_through_hoard() {
         );
     }
     assert!(
-        upstream.count("GET", "/tags/list") >= 2,
+        upstream.count("GET", "/tags/list") >= 3,
         "{:?}",
         upstream.requests()
     );

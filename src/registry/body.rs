@@ -103,6 +103,7 @@ impl http_body::Body for Body {
 pub struct AccessLog {
     pub method: http::Method,
     pub path: String,
+    pub query: String,
     pub status: u16,
     pub result: &'static str,
     pub started: Instant,
@@ -118,6 +119,7 @@ impl AccessLog {
     pub fn new(
         method: http::Method,
         path: String,
+        query: String,
         status: u16,
         result: &'static str,
         started: Instant,
@@ -125,6 +127,7 @@ impl AccessLog {
         AccessLog {
             method,
             path,
+            query,
             status,
             result,
             started,
@@ -148,6 +151,7 @@ impl Drop for AccessLog {
         info!(
             method = %self.method,
             path = %self.path,
+            query = %self.query,
             status = self.status,
             bytes = self.bytes,
             cache = self.result,

@@ -39,6 +39,9 @@ pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Resp
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    // Registry queries carry only `ns`, `n` and `last`: safe to log, and
+    // `ns` says which upstream a containerd request meant.
+    let query = request.uri().query().unwrap_or("").to_owned();
     let routed = routes::route(&path, request.uri().query());
     let label = match &routed {
         Ok(Route::Manifest { .. }) => "manifest",
@@ -75,12 +78,13 @@ pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Resp
         .http_duration
         .with_label_values(&[label])
         .observe(started.elapsed().as_secs_f64());
-    let mut log = AccessLog::new(method, path, status.as_u16(), result, started);
+    let mut log = AccessLog::new(method, path, query, status.as_u16(), result, started);
     log.expected = response
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+        .and_then(|v| v.parse().ok())
+        .or_else(|| http_body::Body::size_hint(response.body()).exact());
     response.map(|body| body.logged(log))
 }
 

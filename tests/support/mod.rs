@@ -518,3 +518,71 @@ pub fn run(command: &mut Command) -> String {
     }
     stdout
 }
+
+/// The images every end-to-end test pulls, as pushed upstream.
+pub struct Seeded {
+    /// `library/alpine-like:3`: Docker schema2, busybox root file system
+    /// plus a data layer; runnable.
+    pub docker: Image,
+    /// `owner/app:1.0`: OCI, busybox root file system.
+    pub oci: Image,
+    /// `library/multi:1`: an OCI index over `amd` and `arm`.
+    pub index: Blob,
+    pub amd: Image,
+    pub arm: Image,
+}
+
+/// Builds and pushes the images of `Seeded`.
+pub fn seed(upstream: &Distribution) -> Seeded {
+    let push = Pusher::new(&upstream.url());
+    let base = busybox_layer();
+    let extra = layer(&[("srv/data.bin", noise(300_000, 7), 0o644)]);
+    let docker = image(Format::Docker, "amd64", &[base.clone(), extra]);
+    push.image("library/alpine-like", Some("3"), &docker);
+    let oci = image(Format::Oci, "amd64", std::slice::from_ref(&base));
+    push.image("owner/app", Some("1.0"), &oci);
+    let amd = image(Format::Oci, "amd64", std::slice::from_ref(&base));
+    let arm = image(
+        Format::Oci,
+        "arm64",
+        &[layer(&[("arch", b"arm64\n".to_vec(), 0o644)])],
+    );
+    let index = index(Format::Oci, &[amd.clone(), arm.clone()]);
+    push.index("library/multi", "1", &[amd.clone(), arm.clone()], &index);
+    Seeded {
+        docker,
+        oci,
+        index,
+        amd,
+        arm,
+    }
+}
+
+/// A client config from deploy/clients/, with only the mirror address
+/// replaced: the tests use exactly what users copy.
+pub fn client_config(relative: &str, mirror: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/clients")
+        .join(relative);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .replace("mirror.example:5000", mirror)
+}
+
+/// Copies a folder of client configs from deploy/clients/ to `dest`,
+/// replacing only the mirror address.
+pub fn client_config_dir(relative: &str, mirror: &str, dest: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/clients")
+        .join(relative);
+    for entry in std::fs::read_dir(&src).unwrap().flatten() {
+        let name = entry.file_name();
+        let rel = format!("{relative}/{}", name.to_string_lossy());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(dest.join(&name)).unwrap();
+            client_config_dir(&rel, mirror, &dest.join(&name));
+        } else {
+            std::fs::write(dest.join(&name), client_config(&rel, mirror)).unwrap();
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Real container engines pulling through the real hoard binary, with the
+//! client configs from deploy/clients/: dockerd (registry-mirrors),
+//! containerd (hosts.toml), podman (registries.conf). Upstream is Debian's
+//! docker-registry; hoard maps docker.io, ghcr.io and quay.io to it. Docker
+//! Hub does not resolve here, so a client that bypasses hoard fails.
+//! Needs root (the engines run containers and mount file systems).
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn require_root() {
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "the container-engine end-to-end tests need root (they start dockerd, containerd and podman)"
+    );
+}
+
+/// Blob GETs and manifest GETs the upstream has seen.
+fn upstream_gets(upstream: &Distribution) -> (usize, usize) {
+    (
+        upstream.count("GET", "/blobs/"),
+        upstream.count("GET", "/manifests/"),
+    )
+}
+
+/// Requests hoard answered, from its access log: "METHOD path?query status".
+fn hoard_requests(hoard: &HoardProcess) -> Vec<String> {
+    hoard
+        .daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(" request ") || l.contains("\"request\""))
+        .map(|l| l.to_owned())
+        .collect()
+}
+
+// ---------------------------------------------------------------- containerd
+
+struct Containerd {
+    daemon: Daemon,
+    socket: PathBuf,
+    hosts: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn start(mirror: &str, hosts_form: &str) -> Containerd {
+        let bin = require_tool("containerd");
+        require_tool("ctr");
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}-ttrpc\"\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = socket.display(),
+            ),
+        )
+        .unwrap();
+        let hosts = dir.path().join("certs.d");
+        std::fs::create_dir_all(&hosts).unwrap();
+        client_config_dir(hosts_form, mirror, &hosts);
+        let daemon = Daemon::spawn(
+            "containerd",
+            Command::new(bin).arg("--config").arg(&config),
+            dir.path().join("containerd.log"),
+        );
+        let containerd = Containerd {
+            daemon,
+            socket,
+            hosts,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !containerd
+            .ctr()
+            .arg("version")
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start:\n{}",
+                containerd.daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        containerd
+    }
+
+    fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.socket)
+            .args(["-n", "hoardtest"]);
+        c
+    }
+
+    fn pull(&self, image: &str, extra: &[&str]) -> String {
+        run(self
+            .ctr()
+            .args(["images", "pull", "--hosts-dir"])
+            .arg(&self.hosts)
+            .args(extra)
+            .arg(image))
+    }
+
+    fn remove(&self, image: &str) {
+        run(self.ctr().args(["images", "rm", "--sync", image]));
+    }
+}
+
+#[test]
+fn containerd_pulls_through_hoard_with_hosts_toml() {
+    require_root();
+    let upstream = Distribution::start();
+    let seeded = seed(&upstream);
+    let hoard = HoardProcess::start(&upstream.url(), &["--tag-ttl", "10s"]);
+    let ctr = Containerd::start(&hoard.addr(), "containerd/certs.d");
+    let first_pull = Instant::now();
+
+    ctr.pull("docker.io/library/alpine-like:3", &[]);
+    ctr.pull("ghcr.io/owner/app:1.0", &[]);
+    // quay.io has no folder of its own: _default/hosts.toml sends it with ?ns=quay.io.
+    ctr.pull("quay.io/owner/app:1.0", &[]);
+    ctr.pull("docker.io/library/multi:1", &["--platform", "linux/arm64"]);
+    let requests = hoard_requests(&hoard);
+    for ns in ["ns=docker.io", "ns=ghcr.io", "ns=quay.io"] {
+        assert!(
+            requests.iter().any(|r| r.contains(ns)),
+            "no request with {ns}:\n{}",
+            requests.join("\n")
+        );
+    }
+    let images = run(ctr.ctr().args(["images", "ls", "-q"]));
+    assert!(
+        images.contains("docker.io/library/alpine-like:3"),
+        "{images}"
+    );
+    assert!(upstream.count("GET", &seeded.arm.layers[0].digest()) == 1);
+
+    // Runs, from the bytes hoard served.
+    let out = run(ctr.ctr().args([
+        "run",
+        "--rm",
+        "docker.io/library/alpine-like:3",
+        "hoard-e2e",
+        "/bin/echo",
+        "hello through hoard",
+    ]));
+    assert!(out.contains("hello through hoard"), "{out}");
+
+    // Second pull, image removed locally, inside the tag TTL: no GET upstream.
+    let before = upstream_gets(&upstream);
+    ctr.remove("docker.io/library/alpine-like:3");
+    ctr.pull("docker.io/library/alpine-like:3", &[]);
+    assert_eq!(
+        upstream_gets(&upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
+
+    // Past the TTL: only a HEAD for the tag.
+    let heads = upstream.count("HEAD", "/manifests/3");
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(first_pull.elapsed()));
+    ctr.remove("docker.io/library/alpine-like:3");
+    ctr.pull("docker.io/library/alpine-like:3", &[]);
+    assert_eq!(
+        upstream_gets(&upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
+    assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
+}
+
+#[test]
+fn containerd_override_path_form_reaches_the_prefixed_registry() {
+    require_root();
+    let upstream = Distribution::start();
+    let seeded = seed(&upstream);
+    let hoard = HoardProcess::start(&upstream.url(), &[]);
+    let ctr = Containerd::start(&hoard.addr(), "containerd/certs.d-override-path");
+    ctr.pull("ghcr.io/owner/app:1.0", &[]);
+    let requests = hoard_requests(&hoard);
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("/v2/ghcr.io/owner/app/manifests/")),
+        "{}",
+        requests.join("\n")
+    );
+    assert_eq!(upstream.count("GET", &seeded.oci.config.digest()), 1);
+}
