@@ -205,3 +205,111 @@ fn containerd_override_path_form_reaches_the_prefixed_registry() {
     );
     assert_eq!(upstream.count("GET", &seeded.oci.config.digest()), 1);
 }
+
+// ------------------------------------------------------------------- dockerd
+
+struct Dockerd {
+    daemon: Daemon,
+    host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start(mirror: &str) -> Dockerd {
+        let bin = require_tool("dockerd");
+        require_tool("docker");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("daemon.json");
+        std::fs::write(&config, client_config("docker/daemon.json", mirror)).unwrap();
+        let socket = dir.path().join("docker.sock");
+        let host = format!("unix://{}", socket.display());
+        let daemon = Daemon::spawn(
+            "dockerd",
+            Command::new(bin)
+                .arg("--config-file")
+                .arg(&config)
+                .args(["--storage-driver", "vfs", "--iptables=false", "--ip-masq=false", "--bridge=none"])
+                .arg("--data-root")
+                .arg(dir.path().join("data"))
+                .arg("--exec-root")
+                .arg(dir.path().join("exec"))
+                .arg("--pidfile")
+                .arg(dir.path().join("docker.pid"))
+                .arg("-H")
+                .arg(&host),
+            dir.path().join("dockerd.log"),
+        );
+        let dockerd = Dockerd {
+            daemon,
+            host,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dockerd.docker().arg("version").output().unwrap().status.success() {
+            assert!(Instant::now() < deadline, "dockerd did not start:\n{}", dockerd.daemon.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        dockerd
+    }
+
+    fn docker(&self) -> Command {
+        let mut c = Command::new("docker");
+        c.env("DOCKER_CONFIG", self._dir.path().join("cli")).arg("-H").arg(&self.host);
+        c
+    }
+
+    fn pull(&self, image: &str, extra: &[&str]) -> String {
+        run(self.docker().arg("pull").args(extra).arg(image))
+    }
+
+    fn remove(&self, image: &str) {
+        run(self.docker().args(["rmi", "-f", image]));
+    }
+}
+
+#[test]
+fn dockerd_pulls_and_runs_through_hoard_as_registry_mirror() {
+    require_root();
+    let upstream = Distribution::start();
+    let seeded = seed(&upstream);
+    let hoard = HoardProcess::start(&upstream.url(), &["--tag-ttl", "12s"]);
+    let docker = Dockerd::start(&hoard.addr());
+    let first_pull = Instant::now();
+
+    docker.pull("alpine-like:3", &[]);
+    docker.pull("owner/app:1.0", &[]);
+    docker.pull(&format!("owner/app@{}", seeded.oci.manifest.digest()), &[]);
+    docker.pull("multi:1", &["--platform", "linux/arm64"]);
+    let inspect = run(docker.docker().args(["image", "inspect", "--format", "{{.Architecture}}", "multi:1"]));
+    assert_eq!(inspect.trim(), "arm64");
+    assert_eq!(upstream.count("GET", &seeded.arm.layers[0].digest()), 1);
+    // The bytes came through hoard: it fetched every layer once.
+    for layer in &seeded.docker.layers {
+        assert_eq!(upstream.count("GET", &layer.digest()), 1, "{:#?}", upstream.requests());
+    }
+    let requests = hoard_requests(&hoard);
+    assert!(
+        requests.iter().any(|r| r.contains("/v2/library/alpine-like/manifests/3")),
+        "{}",
+        requests.join("\n")
+    );
+
+    let out = run(docker
+        .docker()
+        .args(["run", "--rm", "--network", "none", "alpine-like:3", "/bin/echo", "hello from dockerd"]));
+    assert!(out.contains("hello from dockerd"), "{out}");
+
+    // Second pull inside the TTL: nothing fetched upstream.
+    let before = upstream_gets(&upstream);
+    docker.remove("alpine-like:3");
+    docker.pull("alpine-like:3", &[]);
+    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+
+    // Past the TTL: only a HEAD for the tag.
+    let heads = upstream.count("HEAD", "/manifests/3");
+    std::thread::sleep(Duration::from_secs(13).saturating_sub(first_pull.elapsed()));
+    docker.remove("alpine-like:3");
+    docker.pull("alpine-like:3", &[]);
+    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+    assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
+}
