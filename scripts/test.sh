@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, in-process integration, and end-to-end tests
-# with real software (Debian's docker-registry as upstream, skopeo as client).
+# with real software (Debian's docker-registry as upstream; skopeo, dockerd,
+# containerd and podman as clients; the engine tests need root).
 # Installs the real parts from Debian when they are missing (needs root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,9 @@ declare -A needs=(
   [docker-registry]=/usr/bin/docker-registry
   [skopeo]=/usr/bin/skopeo
   [busybox-static]=/bin/busybox
+  [docker.io]=/usr/sbin/dockerd
+  [containerd]=/usr/bin/containerd
+  [podman]=/usr/bin/podman
 )
 missing=()
 for pkg in "${!needs[@]}"; do

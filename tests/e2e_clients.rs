@@ -313,3 +313,108 @@ fn dockerd_pulls_and_runs_through_hoard_as_registry_mirror() {
     assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
     assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
 }
+
+// -------------------------------------------------------------------- podman
+
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    fn new(mirror: &str) -> Podman {
+        require_tool("podman");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("registries.conf"),
+            client_config("podman/registries.conf", mirror),
+        )
+        .unwrap();
+        Podman { dir }
+    }
+
+    fn podman(&self) -> Command {
+        let d = self.dir.path();
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_REGISTRIES_CONF", d.join("registries.conf"))
+            .env("TMPDIR", d)
+            .arg("--root")
+            .arg(d.join("root"))
+            .arg("--runroot")
+            .arg(d.join("runroot"))
+            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        c
+    }
+
+    fn pull(&self, image: &str) -> String {
+        run(self.podman().args(["pull", "--quiet", image]))
+    }
+
+    fn remove(&self, image: &str) {
+        run(self.podman().args(["rmi", "-f", image]));
+    }
+}
+
+#[test]
+fn podman_pulls_through_hoard_with_registries_conf() {
+    require_root();
+    let upstream = Distribution::start();
+    let seeded = seed(&upstream);
+    let hoard = HoardProcess::start(&upstream.url(), &["--tag-ttl", "4s"]);
+    let podman = Podman::new(&hoard.addr());
+    let first_pull = Instant::now();
+
+    podman.pull("docker.io/library/alpine-like:3");
+    podman.pull("alpine-like:3");
+    podman.pull("ghcr.io/owner/app:1.0");
+    let requests = hoard_requests(&hoard);
+    assert!(
+        requests.iter().any(|r| r.contains("/v2/ghcr.io/owner/app/manifests/1.0")),
+        "{}",
+        requests.join("\n")
+    );
+    for layer in &seeded.docker.layers {
+        assert_eq!(upstream.count("GET", &layer.digest()), 1, "{:#?}", upstream.requests());
+    }
+    let images = run(podman.podman().args(["images", "--format", "{{.Repository}}:{{.Tag}}"]));
+    assert!(images.contains("docker.io/library/alpine-like:3"), "{images}");
+
+    // Second pull inside the TTL: nothing fetched upstream.
+    let before = upstream_gets(&upstream);
+    podman.remove("docker.io/library/alpine-like:3");
+    podman.pull("docker.io/library/alpine-like:3");
+    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+
+    // Past the TTL: podman GETs the tag from hoard; hoard only HEADs upstream.
+    let heads = upstream.count("HEAD", "/manifests/3");
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(first_pull.elapsed()));
+    podman.remove("docker.io/library/alpine-like:3");
+    podman.pull("docker.io/library/alpine-like:3");
+    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+    assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
+}
+
+// ------------------------------------------------------------- mixed clients
+
+#[test]
+fn dockerd_containerd_and_podman_at_once_cause_one_upstream_get_per_blob() {
+    require_root();
+    let upstream = Distribution::start();
+    let seeded = seed(&upstream);
+    let hoard = HoardProcess::start(&upstream.url(), &[]);
+    let docker = Dockerd::start(&hoard.addr());
+    let ctr = Containerd::start(&hoard.addr(), "containerd/certs.d");
+    let podman = Podman::new(&hoard.addr());
+
+    std::thread::scope(|s| {
+        s.spawn(|| docker.pull("alpine-like:3", &[]));
+        s.spawn(|| ctr.pull("docker.io/library/alpine-like:3", &[]));
+        s.spawn(|| podman.pull("docker.io/library/alpine-like:3"));
+    });
+    for blob in seeded.docker.layers.iter().chain([&seeded.docker.config]) {
+        assert_eq!(upstream.count("GET", &blob.digest()), 1, "{:#?}", upstream.requests());
+    }
+    assert!(upstream.count("GET", "/manifests/") <= 2, "{:#?}", upstream.requests());
+    let coalesced = hoard.metric(r#"hoard_cache_requests_total{kind="blob",result="coalesced"}"#);
+    let hits = hoard.metric(r#"hoard_cache_requests_total{kind="blob",result="hit"}"#);
+    assert!(coalesced + hits >= 6.0, "two of three clients were served without a fetch");
+}
