@@ -211,7 +211,7 @@ fn containerd_override_path_form_reaches_the_prefixed_registry() {
 struct Dockerd {
     daemon: Daemon,
     host: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Dockerd {
@@ -228,7 +228,13 @@ impl Dockerd {
             Command::new(bin)
                 .arg("--config-file")
                 .arg(&config)
-                .args(["--storage-driver", "vfs", "--iptables=false", "--ip-masq=false", "--bridge=none"])
+                .args([
+                    "--storage-driver",
+                    "vfs",
+                    "--iptables=false",
+                    "--ip-masq=false",
+                    "--bridge=none",
+                ])
                 .arg("--data-root")
                 .arg(dir.path().join("data"))
                 .arg("--exec-root")
@@ -239,14 +245,21 @@ impl Dockerd {
                 .arg(&host),
             dir.path().join("dockerd.log"),
         );
-        let dockerd = Dockerd {
-            daemon,
-            host,
-            _dir: dir,
-        };
+        let dockerd = Dockerd { daemon, host, dir };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !dockerd.docker().arg("version").output().unwrap().status.success() {
-            assert!(Instant::now() < deadline, "dockerd did not start:\n{}", dockerd.daemon.log_text());
+        while !dockerd
+            .docker()
+            .arg("version")
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not start:\n{}",
+                dockerd.daemon.log_text()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         dockerd
@@ -254,7 +267,9 @@ impl Dockerd {
 
     fn docker(&self) -> Command {
         let mut c = Command::new("docker");
-        c.env("DOCKER_CONFIG", self._dir.path().join("cli")).arg("-H").arg(&self.host);
+        c.env("DOCKER_CONFIG", self.dir.path().join("cli"))
+            .arg("-H")
+            .arg(&self.host);
         c
     }
 
@@ -280,37 +295,66 @@ fn dockerd_pulls_and_runs_through_hoard_as_registry_mirror() {
     docker.pull("owner/app:1.0", &[]);
     docker.pull(&format!("owner/app@{}", seeded.oci.manifest.digest()), &[]);
     docker.pull("multi:1", &["--platform", "linux/arm64"]);
-    let inspect = run(docker.docker().args(["image", "inspect", "--format", "{{.Architecture}}", "multi:1"]));
+    let inspect = run(docker.docker().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Architecture}}",
+        "multi:1",
+    ]));
     assert_eq!(inspect.trim(), "arm64");
     assert_eq!(upstream.count("GET", &seeded.arm.layers[0].digest()), 1);
     // The bytes came through hoard: it fetched every layer once.
     for layer in &seeded.docker.layers {
-        assert_eq!(upstream.count("GET", &layer.digest()), 1, "{:#?}", upstream.requests());
+        assert_eq!(
+            upstream.count("GET", &layer.digest()),
+            1,
+            "{:#?}",
+            upstream.requests()
+        );
     }
     let requests = hoard_requests(&hoard);
     assert!(
-        requests.iter().any(|r| r.contains("/v2/library/alpine-like/manifests/3")),
+        requests
+            .iter()
+            .any(|r| r.contains("/v2/library/alpine-like/manifests/3")),
         "{}",
         requests.join("\n")
     );
 
-    let out = run(docker
-        .docker()
-        .args(["run", "--rm", "--network", "none", "alpine-like:3", "/bin/echo", "hello from dockerd"]));
+    let out = run(docker.docker().args([
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "alpine-like:3",
+        "/bin/echo",
+        "hello from dockerd",
+    ]));
     assert!(out.contains("hello from dockerd"), "{out}");
 
     // Second pull inside the TTL: nothing fetched upstream.
     let before = upstream_gets(&upstream);
     docker.remove("alpine-like:3");
     docker.pull("alpine-like:3", &[]);
-    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+    assert_eq!(
+        upstream_gets(&upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
 
     // Past the TTL: only a HEAD for the tag.
     let heads = upstream.count("HEAD", "/manifests/3");
     std::thread::sleep(Duration::from_secs(13).saturating_sub(first_pull.elapsed()));
     docker.remove("alpine-like:3");
     docker.pull("alpine-like:3", &[]);
-    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+    assert_eq!(
+        upstream_gets(&upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
     assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
 }
 
@@ -341,7 +385,14 @@ impl Podman {
             .arg(d.join("root"))
             .arg("--runroot")
             .arg(d.join("runroot"))
-            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+            ]);
         c
     }
 
@@ -368,28 +419,50 @@ fn podman_pulls_through_hoard_with_registries_conf() {
     podman.pull("ghcr.io/owner/app:1.0");
     let requests = hoard_requests(&hoard);
     assert!(
-        requests.iter().any(|r| r.contains("/v2/ghcr.io/owner/app/manifests/1.0")),
+        requests
+            .iter()
+            .any(|r| r.contains("/v2/ghcr.io/owner/app/manifests/1.0")),
         "{}",
         requests.join("\n")
     );
     for layer in &seeded.docker.layers {
-        assert_eq!(upstream.count("GET", &layer.digest()), 1, "{:#?}", upstream.requests());
+        assert_eq!(
+            upstream.count("GET", &layer.digest()),
+            1,
+            "{:#?}",
+            upstream.requests()
+        );
     }
-    let images = run(podman.podman().args(["images", "--format", "{{.Repository}}:{{.Tag}}"]));
-    assert!(images.contains("docker.io/library/alpine-like:3"), "{images}");
+    let images = run(podman
+        .podman()
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"]));
+    assert!(
+        images.contains("docker.io/library/alpine-like:3"),
+        "{images}"
+    );
 
     // Second pull inside the TTL: nothing fetched upstream.
     let before = upstream_gets(&upstream);
     podman.remove("docker.io/library/alpine-like:3");
     podman.pull("docker.io/library/alpine-like:3");
-    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+    assert_eq!(
+        upstream_gets(&upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
 
     // Past the TTL: podman GETs the tag from hoard; hoard only HEADs upstream.
     let heads = upstream.count("HEAD", "/manifests/3");
     std::thread::sleep(Duration::from_secs(5).saturating_sub(first_pull.elapsed()));
     podman.remove("docker.io/library/alpine-like:3");
     podman.pull("docker.io/library/alpine-like:3");
-    assert_eq!(upstream_gets(&upstream), before, "{:#?}", upstream.requests());
+    assert_eq!(
+        upstream_gets(&upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
     assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
 }
 
@@ -411,10 +484,22 @@ fn dockerd_containerd_and_podman_at_once_cause_one_upstream_get_per_blob() {
         s.spawn(|| podman.pull("docker.io/library/alpine-like:3"));
     });
     for blob in seeded.docker.layers.iter().chain([&seeded.docker.config]) {
-        assert_eq!(upstream.count("GET", &blob.digest()), 1, "{:#?}", upstream.requests());
+        assert_eq!(
+            upstream.count("GET", &blob.digest()),
+            1,
+            "{:#?}",
+            upstream.requests()
+        );
     }
-    assert!(upstream.count("GET", "/manifests/") <= 2, "{:#?}", upstream.requests());
+    assert!(
+        upstream.count("GET", "/manifests/") <= 2,
+        "{:#?}",
+        upstream.requests()
+    );
     let coalesced = hoard.metric(r#"hoard_cache_requests_total{kind="blob",result="coalesced"}"#);
     let hits = hoard.metric(r#"hoard_cache_requests_total{kind="blob",result="hit"}"#);
-    assert!(coalesced + hits >= 6.0, "two of three clients were served without a fetch");
+    assert!(
+        coalesced + hits >= 6.0,
+        "two of three clients were served without a fetch"
+    );
 }
