@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Largest manifest accepted from upstream, e.g. 4MiB [default: 4MiB].
     #[arg(long, env = "HOARD_MAX_MANIFEST_SIZE", value_name = "SIZE")]
     pub max_manifest_size: Option<String>,
+    /// Most bytes the store keeps, e.g. 200GiB; least recently used blobs go
+    /// first [default: 80% of the data file system's free space at start].
+    #[arg(long, env = "HOARD_MAX_SIZE", value_name = "SIZE")]
+    pub max_size: Option<String>,
     /// Upstream connect timeout [default: 10s].
     #[arg(long, env = "HOARD_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub connect_timeout: Option<String>,
@@ -114,6 +118,16 @@ struct FileConfig {
     #[serde(default)]
     registries: BTreeMap<String, FileRegistry>,
     shutdown_timeout: Option<String>,
+    #[serde(default)]
+    store: FileStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    max_size: Option<Size>,
+    #[serde(default)]
+    pins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +154,15 @@ struct FileRegistry {
 enum Size {
     Bytes(u64),
     Text(String),
+}
+
+impl Size {
+    fn bytes(self, key: &str) -> Result<u64> {
+        match self {
+            Size::Bytes(n) => Ok(n),
+            Size::Text(text) => parse_size(&text).map_err(|m| invalid(key, m)),
+        }
+    }
 }
 
 /// Credentials hoard presents to an upstream registry. `Debug` never shows
@@ -186,6 +209,11 @@ pub struct Config {
     pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Most bytes the store keeps; `None` means 80% of the free space of
+    /// the data file system, measured at start.
+    pub max_store_bytes: Option<u64>,
+    /// Images never evicted: `registry/name:tag` or `registry/name@digest`.
+    pub pins: Vec<crate::reference::ImageRef>,
     /// Registry host (`docker.io`) -> how to reach it.
     pub registries: BTreeMap<String, RegistryConfig>,
 }
@@ -215,6 +243,8 @@ impl Config {
             response_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
+            max_store_bytes: None,
+            pins: Vec::new(),
             registries,
         }
     }
@@ -274,6 +304,14 @@ impl Config {
             "upstream.stall_timeout",
             up.stall_timeout.as_deref(),
         )?;
+        if let Some(size) = file.store.max_size {
+            self.max_store_bytes = Some(size.bytes("store.max_size")?);
+        }
+        for pin in &file.store.pins {
+            let image =
+                crate::reference::ImageRef::parse(pin).map_err(|e| invalid("store.pins", e))?;
+            self.pins.push(image);
+        }
         if let Some(size) = file.max_manifest_size {
             self.max_manifest_bytes = match size {
                 Size::Bytes(n) => n,
@@ -416,6 +454,9 @@ impl Config {
             "--shutdown-timeout",
             args.shutdown_timeout.as_deref(),
         )?;
+        if let Some(size) = &args.max_size {
+            self.max_store_bytes = Some(parse_size(size).map_err(|m| invalid("--max-size", m))?);
+        }
         if let Some(size) = &args.max_manifest_size {
             self.max_manifest_bytes =
                 parse_size(size).map_err(|m| invalid("--max-manifest-size", m))?;

@@ -22,6 +22,12 @@ pub struct Metrics {
     pub ratelimit_limit: IntGaugeVec,
     /// `hoard_store_bytes`: size of the committed blobs.
     pub store_bytes: IntGauge,
+    /// `hoard_store_max_bytes`: the size limit eviction keeps the store under.
+    pub store_max_bytes: IntGauge,
+    /// `hoard_evicted_blobs_total`: blobs and manifests removed by eviction.
+    pub evicted_blobs: IntCounter,
+    /// `hoard_evicted_bytes_total`: bytes freed by eviction.
+    pub evicted_bytes: IntCounter,
     /// `hoard_inflight_fetches`: upstream downloads running now.
     pub inflight_fetches: IntGauge,
     /// `hoard_digest_mismatches_total`: upstream content that failed verification.
@@ -88,18 +94,30 @@ impl Metrics {
             "hoard_store_bytes",
             "Bytes of verified content in the store.",
         );
+        let store_max_bytes = gauge(
+            "hoard_store_max_bytes",
+            "Size limit of the store; least recently used blobs are evicted above it.",
+        );
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let evicted_blobs = counter(
+            "hoard_evicted_blobs_total",
+            "Blobs and manifests removed by eviction.",
+        );
+        let evicted_bytes = counter("hoard_evicted_bytes_total", "Bytes freed by eviction.");
         let inflight_fetches = gauge(
             "hoard_inflight_fetches",
             "Upstream blob downloads in progress.",
         );
-        let digest_mismatches = IntCounter::new(
+        let digest_mismatches = counter(
             "hoard_digest_mismatches_total",
             "Upstream content discarded because its sha256 did not match.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(digest_mismatches.clone()))
-            .expect("unique metric");
+        );
         let http_requests = counter_vec(
             "hoard_http_requests_total",
             "Client requests by method and response status.",
@@ -151,6 +169,9 @@ impl Metrics {
             ratelimit_remaining,
             ratelimit_limit,
             store_bytes,
+            store_max_bytes,
+            evicted_blobs,
+            evicted_bytes,
             inflight_fetches,
             digest_mismatches,
             http_requests,

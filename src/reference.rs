@@ -184,6 +184,46 @@ impl fmt::Display for Repository {
     }
 }
 
+/// A full image name as users write it: `alpine:3.19`,
+/// `docker.io/library/alpine@sha256:...`, `ghcr.io/owner/app:1.0`. Without a
+/// registry it is Docker Hub; without a tag or digest, `latest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    pub repository: Repository,
+    pub reference: Reference,
+}
+
+impl ImageRef {
+    /// Parses an image name, Docker's way.
+    pub fn parse(s: &str) -> Result<ImageRef, ReferenceError> {
+        let (name, reference) = match s.split_once('@') {
+            Some((name, digest)) => (name, Reference::Digest(Digest::parse(digest)?)),
+            None => match s.rsplit_once(':') {
+                // A ':' after the last '/' is a tag; before it, a port.
+                Some((name, tag)) if !tag.contains('/') => (name, Reference::parse(tag)?),
+                _ => (s, Reference::Tag("latest".into())),
+            },
+        };
+        let (registry, path) = match name.split_once('/') {
+            Some((first, rest)) if looks_like_host(first) => (first, rest),
+            _ => (DOCKER_HUB, name),
+        };
+        Ok(ImageRef {
+            repository: Repository::new(registry, path)?,
+            reference,
+        })
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reference {
+            Reference::Tag(tag) => write!(f, "{}:{tag}", self.repository),
+            Reference::Digest(digest) => write!(f, "{}@{digest}", self.repository),
+        }
+    }
+}
+
 /// Spec: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`.
 pub fn validate_name(name: &str) -> Result<(), ReferenceError> {
     if name.len() > NAME_MAX {
@@ -360,6 +400,26 @@ mod tests {
         for bad in ["", ".x", "-x", "a/b", &"t".repeat(TAG_MAX + 1), "a:b"] {
             assert!(Reference::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn image_names_parse_the_docker_way() {
+        let cases = [
+            ("alpine", "docker.io/library/alpine:latest"),
+            ("alpine:3.19", "docker.io/library/alpine:3.19"),
+            ("ghcr.io/owner/app:1.0", "ghcr.io/owner/app:1.0"),
+            ("localhost:5000/app", "localhost:5000/app:latest"),
+            ("localhost:5000/app:v2", "localhost:5000/app:v2"),
+            (
+                &format!("quay.io/a/b@sha256:{HEX}"),
+                &format!("quay.io/a/b@sha256:{HEX}"),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(ImageRef::parse(input).unwrap().to_string(), want, "{input}");
+        }
+        assert!(ImageRef::parse("Alpine").is_err());
+        assert!(ImageRef::parse("alpine@md5:x").is_err());
     }
 
     #[test]

@@ -299,6 +299,7 @@ async fn run(
                         .metrics
                         .store_bytes
                         .set(inner.store.size_bytes() as i64);
+                    super::evict::check(&inner);
                     debug!(repository = %repo, %digest, bytes = meta.size, "blob cached");
                 }
                 Ok(Err(e)) => {

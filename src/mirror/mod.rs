@@ -15,6 +15,7 @@
 mod accept;
 mod blob;
 mod error;
+mod evict;
 mod fill;
 mod flight;
 mod manifest;
@@ -72,6 +73,15 @@ struct Inner {
     tag_lists: moka::sync::Cache<String, TagList>,
     manifest_flights: Arc<ManifestFlights>,
     fills: blob::Fills,
+    limits: evict::Limits,
+    evict_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the eviction task see the mirror is gone and stop.
+        self.evict_wake.notify_one();
+    }
 }
 
 impl Mirror {
@@ -82,24 +92,40 @@ impl Mirror {
         upstream: upstream::Client,
         metrics: Arc<Metrics>,
     ) -> Mirror {
+        let max = config.max_store_bytes.unwrap_or_else(|| {
+            // 80% of what is free at start, plus what the store already holds.
+            let free = store::available_space(&config.data_dir).unwrap_or(0);
+            (free as f64 * 0.8) as u64 + store.size_bytes()
+        });
         metrics.store_bytes.set(store.size_bytes() as i64);
-        Mirror {
-            inner: Arc::new(Inner {
-                store,
-                upstream,
-                config,
-                metrics,
-                hot: moka::sync::Cache::builder()
-                    .max_capacity(HOT_MANIFEST_BYTES)
-                    .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
-                    .build(),
-                tag_lists: moka::sync::Cache::builder()
-                    .max_capacity(1024)
-                    .time_to_live(TAG_LIST_TTL)
-                    .build(),
-                manifest_flights: Arc::default(),
-                fills: blob::Fills::default(),
-            }),
+        metrics.store_max_bytes.set(max as i64);
+        let inner = Arc::new(Inner {
+            store,
+            upstream,
+            config,
+            metrics,
+            hot: moka::sync::Cache::builder()
+                .max_capacity(HOT_MANIFEST_BYTES)
+                .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+            tag_lists: moka::sync::Cache::builder()
+                .max_capacity(1024)
+                .time_to_live(TAG_LIST_TTL)
+                .build(),
+            manifest_flights: Arc::default(),
+            fills: blob::Fills::default(),
+            limits: evict::Limits { max },
+            evict_wake: Arc::default(),
+        });
+        evict::spawn(&inner);
+        evict::check(&inner);
+        Mirror { inner }
+    }
+
+    /// Runs one eviction pass now if the store is past its high-water mark.
+    pub async fn evict_if_needed(&self) {
+        if self.inner.store.size_bytes() > self.inner.limits.high() {
+            evict::run(&self.inner).await;
         }
     }
 
@@ -374,9 +400,12 @@ impl Inner {
         // Upstream serving this manifest for `repo` vouches that `repo` has
         // everything it names (registries refuse manifests otherwise).
         self.store.link(repo, &manifest.digest)?;
-        for child in manifest.references() {
-            self.store.link(repo, &child)?;
+        let children = manifest.references();
+        for child in &children {
+            self.store.link(repo, child)?;
         }
+        self.store.add_refs(&manifest.digest, &children)?;
+        evict::check(self);
         if let Reference::Tag(tag) = reference {
             // A client that accepts only some types may get a converted
             // manifest: it must not become what the tag means for others.

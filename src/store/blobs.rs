@@ -56,6 +56,61 @@ impl BlobFiles {
         }
     }
 
+    /// Deletes a committed blob file; a reader that has it open keeps
+    /// reading (the inode lives until closed). Blocking.
+    pub fn remove(&self, digest: &Digest) -> Result<()> {
+        let path = self.path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Moves a blob that failed verification aside, out of the served tree.
+    pub fn quarantine(&self, digest: &Digest, root: &Path) -> Result<PathBuf> {
+        let dir = root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let dest = dir.join(digest.hex());
+        fs::rename(self.path(digest), &dest).map_err(|e| Error::io(&dest, e))?;
+        Ok(dest)
+    }
+
+    /// Every file in the blob tree: its digest (from the name) and size.
+    /// Files whose names are not digests are returned as `Err(path)`.
+    pub fn list(&self) -> Result<Vec<std::result::Result<(Digest, u64), PathBuf>>> {
+        let mut out = Vec::new();
+        let prefixes = fs::read_dir(&self.blobs).map_err(|e| Error::io(&self.blobs, e))?;
+        for prefix in prefixes {
+            let prefix = prefix.map_err(|e| Error::io(&self.blobs, e))?;
+            let dir = prefix.path();
+            if !dir.is_dir() {
+                out.push(Err(dir));
+                continue;
+            }
+            for file in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+                let file = file.map_err(|e| Error::io(&dir, e))?;
+                let name = file.file_name();
+                let digest = Digest::parse(&format!("sha256:{}", name.to_string_lossy())).ok();
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                match digest {
+                    Some(d) if file.path() == self.path(&d) => out.push(Ok((d, size))),
+                    _ => out.push(Err(file.path())),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hashes a committed blob file again. Blocking.
+    pub fn rehash(&self, digest: &Digest) -> Result<(Digest, u64)> {
+        let path = self.path(digest);
+        let mut file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut hasher = Sha256::new();
+        let size = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(&path, e))?;
+        Ok((Digest::from_hasher(hasher), size))
+    }
+
     /// Starts a new temp file in the same file system as the blobs, so the
     /// final rename is atomic.
     pub fn create_temp(&self) -> Result<BlobWriter> {

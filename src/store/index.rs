@@ -17,7 +17,7 @@ pub struct BlobMeta {
     /// Set for manifests (their `Content-Type`), absent for layer blobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
-    /// Unix seconds of the last read, for eviction.
+    /// Unix seconds of the last read, for least-recently-used eviction.
     pub last_access: u64,
 }
 
@@ -38,6 +38,9 @@ pub struct Index {
     blobs: sled::Tree,
     links: sled::Tree,
     tags: sled::Tree,
+    /// child digest ++ parent digest (64 raw bytes): which manifests name a
+    /// blob, so evicting the blob can drop them too.
+    refs: sled::Tree,
 }
 
 impl Index {
@@ -55,6 +58,7 @@ impl Index {
             blobs: db.open_tree("blobs")?,
             links: db.open_tree("links")?,
             tags: db.open_tree("tags")?,
+            refs: db.open_tree("refs")?,
             db,
         })
     }
@@ -70,6 +74,61 @@ impl Index {
 
     pub fn remove_blob(&self, digest: &Digest) -> Result<()> {
         self.blobs.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every committed blob and its record.
+    pub fn blobs(&self) -> Result<Vec<(Digest, BlobMeta)>> {
+        let mut out = Vec::new();
+        for entry in self.blobs.iter() {
+            let (key, value) = entry?;
+            let digest =
+                Digest::from_bytes(&key).ok_or_else(|| Error::CorruptRecord(hex::encode(&key)))?;
+            let meta: BlobMeta = serde_json::from_slice(&value)
+                .map_err(|_| Error::CorruptRecord(digest.to_string()))?;
+            out.push((digest, meta));
+        }
+        Ok(out)
+    }
+
+    /// Records that manifest `parent` names `child`.
+    pub fn add_ref(&self, parent: &Digest, child: &Digest) -> Result<()> {
+        self.refs.insert(ref_key(child, parent), &[])?;
+        Ok(())
+    }
+
+    /// Forgets that `parent` names `child`.
+    pub fn remove_ref(&self, parent: &Digest, child: &Digest) -> Result<()> {
+        self.refs.remove(ref_key(child, parent))?;
+        Ok(())
+    }
+
+    /// The manifests that name `child`.
+    pub fn parents_of(&self, child: &Digest) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for entry in self.refs.scan_prefix(child.as_bytes()) {
+            let (key, _) = entry?;
+            out.extend(Digest::from_bytes(&key[32..]));
+        }
+        Ok(out)
+    }
+
+    /// Every tag record, with its `registry/name:tag` key.
+    pub fn all_tags(&self) -> Result<Vec<(String, TagRecord)>> {
+        let mut out = Vec::new();
+        for entry in self.tags.iter() {
+            let (key, value) = entry?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let record =
+                serde_json::from_slice(&value).map_err(|_| Error::CorruptRecord(key.clone()))?;
+            out.push((key, record));
+        }
+        Ok(out)
+    }
+
+    /// Removes a tag by its `registry/name:tag` key.
+    pub fn remove_tag_key(&self, key: &str) -> Result<()> {
+        self.tags.remove(key)?;
         Ok(())
     }
 
@@ -126,6 +185,13 @@ impl Index {
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn ref_key(child: &Digest, parent: &Digest) -> Vec<u8> {
+    let mut key = Vec::with_capacity(64);
+    key.extend_from_slice(child.as_bytes());
+    key.extend_from_slice(parent.as_bytes());
+    key
 }
 
 fn link_key(repo: &Repository, digest: &Digest) -> String {

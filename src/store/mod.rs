@@ -5,6 +5,7 @@
 mod blobs;
 mod error;
 mod index;
+mod maintenance;
 
 use std::fs::File;
 use std::path::Path;
@@ -14,18 +15,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use blobs::{BlobWriter, VerifiedBlob};
 pub use error::{Error, Result};
 pub use index::{BlobMeta, TagRecord};
+pub use maintenance::{Evicted, GcReport, Reconciled, VerifyReport};
 
 use blobs::BlobFiles;
 use index::Index;
 
 use crate::reference::{Digest, Repository};
 
-/// How stale `last_access` may get before a read rewrites it; keeps the hot
-/// read path from writing to sled on every hit.
-const ACCESS_GRANULARITY_SECS: u64 = 60;
+/// How stale `last_access` may get before a read rewrites it: at most one
+/// index write per blob per second on the hot read path.
+const ACCESS_GRANULARITY_SECS: u64 = 1;
 
 /// Blob files and their index.
 pub struct Store {
+    root: std::path::PathBuf,
     files: BlobFiles,
     index: Index,
     bytes: AtomicU64,
@@ -39,17 +42,29 @@ pub struct StoredBlob {
 }
 
 impl Store {
-    /// Opens the store under `root`, removing leftovers of interrupted
-    /// downloads. Blocking.
+    /// Opens the store under `root`: removes leftovers of interrupted
+    /// downloads and reconciles the index with the blob files (see
+    /// `reconcile`). Blocking.
     pub fn open(root: &Path) -> Result<Store> {
+        let (store, _) = Store::open_reconciled(root)?;
+        Ok(store)
+    }
+
+    /// `open`, also saying what reconciling found.
+    pub fn open_reconciled(root: &Path) -> Result<(Store, Reconciled)> {
         let files = BlobFiles::open(root)?;
         let index = Index::open(&root.join("index"))?;
-        let bytes = index.total_size()?;
-        Ok(Store {
+        let store = Store {
+            root: root.to_owned(),
             files,
             index,
-            bytes: AtomicU64::new(bytes),
-        })
+            bytes: AtomicU64::new(0),
+        };
+        let reconciled = store.reconcile()?;
+        store
+            .bytes
+            .store(store.index.total_size()?, Ordering::Relaxed);
+        Ok((store, reconciled))
     }
 
     /// Total size of the committed blobs.
@@ -120,6 +135,15 @@ impl Store {
         self.commit(writer.verify(digest)?, media_type)
     }
 
+    /// Records which blobs and child manifests `manifest` names, so that
+    /// evicting one of them also drops the manifest.
+    pub fn add_refs(&self, manifest: &Digest, children: &[Digest]) -> Result<()> {
+        for child in children {
+            self.index.add_ref(manifest, child)?;
+        }
+        Ok(())
+    }
+
     /// Whether `repo` was seen upstream to contain `digest`.
     pub fn is_linked(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
         self.index.is_linked(repo, digest)
@@ -154,6 +178,21 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         self.index.flush()
     }
+}
+
+/// Bytes available to unprivileged users on the file system holding `path`.
+pub fn available_space(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stat` a valid
+    // out-pointer for the duration of the call.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 fn unix_secs() -> u64 {

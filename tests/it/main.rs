@@ -4,6 +4,7 @@
 mod fake;
 
 mod auth;
+mod evict;
 mod faults;
 mod pull;
 mod single_flight;

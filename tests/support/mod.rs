@@ -378,6 +378,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -460,7 +463,11 @@ pub struct HoardProcess {
 
 impl HoardProcess {
     pub fn start(upstream: &str, extra_args: &[&str]) -> HoardProcess {
-        let data = tempfile::tempdir().unwrap();
+        HoardProcess::start_in(tempfile::tempdir().unwrap(), upstream, extra_args)
+    }
+
+    /// Starts hoard on the store in `data` (e.g. one a killed hoard left).
+    pub fn start_in(data: tempfile::TempDir, upstream: &str, extra_args: &[&str]) -> HoardProcess {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
         command
@@ -475,9 +482,25 @@ impl HoardProcess {
             ))
             .args(extra_args)
             .env_remove("HOARD_CONFIG");
-        let mut daemon = Daemon::spawn("hoard", &mut command, data.path().join("hoard.log"));
+        let log = data.path().join(format!("hoard-{port}.log"));
+        let mut daemon = Daemon::spawn("hoard", &mut command, log);
         daemon.wait_http(&format!("http://127.0.0.1:{port}/healthz"));
         HoardProcess { daemon, port, data }
+    }
+
+    /// `kill -9`: no shutdown code runs. Hands back the data folder.
+    pub fn kill(self) -> tempfile::TempDir {
+        let HoardProcess {
+            mut daemon, data, ..
+        } = self;
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        data
+    }
+
+    /// The store folder.
+    pub fn store(&self) -> PathBuf {
+        self.data.path().join("store")
     }
 
     pub fn addr(&self) -> String {
