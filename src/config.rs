@@ -88,6 +88,13 @@ pub struct ServeArgs {
     /// first [default: 80% of the data file system's free space at start].
     #[arg(long, env = "HOARD_MAX_SIZE", value_name = "SIZE")]
     pub max_size: Option<String>,
+    /// Upstream blob downloads running at once per registry [default: 32].
+    #[arg(long, env = "HOARD_MAX_CONCURRENT_FETCHES", value_name = "N")]
+    pub max_concurrent_fetches: Option<usize>,
+    /// Under this many requests left (ratelimit-remaining), tags are served
+    /// without revalidation [default: 10].
+    #[arg(long, env = "HOARD_RATE_LIMIT_FLOOR", value_name = "N")]
+    pub rate_limit_floor: Option<i64>,
     /// Upstream connect timeout [default: 10s].
     #[arg(long, env = "HOARD_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub connect_timeout: Option<String>,
@@ -133,6 +140,8 @@ struct FileStore {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileUpstream {
+    max_concurrent_fetches: Option<usize>,
+    rate_limit_floor: Option<i64>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     stall_timeout: Option<String>,
@@ -209,6 +218,10 @@ pub struct Config {
     pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Upstream blob downloads at once, per registry.
+    pub max_concurrent_fetches: usize,
+    /// `ratelimit-remaining` under which tags are not revalidated.
+    pub rate_limit_floor: i64,
     /// Most bytes the store keeps; `None` means 80% of the free space of
     /// the data file system, measured at start.
     pub max_store_bytes: Option<u64>,
@@ -245,6 +258,8 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             max_store_bytes: None,
             pins: Vec::new(),
+            max_concurrent_fetches: 32,
+            rate_limit_floor: 10,
             registries,
         }
     }
@@ -289,6 +304,8 @@ impl Config {
             file.shutdown_timeout.as_deref(),
         )?;
         let up = file.upstream;
+        set(&mut self.max_concurrent_fetches, up.max_concurrent_fetches);
+        set(&mut self.rate_limit_floor, up.rate_limit_floor);
         set_duration(
             &mut self.connect_timeout,
             "upstream.connect_timeout",
@@ -454,6 +471,14 @@ impl Config {
             "--shutdown-timeout",
             args.shutdown_timeout.as_deref(),
         )?;
+        set(
+            &mut self.max_concurrent_fetches,
+            args.max_concurrent_fetches,
+        );
+        set(&mut self.rate_limit_floor, args.rate_limit_floor);
+        if self.max_concurrent_fetches == 0 {
+            return Err(invalid("max_concurrent_fetches", "must be at least 1"));
+        }
         if let Some(size) = &args.max_size {
             self.max_store_bytes = Some(parse_size(size).map_err(|m| invalid("--max-size", m))?);
         }

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub ratelimit_remaining: IntGaugeVec,
     /// `hoard_upstream_ratelimit_limit{registry}` from `ratelimit-limit`.
     pub ratelimit_limit: IntGaugeVec,
+    /// `hoard_upstream_circuit_open{registry}`: 1 while a failing upstream
+    /// is not contacted.
+    pub circuit_open: IntGaugeVec,
     /// `hoard_store_bytes`: size of the committed blobs.
     pub store_bytes: IntGauge,
     /// `hoard_store_max_bytes`: the size limit eviction keeps the store under.
@@ -88,6 +91,11 @@ impl Metrics {
         let ratelimit_limit = gauge_vec(
             "hoard_upstream_ratelimit_limit",
             "Last ratelimit-limit header seen from each upstream registry.",
+            &["registry"],
+        );
+        let circuit_open = gauge_vec(
+            "hoard_upstream_circuit_open",
+            "1 while an upstream that kept failing is not contacted (circuit breaker open).",
             &["registry"],
         );
         let store_bytes = gauge(
@@ -168,6 +176,7 @@ impl Metrics {
             upstream_requests,
             ratelimit_remaining,
             ratelimit_limit,
+            circuit_open,
             store_bytes,
             store_max_bytes,
             evicted_blobs,

@@ -250,6 +250,11 @@ impl Mirror {
             if u128::from(age) < ttl.as_millis() {
                 return Ok((manifest.clone(), Outcome::Hit));
             }
+            // Upstream's budget is nearly spent: keep it for real misses and
+            // stretch the TTL (the upstream logs when this starts).
+            if inner.upstream.budget_low(repo.registry()) {
+                return Ok((manifest.clone(), Outcome::Stale));
+            }
         }
         let key = (repo.clone(), Reference::Tag(tag.to_owned()));
         let work = {

@@ -29,6 +29,7 @@ pub enum Code {
     TooManyRequests,
     Unavailable,
     UpstreamTimeout,
+    UpstreamDown,
     Unknown,
 }
 
@@ -48,7 +49,7 @@ impl Code {
             Code::Denied => "DENIED",
             Code::Unsupported | Code::NotFound => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
-            Code::Unavailable | Code::UpstreamTimeout => "UNAVAILABLE",
+            Code::Unavailable | Code::UpstreamTimeout | Code::UpstreamDown => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -67,6 +68,7 @@ impl Code {
             Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Code::Unavailable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::UpstreamDown => StatusCode::SERVICE_UNAVAILABLE,
             Code::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -185,6 +187,7 @@ impl From<&upstream::Error> for ApiError {
             | U::ManifestTooLarge { .. } => {
                 ApiError::new(Code::Unavailable, "upstream registry unavailable")
             }
+            U::CircuitOpen { .. } => ApiError::new(Code::UpstreamDown, "upstream registry is down"),
         }
     }
 }

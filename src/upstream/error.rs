@@ -52,6 +52,11 @@ pub enum Error {
     ManifestTooLarge { registry: String, limit: u64 },
     #[error("{registry}: body failed: {message}")]
     Body { registry: String, message: String },
+    #[error("{registry}: failing, not contacted for {retry_in:?}")]
+    CircuitOpen {
+        registry: String,
+        retry_in: Duration,
+    },
     #[error("{registry}: too many redirects")]
     Redirects { registry: String },
     #[error("{registry}: invalid response: {message}")]
@@ -72,6 +77,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Connect { .. }
             | Error::Body { .. }
+            | Error::CircuitOpen { .. }
             | Error::Token { .. } => true,
             _ => false,
         }

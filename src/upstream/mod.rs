@@ -7,6 +7,7 @@
 
 mod auth;
 mod error;
+mod health;
 mod ratelimit;
 
 use std::collections::BTreeMap;
@@ -65,6 +66,8 @@ pub struct TagsResponse {
 /// A blob body being received.
 pub struct BlobResponse {
     response: reqwest::Response,
+    /// Held while the body streams: caps concurrent downloads per registry.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     registry: String,
     stall_timeout: Duration,
     /// `Content-Length`, when upstream sent it.
@@ -99,6 +102,9 @@ pub struct Client {
     response_timeout: Duration,
     stall_timeout: Duration,
     max_manifest_bytes: u64,
+    health: health::Health,
+    max_concurrent_fetches: usize,
+    fetch_permits: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Client {
@@ -123,6 +129,9 @@ impl Client {
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
             max_manifest_bytes: config.max_manifest_bytes,
+            health: health::Health::new(config.rate_limit_floor),
+            max_concurrent_fetches: config.max_concurrent_fetches,
+            fetch_permits: Default::default(),
         })
     }
 
@@ -190,12 +199,31 @@ impl Client {
         })
     }
 
+    /// Whether `registry`'s rate-limit budget is under the configured floor:
+    /// then tags should be served without revalidation.
+    pub fn budget_low(&self, registry: &str) -> bool {
+        self.health.budget_low(registry)
+    }
+
     /// `GET` a blob, following redirects; the body is streamed by the caller.
+    /// At most `max_concurrent_fetches` run per registry; others wait.
     pub async fn get_blob(&self, repo: &Repository, digest: &Digest) -> Result<BlobResponse> {
+        let semaphore = self
+            .fetch_permits
+            .lock()
+            .expect("permits lock")
+            .entry(repo.registry().to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_fetches)))
+            .clone();
+        let permit = semaphore
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let response = self
             .send(repo, Method::GET, &format!("blobs/{digest}"), None)
             .await?;
         Ok(BlobResponse {
+            _permit: permit,
             len: response.content_length(),
             response,
             registry: repo.registry().to_owned(),
@@ -256,6 +284,7 @@ impl Client {
     ) -> Result<reqwest::Response> {
         let registry = repo.registry();
         let (base, credentials) = self.endpoint(registry)?;
+        self.health.admit(registry)?;
         let url = base
             .join(&format!("v2/{}/{tail}", repo.name()))
             .map_err(|e| Error::BadResponse {
@@ -269,7 +298,7 @@ impl Client {
             .await?;
         let mut answered = false;
         loop {
-            let response = self
+            let sent = self
                 .follow(
                     registry,
                     &method,
@@ -277,7 +306,8 @@ impl Client {
                     accept,
                     authorization.as_ref(),
                 )
-                .await?;
+                .await;
+            let response = self.judge(registry, sent)?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !answered {
                 let challenge = response
@@ -386,8 +416,28 @@ impl Client {
             .inc();
     }
 
+    /// Tells the health tracker what a request showed of the registry.
+    fn judge(&self, registry: &str, sent: Result<reqwest::Response>) -> Result<reqwest::Response> {
+        let verdict = match &sent {
+            Err(Error::Connect { .. } | Error::Timeout { .. }) => health::Verdict::Failed,
+            Err(_) => health::Verdict::Answered,
+            Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
+                health::Verdict::RateLimited(ratelimit::retry_after(r.headers()))
+            }
+            Ok(r) if r.status().is_server_error() => health::Verdict::Failed,
+            Ok(_) => health::Verdict::Answered,
+        };
+        self.health.record(registry, verdict);
+        self.metrics
+            .circuit_open
+            .with_label_values(&[registry])
+            .set(self.health.is_open(registry) as i64);
+        sent
+    }
+
     fn record_ratelimit(&self, registry: &str, headers: &HeaderMap) {
         if let Some(remaining) = ratelimit::parse(headers, "ratelimit-remaining") {
+            self.health.observe_remaining(registry, remaining);
             self.metrics
                 .ratelimit_remaining
                 .with_label_values(&[registry])

@@ -72,7 +72,7 @@ async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
     for fault in [
         Fault::Status(500, None),
         Fault::Status(503, None),
-        Fault::Status(429, Some(5)),
+        Fault::Status(429, Some(1)),
     ] {
         fake.clear_faults();
         fake.fault("/manifests/", fault);
@@ -87,6 +87,8 @@ async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
     );
 
     fake.clear_faults();
+    // Let the 429's back-off (Retry-After: 1) pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     fake.remove_manifest("library/alpine", "3");
     past_ttl().await;
     let r = hoard.get("/v2/alpine/manifests/3").await;
@@ -290,4 +292,108 @@ async fn shutdown_mid_download_cuts_cleanly_and_promotes_nothing() {
     let hoard = Hoard::start_in(data, &fake.url(), &[], |_| {}).await;
     let body = hoard.get(&path).await.bytes().await.unwrap();
     assert_eq!(digest_of(&body), digest);
+}
+
+#[tokio::test]
+async fn a_failing_upstream_opens_the_circuit_and_cached_tags_keep_serving() {
+    let fake = Fake::start().await;
+    let (digest, _) = fake.put_image("library/alpine", "3", b"layer");
+    let hoard = Hoard::start(&fake.url(), &[], short_ttl).await;
+    assert_eq!(hoard.status("/v2/alpine/manifests/3").await, 200);
+    fake.fault("/manifests/", Fault::Status(500, None));
+    for i in 0..5 {
+        let r = hoard
+            .get(&format!("/v2/alpine/manifests/missing-{i}"))
+            .await;
+        assert_eq!(r.status(), 502);
+    }
+    let sent = fake.all_hits().len();
+    // Open: no request reaches upstream, the answer is immediate.
+    let r = hoard.get("/v2/alpine/manifests/missing-again").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    past_ttl().await;
+    let r = hoard.get("/v2/alpine/manifests/3").await;
+    assert_eq!(
+        r.status(),
+        200,
+        "cached tag served stale while the circuit is open"
+    );
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    assert_eq!(fake.all_hits().len(), sent);
+    assert_eq!(
+        hoard.metric(r#"hoard_upstream_circuit_open{registry="docker.io"}"#),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn after_a_429_misses_back_off_without_asking_upstream() {
+    let fake = Fake::start().await;
+    fake.put_image("library/a", "1", b"a");
+    fake.put_image("library/b", "1", b"b");
+    fake.fault("/manifests/", Fault::Status(429, Some(30)));
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    assert_eq!(hoard.get("/v2/a/manifests/1").await.status(), 429);
+    let r = hoard.get("/v2/b/manifests/1").await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((28..=31).contains(&retry), "{retry}");
+    assert_eq!(fake.all_hits().len(), 1, "{:?}", fake.all_hits());
+}
+
+#[tokio::test]
+async fn low_rate_limit_budget_stretches_the_tag_ttl() {
+    let fake = Fake::start().await;
+    // The fake reports ratelimit-remaining: 42.
+    fake.put_image("library/alpine", "3", b"layer");
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        short_ttl(args);
+        args.rate_limit_floor = Some(100);
+    })
+    .await;
+    assert_eq!(hoard.status("/v2/alpine/manifests/3").await, 200);
+    past_ttl().await;
+    assert_eq!(hoard.status("/v2/alpine/manifests/3").await, 200);
+    assert_eq!(fake.hits("HEAD", "/manifests/"), 0, "no revalidation spent");
+    assert_eq!(
+        hoard.metric(r#"hoard_upstream_ratelimit_remaining{registry="docker.io"}"#),
+        42.0
+    );
+    // A real miss still goes upstream.
+    fake.put_image("library/alpine", "4", b"other");
+    assert_eq!(hoard.status("/v2/alpine/manifests/4").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_downloads_per_registry_are_capped() {
+    let fake = Fake::start().await;
+    let first = fake.put_blob("library/x", vec![1u8; 1 << 20]);
+    let second = fake.put_blob("library/x", vec![2u8; 1 << 20]);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    fake.fault(&first, Fault::Gate(gate.clone()));
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.max_concurrent_fetches = Some(1)
+    })
+    .await;
+    let mut held = hoard.get(&format!("/v2/x/blobs/{first}")).await;
+    held.chunk().await.unwrap().unwrap();
+    let waiting = {
+        let client = hoard.client.clone();
+        let url = hoard.url(&format!("/v2/x/blobs/{second}"));
+        tokio::spawn(async move { client.get(url).send().await.unwrap().bytes().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fake.hits("GET", &second),
+        0,
+        "the second download waits for a slot"
+    );
+    gate.notify_one();
+    while held.chunk().await.unwrap().is_some() {}
+    assert_eq!(digest_of(&waiting.await.unwrap()), second);
 }
