@@ -40,6 +40,10 @@ pub enum Fault {
     Slow(Duration),
     /// Wait this long before the response head.
     Delay(Duration),
+    /// Answer 500 to this percentage of matching requests (deterministic
+    /// pseudo-random sequence). Used by tests/e2e_load.rs.
+    #[allow(dead_code)]
+    Random(u32),
 }
 
 #[derive(Default)]
@@ -55,6 +59,24 @@ pub struct State {
     token_auth: Mutex<Option<TokenAuth>>,
     /// Redirect blob GETs to this base URL.
     redirect: Mutex<Option<String>>,
+    /// Failures injected by `Fault::Random`.
+    pub injected: std::sync::atomic::AtomicU64,
+}
+
+fn next_random() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x2545_f491_4f6c_dd1d);
+    let mut x = STATE.load(Ordering::Relaxed);
+    loop {
+        let mut next = x;
+        next ^= next << 13;
+        next ^= next >> 7;
+        next ^= next << 17;
+        match STATE.compare_exchange_weak(x, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(current) => x = current,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -267,6 +289,14 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
         .map(|(_, f)| f.clone());
     if let Some(Fault::Delay(d)) = &fault {
         tokio::time::sleep(*d).await;
+    }
+    if let Some(Fault::Random(percent)) = &fault {
+        if next_random() % 100 < u64::from(*percent) {
+            state
+                .injected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return full(StatusCode::INTERNAL_SERVER_ERROR, error_body("INJECTED"));
+        }
     }
     if let Some(Fault::Status(code, retry)) = &fault {
         let mut r = full(StatusCode::from_u16(*code).unwrap(), error_body("FAULT"));
