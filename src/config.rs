@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// first [default: 80% of the data file system's free space at start].
     #[arg(long, env = "HOARD_MAX_SIZE", value_name = "SIZE")]
     pub max_size: Option<String>,
+    /// Below this much free disk space new blobs are relayed uncached and
+    /// eviction runs [default: 512MiB].
+    #[arg(long, env = "HOARD_MIN_FREE_SPACE", value_name = "SIZE")]
+    pub min_free_space: Option<String>,
     /// Upstream blob downloads running at once per registry [default: 32].
     #[arg(long, env = "HOARD_MAX_CONCURRENT_FETCHES", value_name = "N")]
     pub max_concurrent_fetches: Option<usize>,
@@ -133,6 +137,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileStore {
     max_size: Option<Size>,
+    min_free_space: Option<Size>,
     #[serde(default)]
     pins: Vec<String>,
 }
@@ -218,6 +223,8 @@ pub struct Config {
     pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Free space under which blobs are relayed without caching.
+    pub min_free_bytes: u64,
     /// Upstream blob downloads at once, per registry.
     pub max_concurrent_fetches: usize,
     /// `ratelimit-remaining` under which tags are not revalidated.
@@ -258,6 +265,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             max_store_bytes: None,
             pins: Vec::new(),
+            min_free_bytes: 512 << 20,
             max_concurrent_fetches: 32,
             rate_limit_floor: 10,
             registries,
@@ -321,6 +329,9 @@ impl Config {
             "upstream.stall_timeout",
             up.stall_timeout.as_deref(),
         )?;
+        if let Some(size) = file.store.min_free_space {
+            self.min_free_bytes = size.bytes("store.min_free_space")?;
+        }
         if let Some(size) = file.store.max_size {
             self.max_store_bytes = Some(size.bytes("store.max_size")?);
         }
@@ -478,6 +489,9 @@ impl Config {
         set(&mut self.rate_limit_floor, args.rate_limit_floor);
         if self.max_concurrent_fetches == 0 {
             return Err(invalid("max_concurrent_fetches", "must be at least 1"));
+        }
+        if let Some(size) = &args.min_free_space {
+            self.min_free_bytes = parse_size(size).map_err(|m| invalid("--min-free-space", m))?;
         }
         if let Some(size) = &args.max_size {
             self.max_store_bytes = Some(parse_size(size).map_err(|m| invalid("--max-size", m))?);

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub evicted_blobs: IntCounter,
     /// `hoard_evicted_bytes_total`: bytes freed by eviction.
     pub evicted_bytes: IntCounter,
+    /// `hoard_store_bypassed_total`: blobs relayed without caching because
+    /// the disk was nearly full.
+    pub store_bypassed: IntCounter,
     /// `hoard_inflight_fetches`: upstream downloads running now.
     pub inflight_fetches: IntGauge,
     /// `hoard_digest_mismatches_total`: upstream content that failed verification.
@@ -118,6 +121,10 @@ impl Metrics {
             "Blobs and manifests removed by eviction.",
         );
         let evicted_bytes = counter("hoard_evicted_bytes_total", "Bytes freed by eviction.");
+        let store_bypassed = counter(
+            "hoard_store_bypassed_total",
+            "Blobs relayed to a client without caching because the disk was nearly full.",
+        );
         let inflight_fetches = gauge(
             "hoard_inflight_fetches",
             "Upstream blob downloads in progress.",
@@ -181,6 +188,7 @@ impl Metrics {
             store_max_bytes,
             evicted_blobs,
             evicted_bytes,
+            store_bypassed,
             inflight_fetches,
             digest_mismatches,
             http_requests,

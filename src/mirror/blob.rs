@@ -98,14 +98,12 @@ pub struct Blob {
 enum Source {
     Stored(StoredBlob),
     Filling(Arc<Fill>),
+    /// Not cached (the disk is nearly full): upstream's body relayed to
+    /// this one client, still verified.
+    Passthrough(upstream::BlobResponse, Digest),
 }
 
 impl Blob {
-    /// Whether the bytes come from the store (so any range can be served).
-    pub fn is_stored(&self) -> bool {
-        matches!(self.source, Source::Stored(_))
-    }
-
     /// Streams `start..end` (the whole blob with `None`).
     pub fn stream(self, range: Option<(u64, u64)>) -> ByteStream {
         let (start, end) = match range {
@@ -121,6 +119,9 @@ impl Blob {
         match self.source {
             Source::Stored(blob) => stream::spawn(Arc::new(blob.file), start, end, None, served),
             Source::Filling(fill) => stream::spawn(fill.file(), start, end, Some(fill), served),
+            Source::Passthrough(response, digest) => {
+                stream::relay(response, digest, start, end, served)
+            }
         }
     }
 }
@@ -129,6 +130,7 @@ enum Step {
     Stored(StoredBlob),
     Join(Arc<Fill>),
     Lead(Arc<Fill>),
+    Passthrough,
     Confirm,
 }
 
@@ -151,6 +153,8 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                     }
                 } else if let Some(step) = stored(inner, repo, digest, confirmed)? {
                     step
+                } else if inner.low_on_space() {
+                    Step::Passthrough
                 } else {
                     let writer = inner.store.create_temp()?;
                     let fill = Arc::new(Fill::new(repo.clone(), writer.file()));
@@ -193,6 +197,22 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
             Step::Lead(fill) => {
                 let len = fill.started().await?;
                 (Source::Filling(fill), Outcome::Miss, len)
+            }
+            Step::Passthrough => {
+                // Relay without caching, and make room for next time.
+                inner.metrics.store_bypassed.inc();
+                inner.evict_wake.notify_one();
+                let response = inner
+                    .upstream
+                    .get_blob(repo, digest)
+                    .await
+                    .map_err(|e| blob_error(e, repo, digest))?;
+                let len = response.len;
+                (
+                    Source::Passthrough(response, digest.clone()),
+                    Outcome::Miss,
+                    len,
+                )
             }
             Step::Confirm => {
                 inner

@@ -268,6 +268,13 @@ impl Mirror {
 }
 
 impl Inner {
+    /// Whether the data file system has less free space than
+    /// `store.min_free_space`: then new blobs are relayed, not cached.
+    fn low_on_space(&self) -> bool {
+        store::available_space(&self.config.data_dir)
+            .is_ok_and(|free| free < self.config.min_free_bytes)
+    }
+
     fn check_registry(&self, repo: &Repository) -> Result<()> {
         if self.upstream.serves(repo.registry()) {
             Ok(())

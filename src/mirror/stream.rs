@@ -99,3 +99,61 @@ pub(super) fn spawn(
     });
     ByteStream { rx }
 }
+
+/// Relays an upstream body straight to one client, `start..end` of it,
+/// hashing everything; the last chunk is held back until the digest is
+/// checked (when the whole blob is relayed), so a corrupt body ends in a
+/// cut connection.
+pub(super) fn relay(
+    mut response: crate::upstream::BlobResponse,
+    digest: crate::reference::Digest,
+    start: u64,
+    end: Option<u64>,
+    served: IntCounter,
+) -> ByteStream {
+    use sha2::Digest as _;
+    let (tx, rx) = mpsc::channel(DEPTH);
+    tokio::spawn(async move {
+        let mut hasher = sha2::Sha256::new();
+        let mut pos: u64 = 0;
+        let mut held: Option<Bytes> = None;
+        loop {
+            let chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            hasher.update(&chunk);
+            let (from, to) = (pos, pos + chunk.len() as u64);
+            pos = to;
+            let lo = start.clamp(from, to) - from;
+            let hi = end.unwrap_or(u64::MAX).clamp(from, to) - from;
+            if lo < hi {
+                let part = chunk.slice(lo as usize..hi as usize);
+                if let Some(previous) = held.replace(part) {
+                    served.inc_by(previous.len() as u64);
+                    if tx.send(Ok(previous)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let whole = start == 0 && end.is_none_or(|end| end == pos);
+        if whole && crate::reference::Digest::from_hasher(hasher) != digest {
+            let _ = tx
+                .send(Err(io::Error::other(
+                    "upstream content does not match its digest",
+                )))
+                .await;
+            return;
+        }
+        if let Some(last) = held {
+            served.inc_by(last.len() as u64);
+            let _ = tx.send(Ok(last)).await;
+        }
+    });
+    ByteStream { rx }
+}

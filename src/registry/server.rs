@@ -19,6 +19,9 @@ use super::handlers::{handle, App, Surface};
 const MAX_CONNECTIONS: usize = 4096;
 /// A client must send its request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head accepted; larger ones get 431 from hyper. Registry
+/// requests carry a path and a bearer token at most.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves `listener` until `shutdown` resolves, then drains for at most `grace`.
 pub async fn serve(
@@ -57,6 +60,7 @@ pub async fn serve(
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_header_size(MAX_HEAD_BYTES)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

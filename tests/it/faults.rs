@@ -397,3 +397,40 @@ async fn concurrent_downloads_per_registry_are_capped() {
     while held.chunk().await.unwrap().is_some() {}
     assert_eq!(digest_of(&waiting.await.unwrap()), second);
 }
+
+#[tokio::test]
+async fn a_nearly_full_disk_relays_blobs_uncached_and_still_verifies() {
+    let fake = Fake::start().await;
+    let data = vec![4u8; 700_000];
+    let digest = fake.put_blob("library/x", data.clone());
+    // No file system has this much free: every blob counts as "disk full".
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.min_free_space = Some("1000TiB".into())
+    })
+    .await;
+    let path = format!("/v2/x/blobs/{digest}");
+    for _ in 0..2 {
+        let r = hoard.get(&path).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());
+    }
+    assert_eq!(hoard.blob_files(), 0, "nothing cached");
+    assert_eq!(hoard.temp_files(), 0);
+    assert_eq!(hoard.metric("hoard_store_bypassed_total"), 2.0);
+    let r = hoard
+        .client
+        .get(hoard.url(&path))
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
+
+    fake.fault("/blobs/", Fault::WrongBody(Bytes::from(vec![5u8; 700_000])));
+    let r = hoard.get(&path).await;
+    assert!(
+        r.bytes().await.is_err(),
+        "a corrupt relay is cut, not delivered"
+    );
+}

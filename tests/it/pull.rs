@@ -362,3 +362,20 @@ async fn unconfigured_registries_are_denied_unless_any_upstream_is_allowed() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn oversized_request_heads_are_refused() {
+    let fake = Fake::start().await;
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let r = hoard
+        .client
+        .get(hoard.url("/v2/"))
+        .header("x-padding", "a".repeat(100 * 1024))
+        .send()
+        .await;
+    // hyper answers 431 or closes the connection; either way nothing is served.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 431);
+    }
+    assert_eq!(hoard.status("/v2/").await, 200, "the server is still fine");
+}
