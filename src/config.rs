@@ -75,6 +75,17 @@ pub struct ServeArgs {
     /// Also serve /metrics and /healthz on this address.
     #[arg(long, env = "HOARD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the admin API (/admin/*) on this address; needs --admin-token.
+    #[arg(long, env = "HOARD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires.
+    #[arg(
+        long,
+        env = "HOARD_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
     /// Log format [default: text].
     #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -131,6 +142,15 @@ struct FileConfig {
     shutdown_timeout: Option<String>,
     #[serde(default)]
     store: FileStore,
+    #[serde(default)]
+    admin: FileAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,6 +234,10 @@ pub struct RegistryConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
+    /// Admin API listener (off unless set).
+    pub admin_listen: Option<SocketAddr>,
+    /// Token the admin API requires.
+    pub admin_token: Option<String>,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
     pub tag_ttl: Duration,
@@ -254,6 +278,8 @@ impl Config {
         Config {
             listen: "0.0.0.0:5000".parse().expect("valid addr"),
             metrics_listen: None,
+            admin_listen: None,
+            admin_token: None,
             data_dir: PathBuf::from("hoard-data"),
             log_format: LogFormat::Text,
             tag_ttl: Duration::from_secs(300),
@@ -286,6 +312,13 @@ impl Config {
         config.apply_file(file)?;
         config.apply_registry_env(env)?;
         config.apply_args(args)?;
+        if config.admin_listen.is_some() && config.admin_token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(invalid(
+                "admin.listen",
+                "the admin API needs admin.token (or HOARD_ADMIN_TOKEN)",
+            ));
+        }
         Ok(config)
     }
 
@@ -303,6 +336,12 @@ impl Config {
             self.metrics_listen = file.metrics_listen;
         }
         set(&mut self.data_dir, file.data_dir);
+        if file.admin.listen.is_some() {
+            self.admin_listen = file.admin.listen;
+        }
+        if file.admin.token.is_some() {
+            self.admin_token = file.admin.token;
+        }
         set(&mut self.log_format, file.log_format);
         set(&mut self.allow_any_upstream, file.allow_any_upstream);
         set_duration(&mut self.tag_ttl, "tag_ttl", file.tag_ttl.as_deref())?;
@@ -459,6 +498,12 @@ impl Config {
             self.metrics_listen = args.metrics_listen;
         }
         set(&mut self.data_dir, args.data_dir.clone());
+        if args.admin_listen.is_some() {
+            self.admin_listen = args.admin_listen;
+        }
+        if args.admin_token.is_some() {
+            self.admin_token = args.admin_token.clone();
+        }
         set(&mut self.log_format, args.log_format);
         set(&mut self.allow_any_upstream, args.allow_any_upstream);
         set_duration(&mut self.tag_ttl, "--tag-ttl", args.tag_ttl.as_deref())?;

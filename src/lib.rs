@@ -30,6 +30,16 @@ pub enum StartError {
     Upstream(#[from] upstream::Error),
 }
 
+/// The sockets a daemon serves.
+pub struct Listeners {
+    /// The registry API, /metrics and /healthz.
+    pub api: TcpListener,
+    /// /metrics and /healthz only.
+    pub metrics: Option<TcpListener>,
+    /// The admin API.
+    pub admin: Option<TcpListener>,
+}
+
 /// A mirror ready to serve: store opened, upstream client built.
 pub struct Daemon {
     app: Arc<registry::App>,
@@ -49,7 +59,11 @@ impl Daemon {
         let mirror =
             mirror::Mirror::new(config.clone(), Arc::new(store), upstream, metrics.clone());
         Ok(Daemon {
-            app: Arc::new(registry::App { mirror, metrics }),
+            app: Arc::new(registry::App {
+                mirror,
+                metrics,
+                admin_token: config.admin_token.clone(),
+            }),
             config,
         })
     }
@@ -59,13 +73,10 @@ impl Daemon {
         self.app.metrics.clone()
     }
 
-    /// Serves the registry API on `listener` (and /metrics alone on
-    /// `metrics_listener`) until `shutdown` resolves; then drains and flushes
-    /// the index.
+    /// Serves until `shutdown` resolves; then drains and flushes the index.
     pub async fn run(
         self,
-        listener: TcpListener,
-        metrics_listener: Option<TcpListener>,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         let grace = self.config.shutdown_timeout;
@@ -73,30 +84,34 @@ impl Daemon {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let metrics_task = metrics_listener.map(|l| {
-            let app = self.app.clone();
-            let stop = stopped(stop_rx.clone());
-            tokio::spawn(registry::serve(
-                l,
-                app,
-                registry::Surface::MetricsOnly,
-                stop,
-                grace,
-            ))
-        });
+        let side = [
+            (listeners.metrics, registry::Surface::MetricsOnly),
+            (listeners.admin, registry::Surface::Admin),
+        ];
+        let side_tasks: Vec<_> = side
+            .into_iter()
+            .filter_map(|(listener, surface)| {
+                let listener = listener?;
+                let app = self.app.clone();
+                let stop = stopped(stop_rx.clone());
+                Some(tokio::spawn(registry::serve(
+                    listener, app, surface, stop, grace,
+                )))
+            })
+            .collect();
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
         registry::serve(
-            listener,
+            listeners.api,
             self.app.clone(),
             registry::Surface::Full,
             stopped(stop_rx),
             grace,
         )
         .await;
-        if let Some(task) = metrics_task {
+        for task in side_tasks {
             let _ = task.await;
         }
         // Downloads are detached from clients: give them the grace period

@@ -26,6 +26,50 @@ enum Command {
     /// Remove blobs no stored manifest names, and temp files left behind.
     /// Run on a stopped store.
     Gc(StoreArgs),
+    /// List cached images: tag, digest, size, last confirmed upstream, pinned.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+        /// Only this registry host (e.g. docker.io).
+        #[arg(long)]
+        registry: Option<String>,
+    },
+    /// Never evict IMAGE (e.g. alpine:3.19, ghcr.io/owner/app@sha256:...).
+    Pin {
+        #[command(flatten)]
+        target: Target,
+        image: String,
+    },
+    /// Undo `hoard pin IMAGE`.
+    Unpin {
+        #[command(flatten)]
+        target: Target,
+        image: String,
+    },
+}
+
+/// A running daemon's admin API, or a stopped store.
+#[derive(clap::Args)]
+struct Target {
+    /// Admin API of a running hoard, e.g. http://127.0.0.1:5001.
+    #[arg(long, env = "HOARD_ADMIN_URL", value_name = "URL")]
+    admin: Option<String>,
+    /// Its token.
+    #[arg(
+        long,
+        env = "HOARD_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// Without --admin: the data directory of a stopped store.
+    #[arg(
+        long,
+        env = "HOARD_DATA_DIR",
+        value_name = "DIR",
+        default_value = "hoard-data"
+    )]
+    data_dir: std::path::PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -46,6 +90,9 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => *args,
         Some(Command::Verify(store)) => return verify(&store),
         Some(Command::Gc(store)) => return gc(&store),
+        Some(Command::Ls { target, registry }) => return ls(&target, registry),
+        Some(Command::Pin { target, image }) => return pin(&target, &image, true),
+        Some(Command::Unpin { target, image }) => return pin(&target, &image, false),
         None => cli.serve,
     };
     let config = Config::load(&args, std::env::vars())?;
@@ -61,14 +108,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = bind_optional(config.metrics_listen).await?;
+    let admin_listener = bind_optional(config.admin_listen).await?;
     let registries: Vec<String> = config
         .registries
         .iter()
@@ -82,10 +123,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "hoard starting"
     );
     let daemon = tokio::task::spawn_blocking(move || hoard::Daemon::open(config)).await??;
-    daemon
-        .run(listener, metrics_listener, shutdown_signal())
-        .await;
+    let listeners = hoard::Listeners {
+        api: listener,
+        metrics: metrics_listener,
+        admin: admin_listener,
+    };
+    daemon.run(listeners, shutdown_signal()).await;
     Ok(())
+}
+
+async fn bind_optional(
+    addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(addr) => Ok(Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Opens a store for maintenance, reconciling it first.
@@ -156,6 +213,114 @@ fn gc(args: &StoreArgs) -> anyhow::Result<()> {
         "removed {} unreferenced blobs ({} bytes)",
         report.blobs, report.bytes
     );
+    Ok(())
+}
+
+/// Calls the admin API of a running daemon.
+fn admin_call(
+    target: &Target,
+    method: reqwest::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let base = target.admin.as_deref().expect("admin url given");
+    let token = target
+        .admin_token
+        .as_deref()
+        .context("--admin needs --admin-token (or HOARD_ADMIN_TOKEN)")?;
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let response = reqwest::Client::new()
+                .request(method, &url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the admin API at {base}"))?;
+            let status = response.status();
+            let body: serde_json::Value = serde_json::from_slice(&response.bytes().await?)
+                .context("the admin API answered something other than JSON")?;
+            if !status.is_success() {
+                anyhow::bail!("admin API: {status}: {}", body["errors"][0]["message"]);
+            }
+            Ok(body)
+        })
+}
+
+fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn ls(target: &Target, registry: Option<String>) -> anyhow::Result<()> {
+    let images: Vec<hoard::mirror::catalog::CachedImage> = if target.admin.is_some() {
+        let path = match &registry {
+            Some(r) => format!("/admin/images?registry={}", query_value(r)),
+            None => "/admin/images".to_owned(),
+        };
+        serde_json::from_value(admin_call(target, reqwest::Method::GET, &path)?["images"].clone())?
+    } else {
+        let (store, _) = open_store(&StoreArgs {
+            data_dir: target.data_dir.clone(),
+        })?;
+        hoard::mirror::catalog::images(&store, &[], registry.as_deref())?
+    };
+    println!(
+        "{:<60} {:<20} {:>12} {:<20} PINNED",
+        "IMAGE", "DIGEST", "SIZE", "CHECKED"
+    );
+    for image in images {
+        let checked = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(image.checked_at),
+        );
+        println!(
+            "{:<60} {:<20} {:>12} {:<20} {}",
+            image.image,
+            &image.digest[..image.digest.len().min(19)],
+            image.size,
+            checked,
+            if image.pinned { "yes" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn pin(target: &Target, image: &str, on: bool) -> anyhow::Result<()> {
+    let parsed = hoard::reference::ImageRef::parse(image)
+        .with_context(|| format!("invalid image {image:?}"))?;
+    let changed = if target.admin.is_some() {
+        let method = if on {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::DELETE
+        };
+        let path = format!("/admin/pins?image={}", query_value(&parsed.to_string()));
+        let body = admin_call(target, method, &path)?;
+        body[if on { "added" } else { "removed" }]
+            .as_bool()
+            .unwrap_or(false)
+    } else {
+        let (store, _) = open_store(&StoreArgs {
+            data_dir: target.data_dir.clone(),
+        })?;
+        if on {
+            store.add_pin(&parsed.to_string())?
+        } else {
+            store.remove_pin(&parsed.to_string())?
+        }
+    };
+    let verb = if on { "pinned" } else { "unpinned" };
+    match changed {
+        true => println!("{verb} {parsed}"),
+        false => println!("{parsed} was already {verb}"),
+    }
     Ok(())
 }
 

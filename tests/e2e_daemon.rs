@@ -155,3 +155,72 @@ fn json_access_log_has_one_line_per_request_and_no_authorization() {
         .expect("a line for the blob request");
     assert_eq!(blob["fields"]["body"], "complete");
 }
+
+#[test]
+fn ls_and_pin_work_through_the_admin_api_and_on_a_stopped_store() {
+    let upstream = Distribution::start();
+    let seeded = seed(&upstream);
+    let admin_port = free_port();
+    let hoard = HoardProcess::start(
+        &upstream.url(),
+        &[
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+            "--admin-token",
+            "t0ken",
+        ],
+    );
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .get(format!(
+            "http://{}/v2/library/alpine-like/manifests/3",
+            hoard.addr()
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hoard"))
+            .args(args)
+            .env("HOARD_ADMIN_TOKEN", "t0ken")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let listed = cli(&["ls", "--admin", &admin]);
+    assert!(
+        listed.contains("docker.io/library/alpine-like:3"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains(&seeded.docker.manifest.digest()[..19]),
+        "{listed}"
+    );
+    assert!(cli(&["pin", "--admin", &admin, "alpine-like:3"])
+        .contains("pinned docker.io/library/alpine-like:3"));
+
+    let store = hoard.store();
+    let _data = hoard.stop();
+    let listed = cli(&["ls", "--data-dir", store.to_str().unwrap()]);
+    let line = listed
+        .lines()
+        .find(|l| l.contains("alpine-like:3"))
+        .expect(&listed);
+    assert!(
+        line.trim_end().ends_with("yes"),
+        "pinned, and the pin persisted: {line}"
+    );
+    assert!(cli(&[
+        "unpin",
+        "--data-dir",
+        store.to_str().unwrap(),
+        "alpine-like:3"
+    ])
+    .contains("unpinned"));
+}

@@ -4,16 +4,13 @@
 //! pinned images: their manifests and everything they name, all platforms.
 //! The task holds only a weak reference and stops with the mirror.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::manifest::Manifest;
+use super::catalog;
 use super::Inner;
-use crate::reference::{Digest, ImageRef, Reference};
-use crate::store::Store;
 
 /// Eviction starts above this share of the limit...
 const HIGH_WATER: f64 = 0.95;
@@ -65,10 +62,10 @@ pub(super) fn check(inner: &Inner) {
 /// One eviction pass, down to the low-water mark.
 pub(super) async fn run(inner: &Arc<Inner>) {
     let store = inner.store.clone();
-    let pins = inner.config.pins.clone();
+    let config_pins = inner.config.pins.clone();
     let target = inner.limits.low();
     let result = tokio::task::spawn_blocking(move || {
-        let protected = pinned(&store, &pins);
+        let protected = catalog::pinned(&store, &config_pins);
         store.evict(target, &protected)
     })
     .await;
@@ -94,41 +91,4 @@ pub(super) async fn run(inner: &Arc<Inner>) {
         Ok(Err(e)) => warn!(error = %e, "eviction failed"),
         Err(e) => warn!(error = %e, "eviction task failed"),
     }
-}
-
-/// Every digest a pinned image needs: its manifest, child manifests of an
-/// index, configs and layers. Pins not cached yet protect nothing.
-fn pinned(store: &Store, pins: &[ImageRef]) -> HashSet<Digest> {
-    let mut protected = HashSet::new();
-    for pin in pins {
-        let root = match &pin.reference {
-            Reference::Digest(d) => Some(d.clone()),
-            Reference::Tag(tag) => store
-                .tag(&pin.repository, tag)
-                .ok()
-                .flatten()
-                .and_then(|r| Digest::parse(&r.digest).ok()),
-        };
-        let mut stack: Vec<Digest> = root.into_iter().collect();
-        while let Some(digest) = stack.pop() {
-            if !protected.insert(digest.clone()) {
-                continue;
-            }
-            if let Some(manifest) = read_manifest(store, &digest) {
-                stack.extend(manifest.references());
-            }
-        }
-    }
-    protected
-}
-
-fn read_manifest(store: &Store, digest: &Digest) -> Option<Manifest> {
-    let blob = store.open_blob(digest).ok()??;
-    let media_type = blob.meta.media_type.clone()?;
-    let bytes = std::io::read_to_string(blob.file).ok()?;
-    Some(Manifest {
-        digest: digest.clone(),
-        media_type,
-        bytes: bytes.into(),
-    })
 }

@@ -14,6 +14,7 @@
 
 mod accept;
 mod blob;
+pub mod catalog;
 mod error;
 mod evict;
 mod fill;
@@ -120,6 +121,73 @@ impl Mirror {
         evict::spawn(&inner);
         evict::check(&inner);
         Mirror { inner }
+    }
+
+    /// Cached tags (the admin API's list), optionally of one registry.
+    pub async fn images(&self, registry: Option<String>) -> Result<Vec<catalog::CachedImage>> {
+        let inner = self.inner.clone();
+        let images = tokio::task::spawn_blocking(move || {
+            catalog::images(&inner.store, &inner.config.pins, registry.as_deref())
+        })
+        .await??;
+        Ok(images)
+    }
+
+    /// Every pin, from the config file and added at run time.
+    pub fn pins(&self) -> Vec<String> {
+        catalog::all_pins(&self.inner.store, &self.inner.config.pins)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// Pins an image (durable); true if it was not pinned yet.
+    pub async fn pin(&self, image: &crate::reference::ImageRef) -> Result<bool> {
+        Ok(self.inner.store.add_pin(&image.to_string())?)
+    }
+
+    /// Removes a run-time pin; true if there was one. Pins from the config
+    /// file stay until the file changes.
+    pub async fn unpin(&self, image: &crate::reference::ImageRef) -> Result<bool> {
+        Ok(self.inner.store.remove_pin(&image.to_string())?)
+    }
+
+    /// Removes one image from the store (pinned content stays).
+    pub async fn evict_image(&self, image: &crate::reference::ImageRef) -> Result<store::Evicted> {
+        let inner = self.inner.clone();
+        let image = image.clone();
+        let evicted = tokio::task::spawn_blocking(move || {
+            catalog::evict_image(&inner.store, &inner.config.pins, &image)
+        })
+        .await??;
+        self.forget(&evicted);
+        Ok(evicted)
+    }
+
+    /// Removes blobs no manifest names.
+    pub async fn gc(&self) -> Result<store::GcReport> {
+        let store = self.inner.store.clone();
+        let report = tokio::task::spawn_blocking(move || store.gc()).await??;
+        self.inner
+            .metrics
+            .store_bytes
+            .set(self.inner.store.size_bytes() as i64);
+        Ok(report)
+    }
+
+    fn forget(&self, evicted: &store::Evicted) {
+        for manifest in &evicted.manifests {
+            self.inner.hot.invalidate(manifest);
+        }
+        self.inner
+            .metrics
+            .evicted_blobs
+            .inc_by(evicted.blobs as u64);
+        self.inner.metrics.evicted_bytes.inc_by(evicted.bytes);
+        self.inner
+            .metrics
+            .store_bytes
+            .set(self.inner.store.size_bytes() as i64);
     }
 
     /// Runs one eviction pass now if the store is past its high-water mark.

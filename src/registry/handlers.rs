@@ -23,6 +23,8 @@ const API_VERSION: &str = "registry/2.0";
 pub struct App {
     pub mirror: Mirror,
     pub metrics: Arc<Metrics>,
+    /// Bearer token of the admin API; without one it answers nothing.
+    pub admin_token: Option<String>,
 }
 
 /// Which endpoints a listener offers.
@@ -32,10 +34,15 @@ pub enum Surface {
     Full,
     /// Only /metrics and /healthz (the `--metrics-listen` listener).
     MetricsOnly,
+    /// Only /admin/* (the `--admin-listen` listener).
+    Admin,
 }
 
 /// Answers one request.
 pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Response<Body> {
+    if surface == Surface::Admin {
+        return super::admin::handle(app, request).await;
+    }
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();

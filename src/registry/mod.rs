@@ -3,6 +3,7 @@
 //! typed values, calls the mirror, writes responses. All error answers are
 //! made in `error`.
 
+mod admin;
 mod body;
 mod error;
 mod handlers;

@@ -41,6 +41,9 @@ pub struct Index {
     /// child digest ++ parent digest (64 raw bytes): which manifests name a
     /// blob, so evicting the blob can drop them too.
     refs: sled::Tree,
+    /// Images pinned at run time (`hoard pin`), as `registry/name:tag` or
+    /// `registry/name@digest`.
+    pins: sled::Tree,
 }
 
 impl Index {
@@ -59,6 +62,7 @@ impl Index {
             links: db.open_tree("links")?,
             tags: db.open_tree("tags")?,
             refs: db.open_tree("refs")?,
+            pins: db.open_tree("pins")?,
             db,
         })
     }
@@ -178,6 +182,26 @@ impl Index {
             tags.push(key[prefix.len()..].to_owned());
         }
         Ok(tags)
+    }
+
+    /// Adds a pin; true if it was new.
+    pub fn add_pin(&self, image: &str) -> Result<bool> {
+        Ok(self.pins.insert(image, &[])?.is_none())
+    }
+
+    /// Removes a pin; true if it existed.
+    pub fn remove_pin(&self, image: &str) -> Result<bool> {
+        Ok(self.pins.remove(image)?.is_some())
+    }
+
+    /// The pins added at run time, sorted.
+    pub fn pins(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in self.pins.iter() {
+            let (key, _) = entry?;
+            out.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(out)
     }
 
     /// Makes every change so far durable.

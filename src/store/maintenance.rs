@@ -129,6 +129,34 @@ impl Store {
         Ok(evicted)
     }
 
+    /// Removes an image's digests: each one that nothing outside the set
+    /// names, and is not protected. Blocking.
+    pub fn remove_image(
+        &self,
+        digests: &HashSet<Digest>,
+        protected: &HashSet<Digest>,
+    ) -> Result<Evicted> {
+        let mut evicted = Evicted::default();
+        for digest in digests {
+            if protected.contains(digest) {
+                continue;
+            }
+            let named_elsewhere = self
+                .index
+                .parents_of(digest)?
+                .iter()
+                .any(|parent| !digests.contains(parent));
+            if named_elsewhere {
+                continue;
+            }
+            if let Some(meta) = self.index.blob(digest)? {
+                self.remove_cascading(digest, &meta, protected, &mut evicted)?;
+            }
+        }
+        self.index.flush()?;
+        Ok(evicted)
+    }
+
     /// Removes one blob or manifest, then every manifest naming it.
     fn remove_cascading(
         &self,

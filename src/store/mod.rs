@@ -169,6 +169,30 @@ impl Store {
         self.index.remove_tag(repo, tag)
     }
 
+    /// Every cached tag: `registry/name:tag` and what it points to.
+    pub fn all_tags(&self) -> Result<Vec<(String, TagRecord)>> {
+        self.index.all_tags()
+    }
+
+    /// Pins an image (by its canonical name) at run time. Durable.
+    pub fn add_pin(&self, image: &str) -> Result<bool> {
+        let added = self.index.add_pin(image)?;
+        self.index.flush()?;
+        Ok(added)
+    }
+
+    /// Removes a run-time pin. Durable.
+    pub fn remove_pin(&self, image: &str) -> Result<bool> {
+        let removed = self.index.remove_pin(image)?;
+        self.index.flush()?;
+        Ok(removed)
+    }
+
+    /// Run-time pins.
+    pub fn pins(&self) -> Result<Vec<String>> {
+        self.index.pins()
+    }
+
     /// Tags of `repo` present in the index.
     pub fn tags_of(&self, repo: &Repository) -> Result<Vec<String>> {
         self.index.tags_of(repo)

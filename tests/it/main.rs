@@ -3,6 +3,7 @@
 
 mod fake;
 
+mod admin;
 mod auth;
 mod evict;
 mod faults;
@@ -18,6 +19,8 @@ use tokio::sync::oneshot;
 /// A hoard daemon running in this process. Stops when dropped.
 pub struct Hoard {
     pub addr: SocketAddr,
+    /// The admin listener, when the test asked for one (`admin_listen`).
+    pub admin: Option<SocketAddr>,
     pub metrics: std::sync::Arc<hoard::metrics::Metrics>,
     pub data: tempfile::TempDir,
     pub client: reqwest::Client,
@@ -53,13 +56,27 @@ impl Hoard {
             ..ServeArgs::default()
         };
         tweak(&mut args);
+        let admin_listener = match args.admin_listen {
+            Some(_) => {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                args.admin_listen = Some(l.local_addr().unwrap());
+                Some(l)
+            }
+            None => None,
+        };
+        let args_admin = args.admin_listen;
         let config = Config::load(&args, []).unwrap();
         let daemon = hoard::Daemon::open(config).unwrap();
         let metrics = daemon.metrics();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(listener, None, async move {
+        let listeners = hoard::Listeners {
+            api: listener,
+            metrics: None,
+            admin: admin_listener,
+        };
+        let task = tokio::spawn(daemon.run(listeners, async move {
             let _ = stopped.await;
         }));
         let client = reqwest::Client::builder()
@@ -69,6 +86,7 @@ impl Hoard {
             .unwrap();
         Hoard {
             addr,
+            admin: args_admin,
             metrics,
             data,
             client,

@@ -488,6 +488,13 @@ impl HoardProcess {
         HoardProcess { daemon, port, data }
     }
 
+    /// SIGTERM, wait for the exit; hands back the data folder.
+    pub fn stop(self) -> tempfile::TempDir {
+        let HoardProcess { daemon, data, .. } = self;
+        drop(daemon);
+        data
+    }
+
     /// `kill -9`: no shutdown code runs. Hands back the data folder.
     pub fn kill(self) -> tempfile::TempDir {
         let HoardProcess {
