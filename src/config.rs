@@ -144,6 +144,18 @@ struct FileConfig {
     store: FileStore,
     #[serde(default)]
     admin: FileAdmin,
+    #[serde(default)]
+    warm: FileWarm,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWarm {
+    #[serde(default)]
+    images: Vec<String>,
+    #[serde(default)]
+    platforms: Vec<String>,
+    interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +270,12 @@ pub struct Config {
     pub max_store_bytes: Option<u64>,
     /// Images never evicted: `registry/name:tag` or `registry/name@digest`.
     pub pins: Vec<crate::reference::ImageRef>,
+    /// Images pulled through the mirror at start and every `warm_interval`.
+    pub warm_images: Vec<crate::reference::ImageRef>,
+    /// Platforms (`linux/amd64`) warmed of multi-arch images; empty: all.
+    pub warm_platforms: Vec<(String, String)>,
+    /// How often the warm list runs again; `None`: only at start.
+    pub warm_interval: Option<Duration>,
     /// Registry host (`docker.io`) -> how to reach it.
     pub registries: BTreeMap<String, RegistryConfig>,
 }
@@ -291,6 +309,9 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             max_store_bytes: None,
             pins: Vec::new(),
+            warm_images: Vec::new(),
+            warm_platforms: Vec::new(),
+            warm_interval: None,
             min_free_bytes: 512 << 20,
             max_concurrent_fetches: 32,
             rate_limit_floor: 10,
@@ -368,6 +389,20 @@ impl Config {
             "upstream.stall_timeout",
             up.stall_timeout.as_deref(),
         )?;
+        for image in &file.warm.images {
+            let image =
+                crate::reference::ImageRef::parse(image).map_err(|e| invalid("warm.images", e))?;
+            self.warm_images.push(image);
+        }
+        for platform in &file.warm.platforms {
+            let (os, arch) = platform
+                .split_once('/')
+                .ok_or_else(|| invalid("warm.platforms", format!("{platform:?} is not os/arch")))?;
+            self.warm_platforms.push((os.to_owned(), arch.to_owned()));
+        }
+        if let Some(interval) = &file.warm.interval {
+            self.warm_interval = Some(parse_duration("warm.interval", interval)?);
+        }
         if let Some(size) = file.store.min_free_space {
             self.min_free_bytes = size.bytes("store.min_free_space")?;
         }

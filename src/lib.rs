@@ -11,6 +11,7 @@ pub mod reference;
 pub mod registry;
 pub mod store;
 pub mod upstream;
+pub mod warm;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -99,6 +100,15 @@ impl Daemon {
                 )))
             })
             .collect();
+        if !self.config.warm_images.is_empty() {
+            if let Ok(addr) = listeners.api.local_addr() {
+                tokio::spawn(warm_loop(
+                    self.config.clone(),
+                    addr,
+                    stopped(stop_rx.clone()),
+                ));
+            }
+        }
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -124,5 +134,44 @@ impl Daemon {
             tracing::error!(error = %e, "index flush failed");
         }
         info!("stopped");
+    }
+}
+
+/// Pulls the configured warm list through this daemon's own listener, at
+/// start and then every `warm_interval`, until `stop`.
+async fn warm_loop(
+    config: config::Config,
+    addr: std::net::SocketAddr,
+    stop: impl Future<Output = ()>,
+) {
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+    } else {
+        addr
+    };
+    let base = format!("http://{host}");
+    let client = reqwest::Client::new();
+    tokio::pin!(stop);
+    loop {
+        for image in &config.warm_images {
+            let run = warm::warm(&client, &base, image, &config.warm_platforms, None);
+            let result = tokio::select! {
+                _ = &mut stop => return,
+                result = run => result,
+            };
+            match result {
+                Ok(r) => {
+                    info!(%image, blobs = r.blobs, cached = r.cached, fetched_bytes = r.fetched_bytes, "warmed")
+                }
+                Err(e) => tracing::warn!(%image, error = %e, "warming failed"),
+            }
+        }
+        let Some(interval) = config.warm_interval else {
+            return;
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
     }
 }

@@ -40,6 +40,22 @@ enum Command {
         target: Target,
         image: String,
     },
+    /// Pull images through a running mirror so their first real pull is a hit.
+    Warm {
+        /// The running mirror.
+        #[arg(
+            long,
+            env = "HOARD_MIRROR_URL",
+            default_value = "http://127.0.0.1:5000"
+        )]
+        mirror: String,
+        /// Only these platforms of multi-arch images, e.g. linux/amd64,linux/arm64 [default: all].
+        #[arg(long, default_value = "")]
+        platform: String,
+        /// Images, e.g. alpine:3.19 ghcr.io/owner/app:1.0.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
     /// Undo `hoard pin IMAGE`.
     Unpin {
         #[command(flatten)]
@@ -91,6 +107,11 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Verify(store)) => return verify(&store),
         Some(Command::Gc(store)) => return gc(&store),
         Some(Command::Ls { target, registry }) => return ls(&target, registry),
+        Some(Command::Warm {
+            mirror,
+            platform,
+            images,
+        }) => return warm(&mirror, &platform, &images),
         Some(Command::Pin { target, image }) => return pin(&target, &image, true),
         Some(Command::Unpin { target, image }) => return pin(&target, &image, false),
         None => cli.serve,
@@ -213,6 +234,44 @@ fn gc(args: &StoreArgs) -> anyhow::Result<()> {
         "removed {} unreferenced blobs ({} bytes)",
         report.blobs, report.bytes
     );
+    Ok(())
+}
+
+fn warm(mirror: &str, platform: &str, images: &[String]) -> anyhow::Result<()> {
+    let platforms = hoard::warm::parse_platforms(platform);
+    let images = images
+        .iter()
+        .map(|i| {
+            hoard::reference::ImageRef::parse(i).with_context(|| format!("invalid image {i:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let progress = indicatif::MultiProgress::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::new();
+    let mut failed = 0;
+    for image in &images {
+        match runtime.block_on(hoard::warm::warm(
+            &client,
+            mirror,
+            image,
+            &platforms,
+            Some(&progress),
+        )) {
+            Ok(r) => println!(
+                "{image}: {} manifests, {} blobs ({} already cached), {} bytes fetched",
+                r.manifests, r.blobs, r.cached, r.fetched_bytes
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{image}: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be warmed", images.len());
+    }
     Ok(())
 }
 

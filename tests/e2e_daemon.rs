@@ -224,3 +224,46 @@ fn ls_and_pin_work_through_the_admin_api_and_on_a_stopped_store() {
     ])
     .contains("unpinned"));
 }
+
+#[test]
+fn hoard_warm_prefetches_through_the_running_mirror() {
+    let upstream = Distribution::start();
+    let seeded = seed(&upstream);
+    let hoard = HoardProcess::start(&upstream.url(), &[]);
+    let warm = |images: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hoard"))
+            .args([
+                "warm",
+                "--mirror",
+                &format!("http://{}", hoard.addr()),
+                "--platform",
+                "linux/arm64",
+            ])
+            .args(images)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = warm(&["library/multi:1", "alpine-like:3"]);
+    assert!(
+        first.contains("docker.io/library/multi:1: 2 manifests, 2 blobs (0 already cached)"),
+        "{first}"
+    );
+    assert_eq!(upstream.count("GET", &seeded.arm.layers[0].digest()), 1);
+    assert_eq!(
+        upstream.count("GET", &seeded.amd.config.digest()),
+        0,
+        "only linux/arm64"
+    );
+    assert_eq!(upstream.count("GET", &seeded.docker.layers[1].digest()), 1);
+    let second = warm(&["library/multi:1"]);
+    assert!(
+        second.contains("2 blobs (2 already cached), 0 bytes fetched"),
+        "{second}"
+    );
+}

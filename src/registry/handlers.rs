@@ -76,6 +76,13 @@ pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Resp
         "docker-distribution-api-version",
         HeaderValue::from_static(API_VERSION),
     );
+    if result != "-" {
+        // How the cache answered (hit, miss, revalidated, stale, coalesced),
+        // like nginx's X-Cache-Status: for operators and `hoard warm`.
+        response
+            .headers_mut()
+            .insert("x-hoard-cache", HeaderValue::from_static(result));
+    }
     let status = response.status();
     app.metrics
         .http_requests

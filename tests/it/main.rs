@@ -9,6 +9,7 @@ mod evict;
 mod faults;
 mod pull;
 mod single_flight;
+mod warm;
 
 use std::net::SocketAddr;
 use std::time::Duration;
