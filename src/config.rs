@@ -169,6 +169,7 @@ struct FileAdmin {
 #[serde(deny_unknown_fields)]
 struct FileStore {
     max_size: Option<Size>,
+    max_tag_age: Option<String>,
     min_free_space: Option<Size>,
     #[serde(default)]
     pins: Vec<String>,
@@ -259,6 +260,9 @@ pub struct Config {
     pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Images not pulled for this long are removed; `None`: kept until
+    /// evicted for space.
+    pub max_tag_age: Option<Duration>,
     /// Free space under which blobs are relayed without caching.
     pub min_free_bytes: u64,
     /// Upstream blob downloads at once, per registry.
@@ -312,6 +316,7 @@ impl Config {
             warm_images: Vec::new(),
             warm_platforms: Vec::new(),
             warm_interval: None,
+            max_tag_age: None,
             min_free_bytes: 512 << 20,
             max_concurrent_fetches: 32,
             rate_limit_floor: 10,
@@ -402,6 +407,9 @@ impl Config {
         }
         if let Some(interval) = &file.warm.interval {
             self.warm_interval = Some(parse_duration("warm.interval", interval)?);
+        }
+        if let Some(age) = &file.store.max_tag_age {
+            self.max_tag_age = Some(parse_duration("store.max_tag_age", age)?);
         }
         if let Some(size) = file.store.min_free_space {
             self.min_free_bytes = size.bytes("store.min_free_space")?;

@@ -119,6 +119,36 @@ pub fn evict_image(
     store.remove_image(&digests, &protected)
 }
 
+/// Removes images whose manifest nobody read for `max_age` (pins stay).
+pub fn expire(
+    store: &Store,
+    config_pins: &[ImageRef],
+    max_age: std::time::Duration,
+) -> store::Result<Evicted> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let cutoff = now.saturating_sub(max_age.as_secs());
+    let protected = pinned(store, config_pins);
+    let mut total = Evicted::default();
+    for (_, record) in store.all_tags()? {
+        let Ok(root) = Digest::parse(&record.digest) else {
+            continue;
+        };
+        let stale = store
+            .blob_meta(&root)?
+            .is_some_and(|meta| meta.last_access < cutoff);
+        if stale && !protected.contains(&root) {
+            let evicted = store.remove_image(&tree(store, &root), &protected)?;
+            total.blobs += evicted.blobs;
+            total.bytes += evicted.bytes;
+            total.manifests.extend(evicted.manifests);
+        }
+    }
+    Ok(total)
+}
+
 fn read_manifest(store: &Store, digest: &Digest) -> Option<Manifest> {
     let blob = store.open_blob(digest).ok()??;
     let media_type = blob.meta.media_type.clone()?;
@@ -128,4 +158,62 @@ fn read_manifest(store: &Store, digest: &Digest) -> Option<Manifest> {
         media_type,
         bytes: bytes.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::Repository;
+    use crate::store::TagRecord;
+
+    /// Stores a layer and a manifest naming it, tagged `name:1`.
+    fn image(store: &Store, name: &str, layer: &[u8]) -> (Digest, Digest) {
+        let layer_digest = Digest::of(layer);
+        store.put_bytes(&layer_digest, None, layer).unwrap();
+        let manifest = format!(r#"{{"schemaVersion":2,"layers":[{{"digest":"{layer_digest}"}}]}}"#);
+        let media_type = "application/vnd.oci.image.manifest.v1+json";
+        let digest = Digest::of(manifest.as_bytes());
+        store
+            .put_bytes(&digest, Some(media_type.into()), manifest.as_bytes())
+            .unwrap();
+        store
+            .add_refs(&digest, std::slice::from_ref(&layer_digest))
+            .unwrap();
+        let record = TagRecord {
+            digest: digest.to_string(),
+            media_type: media_type.into(),
+            checked_at: 0,
+        };
+        store
+            .put_tag(&Repository::new("docker.io", name).unwrap(), "1", &record)
+            .unwrap();
+        (digest, layer_digest)
+    }
+
+    #[test]
+    fn listing_pins_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (kept, kept_layer) = image(&store, "kept", b"kept layer");
+        let (old, old_layer) = image(&store, "old", b"old layer");
+        store.add_pin("docker.io/library/kept:1").unwrap();
+
+        let listed = images(&store, &[], None).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].image, "docker.io/library/kept:1");
+        assert!(listed[0].pinned && !listed[1].pinned);
+        assert_eq!(
+            listed[1].size,
+            (b"old layer".len() + store.blob_meta(&old).unwrap().unwrap().size as usize) as u64
+        );
+        assert_eq!(images(&store, &[], Some("ghcr.io")).unwrap().len(), 0);
+
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let evicted = expire(&store, &[], std::time::Duration::ZERO).unwrap();
+        assert_eq!(evicted.manifests, vec![old.clone()]);
+        assert!(store.blob_meta(&old_layer).unwrap().is_none());
+        assert!(store.blob_meta(&kept).unwrap().is_some());
+        assert!(store.blob_meta(&kept_layer).unwrap().is_some());
+        assert_eq!(images(&store, &[], None).unwrap().len(), 1);
+    }
 }

@@ -17,6 +17,8 @@ const HIGH_WATER: f64 = 0.95;
 /// ...and stops at this one.
 const LOW_WATER: f64 = 0.85;
 const TICK: Duration = Duration::from_secs(30);
+/// How often images unread for `store.max_tag_age` are looked for.
+const EXPIRY_EVERY: Duration = Duration::from_secs(600);
 
 /// The size limits, in bytes.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +41,7 @@ pub(super) fn spawn(inner: &Arc<Inner>) {
     let weak: Weak<Inner> = Arc::downgrade(inner);
     let wake = inner.evict_wake.clone();
     tokio::spawn(async move {
+        let mut last_expiry: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = wake.notified() => {}
@@ -48,6 +51,11 @@ pub(super) fn spawn(inner: &Arc<Inner>) {
             if inner.store.size_bytes() > inner.limits.high() {
                 run(&inner).await;
             }
+            let due = last_expiry.is_none_or(|t| t.elapsed() >= EXPIRY_EVERY);
+            if let (Some(max_age), true) = (inner.config.max_tag_age, due) {
+                last_expiry = Some(std::time::Instant::now());
+                expire(&inner, max_age).await;
+            }
         }
     });
 }
@@ -56,6 +64,34 @@ pub(super) fn spawn(inner: &Arc<Inner>) {
 pub(super) fn check(inner: &Inner) {
     if inner.store.size_bytes() > inner.limits.high() {
         inner.evict_wake.notify_one();
+    }
+}
+
+/// Removes images nobody pulled for `max_age`.
+async fn expire(inner: &Arc<Inner>, max_age: Duration) {
+    let store = inner.store.clone();
+    let config_pins = inner.config.pins.clone();
+    match tokio::task::spawn_blocking(move || catalog::expire(&store, &config_pins, max_age)).await
+    {
+        Ok(Ok(evicted)) if evicted.blobs > 0 => {
+            for manifest in &evicted.manifests {
+                inner.hot.invalidate(manifest);
+            }
+            inner.metrics.evicted_blobs.inc_by(evicted.blobs as u64);
+            inner.metrics.evicted_bytes.inc_by(evicted.bytes);
+            inner
+                .metrics
+                .store_bytes
+                .set(inner.store.size_bytes() as i64);
+            info!(
+                blobs = evicted.blobs,
+                bytes = evicted.bytes,
+                "removed images not pulled within store.max_tag_age"
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %e, "expiry failed"),
+        Err(e) => warn!(error = %e, "expiry task failed"),
     }
 }
 
