@@ -34,6 +34,9 @@ pub struct Metrics {
     /// `hoard_store_bypassed_total`: blobs relayed without caching because
     /// the disk was nearly full.
     pub store_bypassed: IntCounter,
+    /// `hoard_store_write_errors_total`: downloads that could not be written
+    /// (disk full, I/O errors); their clients were served from upstream.
+    pub store_write_errors: IntCounter,
     /// `hoard_inflight_fetches`: upstream downloads running now.
     pub inflight_fetches: IntGauge,
     /// `hoard_digest_mismatches_total`: upstream content that failed verification.
@@ -121,6 +124,10 @@ impl Metrics {
             "Blobs and manifests removed by eviction.",
         );
         let evicted_bytes = counter("hoard_evicted_bytes_total", "Bytes freed by eviction.");
+        let store_write_errors = counter(
+            "hoard_store_write_errors_total",
+            "Downloads that could not be written to the store (disk full, I/O errors).",
+        );
         let store_bypassed = counter(
             "hoard_store_bypassed_total",
             "Blobs relayed to a client without caching because the disk was nearly full.",
@@ -189,6 +196,7 @@ impl Metrics {
             evicted_blobs,
             evicted_bytes,
             store_bypassed,
+            store_write_errors,
             inflight_fetches,
             digest_mismatches,
             http_requests,

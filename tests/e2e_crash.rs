@@ -152,3 +152,93 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "the disk-full test mounts a tmpfs and needs root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs failed");
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_mid_download_still_serves_the_client() {
+    let disk = Tmpfs::mount("24m");
+    let fake = Fake::start().await;
+    let data = noise(40 << 20, 11);
+    let (_, layer) = fake.put_image("library/huge", "1", &data);
+    let url = fake.url();
+    let dir = tempfile::TempDir::new_in(disk.dir.path()).unwrap();
+    let hoard = tokio::task::spawn_blocking(move || {
+        HoardProcess::start_in(dir, &url, &["--min-free-space", "1MiB"])
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", hoard.addr());
+    let client = reqwest::Client::new();
+    // Two clients follow the same download; the disk fills at ~24 MiB.
+    let fetch = |client: reqwest::Client, url: String| async move {
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await
+    };
+    let url = format!("{base}/v2/huge/blobs/{layer}");
+    let (a, b) = tokio::join!(
+        fetch(client.clone(), url.clone()),
+        fetch(client.clone(), url)
+    );
+    for body in [a, b] {
+        let body = body.expect("the client got the whole blob");
+        assert_eq!(digest_of(&body), layer);
+    }
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hoard_store_write_errors_total 1"),
+        "{metrics}"
+    );
+    let store = hoard.store();
+    assert!(
+        !store
+            .join("blobs/sha256")
+            .join(&layer[7..9])
+            .join(&layer[7..])
+            .exists(),
+        "nothing partial kept"
+    );
+    assert_eq!(std::fs::read_dir(store.join("tmp")).unwrap().count(), 0);
+    tokio::task::spawn_blocking(move || drop(hoard))
+        .await
+        .unwrap();
+}

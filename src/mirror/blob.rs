@@ -97,7 +97,7 @@ pub struct Blob {
 
 enum Source {
     Stored(StoredBlob),
-    Filling(Arc<Fill>),
+    Filling(Arc<Fill>, stream::Resume),
     /// Not cached (the disk is nearly full): upstream's body relayed to
     /// this one client, still verified.
     Passthrough(upstream::BlobResponse, Digest),
@@ -118,7 +118,9 @@ impl Blob {
         let served = self.served.with_label_values(&[source]);
         match self.source {
             Source::Stored(blob) => stream::spawn(Arc::new(blob.file), start, end, None, served),
-            Source::Filling(fill) => stream::spawn(fill.file(), start, end, Some(fill), served),
+            Source::Filling(fill, resume) => {
+                stream::spawn(fill.file(), start, end, Some((fill, resume)), served)
+            }
             Source::Passthrough(response, digest) => {
                 stream::relay(response, digest, start, end, served)
             }
@@ -192,11 +194,13 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                     Outcome::Coalesced
                 };
                 let len = fill.started().await?;
-                (Source::Filling(fill), outcome, len)
+                let resume = resume(inner, repo, digest, len);
+                (Source::Filling(fill, resume), outcome, len)
             }
             Step::Lead(fill) => {
                 let len = fill.started().await?;
-                (Source::Filling(fill), Outcome::Miss, len)
+                let resume = resume(inner, repo, digest, len);
+                (Source::Filling(fill, resume), Outcome::Miss, len)
             }
             Step::Passthrough => {
                 // Relay without caching, and make room for next time.
@@ -233,6 +237,20 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
             source,
             served: inner.metrics.served_bytes.clone(),
         });
+    }
+}
+
+fn resume(
+    inner: &Arc<Inner>,
+    repo: &Repository,
+    digest: &Digest,
+    len: Option<u64>,
+) -> stream::Resume {
+    stream::Resume {
+        inner: inner.clone(),
+        repo: repo.clone(),
+        digest: digest.clone(),
+        len,
     }
 }
 
@@ -329,8 +347,15 @@ async fn run(
             }
         }
         Err(e) => {
-            if let Error::DigestMismatch { .. } = e {
-                inner.metrics.digest_mismatches.inc();
+            match &e {
+                Error::DigestMismatch { .. } => inner.metrics.digest_mismatches.inc(),
+                Error::Store(_) => {
+                    // Disk full or failing: readers fetch the rest from
+                    // upstream themselves (stream::resume_from); make room.
+                    inner.metrics.store_write_errors.inc();
+                    inner.evict_wake.notify_one();
+                }
+                _ => {}
             }
             warn!(repository = %repo, %digest, error = %e, "blob download failed");
             fill.set(FillState::Failed(e));

@@ -13,7 +13,12 @@ use bytes::{Bytes, BytesMut};
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
+use sha2::{Digest as _, Sha256};
+
+use super::error::Error;
 use super::fill::Fill;
+use super::Inner;
+use crate::reference::{Digest, Repository};
 
 /// Bytes read from a file per chunk.
 const CHUNK: u64 = 256 * 1024;
@@ -44,18 +49,26 @@ pub(super) fn spawn(
     file: Arc<File>,
     start: u64,
     end: Option<u64>,
-    fill: Option<Arc<Fill>>,
+    fill: Option<(Arc<Fill>, Resume)>,
     served: IntCounter,
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel(DEPTH);
     tokio::spawn(async move {
-        let mut progress = fill.as_ref().map(|f| f.subscribe());
+        let (mut progress, mut resume) = match fill {
+            Some((fill, resume)) => (Some(fill.subscribe()), Some(resume)),
+            None => (None, None),
+        };
         let mut pos = start;
         while end.is_none_or(|end| pos < end) {
             let limit = match progress.as_mut() {
                 None => end.expect("stored blobs have a length"),
                 Some(rx) => match Fill::readable(rx, pos).await {
                     Ok(limit) => limit,
+                    Err(Error::Store(_)) if resume.is_some() => {
+                        let resume = resume.take().expect("checked");
+                        resume_from(file, pos, start, end, resume, tx, served).await;
+                        return;
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
                         return;
@@ -105,44 +118,61 @@ pub(super) fn spawn(
 /// checked (when the whole blob is relayed), so a corrupt body ends in a
 /// cut connection.
 pub(super) fn relay(
-    mut response: crate::upstream::BlobResponse,
-    digest: crate::reference::Digest,
+    response: crate::upstream::BlobResponse,
+    digest: Digest,
     start: u64,
     end: Option<u64>,
     served: IntCounter,
 ) -> ByteStream {
-    use sha2::Digest as _;
     let (tx, rx) = mpsc::channel(DEPTH);
-    tokio::spawn(async move {
-        let mut hasher = sha2::Sha256::new();
-        let mut pos: u64 = 0;
-        let mut held: Option<Bytes> = None;
-        loop {
-            let chunk = match response.chunk().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-                    return;
-                }
-            };
+    let hasher = (start == 0).then(Sha256::new);
+    tokio::spawn(pump(response, digest, start, end, hasher, tx, served));
+    ByteStream { rx }
+}
+
+/// Sends `[send_from, end)` of an upstream body (whose first byte is at
+/// `response.offset`). With a `hasher` (holding every byte before the body),
+/// the whole blob is verified before the last chunk goes out.
+async fn pump(
+    mut response: crate::upstream::BlobResponse,
+    digest: Digest,
+    send_from: u64,
+    end: Option<u64>,
+    mut hasher: Option<Sha256>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    served: IntCounter,
+) {
+    let mut pos = response.offset;
+    let mut held: Option<Bytes> = None;
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                return;
+            }
+        };
+        if let Some(hasher) = hasher.as_mut() {
             hasher.update(&chunk);
-            let (from, to) = (pos, pos + chunk.len() as u64);
-            pos = to;
-            let lo = start.clamp(from, to) - from;
-            let hi = end.unwrap_or(u64::MAX).clamp(from, to) - from;
-            if lo < hi {
-                let part = chunk.slice(lo as usize..hi as usize);
-                if let Some(previous) = held.replace(part) {
-                    served.inc_by(previous.len() as u64);
-                    if tx.send(Ok(previous)).await.is_err() {
-                        return;
-                    }
+        }
+        let (from, to) = (pos, pos + chunk.len() as u64);
+        pos = to;
+        let lo = send_from.clamp(from, to) - from;
+        let hi = end.unwrap_or(u64::MAX).clamp(from, to) - from;
+        if lo < hi {
+            let part = chunk.slice(lo as usize..hi as usize);
+            if let Some(previous) = held.replace(part) {
+                served.inc_by(previous.len() as u64);
+                if tx.send(Ok(previous)).await.is_err() {
+                    return;
                 }
             }
         }
-        let whole = start == 0 && end.is_none_or(|end| end == pos);
-        if whole && crate::reference::Digest::from_hasher(hasher) != digest {
+    }
+    let complete = end.is_none_or(|end| end == pos);
+    if let (Some(hasher), true) = (hasher, complete) {
+        if Digest::from_hasher(hasher) != digest {
             let _ = tx
                 .send(Err(io::Error::other(
                     "upstream content does not match its digest",
@@ -150,10 +180,75 @@ pub(super) fn relay(
                 .await;
             return;
         }
-        if let Some(last) = held {
-            served.inc_by(last.len() as u64);
-            let _ = tx.send(Ok(last)).await;
+    }
+    if let Some(last) = held {
+        served.inc_by(last.len() as u64);
+        let _ = tx.send(Ok(last)).await;
+    }
+}
+
+/// Where a reader of a failed download can get the rest of the blob.
+pub(super) struct Resume {
+    pub inner: Arc<Inner>,
+    pub repo: Repository,
+    pub digest: Digest,
+    pub len: Option<u64>,
+}
+
+/// The download a reader followed failed on the local side (disk full, I/O
+/// error): the reader asks upstream for the rest (`Range` from `pos`) and
+/// relays it, so its client still gets the blob. The bytes already sent are
+/// re-read from the open temp file to verify the whole.
+async fn resume_from(
+    file: Arc<File>,
+    pos: u64,
+    start: u64,
+    end: Option<u64>,
+    resume: Resume,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    served: IntCounter,
+) {
+    let response = match resume
+        .inner
+        .upstream
+        .get_blob_from(&resume.repo, &resume.digest, pos)
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => {
+            let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+            return;
         }
-    });
-    ByteStream { rx }
+    };
+    let whole = start == 0 && end.is_none_or(|end| Some(end) == resume.len);
+    let hasher = match (whole, response.offset) {
+        (false, _) => None,
+        (true, 0) => Some(Sha256::new()),
+        (true, offset) => {
+            let prefix = tokio::task::spawn_blocking(move || hash_prefix(&file, offset)).await;
+            match prefix {
+                Ok(Ok(hasher)) => Some(hasher),
+                _ => {
+                    let _ = tx
+                        .send(Err(io::Error::other("cannot re-read the partial download")))
+                        .await;
+                    return;
+                }
+            }
+        }
+    };
+    pump(response, resume.digest, pos, end, hasher, tx, served).await;
+}
+
+fn hash_prefix(file: &File, len: u64) -> io::Result<Sha256> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(CHUNK) as usize;
+        file.read_exact_at(&mut buf[..n], pos)?;
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hasher)
 }

@@ -72,6 +72,8 @@ pub struct BlobResponse {
     stall_timeout: Duration,
     /// `Content-Length`, when upstream sent it.
     pub len: Option<u64>,
+    /// Position in the blob of the first body byte (non-zero for a 206).
+    pub offset: u64,
 }
 
 impl BlobResponse {
@@ -148,7 +150,9 @@ impl Client {
         accept: &str,
     ) -> Result<ManifestResponse> {
         let path = format!("manifests/{reference}");
-        let response = self.send(repo, Method::GET, &path, Some(accept)).await?;
+        let response = self
+            .send(repo, Method::GET, &path, Some((header::ACCEPT, accept)))
+            .await?;
         let registry = repo.registry();
         let limit = self.max_manifest_bytes;
         if response.content_length().is_some_and(|n| n > limit) {
@@ -192,7 +196,9 @@ impl Client {
         accept: &str,
     ) -> Result<ManifestHead> {
         let path = format!("manifests/{reference}");
-        let response = self.send(repo, Method::HEAD, &path, Some(accept)).await?;
+        let response = self
+            .send(repo, Method::HEAD, &path, Some((header::ACCEPT, accept)))
+            .await?;
         Ok(ManifestHead {
             digest: content_digest(response.headers()),
             media_type: header_string(response.headers(), header::CONTENT_TYPE),
@@ -208,6 +214,17 @@ impl Client {
     /// `GET` a blob, following redirects; the body is streamed by the caller.
     /// At most `max_concurrent_fetches` run per registry; others wait.
     pub async fn get_blob(&self, repo: &Repository, digest: &Digest) -> Result<BlobResponse> {
+        self.get_blob_from(repo, digest, 0).await
+    }
+
+    /// `GET` a blob from byte `offset` on (`Range: bytes=offset-`). Check
+    /// `BlobResponse::offset`: a registry may ignore the range and send it all.
+    pub async fn get_blob_from(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<BlobResponse> {
         let semaphore = self
             .fetch_permits
             .lock()
@@ -219,10 +236,22 @@ impl Client {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
+        let range = (offset > 0).then(|| format!("bytes={offset}-"));
         let response = self
-            .send(repo, Method::GET, &format!("blobs/{digest}"), None)
+            .send(
+                repo,
+                Method::GET,
+                &format!("blobs/{digest}"),
+                range.as_deref().map(|r| (header::RANGE, r)),
+            )
             .await?;
+        let offset = if response.status() == StatusCode::PARTIAL_CONTENT {
+            offset
+        } else {
+            0
+        };
         Ok(BlobResponse {
+            offset,
             _permit: permit,
             len: response.content_length(),
             response,
@@ -248,7 +277,12 @@ impl Client {
             format!("tags/list?{query}")
         };
         let response = self
-            .send(repo, Method::GET, &path, Some("application/json"))
+            .send(
+                repo,
+                Method::GET,
+                &path,
+                Some((header::ACCEPT, "application/json")),
+            )
             .await?;
         let content_type = header_string(response.headers(), header::CONTENT_TYPE);
         let link = header_string(response.headers(), header::LINK);
@@ -280,7 +314,7 @@ impl Client {
         repo: &Repository,
         method: Method,
         tail: &str,
-        accept: Option<&str>,
+        extra: Option<(header::HeaderName, &str)>,
     ) -> Result<reqwest::Response> {
         let registry = repo.registry();
         let (base, credentials) = self.endpoint(registry)?;
@@ -303,7 +337,7 @@ impl Client {
                     registry,
                     &method,
                     url.clone(),
-                    accept,
+                    extra.clone(),
                     authorization.as_ref(),
                 )
                 .await;
@@ -341,14 +375,14 @@ impl Client {
         registry: &str,
         method: &Method,
         mut url: reqwest::Url,
-        accept: Option<&str>,
+        extra: Option<(header::HeaderName, &str)>,
         authorization: Option<&auth::Authorization>,
     ) -> Result<reqwest::Response> {
         let origin = url.origin();
         for hop in 0..=MAX_REDIRECTS {
             let mut request = self.http.request(method.clone(), url.clone());
-            if let Some(accept) = accept {
-                request = request.header(header::ACCEPT, accept);
+            if let Some((name, value)) = &extra {
+                request = request.header(name.clone(), *value);
             }
             if let (Some(auth), true) = (authorization, url.origin() == origin) {
                 request = auth.apply(request);
