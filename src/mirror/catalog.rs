@@ -22,6 +22,8 @@ pub struct CachedImage {
     pub size: u64,
     /// Unix milliseconds of the last time upstream confirmed the tag.
     pub checked_at: u64,
+    /// Unix seconds of the last time a client read its manifest.
+    pub last_pulled: u64,
     pub pinned: bool,
 }
 
@@ -86,6 +88,7 @@ pub fn images(
         let Ok(root) = Digest::parse(&record.digest) else {
             continue;
         };
+        let last_pulled = store.blob_meta(&root)?.map_or(0, |m| m.last_access);
         let size = tree(store, &root)
             .iter()
             .filter_map(|d| store.blob_meta(d).ok().flatten())
@@ -98,6 +101,7 @@ pub fn images(
             media_type: record.media_type,
             size,
             checked_at: record.checked_at,
+            last_pulled,
         });
     }
     out.sort_by(|a, b| a.image.cmp(&b.image));

@@ -164,6 +164,17 @@ impl Mirror {
         Ok(evicted)
     }
 
+    /// Re-hashes every stored blob; mismatches are quarantined and dropped
+    /// from the index (a reader that has one open finishes its transfer).
+    pub async fn verify(&self) -> Result<store::VerifyReport> {
+        let store = self.inner.store.clone();
+        let report = tokio::task::spawn_blocking(move || store.verify(|_, _| {})).await??;
+        for digest in &report.quarantined {
+            self.inner.hot.invalidate(digest);
+        }
+        Ok(report)
+    }
+
     /// Removes blobs no manifest names.
     pub async fn gc(&self) -> Result<store::GcReport> {
         let store = self.inner.store.clone();

@@ -5,6 +5,7 @@
 //! - `GET /admin/pins`, `POST /admin/pins?image=NAME`, `DELETE /admin/pins?image=NAME`
 //! - `POST /admin/evict?image=NAME`
 //! - `POST /admin/gc`
+//! - `POST /admin/verify`: re-hash everything, quarantine mismatches
 
 use std::time::Instant;
 
@@ -115,6 +116,15 @@ async fn route(app: &App, method: &Method, path: &str, query: &str) -> Response<
             .gc()
             .await
             .map(|r| json!({ "blobs": r.blobs, "bytes": r.bytes }))
+            .map_err(|e| ApiError::from(&e)),
+        ("POST", "/admin/verify") => app
+            .mirror
+            .verify()
+            .await
+            .map(|r| {
+                let corrupt: Vec<String> = r.quarantined.iter().map(ToString::to_string).collect();
+                json!({ "checked": r.checked, "bytes": r.bytes, "quarantined": corrupt })
+            })
             .map_err(|e| ApiError::from(&e)),
         _ => Err(ApiError::new(Code::NotFound, "no such admin endpoint")),
     };

@@ -99,6 +99,10 @@ async fn admin_api_lists_pins_evicts_and_collects() {
     assert_eq!((status, body["removed"].as_bool()), (200, Some(true)));
     let (status, _) = admin(&hoard, "POST", "/admin/gc", Some(token)).await;
     assert_eq!(status, 200);
+    let (status, body) = admin(&hoard, "POST", "/admin/verify", Some(token)).await;
+    assert_eq!(status, 200);
+    assert!(body["checked"].as_u64().unwrap() >= 2, "{body}");
+    assert_eq!(body["quarantined"], serde_json::json!([]));
     let (status, body) = admin(&hoard, "POST", "/admin/pins?image=Bad_Name", Some(token)).await;
     assert_eq!(
         (status, body["errors"][0]["code"].as_str()),
