@@ -43,6 +43,18 @@ impl ByteStream {
     }
 }
 
+/// A client that takes no data for this long is dropped (its connection
+/// is cut), freeing the file and the transfer slot.
+const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Hands a chunk to the response; false if the client is gone or stalled.
+async fn deliver(tx: &mpsc::Sender<io::Result<Bytes>>, chunk: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(CLIENT_STALL, tx.send(Ok(chunk))).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Streams `file[start..end]`; with `fill`, follows a download in progress
 /// (and `end` may be unknown until it completes).
 pub(super) fn spawn(
@@ -98,7 +110,7 @@ pub(super) fn spawn(
             match read {
                 Ok(chunk) => {
                     served.inc_by(n as u64);
-                    if tx.send(Ok(chunk)).await.is_err() {
+                    if !deliver(&tx, chunk).await {
                         return;
                     }
                     pos += n as u64;
@@ -164,7 +176,7 @@ async fn pump(
             let part = chunk.slice(lo as usize..hi as usize);
             if let Some(previous) = held.replace(part) {
                 served.inc_by(previous.len() as u64);
-                if tx.send(Ok(previous)).await.is_err() {
+                if !deliver(&tx, previous).await {
                     return;
                 }
             }
@@ -183,7 +195,7 @@ async fn pump(
     }
     if let Some(last) = held {
         served.inc_by(last.len() as u64);
-        let _ = tx.send(Ok(last)).await;
+        deliver(&tx, last).await;
     }
 }
 
