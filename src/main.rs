@@ -78,14 +78,9 @@ struct Target {
         hide_env_values = true
     )]
     admin_token: Option<String>,
-    /// Without --admin: the data directory of a stopped store.
-    #[arg(
-        long,
-        env = "HOARD_DATA_DIR",
-        value_name = "DIR",
-        default_value = "hoard-data"
-    )]
-    data_dir: std::path::PathBuf,
+    /// Without --admin: a stopped store.
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(clap::Args)]
@@ -326,9 +321,7 @@ fn ls(target: &Target, registry: Option<String>) -> anyhow::Result<()> {
         };
         serde_json::from_value(admin_call(target, reqwest::Method::GET, &path)?["images"].clone())?
     } else {
-        let (store, _) = open_store(&StoreArgs {
-            data_dir: target.data_dir.clone(),
-        })?;
+        let (store, _) = open_store(&target.store)?;
         hoard::mirror::catalog::images(&store, &[], registry.as_deref())?
     };
     println!(
@@ -366,9 +359,7 @@ fn pin(target: &Target, image: &str, on: bool) -> anyhow::Result<()> {
             .as_bool()
             .unwrap_or(false)
     } else {
-        let (store, _) = open_store(&StoreArgs {
-            data_dir: target.data_dir.clone(),
-        })?;
+        let (store, _) = open_store(&target.store)?;
         if on {
             store.add_pin(&parsed.to_string())?
         } else {

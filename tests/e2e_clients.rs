@@ -41,6 +41,30 @@ fn hoard_requests(hoard: &HoardProcess) -> Vec<String> {
         .collect()
 }
 
+/// Removes the image locally and pulls it again, twice: inside the tag TTL
+/// no GET reaches upstream; past `ttl_over` upstream sees one HEAD for the
+/// tag `/manifests/3` and still no GET.
+fn second_pulls_are_free(upstream: &Distribution, ttl_over: Instant, pull_again: impl Fn()) {
+    let before = upstream_gets(upstream);
+    pull_again();
+    assert_eq!(
+        upstream_gets(upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
+    let heads = upstream.count("HEAD", "/manifests/3");
+    std::thread::sleep(ttl_over.saturating_duration_since(Instant::now()));
+    pull_again();
+    assert_eq!(
+        upstream_gets(upstream),
+        before,
+        "{:#?}",
+        upstream.requests()
+    );
+    assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
+}
+
 // ---------------------------------------------------------------- containerd
 
 struct Containerd {
@@ -162,29 +186,10 @@ fn containerd_pulls_through_hoard_with_hosts_toml() {
     ]));
     assert!(out.contains("hello through hoard"), "{out}");
 
-    // Second pull, image removed locally, inside the tag TTL: no GET upstream.
-    let before = upstream_gets(&upstream);
-    ctr.remove("docker.io/library/alpine-like:3");
-    ctr.pull("docker.io/library/alpine-like:3", &[]);
-    assert_eq!(
-        upstream_gets(&upstream),
-        before,
-        "{:#?}",
-        upstream.requests()
-    );
-
-    // Past the TTL: only a HEAD for the tag.
-    let heads = upstream.count("HEAD", "/manifests/3");
-    std::thread::sleep(Duration::from_secs(11).saturating_sub(first_pull.elapsed()));
-    ctr.remove("docker.io/library/alpine-like:3");
-    ctr.pull("docker.io/library/alpine-like:3", &[]);
-    assert_eq!(
-        upstream_gets(&upstream),
-        before,
-        "{:#?}",
-        upstream.requests()
-    );
-    assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
+    second_pulls_are_free(&upstream, first_pull + Duration::from_secs(11), || {
+        ctr.remove("docker.io/library/alpine-like:3");
+        ctr.pull("docker.io/library/alpine-like:3", &[]);
+    });
 }
 
 #[test]
@@ -333,29 +338,10 @@ fn dockerd_pulls_and_runs_through_hoard_as_registry_mirror() {
     ]));
     assert!(out.contains("hello from dockerd"), "{out}");
 
-    // Second pull inside the TTL: nothing fetched upstream.
-    let before = upstream_gets(&upstream);
-    docker.remove("alpine-like:3");
-    docker.pull("alpine-like:3", &[]);
-    assert_eq!(
-        upstream_gets(&upstream),
-        before,
-        "{:#?}",
-        upstream.requests()
-    );
-
-    // Past the TTL: only a HEAD for the tag.
-    let heads = upstream.count("HEAD", "/manifests/3");
-    std::thread::sleep(Duration::from_secs(13).saturating_sub(first_pull.elapsed()));
-    docker.remove("alpine-like:3");
-    docker.pull("alpine-like:3", &[]);
-    assert_eq!(
-        upstream_gets(&upstream),
-        before,
-        "{:#?}",
-        upstream.requests()
-    );
-    assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
+    second_pulls_are_free(&upstream, first_pull + Duration::from_secs(13), || {
+        docker.remove("alpine-like:3");
+        docker.pull("alpine-like:3", &[]);
+    });
 }
 
 // -------------------------------------------------------------------- podman
@@ -441,29 +427,11 @@ fn podman_pulls_through_hoard_with_registries_conf() {
         "{images}"
     );
 
-    // Second pull inside the TTL: nothing fetched upstream.
-    let before = upstream_gets(&upstream);
-    podman.remove("docker.io/library/alpine-like:3");
-    podman.pull("docker.io/library/alpine-like:3");
-    assert_eq!(
-        upstream_gets(&upstream),
-        before,
-        "{:#?}",
-        upstream.requests()
-    );
-
-    // Past the TTL: podman GETs the tag from hoard; hoard only HEADs upstream.
-    let heads = upstream.count("HEAD", "/manifests/3");
-    std::thread::sleep(Duration::from_secs(5).saturating_sub(first_pull.elapsed()));
-    podman.remove("docker.io/library/alpine-like:3");
-    podman.pull("docker.io/library/alpine-like:3");
-    assert_eq!(
-        upstream_gets(&upstream),
-        before,
-        "{:#?}",
-        upstream.requests()
-    );
-    assert_eq!(upstream.count("HEAD", "/manifests/3"), heads + 1);
+    // podman GETs the tag from hoard; past the TTL hoard only HEADs upstream.
+    second_pulls_are_free(&upstream, first_pull + Duration::from_secs(5), || {
+        podman.remove("docker.io/library/alpine-like:3");
+        podman.pull("docker.io/library/alpine-like:3");
+    });
 }
 
 // ------------------------------------------------------------- mixed clients

@@ -128,3 +128,16 @@ pub(super) async fn run(inner: &Arc<Inner>) {
         Err(e) => warn!(error = %e, "eviction task failed"),
     }
 }
+
+/// After a removal: manifests leave the memory cache, metrics catch up.
+pub(super) fn forget(inner: &Inner, evicted: &crate::store::Evicted) {
+    for manifest in &evicted.manifests {
+        inner.hot.invalidate(manifest);
+    }
+    inner.metrics.evicted_blobs.inc_by(evicted.blobs as u64);
+    inner.metrics.evicted_bytes.inc_by(evicted.bytes);
+    inner
+        .metrics
+        .store_bytes
+        .set(inner.store.size_bytes() as i64);
+}

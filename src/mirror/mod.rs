@@ -160,7 +160,7 @@ impl Mirror {
             catalog::evict_image(&inner.store, &inner.config.pins, &image)
         })
         .await??;
-        self.forget(&evicted);
+        evict::forget(&self.inner, &evicted);
         Ok(evicted)
     }
 
@@ -184,21 +184,6 @@ impl Mirror {
             .store_bytes
             .set(self.inner.store.size_bytes() as i64);
         Ok(report)
-    }
-
-    fn forget(&self, evicted: &store::Evicted) {
-        for manifest in &evicted.manifests {
-            self.inner.hot.invalidate(manifest);
-        }
-        self.inner
-            .metrics
-            .evicted_blobs
-            .inc_by(evicted.blobs as u64);
-        self.inner.metrics.evicted_bytes.inc_by(evicted.bytes);
-        self.inner
-            .metrics
-            .store_bytes
-            .set(self.inner.store.size_bytes() as i64);
     }
 
     /// Runs one eviction pass now if the store is past its high-water mark.

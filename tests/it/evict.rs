@@ -6,19 +6,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 
 use crate::fake::Fake;
-use crate::{eventually, Hoard};
-
-fn noise(len: usize, seed: u8) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678 ^ u32::from(seed) << 8;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
+use crate::{eventually, noise, Hoard};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lru_eviction_spares_pins_and_lets_readers_finish() {

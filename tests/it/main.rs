@@ -149,6 +149,19 @@ impl Hoard {
     }
 }
 
+/// Deterministic, incompressible test content.
+pub fn noise(len: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ (u32::from(seed) << 8);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 /// Files below `dir`, recursively.
 pub fn count_files(dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {

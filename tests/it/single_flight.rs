@@ -8,25 +8,12 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::Notify;
 
 use crate::fake::{digest_of, Fake, Fault};
-use crate::{eventually, Hoard};
-
-fn blob(len: usize, seed: u8) -> Vec<u8> {
-    // Incompressible enough and cheap to make.
-    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
+use crate::{eventually, noise, Hoard};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_pulls_of_a_cold_50mib_blob_make_one_upstream_get() {
     let fake = Fake::start().await;
-    let data = blob(50 << 20, 1);
+    let data = noise(50 << 20, 1);
     let digest = fake.put_blob("library/big", data);
     // Hold the response head back so all fifty requests are in flight together.
     fake.fault("/blobs/", Fault::Delay(Duration::from_millis(300)));
@@ -68,7 +55,7 @@ async fn fifty_concurrent_pulls_of_a_cold_50mib_blob_make_one_upstream_get() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_bytes_reach_every_client_before_the_download_ends() {
     let fake = Fake::start().await;
-    let data = blob(4 << 20, 2);
+    let data = noise(4 << 20, 2);
     let digest = fake.put_blob("library/stream", data.clone());
     let gate = Arc::new(Notify::new());
     // Upstream sends the first half, then waits for the gate.
@@ -106,7 +93,7 @@ async fn first_bytes_reach_every_client_before_the_download_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_download_finishes_when_the_client_that_started_it_leaves() {
     let fake = Fake::start().await;
-    let data = blob(2 << 20, 3);
+    let data = noise(2 << 20, 3);
     let digest = fake.put_blob("library/leaver", data.clone());
     let gate = Arc::new(Notify::new());
     fake.fault("/blobs/", Fault::Gate(gate.clone()));
