@@ -105,22 +105,13 @@ impl Containerd {
             hosts,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !containerd
-            .ctr()
-            .arg("version")
-            .output()
-            .unwrap()
-            .status
-            .success()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start:\n{}",
-                containerd.daemon.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(&containerd.daemon, Duration::from_secs(30), || {
+            containerd
+                .ctr()
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
         containerd
     }
 
@@ -251,22 +242,13 @@ impl Dockerd {
             dir.path().join("dockerd.log"),
         );
         let dockerd = Dockerd { daemon, host, dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !dockerd
-            .docker()
-            .arg("version")
-            .output()
-            .unwrap()
-            .status
-            .success()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd did not start:\n{}",
-                dockerd.daemon.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_until(&dockerd.daemon, Duration::from_secs(60), || {
+            dockerd
+                .docker()
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
         dockerd
     }
 

@@ -74,15 +74,7 @@ async fn expire(inner: &Arc<Inner>, max_age: Duration) {
     match tokio::task::spawn_blocking(move || catalog::expire(&store, &config_pins, max_age)).await
     {
         Ok(Ok(evicted)) if evicted.blobs > 0 => {
-            for manifest in &evicted.manifests {
-                inner.hot.invalidate(manifest);
-            }
-            inner.metrics.evicted_blobs.inc_by(evicted.blobs as u64);
-            inner.metrics.evicted_bytes.inc_by(evicted.bytes);
-            inner
-                .metrics
-                .store_bytes
-                .set(inner.store.size_bytes() as i64);
+            forget(inner, &evicted);
             info!(
                 blobs = evicted.blobs,
                 bytes = evicted.bytes,
@@ -107,15 +99,7 @@ pub(super) async fn run(inner: &Arc<Inner>) {
     .await;
     match result {
         Ok(Ok(evicted)) => {
-            for manifest in &evicted.manifests {
-                inner.hot.invalidate(manifest);
-            }
-            inner.metrics.evicted_blobs.inc_by(evicted.blobs as u64);
-            inner.metrics.evicted_bytes.inc_by(evicted.bytes);
-            inner
-                .metrics
-                .store_bytes
-                .set(inner.store.size_bytes() as i64);
+            forget(inner, &evicted);
             info!(
                 blobs = evicted.blobs,
                 manifests = evicted.manifests.len(),

@@ -533,6 +533,21 @@ impl HoardProcess {
     }
 }
 
+/// Polls `ready` until it holds, or fails the test after `limit` with
+/// `daemon`'s log.
+pub fn wait_until(daemon: &Daemon, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not start:\n{}",
+            daemon.name,
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs a client command, failing the test with its output if it fails.
 pub fn run(command: &mut Command) -> String {
     let output = command
