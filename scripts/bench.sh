@@ -1,39 +1,49 @@
 #!/usr/bin/env bash
-# Blob throughput of the running daemon beside its upstream, in one run:
-# distribution (Debian's docker-registry) serves as the upstream and as the
-# reference. The machine is shared and noisy: the ratios printed are what counts.
+# hoard measured beside its peers in one run (the machine is shared and noisy:
+# the ratios printed are what counts). All servers on 127.0.0.1; every load
+# is bounded in count and time.
 #
-#   scripts/bench.sh [--size MiB] [--runs N]
+#   scripts/bench.sh [--quick] [--size MiB] [--runs N]
 #
-# Measures, each as the median of N runs:
-#   upstream direct   GET from distribution's filesystem store
-#   hoard cold        GET of a blob hoard does not have (fetch + verify + store + serve)
-#   hoard cached      GET of a blob already in hoard's store
-#   disk write        dd of the same size with fsync into the same file system:
-#                     the bound for any cache's cold path once the page cache
-#                     stops absorbing writes
-# and hoard's peak RSS (VmHWM) over the whole run. Writes target/bench/results.json.
+# 1. cached blob, 1 client and 32 clients: hoard vs nginx (sendfile, same
+#    file), distribution (its filesystem store), distribution proxy (cached)
+# 2. cold blob through hoard vs direct from the upstream vs distribution proxy:
+#    time to first byte and total
+# 3. manifest by digest: requests/s and p99 with wrk, hoard vs distribution
+# 4. thundering herd: HERD clients on one cold blob: upstream GETs and time,
+#    hoard vs distribution proxy
+# 5. peak RSS (VmHWM) of every server
+# Writes target/bench/results.json. --quick (CI) uses small sizes and fails
+# only if hoard's herd made more than one upstream GET.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-size_mib=200
+size_mib=256
 runs=3
+herd=100
+wrk_secs=5
+clients=32
 while [ $# -gt 0 ]; do
   case "$1" in
+    --quick) size_mib=16; runs=1; herd=20; wrk_secs=1; clients=8; shift ;;
     --size) size_mib=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
-    *) echo "usage: $0 [--size MiB] [--runs N]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--size MiB] [--runs N]" >&2; exit 2 ;;
   esac
 done
 
-for tool in docker-registry curl python3; do
-  command -v "$tool" >/dev/null || { echo "bench.sh: $tool missing (apt-get install docker-registry curl python3)" >&2; exit 1; }
+for tool in docker-registry nginx wrk curl python3 sha256sum; do
+  command -v "$tool" >/dev/null || {
+    echo "bench.sh: $tool missing (apt-get install docker-registry nginx-light wrk curl python3)" >&2
+    exit 1
+  }
 done
 
 cargo build --release --locked -q
 work=$(mktemp -d)
 pids=()
 cleanup() {
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -42,104 +52,241 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() {
-  for _ in $(seq 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done
+  for _ in $(seq 300); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done
   echo "bench.sh: $1 did not come up" >&2; exit 1
 }
-
-reg_port=$(free_port)
-cat > "$work/registry.yml" <<YAML
+registry_config() { # name port extra-yaml
+  cat > "$work/$1.yml" <<YAML
 version: 0.1
 storage:
   filesystem:
-    rootdirectory: $work/registry
+    rootdirectory: $work/$1
 http:
-  addr: 127.0.0.1:$reg_port
+  addr: 127.0.0.1:$2
 log:
   level: error
   accesslog:
-    disabled: true
+    disabled: false
+$3
 YAML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-pids+=($!)
-upstream="http://127.0.0.1:$reg_port"
+}
+
+# Upstream: distribution with its filesystem store.
+up_port=$(free_port)
+registry_config upstream "$up_port" ""
+docker-registry serve "$work/upstream.yml" >"$work/upstream.log" 2>&1 &
+up_pid=$!; pids+=($up_pid)
+upstream="http://127.0.0.1:$up_port"
 wait_http "$upstream/v2/"
 
-# One blob for the cached case and one per cold run, each pushed upstream.
-push_blob() {
+push_blob() { # file -> digest
   local file=$1 digest location
   digest="sha256:$(sha256sum "$file" | cut -d' ' -f1)"
   location=$(curl -s -D - -o /dev/null -X POST "$upstream/v2/library/bench/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
   case "$location" in /*) location="$upstream$location" ;; esac
-  curl -s -f -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' \
-    --data-binary "@$file" "$location&digest=$digest"
+  curl -s -f -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$file" "$location&digest=$digest"
   echo "$digest"
 }
-echo "bench: pushing $((runs + 1)) blobs of $size_mib MiB to distribution"
+# Blobs: one cached everywhere, one cold per run for hoard and for the proxy,
+# one for each herd.
+count=$((1 + 2 * runs + 2))
+echo "bench: pushing $count blobs of $size_mib MiB"
 digests=()
-for i in $(seq 0 "$runs"); do
+for _ in $(seq "$count"); do
   head -c "$((size_mib * 1024 * 1024))" /dev/urandom >"$work/blob"
   digests+=("$(push_blob "$work/blob")")
 done
 rm -f "$work/blob"
+cached=${digests[0]}
+# A small manifest for the manifest benchmark.
+echo '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' >"$work/config.json"
+config_digest=$(push_blob "$work/config.json")
+config_size=$(stat -c %s "$work/config.json")
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[]}' \
+  "$config_digest" "$config_size" >"$work/manifest.json"
+manifest_digest="sha256:$(sha256sum "$work/manifest.json" | cut -d' ' -f1)"
+curl -s -f -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
+  --data-binary "@$work/manifest.json" "$upstream/v2/library/bench/manifests/v1"
 
-hoard_port=$(free_port)
-HOARD_LOG=warn ./target/release/hoard serve --listen "127.0.0.1:$hoard_port" --data-dir "$work/hoard" \
+# distribution in proxy mode, in front of the same upstream.
+px_port=$(free_port)
+registry_config proxy "$px_port" "proxy:
+  remoteurl: $upstream"
+docker-registry serve "$work/proxy.yml" >"$work/proxy.log" 2>&1 &
+px_pid=$!; pids+=($px_pid)
+proxy="http://127.0.0.1:$px_port"
+wait_http "$proxy/v2/"
+
+# nginx serving the cached blob's file from distribution's store (sendfile);
+# its workers may run as nobody, so they need to read it.
+chmod 755 "$work"
+chmod -R a+rX "$work/upstream"
+ng_port=$(free_port)
+mkdir -p "$work/nginx"
+cat >"$work/nginx.conf" <<NGINX
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  server {
+    listen 127.0.0.1:$ng_port;
+    location = /blob { alias $work/upstream/docker/registry/v2/blobs/sha256/${cached:7:2}/${cached:7}/data; }
+  }
+}
+NGINX
+nginx -p "$work/nginx" -c "$work/nginx.conf"
+nginx_url="http://127.0.0.1:$ng_port/blob"
+wait_http "$nginx_url"
+
+# hoard.
+hd_port=$(free_port)
+HOARD_LOG=warn ./target/release/hoard serve --listen "127.0.0.1:$hd_port" --data-dir "$work/hoard" \
   --upstream "docker.io=$upstream" >"$work/hoard.log" 2>&1 &
-hoard_pid=$!
-pids+=($hoard_pid)
-mirror="http://127.0.0.1:$hoard_port"
+hd_pid=$!; pids+=($hd_pid)
+mirror="http://127.0.0.1:$hd_port"
 wait_http "$mirror/healthz"
 
-# "seconds ttfb_seconds bytes" of one GET.
-fetch() { curl -s -f -o /dev/null --max-time 300 -w '%{time_total} %{time_starttransfer} %{size_download}\n' "$1"; }
+path="/v2/library/bench/blobs"
+fetch() { curl -s -f -o /dev/null --max-time 300 -w '%{time_total} %{time_starttransfer}\n' "$1"; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 mibps() { awk -v b="$1" -v s="$2" 'BEGIN {printf "%.0f", b / 1048576 / s}'; }
-
-path="/v2/library/bench/blobs"
-cached=${digests[0]}
-fetch "$mirror$path/$cached" >/dev/null  # fill the cache
-
-: >"$work/direct"; : >"$work/cold"; : >"$work/cached"; : >"$work/disk"
-for i in $(seq 1 "$runs"); do
-  fetch "$upstream$path/${digests[$i]}" >>"$work/direct"
-  fetch "$mirror$path/${digests[$i]}" >>"$work/cold"
-  fetch "$mirror$path/$cached" >>"$work/cached"
-done
-for i in $(seq 1 "$runs"); do
-  dd if=/dev/zero of="$work/dd" bs=1M count="$size_mib" conv=fsync 2>&1 \
-    | awk '/copied/ {for (i = 1; i <= NF; i++) if ($i == "s,") print $(i-1)}' >>"$work/disk"
-  rm -f "$work/dd"
-done
-t_disk=$(median <"$work/disk")
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}'; }
 bytes=$((size_mib * 1024 * 1024))
-t_direct=$(cut -d' ' -f1 "$work/direct" | median)
-t_cold=$(cut -d' ' -f1 "$work/cold" | median)
-t_cached=$(cut -d' ' -f1 "$work/cached" | median)
-ttfb_direct=$(cut -d' ' -f2 "$work/direct" | median)
-ttfb_cold=$(cut -d' ' -f2 "$work/cold" | median)
-rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$hoard_pid/status")
-upstream_gets=$(curl -s "$mirror/metrics" | awk '/^hoard_upstream_requests_total\{.*method="GET".*status="200"/ {s += $2} END {print s+0}')
+# N concurrent GETs of a URL; waits for those clients only (not the servers).
+parallel_get() {
+  local n=$1 url=$2 cpids=()
+  for _ in $(seq "$n"); do
+    curl -s -o /dev/null --max-time 300 "$url" &
+    cpids+=($!)
+  done
+  wait "${cpids[@]}" || true
+}
+upstream_gets() { grep -c "\"GET $path/$1" "$work/upstream.log" || true; }
 
-r_direct=$(mibps "$bytes" "$t_direct")
-r_cold=$(mibps "$bytes" "$t_cold")
-r_cached=$(mibps "$bytes" "$t_cached")
-r_disk=$(mibps "$bytes" "$t_disk")
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+# Warm the cached blob into hoard and the proxy.
+fetch "$mirror$path/$cached" >/dev/null
+fetch "$proxy$path/$cached" >/dev/null
 
-printf '\nblob GET, %d MiB, median of %d runs, %s\n' "$size_mib" "$runs" "$(nproc) cores"
-printf '%-26s %10s %10s %12s\n' case MiB/s 'TTFB ms' 'vs upstream'
-printf '%-26s %10s %10.1f %12s\n' 'upstream direct' "$r_direct" "$(awk -v t="$ttfb_direct" 'BEGIN{print t*1000}')" 1.00
-printf '%-26s %10s %10.1f %12s\n' 'hoard cold (miss)' "$r_cold" "$(awk -v t="$ttfb_cold" 'BEGIN{print t*1000}')" "$(ratio "$r_cold" "$r_direct")"
-printf '%-26s %10s %10s %12s\n' 'hoard cached (hit)' "$r_cached" - "$(ratio "$r_cached" "$r_direct")"
-printf '%-26s %10s %10s %12s\n' 'disk write (dd, fsync)' "$r_disk" - "$(ratio "$r_disk" "$r_direct")"
-printf 'hoard cold / disk write: %s\n' "$(ratio "$r_cold" "$r_disk")"
-printf 'hoard peak RSS: %d MiB; upstream GETs by hoard: %d (expected %d)\n' "$((rss_kib / 1024))" "$upstream_gets" "$((runs + 1))"
+# 1. cached blob, one client.
+declare -A one
+for name in hoard nginx distribution proxy; do
+  case $name in
+    hoard) url="$mirror$path/$cached" ;; nginx) url="$nginx_url" ;;
+    distribution) url="$upstream$path/$cached" ;; proxy) url="$proxy$path/$cached" ;;
+  esac
+  t=$(for _ in $(seq "$runs"); do fetch "$url"; done | cut -d' ' -f1 | median)
+  one[$name]=$(mibps "$bytes" "$t")
+done
+# 1b. cached blob, $clients clients at once: aggregate MiB/s.
+declare -A many
+for name in hoard nginx distribution proxy; do
+  case $name in
+    hoard) url="$mirror$path/$cached" ;; nginx) url="$nginx_url" ;;
+    distribution) url="$upstream$path/$cached" ;; proxy) url="$proxy$path/$cached" ;;
+  esac
+  t=$(for _ in $(seq "$runs"); do
+    start=$(date +%s.%N)
+    parallel_get "$clients" "$url"
+    echo "$(date +%s.%N) - $start" | bc
+  done | median)
+  many[$name]=$(mibps "$((bytes * clients))" "$t")
+done
+
+# 2. cold: hoard and proxy each get fresh blobs; direct reads the same ones.
+: >"$work/cold_hoard"; : >"$work/cold_proxy"; : >"$work/cold_direct"
+for i in $(seq 1 "$runs"); do
+  hoard_blob=${digests[$i]}
+  proxy_blob=${digests[$((runs + i))]}
+  fetch "$upstream$path/$hoard_blob" >>"$work/cold_direct"
+  fetch "$mirror$path/$hoard_blob" >>"$work/cold_hoard"
+  fetch "$proxy$path/$proxy_blob" >>"$work/cold_proxy"
+done
+declare -A cold_total cold_ttfb
+for name in direct hoard proxy; do
+  cold_total[$name]=$(cut -d' ' -f1 "$work/cold_$name" | median)
+  cold_ttfb[$name]=$(cut -d' ' -f2 "$work/cold_$name" | median)
+done
+
+# 3. manifest by digest, wrk at 32 connections.
+wrk_run() { wrk -t2 -c32 -d"${wrk_secs}s" --latency "$1" 2>/dev/null; }
+declare -A rps p99
+for name in hoard distribution; do
+  base=$([ "$name" = hoard ] && echo "$mirror" || echo "$upstream")
+  url="$base/v2/library/bench/manifests/$manifest_digest"
+  curl -s -f -o /dev/null -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$url"
+  out=$(wrk_run "$url")
+  rps[$name]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p99[$name]=$(echo "$out" | awk '$1 == "99%" {print $2}')
+done
+
+# 4. thundering herd on a cold blob.
+declare -A herd_gets herd_secs
+herd_hoard=${digests[$((2 * runs + 1))]}
+herd_proxy=${digests[$((2 * runs + 2))]}
+for name in hoard proxy; do
+  base=$([ "$name" = hoard ] && echo "$mirror" || echo "$proxy")
+  blob=$([ "$name" = hoard ] && echo "$herd_hoard" || echo "$herd_proxy")
+  start=$(date +%s.%N)
+  parallel_get "$herd" "$base$path/$blob"
+  herd_secs[$name]=$(echo "$(date +%s.%N) - $start" | bc)
+  sleep 0.2
+  herd_gets[$name]=$(upstream_gets "$blob")
+done
+
+# 5. peak RSS.
+rss() { awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
+nginx_rss=0
+for pid in $(pgrep -P "$(cat "$work/nginx.pid")") "$(cat "$work/nginx.pid")"; do
+  r=$(rss "$pid"); [ "$r" -gt "$nginx_rss" ] && nginx_rss=$r
+done
+rss_hoard=$(rss "$hd_pid"); rss_up=$(rss "$up_pid"); rss_proxy=$(rss "$px_pid")
+
+printf '\nhoard benchmark: %d MiB blobs, median of %d runs, %s cores, %s\n' "$size_mib" "$runs" "$(nproc)" "$(date -u +%FT%TZ)"
+printf '\n1. cached blob, MiB/s          1 client   %d clients\n' "$clients"
+for name in hoard nginx distribution proxy; do
+  printf '   %-26s %9s %11s\n' "$name" "${one[$name]}" "${many[$name]}"
+done
+printf '   hoard / nginx              %9s %11s\n' "$(ratio "${one[hoard]}" "${one[nginx]}")" "$(ratio "${many[hoard]}" "${many[nginx]}")"
+printf '\n2. cold blob                 total s    TTFB ms   total vs direct   TTFB vs direct\n'
+for name in direct hoard proxy; do
+  printf '   %-24s %8.3f %10.1f %17s %16s\n' "$name" "${cold_total[$name]}" "$(echo "${cold_ttfb[$name]} * 1000" | bc)" \
+    "$(ratio "${cold_total[$name]}" "${cold_total[direct]}")" "$(ratio "${cold_ttfb[$name]}" "${cold_ttfb[direct]}")"
+done
+printf '\n3. manifest by digest (32 connections)   req/s       p99\n'
+for name in hoard distribution; do
+  printf '   %-36s %8s %9s\n' "$name" "${rps[$name]}" "${p99[$name]}"
+done
+printf '   hoard / distribution                 %8s\n' "$(ratio "${rps[hoard]}" "${rps[distribution]}")"
+printf '\n4. herd of %d on a cold blob          upstream GETs   seconds\n' "$herd"
+for name in hoard proxy; do
+  printf '   %-36s %13s %9.2f\n' "$name" "${herd_gets[$name]}" "${herd_secs[$name]}"
+done
+printf '\n5. peak RSS MiB: hoard %s, distribution %s, distribution proxy %s, nginx (largest process) %s\n' \
+  "$rss_hoard" "$rss_up" "$rss_proxy" "$nginx_rss"
 
 mkdir -p target/bench
 cat > target/bench/results.json <<JSON
-{"size_mib": $size_mib, "runs": $runs,
- "upstream_direct_mibps": $r_direct, "disk_write_mibps": $r_disk, "hoard_cold_mibps": $r_cold, "hoard_cached_mibps": $r_cached,
- "upstream_ttfb_s": $ttfb_direct, "hoard_cold_ttfb_s": $ttfb_cold,
- "hoard_peak_rss_kib": $rss_kib, "hoard_upstream_gets": $upstream_gets}
+{"size_mib": $size_mib, "runs": $runs, "clients": $clients, "herd": $herd,
+ "cached_mibps_1": {"hoard": ${one[hoard]}, "nginx": ${one[nginx]}, "distribution": ${one[distribution]}, "proxy": ${one[proxy]}},
+ "cached_mibps_many": {"hoard": ${many[hoard]}, "nginx": ${many[nginx]}, "distribution": ${many[distribution]}, "proxy": ${many[proxy]}},
+ "cold_total_s": {"direct": ${cold_total[direct]}, "hoard": ${cold_total[hoard]}, "proxy": ${cold_total[proxy]}},
+ "cold_ttfb_s": {"direct": ${cold_ttfb[direct]}, "hoard": ${cold_ttfb[hoard]}, "proxy": ${cold_ttfb[proxy]}},
+ "manifest_rps": {"hoard": ${rps[hoard]:-0}, "distribution": ${rps[distribution]:-0}},
+ "manifest_p99": {"hoard": "${p99[hoard]}", "distribution": "${p99[distribution]}"},
+ "herd_upstream_gets": {"hoard": ${herd_gets[hoard]}, "proxy": ${herd_gets[proxy]}},
+ "peak_rss_mib": {"hoard": $rss_hoard, "distribution": $rss_up, "proxy": $rss_proxy, "nginx": $nginx_rss}}
 JSON
 echo "wrote target/bench/results.json"
+if [ "${herd_gets[hoard]}" != 1 ]; then
+  echo "bench.sh: hoard's herd made ${herd_gets[hoard]} upstream GETs, expected 1" >&2
+  exit 1
+fi
