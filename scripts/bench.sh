@@ -176,23 +176,25 @@ upstream_gets() { grep -c "\"GET $path/$1" "$work/upstream.log" || true; }
 fetch "$mirror$path/$cached" >/dev/null
 fetch "$proxy$path/$cached" >/dev/null
 
+# Where each server serves the cached blob.
+cached_url() {
+  case $1 in
+    hoard) echo "$mirror$path/$cached" ;; nginx) echo "$nginx_url" ;;
+    distribution) echo "$upstream$path/$cached" ;; proxy) echo "$proxy$path/$cached" ;;
+  esac
+}
+
 # 1. cached blob, one client.
 declare -A one
 for name in hoard nginx distribution proxy; do
-  case $name in
-    hoard) url="$mirror$path/$cached" ;; nginx) url="$nginx_url" ;;
-    distribution) url="$upstream$path/$cached" ;; proxy) url="$proxy$path/$cached" ;;
-  esac
+  url=$(cached_url "$name")
   t=$(for _ in $(seq "$runs"); do fetch "$url"; done | cut -d' ' -f1 | median)
   one[$name]=$(mibps "$bytes" "$t")
 done
 # 1b. cached blob, $clients clients at once: aggregate MiB/s.
 declare -A many
 for name in hoard nginx distribution proxy; do
-  case $name in
-    hoard) url="$mirror$path/$cached" ;; nginx) url="$nginx_url" ;;
-    distribution) url="$upstream$path/$cached" ;; proxy) url="$proxy$path/$cached" ;;
-  esac
+  url=$(cached_url "$name")
   t=$(for _ in $(seq "$runs"); do
     start=$(date +%s.%N)
     parallel_get "$clients" "$url"

@@ -41,12 +41,7 @@ async fn kill_9_mid_download_leaves_nothing_served_and_verify_agrees() {
     let client = reqwest::Client::new();
     let base = format!("http://{}", hoard.addr());
     assert_eq!(
-        client
-            .get(format!("{base}/v2/big/manifests/1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_status(&client, &format!("{base}/v2/big/manifests/1")).await,
         200
     );
     let mut r = client
@@ -118,22 +113,10 @@ async fn kill_9_mid_download_leaves_nothing_served_and_verify_agrees() {
         .unwrap();
     let base = format!("http://{}", hoard.addr());
     assert_eq!(
-        client
-            .get(format!("{base}/v2/big/manifests/1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_status(&client, &format!("{base}/v2/big/manifests/1")).await,
         200
     );
-    let body = client
-        .get(format!("{base}/v2/big/blobs/{layer}"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = get_bytes(&client, &format!("{base}/v2/big/blobs/{layer}")).await;
     assert_eq!(digest_of(&body), layer);
     assert_eq!(body.len(), data.len());
     tokio::task::spawn_blocking(move || drop(hoard))

@@ -106,22 +106,8 @@ async fn two_hundred_clients_against_a_flaky_upstream() {
 
     // Half the images are cached before the storm.
     for (name, _, layer) in images.iter().take(IMAGES / 2) {
-        client
-            .get(format!("{base}/v2/{name}/manifests/1"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        client
-            .get(format!("{base}/v2/{name}/blobs/{layer}"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        get_bytes(&client, &format!("{base}/v2/{name}/manifests/1")).await;
+        get_bytes(&client, &format!("{base}/v2/{name}/blobs/{layer}")).await;
     }
     let rss_before = vm_hwm_kib(pid);
     let upstream_before = fake.all_hits().len() as u64;

@@ -186,13 +186,6 @@ impl Mirror {
         Ok(report)
     }
 
-    /// Runs one eviction pass now if the store is past its high-water mark.
-    pub async fn evict_if_needed(&self) {
-        if self.inner.store.size_bytes() > self.inner.limits.high() {
-            evict::run(&self.inner).await;
-        }
-    }
-
     /// The manifest `reference` of `repo`, as the client's `accept` allows.
     pub async fn manifest(
         &self,

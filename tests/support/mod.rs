@@ -548,6 +548,19 @@ pub fn wait_until(daemon: &Daemon, limit: Duration, mut ready: impl FnMut() -> b
     }
 }
 
+/// GET `url`; the status, body discarded.
+pub async fn get_status(client: &reqwest::Client, url: &str) -> u16 {
+    let response = client.get(url).send().await.unwrap();
+    let status = response.status().as_u16();
+    let _ = response.bytes().await;
+    status
+}
+
+/// GET `url`; the whole body.
+pub async fn get_bytes(client: &reqwest::Client, url: &str) -> bytes::Bytes {
+    client.get(url).send().await.unwrap().bytes().await.unwrap()
+}
+
 /// Runs a client command, failing the test with its output if it fails.
 pub fn run(command: &mut Command) -> String {
     let output = command
