@@ -1,13 +1,14 @@
 //! Blob lookups and downloads. A stored, linked blob is a hit. A missing one
 //! starts (or joins) the one download for its digest; the download runs in
-//! a detached task that outlives the client that started it, hashes and
-//! writes on a blocking thread while the network keeps receiving, and
-//! commits only verified bytes.
+//! a detached task that outlives the client that started it: it hashes each
+//! chunk as it arrives and hands it to readers from memory, while a blocking
+//! thread appends it to the temp file, and commits only verified bytes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -23,6 +24,8 @@ use crate::upstream;
 const WRITE_QUEUE: usize = 16;
 /// Bytes written between two progress notifications while data keeps coming.
 const PUBLISH_EVERY: u64 = 1 << 20;
+/// Bytes received between two wake-ups of the readers.
+const ANNOUNCE_EVERY: u64 = 128 << 10;
 
 /// Downloads in progress, by digest.
 #[derive(Default)]
@@ -158,7 +161,7 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                 } else if inner.low_on_space() {
                     Step::Passthrough
                 } else {
-                    let writer = inner.store.create_temp()?;
+                    let writer = inner.store.create_download()?;
                     let fill = Arc::new(Fill::new(repo.clone(), writer.file()));
                     // Spawned under the lock: the task cannot end (and
                     // remove its entry) before the entry exists.
@@ -376,26 +379,36 @@ async fn download(
         .await
         .map_err(|e| blob_error(e, repo, digest))?;
     let len = response.len;
-    fill.set(FillState::Streaming { len, written: 0 });
+    fill.set(FillState::Streaming {
+        len,
+        received: 0,
+        written: 0,
+    });
 
-    // Hashing and disk writes run on a blocking thread, overlapping the
-    // network; the bounded queue keeps memory flat if the disk is slower.
+    // Three stages side by side: this task receives, hashes and hands each
+    // chunk to readers (through the fill's window); a blocking thread
+    // appends to the temp file. The bounded queue keeps memory flat when
+    // the disk is slower than the network.
     let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
     let progress = fill.clone();
     let writing = tokio::task::spawn_blocking(move || -> store::Result<BlobWriter> {
         let mut published = 0;
         while let Some(chunk) = rx.blocking_recv() {
-            writer.write(&chunk)?;
-            // Wake readers per batch, not per network chunk: each wake-up
-            // costs every reader a read, and network chunks are small.
-            if rx.is_empty() || writer.written() - published >= PUBLISH_EVERY {
-                published = writer.written();
-                progress.advance(published);
+            writer.append(&chunk)?;
+            // Per batch, not per network chunk: the window only needs to
+            // know what it may drop.
+            if writer.in_file() - published >= PUBLISH_EVERY {
+                published = writer.in_file();
+                progress.publish(None, Some(published));
             }
         }
+        writer.finish()?;
+        progress.publish(None, Some(writer.in_file()));
         Ok(writer)
     });
+    let mut hasher = Sha256::new();
     let mut received: u64 = 0;
+    let mut announced: u64 = 0;
     let network = loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
@@ -406,6 +419,14 @@ async fn download(
                         message: "body longer than content-length".into(),
                     }));
                 }
+                hasher.update(&chunk);
+                fill.push(chunk.clone());
+                // Wake readers per batch: each wake-up costs every reader a
+                // poll, and network chunks are small.
+                if received - announced >= ANNOUNCE_EVERY {
+                    announced = received;
+                    fill.publish(Some(received), None);
+                }
                 if tx.send(chunk).await.is_err() {
                     break Ok(()); // the writer failed; its error is below
                 }
@@ -414,6 +435,7 @@ async fn download(
             Err(e) => break Err(Error::Upstream(e)),
         }
     };
+    fill.publish(Some(received), None);
     drop(tx);
     let writer = writing.await??;
     network?;
@@ -427,7 +449,7 @@ async fn download(
             ),
         }));
     }
-    writer.verify(digest).map_err(|e| match e {
+    writer.verify_hashed(hasher, digest).map_err(|e| match e {
         store::Error::DigestMismatch { actual, .. } => Error::DigestMismatch {
             repo: repo.clone(),
             expected: digest.clone(),

@@ -1,29 +1,59 @@
 //! One blob download in progress, shared by every client asking for it.
-//! The download task appends to a temp file and publishes how far it got;
-//! readers follow the file with positioned reads, so the first byte reaches
-//! every waiting client while the download runs and no blob is held in
-//! memory. The last byte is held back until the digest is verified: a client
-//! of a corrupt download gets a cut connection, never a complete bad body.
+//! The download task keeps the most recent network chunks in a small window
+//! in memory and appends everything to a temp file: a reader keeping up
+//! with the download is handed the very chunks that arrived (no copy, no
+//! disk read), and a reader that fell behind the window, or joined late,
+//! reads the file with positioned reads. No blob is held whole in memory.
+//! The last byte is held back until the digest is verified: a client of a
+//! corrupt download gets a cut connection, never a complete bad body.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::error::{Error, Result};
 use crate::reference::Repository;
+
+/// Bytes of recent chunks kept in memory past what is already on disk.
+/// Chunks the writer has not reached yet are always kept (the writer's
+/// queue bounds those), so every byte is in the window or in the file.
+const WINDOW: usize = 4 << 20;
 
 /// Progress of a fill.
 #[derive(Debug, Clone)]
 pub enum FillState {
     /// Waiting for upstream's response head.
     Connecting,
-    /// Receiving; `written` bytes are in the temp file.
-    Streaming { len: Option<u64>, written: u64 },
-    /// Verified and committed.
+    /// Receiving: `received` bytes arrived (in the window or the file),
+    /// `written` of them are in the temp file.
+    Streaming {
+        len: Option<u64>,
+        received: u64,
+        written: u64,
+    },
+    /// Verified; every byte is in the file (the commit may still be running).
     Complete { len: u64 },
-    /// Failed; the temp file is gone.
+    /// Failed; the temp file is gone or incomplete.
     Failed(Error),
+}
+
+/// Where a reader gets the bytes at its position.
+pub enum Source {
+    /// From memory: a chunk (or its tail) that just arrived.
+    Memory(Bytes),
+    /// From the file, up to (not including) this offset.
+    File(u64),
+}
+
+/// The most recent chunks: `chunks` hold `start..end` contiguously.
+#[derive(Default)]
+struct Window {
+    start: u64,
+    end: u64,
+    chunks: VecDeque<Bytes>,
 }
 
 /// A blob download in progress.
@@ -31,6 +61,7 @@ pub struct Fill {
     repo: Repository,
     file: Arc<File>,
     state: watch::Sender<FillState>,
+    window: Mutex<Window>,
 }
 
 impl Fill {
@@ -40,6 +71,7 @@ impl Fill {
             repo,
             file,
             state: watch::Sender::new(FillState::Connecting),
+            window: Mutex::default(),
         }
     }
 
@@ -54,15 +86,70 @@ impl Fill {
     }
 
     pub(super) fn set(&self, state: FillState) {
+        if matches!(state, FillState::Complete { .. } | FillState::Failed(_)) {
+            // Complete: all of it is in the file. Failed: nothing more to read.
+            let mut window = self.window.lock().expect("window lock");
+            window.chunks.clear();
+            window.start = window.end;
+        }
         self.state.send_replace(state);
     }
 
-    pub(super) fn advance(&self, written_now: u64) {
+    /// Adds a chunk that just arrived to the window, dropping the oldest
+    /// chunks the writer already put on disk once the window is full.
+    pub(super) fn push(&self, chunk: Bytes) {
+        let written = match *self.state.borrow() {
+            FillState::Streaming { written, .. } => written,
+            _ => 0,
+        };
+        let mut window = self.window.lock().expect("window lock");
+        window.end += chunk.len() as u64;
+        window.chunks.push_back(chunk);
+        while let Some(front) = window.chunks.front() {
+            let front_end = window.start + front.len() as u64;
+            if window.end - window.start <= WINDOW as u64 || front_end > written {
+                break;
+            }
+            window.start = front_end;
+            window.chunks.pop_front();
+        }
+    }
+
+    /// Tells readers how far the download got.
+    pub(super) fn publish(&self, received_now: Option<u64>, written_now: Option<u64>) {
         self.state.send_modify(|state| {
-            if let FillState::Streaming { written, .. } = state {
-                *written = written_now;
+            if let FillState::Streaming {
+                received, written, ..
+            } = state
+            {
+                if let Some(r) = received_now {
+                    *received = r;
+                }
+                if let Some(w) = written_now {
+                    *written = w;
+                }
             }
         });
+    }
+
+    /// Where to read `pos..limit` from: a chunk from the window, or the
+    /// file up to where the window starts.
+    pub fn source(&self, pos: u64, limit: u64) -> Source {
+        let window = self.window.lock().expect("window lock");
+        if pos < window.start || pos >= window.end {
+            return Source::File(limit.min(window.start.max(pos)));
+        }
+        let mut at = window.start;
+        for chunk in &window.chunks {
+            let chunk_end = at + chunk.len() as u64;
+            if pos < chunk_end {
+                let from = (pos - at) as usize;
+                let to = (limit.min(chunk_end) - at) as usize;
+                return Source::Memory(chunk.slice(from..to));
+            }
+            at = chunk_end;
+        }
+        unreachable!("pos is inside the window")
     }
 
     /// Whether the content is complete and verified (only the commit to the
@@ -107,9 +194,9 @@ impl Fill {
         loop {
             match &*rx.borrow_and_update() {
                 FillState::Connecting => {}
-                FillState::Streaming { written, .. } => {
+                FillState::Streaming { received, .. } => {
                     // Hold back the final byte until the digest is verified.
-                    let limit = written.saturating_sub(1);
+                    let limit = received.saturating_sub(1);
                     if limit > pos {
                         return Ok(limit);
                     }
@@ -121,5 +208,65 @@ impl Fill {
                 return Err(Error::Internal("fill ended without a result".into()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill() -> Fill {
+        let file = tempfile::tempfile().unwrap();
+        let repo = Repository::new("docker.io", "library/x").unwrap();
+        let fill = Fill::new(repo, Arc::new(file));
+        fill.set(FillState::Streaming {
+            len: None,
+            received: 0,
+            written: 0,
+        });
+        fill
+    }
+
+    fn memory(source: Source) -> Bytes {
+        match source {
+            Source::Memory(b) => b,
+            Source::File(until) => panic!("expected memory, got file until {until}"),
+        }
+    }
+
+    #[test]
+    fn readers_in_the_window_get_the_chunks_themselves() {
+        let fill = fill();
+        fill.push(Bytes::from_static(b"hello "));
+        fill.push(Bytes::from_static(b"world"));
+        assert_eq!(memory(fill.source(0, 11)), "hello ");
+        assert_eq!(memory(fill.source(3, 11)), "lo ");
+        assert_eq!(memory(fill.source(6, 10)), "worl");
+        assert!(matches!(fill.source(11, 11), Source::File(11)));
+    }
+
+    #[test]
+    fn only_written_chunks_leave_the_window() {
+        let fill = fill();
+        let chunk = Bytes::from(vec![7u8; WINDOW / 2]);
+        for _ in 0..4 {
+            fill.push(chunk.clone());
+        }
+        // Nothing written yet: all four chunks stay.
+        assert!(matches!(fill.source(0, 1), Source::Memory(_)));
+        fill.publish(None, Some(WINDOW as u64));
+        fill.push(chunk.clone());
+        // The first two went (written, and over the window); the third stays.
+        let half = (WINDOW / 2) as u64;
+        assert!(matches!(fill.source(0, 5 * half), Source::File(until) if until == 2 * half));
+        assert!(matches!(fill.source(2 * half, 5 * half), Source::Memory(_)));
+    }
+
+    #[test]
+    fn a_finished_fill_reads_from_the_file() {
+        let fill = fill();
+        fill.push(Bytes::from_static(b"abc"));
+        fill.set(FillState::Complete { len: 3 });
+        assert!(matches!(fill.source(0, 3), Source::File(3)));
     }
 }

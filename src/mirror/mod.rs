@@ -273,6 +273,13 @@ impl Mirror {
         while !self.inner.fills.is_empty() {
             if tokio::time::Instant::now() >= deadline {
                 self.inner.fills.abort_all();
+                // The writers notice on their blocking threads and delete
+                // their temp files: give them a moment, so a clean stop
+                // leaves no temp file behind.
+                let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+                while self.inner.store.open_temps() > 0 && tokio::time::Instant::now() < settle {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

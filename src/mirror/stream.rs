@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use sha2::{Digest as _, Sha256};
 
 use super::error::Error;
-use super::fill::Fill;
+use super::fill::{Fill, Source};
 use super::Inner;
 use crate::reference::{Digest, Repository};
 
@@ -66,9 +66,12 @@ pub(super) fn spawn(
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel(DEPTH);
     tokio::spawn(async move {
-        let (mut progress, mut resume) = match fill {
-            Some((fill, resume)) => (Some(fill.subscribe()), Some(resume)),
-            None => (None, None),
+        let (fill, mut progress, mut resume) = match fill {
+            Some((fill, resume)) => {
+                let progress = fill.subscribe();
+                (Some(fill), Some(progress), Some(resume))
+            }
+            None => (None, None, None),
         };
         let mut pos = start;
         while end.is_none_or(|end| pos < end) {
@@ -99,9 +102,27 @@ pub(super) fn spawn(
                 }
                 return;
             }
-            let n = (limit - pos).min(CHUNK) as usize;
+            // A reader keeping up with a download takes the chunks that just
+            // arrived; everything else is read from the file.
+            let until = match fill.as_ref().map(|fill| fill.source(pos, limit)) {
+                Some(Source::Memory(chunk)) => {
+                    let n = chunk.len() as u64;
+                    served.inc_by(n);
+                    if !deliver(&tx, chunk).await {
+                        return;
+                    }
+                    pos += n;
+                    continue;
+                }
+                Some(Source::File(until)) => until,
+                None => limit,
+            };
+            let n = (until.saturating_sub(pos)).min(CHUNK) as usize;
             let file = file.clone();
             let read = tokio::task::spawn_blocking(move || {
+                if n == 0 {
+                    return Err(io::Error::other("download window out of step"));
+                }
                 let mut buf = BytesMut::zeroed(n);
                 file.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
             })
@@ -220,10 +241,14 @@ async fn resume_from(
     tx: mpsc::Sender<io::Result<Bytes>>,
     served: IntCounter,
 ) {
+    // The reader may have sent bytes from memory that never reached the
+    // file: ask from where the file ends (or `pos`), and hash the rest.
+    let on_disk = file.metadata().map_or(0, |m| m.len());
+    let from = pos.min(on_disk);
     let response = match resume
         .inner
         .upstream
-        .get_blob_from(&resume.repo, &resume.digest, pos)
+        .get_blob_from(&resume.repo, &resume.digest, from)
         .await
     {
         Ok(response) => response,

@@ -3,14 +3,14 @@
 //! renamed into place only once the digest matched and the file was fsynced,
 //! so a partial or corrupt download is never visible under its digest.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
+use super::direct::Appender;
 use super::error::{Error, Result};
 use crate::reference::Digest;
 
@@ -20,6 +20,8 @@ pub struct BlobFiles {
     blobs: PathBuf,
     tmp: PathBuf,
     next_temp: AtomicU64,
+    /// Temp files not yet committed or deleted.
+    open_temps: Arc<AtomicUsize>,
 }
 
 impl BlobFiles {
@@ -37,7 +39,13 @@ impl BlobFiles {
             blobs,
             tmp,
             next_temp: AtomicU64::new(0),
+            open_temps: Arc::default(),
         })
+    }
+
+    /// Temp files still being written (or waiting for their writer to drop).
+    pub fn open_temps(&self) -> usize {
+        self.open_temps.load(Ordering::SeqCst)
     }
 
     /// Where the verified blob with this digest lives.
@@ -112,19 +120,21 @@ impl BlobFiles {
     }
 
     /// Starts a new temp file in the same file system as the blobs, so the
-    /// final rename is atomic.
-    pub fn create_temp(&self) -> Result<BlobWriter> {
+    /// final rename is atomic. With `direct`, writes bypass the page cache
+    /// where the file system allows (large downloads: see `direct`).
+    pub fn create_temp(&self, direct: bool) -> Result<BlobWriter> {
         let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp.join(format!("{}-{n}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let appender = Appender::create(&path, direct).map_err(|e| Error::io(&path, e))?;
+        // Readers get their own buffered handle: direct I/O would make their
+        // unaligned reads fail.
+        let reader = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        self.open_temps.fetch_add(1, Ordering::SeqCst);
         Ok(BlobWriter {
+            open_temps: self.open_temps.clone(),
             temp: Some(path),
-            file: Arc::new(file),
+            appender,
+            reader: Arc::new(reader),
             hasher: Sha256::new(),
             written: 0,
         })
@@ -137,7 +147,11 @@ impl BlobFiles {
         let temp = writer.temp.take().expect("temp path present until commit");
         let dest = self.path(&digest);
         let result = (|| {
-            writer.file.sync_all().map_err(|e| Error::io(&temp, e))?;
+            writer
+                .appender
+                .finish()
+                .and_then(|()| writer.appender.file().sync_all())
+                .map_err(|e| Error::io(&temp, e))?;
             let dir = dest.parent().expect("blob path has a parent");
             fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             fs::rename(&temp, &dest).map_err(|e| Error::io(&dest, e))?;
@@ -156,9 +170,12 @@ impl BlobFiles {
 /// A temp file being filled. Dropping it without a commit deletes the file.
 #[derive(Debug)]
 pub struct BlobWriter {
+    open_temps: Arc<AtomicUsize>,
     temp: Option<PathBuf>,
-    file: Arc<File>,
+    appender: Appender,
+    reader: Arc<File>,
     hasher: Sha256,
+    /// Bytes appended (some may still be staged, not yet in the file).
     written: u64,
 }
 
@@ -166,17 +183,44 @@ impl BlobWriter {
     /// Hashes and appends a chunk. Blocking.
     pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
         self.hasher.update(chunk);
-        (&*self.file)
-            .write_all(chunk)
+        self.append(chunk)
+    }
+
+    /// Appends a chunk the caller hashes itself (see `verify_hashed`).
+    /// Blocking.
+    pub fn append(&mut self, chunk: &[u8]) -> Result<()> {
+        self.appender
+            .append(chunk)
             .map_err(|e| Error::io(self.temp.as_deref().unwrap_or(Path::new("?")), e))?;
         self.written += chunk.len() as u64;
         Ok(())
     }
 
+    /// Writes out anything still staged, so the file holds every byte
+    /// appended. Blocking.
+    pub fn finish(&mut self) -> Result<()> {
+        self.appender
+            .finish()
+            .map_err(|e| Error::io(self.temp.as_deref().unwrap_or(Path::new("?")), e))
+    }
+
+    /// Bytes in the file so far: readers following it may read this far.
+    pub fn in_file(&self) -> u64 {
+        self.appender.flushed()
+    }
+
     /// Checks the content against `expected`. Only verified content can be
     /// committed; a mismatch drops (deletes) the temp file.
     pub fn verify(mut self, expected: &Digest) -> Result<VerifiedBlob> {
-        let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        let hasher = std::mem::take(&mut self.hasher);
+        self.verify_hashed(hasher, expected)
+    }
+
+    /// `verify` for content appended with `append`: `hasher` has seen exactly
+    /// the appended bytes, hashed by the caller on another thread so hashing
+    /// and disk writes run side by side.
+    pub fn verify_hashed(self, hasher: Sha256, expected: &Digest) -> Result<VerifiedBlob> {
+        let actual = Digest::from_hasher(hasher);
         if &actual != expected {
             return Err(Error::DigestMismatch {
                 expected: expected.clone(),
@@ -190,7 +234,7 @@ impl BlobWriter {
         })
     }
 
-    /// Bytes written so far.
+    /// Bytes appended so far.
     pub fn written(&self) -> u64 {
         self.written
     }
@@ -198,7 +242,7 @@ impl BlobWriter {
     /// A handle readers use (`read_at`) to follow the file while it fills;
     /// it stays valid across the rename.
     pub fn file(&self) -> Arc<File> {
-        self.file.clone()
+        self.reader.clone()
     }
 }
 
@@ -227,5 +271,6 @@ impl Drop for BlobWriter {
         if let Some(temp) = self.temp.take() {
             let _ = fs::remove_file(temp);
         }
+        self.open_temps.fetch_sub(1, Ordering::SeqCst);
     }
 }

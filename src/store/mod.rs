@@ -3,6 +3,7 @@
 //! `mirror` decides what goes in and when.
 
 mod blobs;
+mod direct;
 mod error;
 mod index;
 mod maintenance;
@@ -99,7 +100,18 @@ impl Store {
 
     /// Starts a temp file for new content.
     pub fn create_temp(&self) -> Result<BlobWriter> {
-        self.files.create_temp()
+        self.files.create_temp(false)
+    }
+
+    /// Temp files not yet committed or deleted.
+    pub fn open_temps(&self) -> usize {
+        self.files.open_temps()
+    }
+
+    /// A temp file for a large download, written around the page cache
+    /// where the file system allows.
+    pub fn create_download(&self) -> Result<BlobWriter> {
+        self.files.create_temp(true)
     }
 
     /// Makes verified content durable and visible, then records it in the
