@@ -7,8 +7,9 @@
 #
 # 1. cached blob, 1 client and 32 clients: hoard vs nginx (sendfile, same
 #    file), distribution (its filesystem store), distribution proxy (cached)
-# 2. cold blob through hoard vs direct from the upstream vs distribution proxy:
-#    time to first byte and total
+# 2. cold blob through hoard vs direct from the upstream vs distribution proxy,
+#    and nginx as a plain relay (no cache, no hash: the floor for any proxy
+#    on this machine): time to first byte and total
 # 3. manifest by digest: requests/s and p99 with wrk, hoard vs distribution
 # 4. thundering herd: HERD clients on one cold blob: upstream GETs and time,
 #    hoard vs distribution proxy
@@ -140,11 +141,14 @@ http {
   server {
     listen 127.0.0.1:$ng_port;
     location = /blob { alias $work/upstream/docker/registry/v2/blobs/sha256/${cached:7:2}/${cached:7}/data; }
+    # A plain relay (no cache, no hashing): the floor for any proxy here.
+    location /v2/ { proxy_pass $upstream; proxy_buffering off; proxy_http_version 1.1; }
   }
 }
 NGINX
 nginx -p "$work/nginx" -c "$work/nginx.conf"
 nginx_url="http://127.0.0.1:$ng_port/blob"
+relay="http://127.0.0.1:$ng_port"
 wait_http "$nginx_url"
 
 # hoard.
@@ -170,11 +174,22 @@ parallel_get() {
   done
   wait "${cpids[@]}" || true
 }
+# Waits (at most 20 s) until a server has stored a blob file of full size,
+# then flushes dirty pages, so one measurement's writes do not slow the next.
+settle() {
+  for _ in $(seq 200); do
+    [ "$(stat -c %s "$1" 2>/dev/null || echo 0)" = "$bytes" ] && break
+    sleep 0.1
+  done
+  sync
+}
 upstream_gets() { grep -c "\"GET $path/$1" "$work/upstream.log" || true; }
 
 # Warm the cached blob into hoard and the proxy.
 fetch "$mirror$path/$cached" >/dev/null
 fetch "$proxy$path/$cached" >/dev/null
+settle "$work/hoard/blobs/sha256/${cached:7:2}/${cached:7}"
+settle "$work/proxy/docker/registry/v2/blobs/sha256/${cached:7:2}/${cached:7}/data"
 
 # Where each server serves the cached blob.
 cached_url() {
@@ -204,16 +219,21 @@ for name in hoard nginx distribution proxy; do
 done
 
 # 2. cold: hoard and proxy each get fresh blobs; direct reads the same ones.
-: >"$work/cold_hoard"; : >"$work/cold_proxy"; : >"$work/cold_direct"
+: >"$work/cold_hoard"; : >"$work/cold_proxy"; : >"$work/cold_direct"; : >"$work/cold_relay"
 for i in $(seq 1 "$runs"); do
   hoard_blob=${digests[$i]}
   proxy_blob=${digests[$((runs + i))]}
   fetch "$upstream$path/$hoard_blob" >>"$work/cold_direct"
+  fetch "$relay$path/$hoard_blob" >>"$work/cold_relay"
   fetch "$mirror$path/$hoard_blob" >>"$work/cold_hoard"
+  settle "$work/hoard/blobs/sha256/${hoard_blob:7:2}/${hoard_blob:7}"
   fetch "$proxy$path/$proxy_blob" >>"$work/cold_proxy"
+  # distribution's proxy fetches the blob a second time in the background to
+  # store it: let that finish before the next measurement.
+  settle "$work/proxy/docker/registry/v2/blobs/sha256/${proxy_blob:7:2}/${proxy_blob:7}/data"
 done
 declare -A cold_total cold_ttfb
-for name in direct hoard proxy; do
+for name in direct relay hoard proxy; do
   cold_total[$name]=$(cut -d' ' -f1 "$work/cold_$name" | median)
   cold_ttfb[$name]=$(cut -d' ' -f2 "$work/cold_$name" | median)
 done
@@ -240,7 +260,11 @@ for name in hoard proxy; do
   start=$(date +%s.%N)
   parallel_get "$herd" "$base$path/$blob"
   herd_secs[$name]=$(echo "$(date +%s.%N) - $start" | bc)
-  sleep 0.2
+  if [ "$name" = hoard ]; then
+    settle "$work/hoard/blobs/sha256/${blob:7:2}/${blob:7}"
+  else
+    settle "$work/proxy/docker/registry/v2/blobs/sha256/${blob:7:2}/${blob:7}/data"
+  fi
   herd_gets[$name]=$(upstream_gets "$blob")
 done
 
@@ -259,8 +283,9 @@ for name in hoard nginx distribution proxy; do
 done
 printf '   hoard / nginx              %9s %11s\n' "$(ratio "${one[hoard]}" "${one[nginx]}")" "$(ratio "${many[hoard]}" "${many[nginx]}")"
 printf '\n2. cold blob                 total s    TTFB ms   total vs direct   TTFB vs direct\n'
-for name in direct hoard proxy; do
-  printf '   %-24s %8.3f %10.1f %17s %16s\n' "$name" "${cold_total[$name]}" "$(echo "${cold_ttfb[$name]} * 1000" | bc)" \
+for name in direct relay hoard proxy; do
+  label=$name; [ "$name" = relay ] && label="nginx relay (no cache)"
+  printf '   %-24s %8.3f %10.1f %17s %16s\n' "$label" "${cold_total[$name]}" "$(echo "${cold_ttfb[$name]} * 1000" | bc)" \
     "$(ratio "${cold_total[$name]}" "${cold_total[direct]}")" "$(ratio "${cold_ttfb[$name]}" "${cold_ttfb[direct]}")"
 done
 printf '\n3. manifest by digest (32 connections)   req/s       p99\n'
@@ -280,8 +305,8 @@ cat > target/bench/results.json <<JSON
 {"size_mib": $size_mib, "runs": $runs, "clients": $clients, "herd": $herd,
  "cached_mibps_1": {"hoard": ${one[hoard]}, "nginx": ${one[nginx]}, "distribution": ${one[distribution]}, "proxy": ${one[proxy]}},
  "cached_mibps_many": {"hoard": ${many[hoard]}, "nginx": ${many[nginx]}, "distribution": ${many[distribution]}, "proxy": ${many[proxy]}},
- "cold_total_s": {"direct": ${cold_total[direct]}, "hoard": ${cold_total[hoard]}, "proxy": ${cold_total[proxy]}},
- "cold_ttfb_s": {"direct": ${cold_ttfb[direct]}, "hoard": ${cold_ttfb[hoard]}, "proxy": ${cold_ttfb[proxy]}},
+ "cold_total_s": {"direct": ${cold_total[direct]}, "nginx_relay": ${cold_total[relay]}, "hoard": ${cold_total[hoard]}, "proxy": ${cold_total[proxy]}},
+ "cold_ttfb_s": {"direct": ${cold_ttfb[direct]}, "nginx_relay": ${cold_ttfb[relay]}, "hoard": ${cold_ttfb[hoard]}, "proxy": ${cold_ttfb[proxy]}},
  "manifest_rps": {"hoard": ${rps[hoard]:-0}, "distribution": ${rps[distribution]:-0}},
  "manifest_p99": {"hoard": "${p99[hoard]}", "distribution": "${p99[distribution]}"},
  "herd_upstream_gets": {"hoard": ${herd_gets[hoard]}, "proxy": ${herd_gets[proxy]}},

@@ -423,7 +423,7 @@ async fn download(
                 fill.push(chunk.clone());
                 // Wake readers per batch: each wake-up costs every reader a
                 // poll, and network chunks are small.
-                if received - announced >= ANNOUNCE_EVERY {
+                if announced == 0 || received - announced >= ANNOUNCE_EVERY {
                     announced = received;
                     fill.publish(Some(received), None);
                 }

@@ -118,16 +118,32 @@ pub(super) fn spawn(
                 None => limit,
             };
             let n = (until.saturating_sub(pos)).min(CHUNK) as usize;
-            let file = file.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                if n == 0 {
-                    return Err(io::Error::other("download window out of step"));
+            // A stored blob is mapped; when the pages are in memory the chunk
+            // goes out at once, else they are faulted in on a blocking thread.
+            let mapped = match fill {
+                None if n > 0 => map_chunk(&file, pos, n).ok(),
+                _ => None,
+            };
+            let read = match mapped {
+                Some(map) if is_resident(&map) => Ok(Bytes::from_owner(map)),
+                Some(map) => tokio::task::spawn_blocking(move || {
+                    touch(&map);
+                    Ok(Bytes::from_owner(map))
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e))),
+                None => {
+                    let file = file.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if n == 0 {
+                            return Err(io::Error::other("download window out of step"));
+                        }
+                        read_chunk(&file, pos, n)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
                 }
-                let mut buf = BytesMut::zeroed(n);
-                file.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
+            };
             match read {
                 Ok(chunk) => {
                     served.inc_by(n as u64);
@@ -144,6 +160,83 @@ pub(super) fn spawn(
         }
     });
     ByteStream { rx }
+}
+
+/// Maps `n` bytes at `pos` of a stored blob: the chunk goes from the page
+/// cache to the socket with one copy (the kernel's), instead of a read into
+/// a buffer and a write out of it. The mapping goes when the response drops
+/// the chunk, so resident memory stays at the chunks in flight.
+fn map_chunk(file: &File, pos: u64, n: usize) -> io::Result<memmap2::Mmap> {
+    // SAFETY: a committed blob file is never written or truncated again
+    // (content-addressed; eviction unlinks it, which leaves the mapping
+    // valid), so the mapped bytes cannot change under the reader.
+    unsafe { memmap2::MmapOptions::new().offset(pos).len(n).map(file) }
+}
+
+const PAGE: usize = 4096;
+
+/// The page-aligned span covering a mapping.
+fn pages(map: &memmap2::Mmap) -> (usize, usize) {
+    let addr = map.as_ptr() as usize;
+    let aligned = addr & !(PAGE - 1);
+    (aligned, addr + map.len() - aligned)
+}
+
+/// Whether every page of the mapping is in memory, so reading it cannot
+/// block the runtime on the disk.
+fn is_resident(map: &memmap2::Mmap) -> bool {
+    let (addr, len) = pages(map);
+    let mut status = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: `addr..addr + len` lies within this live mapping (widened to
+    // page boundaries, which the mapping itself is); `status` has one byte
+    // per page.
+    let r = unsafe { libc::mincore(addr as *mut libc::c_void, len, status.as_mut_ptr()) };
+    r == 0 && status.iter().all(|s| s & 1 == 1)
+}
+
+/// Faults every page of the mapping in (on a blocking thread).
+fn touch(map: &memmap2::Mmap) {
+    let mut sum = 0u8;
+    for i in (0..map.len()).step_by(PAGE) {
+        sum = sum.wrapping_add(map[i]);
+    }
+    std::hint::black_box(sum);
+}
+
+/// Reads `n` bytes at `pos` into a new buffer without zeroing it first:
+/// profiling 32 clients on a cached blob showed zeroing each 256 KiB chunk
+/// (`BytesMut::zeroed`) cost more CPU than the read itself.
+fn read_chunk(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
+    use std::os::unix::io::AsRawFd;
+    let mut buf = BytesMut::with_capacity(n);
+    while buf.len() < n {
+        let filled = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..n - filled];
+        let offset = libc::off_t::try_from(pos + filled as u64)
+            .map_err(|_| io::Error::other("offset out of range"))?;
+        // SAFETY: pread writes at most `spare.len()` bytes into memory this
+        // buffer owns; `set_len` below covers only what it wrote.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                offset,
+            )
+        };
+        match read {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            r if r < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // SAFETY: the first `r` spare bytes were just initialized.
+            r => unsafe { buf.set_len(filled + r as usize) },
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// Relays an upstream body straight to one client, `start..end` of it,
@@ -288,4 +381,32 @@ fn hash_prefix(file: &File, len: u64) -> io::Result<Sha256> {
         pos += n as u64;
     }
     Ok(hasher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_and_read_chunks_match_the_file_at_any_offset() {
+        let data: Vec<u8> = (0..3 * PAGE + 100).map(|i| (i % 253) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &data).unwrap();
+        for (pos, n) in [
+            (0, data.len()),
+            (1, 10),
+            (PAGE - 1, PAGE + 2),
+            (3 * PAGE, 100),
+        ] {
+            let map = map_chunk(&file, pos as u64, n).unwrap();
+            touch(&map);
+            assert!(is_resident(&map));
+            assert_eq!(Bytes::from_owner(map), &data[pos..pos + n]);
+            assert_eq!(
+                read_chunk(&file, pos as u64, n).unwrap(),
+                &data[pos..pos + n]
+            );
+        }
+        assert!(read_chunk(&file, data.len() as u64 - 1, 2).is_err());
+    }
 }
