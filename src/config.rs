@@ -86,6 +86,30 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    /// Serve the API over TLS with this certificate chain (PEM, leaf first).
+    #[arg(
+        long,
+        env = "HOARD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        env = "HOARD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Ask clients for a certificate signed by this CA (PEM) and refuse
+    /// connections without one.
+    #[arg(long, env = "HOARD_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With TLS on, also serve plain HTTP here (e.g. 127.0.0.1:5001 for
+    /// local clients).
+    #[arg(long, env = "HOARD_PLAIN_LISTEN", value_name = "ADDR")]
+    pub plain_listen: Option<SocketAddr>,
     /// Log format [default: text].
     #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -146,6 +170,17 @@ struct FileConfig {
     admin: FileAdmin,
     #[serde(default)]
     warm: FileWarm,
+    #[serde(default)]
+    tls: FileTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    plain_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -242,10 +277,25 @@ pub struct RegistryConfig {
     pub credentials: Option<Credentials>,
 }
 
+/// PEM files of the listener's TLS configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA whose certificates clients must present; `None`: no client
+    /// certificates asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// TLS on `listen`; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// With TLS, a plain-HTTP listener as well.
+    pub plain_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     /// Admin API listener (off unless set).
     pub admin_listen: Option<SocketAddr>,
@@ -299,6 +349,8 @@ impl Config {
         );
         Config {
             listen: "0.0.0.0:5000".parse().expect("valid addr"),
+            tls: None,
+            plain_listen: None,
             metrics_listen: None,
             admin_listen: None,
             admin_token: None,
@@ -338,6 +390,7 @@ impl Config {
         config.apply_file(file)?;
         config.apply_registry_env(env)?;
         config.apply_args(args)?;
+        config.finish_tls()?;
         if config.admin_listen.is_some() && config.admin_token.as_deref().is_none_or(str::is_empty)
         {
             return Err(invalid(
@@ -346,6 +399,21 @@ impl Config {
             ));
         }
         Ok(config)
+    }
+
+    /// Checks the TLS keys came as a set.
+    fn finish_tls(&mut self) -> Result<()> {
+        if let Some(tls) = &self.tls {
+            if tls.cert.as_os_str().is_empty() || tls.key.as_os_str().is_empty() {
+                return Err(invalid("tls", "tls.cert and tls.key go together"));
+            }
+        } else if self.plain_listen.is_some() {
+            return Err(invalid(
+                "tls.plain_listen",
+                "a second plain listener only makes sense with tls.cert and tls.key",
+            ));
+        }
+        Ok(())
     }
 
     /// The tag TTL for one registry host.
@@ -358,6 +426,10 @@ impl Config {
 
     fn apply_file(&mut self, file: FileConfig) -> Result<()> {
         set(&mut self.listen, file.listen);
+        self.apply_tls(file.tls.cert, file.tls.key, file.tls.client_ca);
+        if file.tls.plain_listen.is_some() {
+            self.plain_listen = file.tls.plain_listen;
+        }
         if file.metrics_listen.is_some() {
             self.metrics_listen = file.metrics_listen;
         }
@@ -535,8 +607,29 @@ impl Config {
         Ok(())
     }
 
+    /// Each given path replaces the one set so far.
+    fn apply_tls(&mut self, cert: Option<PathBuf>, key: Option<PathBuf>, ca: Option<PathBuf>) {
+        if cert.is_none() && key.is_none() && ca.is_none() {
+            return;
+        }
+        let tls = self.tls.get_or_insert_with(TlsFiles::default);
+        set(&mut tls.cert, cert);
+        set(&mut tls.key, key);
+        if ca.is_some() {
+            tls.client_ca = ca;
+        }
+    }
+
     fn apply_args(&mut self, args: &ServeArgs) -> Result<()> {
         set(&mut self.listen, args.listen);
+        self.apply_tls(
+            args.tls_cert.clone(),
+            args.tls_key.clone(),
+            args.tls_client_ca.clone(),
+        );
+        if args.plain_listen.is_some() {
+            self.plain_listen = args.plain_listen;
+        }
         if args.metrics_listen.is_some() {
             self.metrics_listen = args.metrics_listen;
         }
@@ -685,6 +778,39 @@ mod tests {
         );
         assert_eq!(c.tag_ttl, Duration::from_secs(300));
         assert!(!c.allow_any_upstream);
+    }
+
+    #[test]
+    fn tls_files_come_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hoard.toml");
+        std::fs::write(
+            &path,
+            "[tls]\ncert = \"/a/cert.pem\"\nkey = \"/a/key.pem\"\nplain_listen = \"127.0.0.1:5001\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            tls_client_ca: Some("/b/ca.pem".into()),
+            ..ServeArgs::default()
+        };
+        let c = Config::load(&args, []).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/a/cert.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/b/ca.pem")));
+        assert_eq!(c.plain_listen, Some("127.0.0.1:5001".parse().unwrap()));
+
+        // A plain listener or a client CA without a certificate is a mistake.
+        let args = ServeArgs {
+            plain_listen: Some("127.0.0.1:5001".parse().unwrap()),
+            ..ServeArgs::default()
+        };
+        assert!(Config::load(&args, []).is_err());
+        let args = ServeArgs {
+            tls_client_ca: Some("/b/ca.pem".into()),
+            ..ServeArgs::default()
+        };
+        assert!(Config::load(&args, []).is_err());
     }
 
     #[test]

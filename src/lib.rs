@@ -29,6 +29,8 @@ pub enum StartError {
     },
     #[error("cannot build the upstream client: {0}")]
     Upstream(#[from] upstream::Error),
+    #[error(transparent)]
+    Tls(#[from] registry::TlsError),
 }
 
 /// The sockets a daemon serves.
@@ -39,12 +41,15 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// The admin API.
     pub admin: Option<TcpListener>,
+    /// Plain HTTP beside a TLS `api` listener.
+    pub plain: Option<TcpListener>,
 }
 
 /// A mirror ready to serve: store opened, upstream client built.
 pub struct Daemon {
     app: Arc<registry::App>,
     config: config::Config,
+    tls: Option<Arc<registry::Tls>>,
 }
 
 impl Daemon {
@@ -56,6 +61,10 @@ impl Daemon {
             path: config.data_dir.clone(),
             source,
         })?;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(registry::Tls::load(files.clone())?)),
+            None => None,
+        };
         let upstream = upstream::Client::new(&config, metrics.clone())?;
         let mirror =
             mirror::Mirror::new(config.clone(), Arc::new(store), upstream, metrics.clone());
@@ -66,6 +75,7 @@ impl Daemon {
                 admin_token: config.admin_token.clone(),
             }),
             config,
+            tls,
         })
     }
 
@@ -88,6 +98,7 @@ impl Daemon {
         let side = [
             (listeners.metrics, registry::Surface::MetricsOnly),
             (listeners.admin, registry::Surface::Admin),
+            (listeners.plain, registry::Surface::Full),
         ];
         let side_tasks: Vec<_> = side
             .into_iter()
@@ -96,7 +107,7 @@ impl Daemon {
                 let app = self.app.clone();
                 let stop = stopped(stop_rx.clone());
                 Some(tokio::spawn(registry::serve(
-                    listener, app, surface, stop, grace,
+                    listener, app, surface, None, stop, grace,
                 )))
             })
             .collect();
@@ -113,10 +124,14 @@ impl Daemon {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        if let Some(tls) = &self.tls {
+            tokio::spawn(tls.clone().watch(stopped(stop_rx.clone())));
+        }
         registry::serve(
             listeners.api,
             self.app.clone(),
             registry::Surface::Full,
+            self.tls.clone(),
             stopped(stop_rx),
             grace,
         )

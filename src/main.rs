@@ -127,6 +127,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let metrics_listener = bind_optional(config.metrics_listen).await?;
     let admin_listener = bind_optional(config.admin_listen).await?;
+    let plain_listener = bind_optional(config.plain_listen).await?;
     let registries: Vec<String> = config
         .registries
         .iter()
@@ -134,6 +135,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .collect();
     info!(
         listen = %listener.local_addr()?,
+        tls = config.tls.is_some(),
         data_dir = %config.data_dir.display(),
         tag_ttl = ?config.tag_ttl,
         registries = %registries.join(","),
@@ -144,6 +146,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         api: listener,
         metrics: metrics_listener,
         admin: admin_listener,
+        plain: plain_listener,
     };
     daemon.run(listeners, shutdown_signal()).await;
     Ok(())

@@ -10,9 +10,11 @@ mod handlers;
 mod range;
 mod routes;
 mod server;
+mod tls;
 
 pub use body::Body;
 pub use error::{ApiError, Code};
 pub use handlers::{handle, App, Surface};
 pub use routes::{route, Route, RouteError};
 pub use server::serve;
+pub use tls::{Tls, TlsError, TlsFiles};

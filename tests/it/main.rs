@@ -9,6 +9,7 @@ mod evict;
 mod faults;
 mod pull;
 mod single_flight;
+mod tls;
 mod warm;
 
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ pub struct Hoard {
     pub addr: SocketAddr,
     /// The admin listener, when the test asked for one (`admin_listen`).
     pub admin: Option<SocketAddr>,
+    /// The plain listener beside TLS, when the test asked for one.
+    pub plain: Option<SocketAddr>,
     pub metrics: std::sync::Arc<hoard::metrics::Metrics>,
     pub data: tempfile::TempDir,
     pub client: reqwest::Client,
@@ -65,7 +68,16 @@ impl Hoard {
             }
             None => None,
         };
+        let plain_listener = match args.plain_listen {
+            Some(_) => {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                args.plain_listen = Some(l.local_addr().unwrap());
+                Some(l)
+            }
+            None => None,
+        };
         let args_admin = args.admin_listen;
+        let args_plain = args.plain_listen;
         let config = Config::load(&args, []).unwrap();
         let daemon = hoard::Daemon::open(config).unwrap();
         let metrics = daemon.metrics();
@@ -76,6 +88,7 @@ impl Hoard {
             api: listener,
             metrics: None,
             admin: admin_listener,
+            plain: plain_listener,
         };
         let task = tokio::spawn(daemon.run(listeners, async move {
             let _ = stopped.await;
@@ -88,6 +101,7 @@ impl Hoard {
         Hoard {
             addr,
             admin: args_admin,
+            plain: args_plain,
             metrics,
             data,
             client,

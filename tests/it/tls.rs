@@ -1,0 +1,240 @@
+//! TLS on the API listener: HTTP/2 and HTTP/1.1 by ALPN, a plain listener
+//! beside it, client certificates, and certificates replaced on disk taking
+//! effect without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+
+use crate::fake::Fake;
+use crate::Hoard;
+
+/// A test CA and what it signed, as PEM.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// (certificate PEM, key PEM) for `names`, for a server or a client.
+    fn issue(&self, names: &[&str], purpose: ExtendedKeyUsagePurpose) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![purpose];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Server cert and key for localhost, written into `dir`.
+fn server_files(ca: &Ca, dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = ca.issue(
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    // A chain file: leaf, then the CA (clients skip what they already trust).
+    let chain = format!("{cert}{}", ca.pem());
+    (write(dir, "cert.pem", &chain), write(dir, "key.pem", &key))
+}
+
+fn client(ca: &Ca, identity: Option<(String, String)>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap());
+    if let Some((cert, key)) = identity {
+        builder = builder
+            .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+fn https(hoard: &Hoard, path: &str) -> String {
+    format!("https://localhost:{}{path}", hoard.addr.port())
+}
+
+/// The protocol ALPN settles on when a client offers `offer`.
+async fn negotiated(hoard: &Hoard, ca: &Ca, offer: &[&[u8]]) -> Option<Vec<u8>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls_pki_types::CertificateDer::from(ca.cert.der().to_vec());
+    roots.add(der).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = offer.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(hoard.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+}
+
+#[tokio::test]
+async fn pulls_over_tls_with_h2_or_http1_and_a_plain_listener_beside() {
+    let fake = Fake::start().await;
+    let (_, layer) = fake.put_image("library/alpine", "3", b"layer over tls");
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new("hoard test CA");
+    let (cert, key) = server_files(&ca, pki.path());
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.tls_cert = Some(cert);
+        args.tls_key = Some(key);
+        args.plain_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+
+    let tls = client(&ca, None);
+    let r = tls.get(https(&hoard, "/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = tls
+        .get(https(&hoard, &format!("/v2/library/alpine/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"layer over tls");
+
+    assert_eq!(
+        negotiated(&hoard, &ca, &[b"h2", b"http/1.1"])
+            .await
+            .as_deref(),
+        Some(&b"h2"[..])
+    );
+    assert_eq!(
+        negotiated(&hoard, &ca, &[b"http/1.1"]).await.as_deref(),
+        Some(&b"http/1.1"[..])
+    );
+
+    // Plain HTTP on the TLS port is refused; the plain listener serves.
+    let plain = reqwest::Client::new();
+    assert!(plain
+        .get(format!("http://{}/v2/", hoard.addr))
+        .send()
+        .await
+        .is_err());
+    let r = plain
+        .get(format!(
+            "http://{}/v2/library/alpine/blobs/{layer}",
+            hoard.plain.unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"layer over tls");
+
+    // A client that does not trust the CA gets nowhere.
+    let stranger = client(&Ca::new("another CA"), None);
+    assert!(stranger.get(https(&hoard, "/v2/")).send().await.is_err());
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let fake = Fake::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new("hoard test CA");
+    let clients = Ca::new("hoard clients CA");
+    let (cert, key) = server_files(&ca, pki.path());
+    let client_ca = write(pki.path(), "clients.pem", &clients.pem());
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.tls_cert = Some(cert);
+        args.tls_key = Some(key);
+        args.tls_client_ca = Some(client_ca);
+    })
+    .await;
+
+    let anonymous = client(&ca, None);
+    assert!(anonymous.get(https(&hoard, "/v2/")).send().await.is_err());
+    let foreign = clients_of(&Ca::new("someone else's CA"), &ca);
+    assert!(foreign.get(https(&hoard, "/v2/")).send().await.is_err());
+    let member = clients_of(&clients, &ca);
+    let r = member.get(https(&hoard, "/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A client with a certificate from `issuer`, trusting `server_ca`.
+fn clients_of(issuer: &Ca, server_ca: &Ca) -> reqwest::Client {
+    let identity = issuer.issue(&["ci-runner"], ExtendedKeyUsagePurpose::ClientAuth);
+    client(server_ca, Some(identity))
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_served_without_a_restart() {
+    let fake = Fake::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    let old = Ca::new("old CA");
+    let (cert, key) = server_files(&old, pki.path());
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.tls_cert = Some(cert);
+        args.tls_key = Some(key);
+    })
+    .await;
+    assert_eq!(
+        client(&old, None)
+            .get(https(&hoard, "/v2/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // A broken file is ignored (the old certificate stays in use).
+    write(pki.path(), "cert.pem", "not a certificate");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        client(&old, None)
+            .get(https(&hoard, "/v2/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Renewed by a new CA: picked up within the watch interval.
+    let new = Ca::new("new CA");
+    server_files(&new, pki.path());
+    let renewed = client(&new, None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if renewed.get(https(&hoard, "/v2/")).send().await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(client(&old, None)
+        .get(https(&hoard, "/v2/"))
+        .send()
+        .await
+        .is_err());
+}
