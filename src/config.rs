@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// local clients).
     #[arg(long, env = "HOARD_PLAIN_LISTEN", value_name = "ADDR")]
     pub plain_listen: Option<SocketAddr>,
+    /// Require clients to log in with a user of this htpasswd file (bcrypt
+    /// entries, `htpasswd -B`); access rules go in the config file.
+    #[arg(long, env = "HOARD_HTPASSWD", value_name = "FILE")]
+    pub htpasswd: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -172,6 +176,20 @@ struct FileConfig {
     warm: FileWarm,
     #[serde(default)]
     tls: FileTls,
+    #[serde(default)]
+    auth: FileAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    htpasswd: Option<PathBuf>,
+    realm: Option<String>,
+    protect_metrics: Option<bool>,
+    #[serde(default)]
+    access: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    groups: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,6 +306,23 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+/// Client authentication: who may log in, and what each may pull.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// htpasswd file with bcrypt entries.
+    pub htpasswd: PathBuf,
+    /// Realm of the Basic challenge.
+    pub realm: String,
+    /// Whether /metrics and /healthz need a login too.
+    pub protect_metrics: bool,
+    /// `user`, `group:NAME`, `*` (any user) or `anonymous` -> repository
+    /// patterns (`*`, `host/prefix/*`, `host/name`). Empty: every user may
+    /// pull everything, anonymous clients nothing.
+    pub access: BTreeMap<String, Vec<String>>,
+    /// Group -> members.
+    pub groups: BTreeMap<String, Vec<String>>,
+}
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -296,6 +331,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// With TLS, a plain-HTTP listener as well.
     pub plain_listen: Option<SocketAddr>,
+    /// Client authentication; `None`: every client may pull everything.
+    pub auth: Option<AuthConfig>,
     pub metrics_listen: Option<SocketAddr>,
     /// Admin API listener (off unless set).
     pub admin_listen: Option<SocketAddr>,
@@ -351,6 +388,7 @@ impl Config {
             listen: "0.0.0.0:5000".parse().expect("valid addr"),
             tls: None,
             plain_listen: None,
+            auth: None,
             metrics_listen: None,
             admin_listen: None,
             admin_token: None,
@@ -401,8 +439,18 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks the TLS keys came as a set.
+    /// Checks the TLS keys came as a set, and auth has its file.
     fn finish_tls(&mut self) -> Result<()> {
+        if self
+            .auth
+            .as_ref()
+            .is_some_and(|a| a.htpasswd.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "auth.htpasswd",
+                "access rules need an htpasswd file (auth.htpasswd or --htpasswd)",
+            ));
+        }
         if let Some(tls) = &self.tls {
             if tls.cert.as_os_str().is_empty() || tls.key.as_os_str().is_empty() {
                 return Err(invalid("tls", "tls.cert and tls.key go together"));
@@ -427,6 +475,21 @@ impl Config {
     fn apply_file(&mut self, file: FileConfig) -> Result<()> {
         set(&mut self.listen, file.listen);
         self.apply_tls(file.tls.cert, file.tls.key, file.tls.client_ca);
+        let auth = file.auth;
+        let has_auth = auth.htpasswd.is_some()
+            || auth.realm.is_some()
+            || auth.protect_metrics.is_some()
+            || !auth.access.is_empty()
+            || !auth.groups.is_empty();
+        if has_auth {
+            self.auth = Some(AuthConfig {
+                htpasswd: auth.htpasswd.unwrap_or_default(),
+                realm: auth.realm.unwrap_or_else(|| "hoard".into()),
+                protect_metrics: auth.protect_metrics.unwrap_or(false),
+                access: auth.access,
+                groups: auth.groups,
+            });
+        }
         if file.tls.plain_listen.is_some() {
             self.plain_listen = file.tls.plain_listen;
         }
@@ -629,6 +692,13 @@ impl Config {
         );
         if args.plain_listen.is_some() {
             self.plain_listen = args.plain_listen;
+        }
+        if let Some(path) = &args.htpasswd {
+            let auth = self.auth.get_or_insert_with(|| AuthConfig {
+                realm: "hoard".into(),
+                ..AuthConfig::default()
+            });
+            auth.htpasswd = path.clone();
         }
         if args.metrics_listen.is_some() {
             self.metrics_listen = args.metrics_listen;

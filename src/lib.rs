@@ -31,6 +31,8 @@ pub enum StartError {
     Upstream(#[from] upstream::Error),
     #[error(transparent)]
     Tls(#[from] registry::TlsError),
+    #[error("client authentication: {0}")]
+    Auth(String),
 }
 
 /// The sockets a daemon serves.
@@ -65,6 +67,10 @@ impl Daemon {
             Some(files) => Some(Arc::new(registry::Tls::load(files.clone())?)),
             None => None,
         };
+        let access = match &config.auth {
+            Some(auth) => Some(registry::Access::new(auth).map_err(StartError::Auth)?),
+            None => None,
+        };
         let upstream = upstream::Client::new(&config, metrics.clone())?;
         let mirror =
             mirror::Mirror::new(config.clone(), Arc::new(store), upstream, metrics.clone());
@@ -73,6 +79,7 @@ impl Daemon {
                 mirror,
                 metrics,
                 admin_token: config.admin_token.clone(),
+                access,
             }),
             config,
             tls,

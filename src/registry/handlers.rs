@@ -1,6 +1,7 @@
 //! Request handling: route, one call into the mirror, response headers as
 //! the spec and the clients expect them. No policy and no I/O of its own.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use tracing::warn;
 
+use super::access::{Access, Refusal, Who};
 use super::body::{AccessLog, Body};
 use super::error::{ApiError, Code};
 use super::range::{self, RangeError};
@@ -25,6 +27,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Bearer token of the admin API; without one it answers nothing.
     pub admin_token: Option<String>,
+    /// Client logins and access rules; `None`: open to every client.
+    pub access: Option<Access>,
 }
 
 /// Which endpoints a listener offers.
@@ -38,8 +42,13 @@ pub enum Surface {
     Admin,
 }
 
-/// Answers one request.
-pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Response<Body> {
+/// Answers one request from `peer`.
+pub async fn handle<B>(
+    app: &App,
+    surface: Surface,
+    peer: Option<IpAddr>,
+    request: Request<B>,
+) -> Response<Body> {
     if surface == Surface::Admin {
         return super::admin::handle(app, request).await;
     }
@@ -60,12 +69,17 @@ pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Resp
         Ok(Route::Unsupported) | Err(_) => "other",
     };
     let (mut response, result) = match routed {
-        Ok(route @ (Route::Metrics | Route::Healthz)) => (meta(app, &method, route), "-"),
-        Ok(_) if surface == Surface::MetricsOnly => (
-            error(&ApiError::new(Code::NotFound, "no such endpoint")),
-            "-",
-        ),
-        Ok(route) => dispatch(app, &method, route, &path, request.headers()).await,
+        Ok(route) => match admit(app, peer, &route, request.headers()).await {
+            Err(refusal) => (refused(app, &refusal), "-"),
+            Ok(()) => match route {
+                route @ (Route::Metrics | Route::Healthz) => (meta(app, &method, route), "-"),
+                _ if surface == Surface::MetricsOnly => (
+                    error(&ApiError::new(Code::NotFound, "no such endpoint")),
+                    "-",
+                ),
+                route => dispatch(app, &method, route, &path, request.headers()).await,
+            },
+        },
         Err(RouteError::NotFound) => (
             error(&ApiError::new(Code::NotFound, "no such endpoint")),
             "-",
@@ -100,6 +114,55 @@ pub async fn handle<B>(app: &App, surface: Surface, request: Request<B>) -> Resp
         .and_then(|v| v.parse().ok())
         .or_else(|| http_body::Body::size_hint(response.body()).exact());
     response.map(|body| body.logged(log))
+}
+
+/// Checks the client may make this request (always, without auth).
+async fn admit(
+    app: &App,
+    peer: Option<IpAddr>,
+    route: &Route,
+    headers: &http::HeaderMap,
+) -> Result<(), Refusal> {
+    let Some(access) = &app.access else {
+        return Ok(());
+    };
+    let needs_user = match route {
+        Route::Metrics | Route::Healthz => access.protects_metrics(),
+        // The base check is how clients learn they should log in (docker
+        // sends credentials only after a challenge), so it always asks.
+        Route::Base => true,
+        _ => false,
+    };
+    let who = access
+        .authenticate(peer, headers.get(header::AUTHORIZATION))
+        .await?;
+    let repo = match route {
+        Route::Manifest { repo, .. } | Route::Blob { repo, .. } | Route::Tags { repo, .. } => {
+            Some(repo)
+        }
+        _ => None,
+    };
+    match (&who, repo) {
+        (Who::Anonymous, _) if needs_user => Err(Refusal::Unauthenticated),
+        (_, Some(repo)) if !access.may_pull(&who, repo) => match who {
+            Who::Anonymous => Err(Refusal::Unauthenticated),
+            Who::User(_) => Err(Refusal::Denied),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// The error answer of a refused request; a 401 carries the challenge.
+fn refused(app: &App, refusal: &Refusal) -> Response<Body> {
+    let mut response = error(&refusal.error());
+    if let (Refusal::Unauthenticated, Some(access)) = (refusal, &app.access) {
+        if let Ok(value) = HeaderValue::from_str(&access.challenge()) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+    }
+    response
 }
 
 async fn dispatch(

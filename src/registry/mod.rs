@@ -3,6 +3,7 @@
 //! typed values, calls the mirror, writes responses. All error answers are
 //! made in `error`.
 
+mod access;
 mod admin;
 mod body;
 mod error;
@@ -12,6 +13,7 @@ mod routes;
 mod server;
 mod tls;
 
+pub use access::Access;
 pub use body::Body;
 pub use error::{ApiError, Code};
 pub use handlers::{handle, App, Surface};

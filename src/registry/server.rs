@@ -62,7 +62,11 @@ pub async fn serve(
         let app = app.clone();
         let service = service_fn(move |request| {
             let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&app, surface, request).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    handle(&app, surface, Some(peer.ip()), request).await,
+                )
+            }
         });
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());

@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod evict;
 mod faults;
+mod login;
 mod pull;
 mod single_flight;
 mod tls;
