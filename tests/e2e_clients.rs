@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -66,76 +65,6 @@ fn second_pulls_are_free(upstream: &Distribution, ttl_over: Instant, pull_again:
 }
 
 // ---------------------------------------------------------------- containerd
-
-struct Containerd {
-    daemon: Daemon,
-    socket: PathBuf,
-    hosts: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    fn start(mirror: &str, hosts_form: &str) -> Containerd {
-        let bin = require_tool("containerd");
-        require_tool("ctr");
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("containerd.sock");
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}-ttrpc\"\n",
-                root = dir.path().join("root").display(),
-                state = dir.path().join("state").display(),
-                sock = socket.display(),
-            ),
-        )
-        .unwrap();
-        let hosts = dir.path().join("certs.d");
-        std::fs::create_dir_all(&hosts).unwrap();
-        client_config_dir(hosts_form, mirror, &hosts);
-        let daemon = Daemon::spawn(
-            "containerd",
-            Command::new(bin).arg("--config").arg(&config),
-            dir.path().join("containerd.log"),
-        );
-        let containerd = Containerd {
-            daemon,
-            socket,
-            hosts,
-            _dir: dir,
-        };
-        wait_until(&containerd.daemon, Duration::from_secs(30), || {
-            containerd
-                .ctr()
-                .arg("version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        containerd
-    }
-
-    fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address")
-            .arg(&self.socket)
-            .args(["-n", "hoardtest"]);
-        c
-    }
-
-    fn pull(&self, image: &str, extra: &[&str]) -> String {
-        run(self
-            .ctr()
-            .args(["images", "pull", "--hosts-dir"])
-            .arg(&self.hosts)
-            .args(extra)
-            .arg(image))
-    }
-
-    fn remove(&self, image: &str) {
-        run(self.ctr().args(["images", "rm", "--sync", image]));
-    }
-}
 
 #[test]
 fn containerd_pulls_through_hoard_with_hosts_toml() {

@@ -2,6 +2,8 @@
 //! upstream in `fake`. One binary, one module per topic.
 
 mod fake;
+#[path = "../support/pki.rs"]
+mod pki;
 
 mod admin;
 mod auth;

@@ -6,57 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-
 use crate::fake::Fake;
+use crate::pki::{write, Ca, Purpose as ExtendedKeyUsagePurpose};
 use crate::Hoard;
-
-/// A test CA and what it signed, as PEM.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// (certificate PEM, key PEM) for `names`, for a server or a client.
-    fn issue(&self, names: &[&str], purpose: ExtendedKeyUsagePurpose) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.extended_key_usages = vec![purpose];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// Server cert and key for localhost, written into `dir`.
 fn server_files(ca: &Ca, dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = ca.issue(
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    // A chain file: leaf, then the CA (clients skip what they already trust).
-    let chain = format!("{cert}{}", ca.pem());
-    (write(dir, "cert.pem", &chain), write(dir, "key.pem", &key))
+    ca.server_files(dir)
 }
 
 fn client(ca: &Ca, identity: Option<(String, String)>) -> reqwest::Client {

@@ -4,6 +4,8 @@
 //! guards that start real daemons on 127.0.0.1 and stop them by PID on drop.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -484,7 +486,15 @@ impl HoardProcess {
             .env_remove("HOARD_CONFIG");
         let log = data.path().join(format!("hoard-{port}.log"));
         let mut daemon = Daemon::spawn("hoard", &mut command, log);
-        daemon.wait_http(&format!("http://127.0.0.1:{port}/healthz"));
+        if extra_args.contains(&"--tls-cert") {
+            // Over TLS the test's own client is not set up yet: wait for
+            // the port instead.
+            wait_until(&daemon, Duration::from_secs(30), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+        } else {
+            daemon.wait_http(&format!("http://127.0.0.1:{port}/healthz"));
+        }
         HoardProcess { daemon, port, data }
     }
 
@@ -642,5 +652,84 @@ pub fn client_config_dir(relative: &str, mirror: &str, dest: &Path) {
         } else {
             std::fs::write(dest.join(&name), client_config(&rel, mirror)).unwrap();
         }
+    }
+}
+
+/// A containerd daemon of its own (state in a temp dir), pulled with `ctr`
+/// and a hosts directory.
+pub struct Containerd {
+    pub daemon: Daemon,
+    socket: PathBuf,
+    pub hosts: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// containerd with the deploy/clients/`hosts_form` folder as its hosts
+    /// directory, the mirror address filled in.
+    pub fn start(mirror: &str, hosts_form: &str) -> Containerd {
+        Containerd::start_with(|hosts| client_config_dir(hosts_form, mirror, hosts))
+    }
+
+    /// containerd with a hosts directory `fill` writes.
+    pub fn start_with(fill: impl FnOnce(&Path)) -> Containerd {
+        let bin = require_tool("containerd");
+        require_tool("ctr");
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}-ttrpc\"\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = socket.display(),
+            ),
+        )
+        .unwrap();
+        let hosts = dir.path().join("certs.d");
+        std::fs::create_dir_all(&hosts).unwrap();
+        fill(&hosts);
+        let daemon = Daemon::spawn(
+            "containerd",
+            Command::new(bin).arg("--config").arg(&config),
+            dir.path().join("containerd.log"),
+        );
+        let containerd = Containerd {
+            daemon,
+            socket,
+            hosts,
+            _dir: dir,
+        };
+        wait_until(&containerd.daemon, Duration::from_secs(30), || {
+            containerd
+                .ctr()
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        containerd
+    }
+
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.socket)
+            .args(["-n", "hoardtest"]);
+        c
+    }
+
+    pub fn pull(&self, image: &str, extra: &[&str]) -> String {
+        run(self
+            .ctr()
+            .args(["images", "pull", "--hosts-dir"])
+            .arg(&self.hosts)
+            .args(extra)
+            .arg(image))
+    }
+
+    pub fn remove(&self, image: &str) {
+        run(self.ctr().args(["images", "rm", "--sync", image]));
     }
 }
