@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod docker;
+
 use crate::reference::{validate_registry, DOCKER_HUB};
 
 /// Docker Hub's registry API endpoint (what `docker.io` means).
@@ -114,6 +116,10 @@ pub struct ServeArgs {
     /// entries, `htpasswd -B`); access rules go in the config file.
     #[arg(long, env = "HOARD_HTPASSWD", value_name = "FILE")]
     pub htpasswd: Option<PathBuf>,
+    /// Docker config.json whose `auths` give upstream credentials to
+    /// configured registries that have none of their own.
+    #[arg(long, env = "HOARD_DOCKER_CONFIG", value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -231,6 +237,9 @@ struct FileStore {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileUpstream {
+    /// A Docker config.json whose `auths` give credentials to registries
+    /// that have none of their own here.
+    docker_config: Option<PathBuf>,
     max_concurrent_fetches: Option<usize>,
     rate_limit_floor: Option<i64>,
     connect_timeout: Option<String>,
@@ -246,6 +255,9 @@ struct FileRegistry {
     username: Option<String>,
     password: Option<String>,
     token: Option<String>,
+    /// Where the password is (a mounted Kubernetes secret, say).
+    password_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
 }
 
 /// A size as a byte count or a string such as "4MiB".
@@ -273,6 +285,9 @@ pub enum Credentials {
     Basic { username: String, password: String },
     /// A bearer token sent as is.
     Bearer(String),
+    /// An OAuth2 refresh token (Docker's `identitytoken`), exchanged at the
+    /// registry's token endpoint.
+    Identity { username: String, token: String },
 }
 
 impl fmt::Debug for Credentials {
@@ -280,6 +295,7 @@ impl fmt::Debug for Credentials {
         match self {
             Credentials::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
             Credentials::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            Credentials::Identity { .. } => f.write_str("Identity(<redacted>)"),
         }
     }
 }
@@ -425,9 +441,14 @@ impl Config {
             None => FileConfig::default(),
         };
         let mut config = Config::embedded();
+        let file_docker_config = file.upstream.docker_config.clone();
         config.apply_file(file)?;
         config.apply_registry_env(env)?;
+        let docker_config = args.docker_config.clone().or(file_docker_config);
         config.apply_args(args)?;
+        if let Some(path) = docker_config {
+            config.apply_docker_config(&path)?;
+        }
         config.finish_tls()?;
         if config.admin_listen.is_some() && config.admin_token.as_deref().is_none_or(str::is_empty)
         {
@@ -437,6 +458,17 @@ impl Config {
             ));
         }
         Ok(config)
+    }
+
+    /// Credentials from a Docker config.json for registries without any.
+    fn apply_docker_config(&mut self, path: &Path) -> Result<()> {
+        let found = docker::read(path).map_err(|e| invalid("upstream.docker_config", e))?;
+        for (host, registry) in self.registries.iter_mut() {
+            if registry.credentials.is_none() {
+                registry.credentials = found.get(host).cloned();
+            }
+        }
+        Ok(())
     }
 
     /// Checks the TLS keys came as a set, and auth has its file.
@@ -571,8 +603,14 @@ impl Config {
         Ok(())
     }
 
-    fn apply_registry(&mut self, host: &str, raw: FileRegistry) -> Result<()> {
+    fn apply_registry(&mut self, host: &str, mut raw: FileRegistry) -> Result<()> {
         let key = format!("registries.\"{host}\"");
+        if let Some(path) = raw.password_file.take() {
+            raw.password = Some(read_secret(&format!("{key}.password_file"), &path)?);
+        }
+        if let Some(path) = raw.token_file.take() {
+            raw.token = Some(read_secret(&format!("{key}.token_file"), &path)?);
+        }
         validate_registry(host).map_err(|e| invalid(&key, e))?;
         let existing = self.registries.get(host).cloned();
         let url = match (raw.url, existing.as_ref()) {
@@ -657,12 +695,16 @@ impl Config {
                 username: get("USERNAME"),
                 password: get("PASSWORD"),
                 token: get("TOKEN"),
+                password_file: get("PASSWORD_FILE").map(PathBuf::from),
+                token_file: get("TOKEN_FILE").map(PathBuf::from),
             };
             if raw.url.is_some()
                 || raw.tag_ttl.is_some()
                 || raw.username.is_some()
                 || raw.password.is_some()
                 || raw.token.is_some()
+                || raw.password_file.is_some()
+                || raw.token_file.is_some()
             {
                 self.apply_registry(&host, raw)?;
             }
@@ -767,6 +809,18 @@ impl Config {
     }
 }
 
+/// A secret from a file, without the trailing newline editors and
+/// `kubectl create secret --from-file` leave.
+fn read_secret(key: &str, path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_owned();
+    if secret.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(secret)
+}
+
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -848,6 +902,51 @@ mod tests {
         );
         assert_eq!(c.tag_ttl, Duration::from_secs(300));
         assert!(!c.allow_any_upstream);
+    }
+
+    #[test]
+    fn credentials_from_files_and_docker_config_with_explicit_ones_first() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "from-file\n").unwrap();
+        let docker = dir.path().join("config.json");
+        std::fs::write(
+            &docker,
+            r#"{"auths": {"ghcr.io": {"username": "d", "password": "docker-pw"},
+                          "https://index.docker.io/v1/": {"username": "d", "password": "docker-pw"}}}"#,
+        )
+        .unwrap();
+        let env = [
+            (
+                "HOARD_REGISTRY_DOCKER_IO_USERNAME".to_owned(),
+                "u".to_owned(),
+            ),
+            (
+                "HOARD_REGISTRY_DOCKER_IO_PASSWORD_FILE".to_owned(),
+                dir.path().join("pw").display().to_string(),
+            ),
+        ];
+        let args = ServeArgs {
+            upstream: vec!["ghcr.io=https://ghcr.io".into()],
+            docker_config: Some(docker),
+            ..ServeArgs::default()
+        };
+        let c = Config::load(&args, env).unwrap();
+        assert_eq!(
+            c.registries["docker.io"].credentials,
+            Some(Credentials::Basic {
+                username: "u".into(),
+                password: "from-file".into()
+            })
+        );
+        assert_eq!(
+            c.registries["ghcr.io"].credentials,
+            Some(Credentials::Basic {
+                username: "d".into(),
+                password: "docker-pw".into()
+            })
+        );
+        let shown = format!("{:?}", c.registries);
+        assert!(!shown.contains("from-file") && !shown.contains("docker-pw"));
     }
 
     #[test]

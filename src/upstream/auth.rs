@@ -283,20 +283,39 @@ async fn fetch_token(
     if !matches!(url.scheme(), "http" | "https") {
         return Err(token_error("challenge realm is not http(s)".into()));
     }
-    {
-        let mut query = url.query_pairs_mut();
+    let request = if let Some(Credentials::Identity { token, .. }) = credentials {
+        // An identity token is an OAuth2 refresh token: POSTed to the same
+        // endpoint (distribution's token spec, "OAuth2 token", grant_type
+        // refresh_token).
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", token.as_str()),
+            ("client_id", "hoard"),
+            ("scope", scope),
+        ];
         if let Some(service) = service {
-            query.append_pair("service", service);
+            form.push(("service", service));
         }
-        query.append_pair("scope", scope);
-        if let Some(Credentials::Basic { username, .. }) = credentials {
-            query.append_pair("account", username);
+        http.post(url).form(&form)
+    } else {
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+            if let Some(Credentials::Basic { username, .. }) = credentials {
+                query.append_pair("account", username);
+            }
         }
-    }
-    let mut request = http.get(url);
-    if let Some(Credentials::Basic { username, password }) = credentials {
-        request = request.basic_auth(username, Some(password));
-    }
+        let request = http.get(url);
+        match credentials {
+            Some(Credentials::Basic { username, password }) => {
+                request.basic_auth(username, Some(password))
+            }
+            _ => request,
+        }
+    };
     let response = tokio::time::timeout(TOKEN_STALL, request.send())
         .await
         .map_err(|_| token_error("timed out".into()))?

@@ -109,3 +109,47 @@ async fn failing_token_endpoint_is_a_502_and_nothing_is_stored() {
     assert_eq!(error_code(r).await, "UNAVAILABLE");
     assert_eq!(hoard.blob_files(), 0);
 }
+
+#[tokio::test]
+async fn a_password_file_supplies_the_password() {
+    let fake = Fake::start().await;
+    // "bot:from-a-file" in base64.
+    fake.require_token("tok-f", Some("Basic Ym90OmZyb20tYS1maWxl"));
+    fake.put_image("library/private", "1", b"p");
+    let dir = tempfile::tempdir().unwrap();
+    // As a mounted Kubernetes secret: the value, then a newline.
+    std::fs::write(dir.path().join("password"), "from-a-file\n").unwrap();
+    let config = dir.path().join("hoard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registries.\"docker.io\"]\nusername = \"bot\"\npassword_file = \"{}\"\n",
+            dir.path().join("password").display()
+        ),
+    )
+    .unwrap();
+    let hoard = Hoard::start(&fake.url(), &[], |args| args.config = Some(config)).await;
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
+}
+
+#[tokio::test]
+async fn docker_config_json_credentials_and_identity_tokens() {
+    let fake = Fake::start().await;
+    fake.require_refresh_token("tok-r", "refresh-canary");
+    fake.put_image("library/private", "1", b"p");
+    let dir = tempfile::tempdir().unwrap();
+    let docker_config = dir.path().join("config.json");
+    std::fs::write(
+        &docker_config,
+        r#"{"auths": {"https://index.docker.io/v1/": {"auth": "", "identitytoken": "refresh-canary"}}}"#,
+    )
+    .unwrap();
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.docker_config = Some(docker_config)
+    })
+    .await;
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
+    let posts = fake.token_posts();
+    assert_eq!(posts.len(), 1, "one exchange, then the token is cached");
+    assert!(posts[0].contains("grant_type=refresh_token"), "{posts:?}");
+}

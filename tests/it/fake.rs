@@ -57,6 +57,7 @@ pub struct State {
     pub authorizations: Mutex<Vec<(String, Option<String>)>>,
     /// Require `Bearer <token>` issued by /token.
     token_auth: Mutex<Option<TokenAuth>>,
+    token_posts: Mutex<Vec<String>>,
     /// Redirect blob GETs to this base URL.
     redirect: Mutex<Option<String>>,
     /// Failures injected by `Fault::Random`.
@@ -83,6 +84,8 @@ fn next_random() -> u64 {
 struct TokenAuth {
     token: String,
     basic: Option<String>,
+    /// Tokens only for a POST with this OAuth2 refresh token.
+    refresh: Option<String>,
     fail: bool,
 }
 
@@ -221,8 +224,24 @@ impl Fake {
         *self.state.token_auth.lock().unwrap() = Some(TokenAuth {
             token: token.to_owned(),
             basic: basic.map(str::to_owned),
+            refresh: None,
             fail: false,
         });
+    }
+
+    /// Tokens only in exchange for `refresh` (grant_type=refresh_token).
+    pub fn require_refresh_token(&self, token: &str, refresh: &str) {
+        *self.state.token_auth.lock().unwrap() = Some(TokenAuth {
+            token: token.to_owned(),
+            basic: None,
+            refresh: Some(refresh.to_owned()),
+            fail: false,
+        });
+    }
+
+    /// The form bodies POSTed to /token.
+    pub fn token_posts(&self) -> Vec<String> {
+        self.state.token_posts.lock().unwrap().clone()
     }
 
     pub fn fail_token_endpoint(&self) {
@@ -318,6 +337,25 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
             if authorization.as_deref() != Some(basic.as_str()) {
                 return full(StatusCode::UNAUTHORIZED, "bad credentials");
             }
+        }
+        if let Some(refresh) = &auth.refresh {
+            if method != "POST" {
+                return full(StatusCode::METHOD_NOT_ALLOWED, "POST a refresh token");
+            }
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            state.token_posts.lock().unwrap().push(body.clone());
+            let wanted = format!("refresh_token={refresh}");
+            if !body.split('&').any(|kv| kv == wanted) || !body.contains("grant_type=refresh_token")
+            {
+                return full(StatusCode::UNAUTHORIZED, "bad refresh token");
+            }
+            return full(
+                StatusCode::OK,
+                format!(r#"{{"access_token":"{}","expires_in":300}}"#, auth.token),
+            );
         }
         return full(
             StatusCode::OK,
