@@ -9,6 +9,7 @@ mod admin;
 mod auth;
 mod evict;
 mod faults;
+mod leaks;
 mod login;
 mod pull;
 mod single_flight;
