@@ -120,6 +120,12 @@ pub struct ServeArgs {
     /// configured registries that have none of their own.
     #[arg(long, env = "HOARD_DOCKER_CONFIG", value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
+    /// Connections one client address may hold open [default: 1024].
+    #[arg(long, env = "HOARD_MAX_CONNECTIONS_PER_CLIENT", value_name = "N")]
+    pub max_connections_per_client: Option<usize>,
+    /// A client must send its request head within this time [default: 30s].
+    #[arg(long, env = "HOARD_HEADER_READ_TIMEOUT", value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
     /// Log format [default: text].
     #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -184,6 +190,15 @@ struct FileConfig {
     tls: FileTls,
     #[serde(default)]
     auth: FileAuth,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_connections_per_client: Option<usize>,
+    header_read_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -349,6 +364,10 @@ pub struct Config {
     pub plain_listen: Option<SocketAddr>,
     /// Client authentication; `None`: every client may pull everything.
     pub auth: Option<AuthConfig>,
+    /// Connections one client address may hold open.
+    pub max_connections_per_client: usize,
+    /// Time a client has to send its request head.
+    pub header_read_timeout: Duration,
     pub metrics_listen: Option<SocketAddr>,
     /// Admin API listener (off unless set).
     pub admin_listen: Option<SocketAddr>,
@@ -405,6 +424,8 @@ impl Config {
             tls: None,
             plain_listen: None,
             auth: None,
+            max_connections_per_client: 1024,
+            header_read_timeout: Duration::from_secs(30),
             metrics_listen: None,
             admin_listen: None,
             admin_token: None,
@@ -507,6 +528,15 @@ impl Config {
     fn apply_file(&mut self, file: FileConfig) -> Result<()> {
         set(&mut self.listen, file.listen);
         self.apply_tls(file.tls.cert, file.tls.key, file.tls.client_ca);
+        set(
+            &mut self.max_connections_per_client,
+            file.limits.max_connections_per_client,
+        );
+        set_duration(
+            &mut self.header_read_timeout,
+            "limits.header_read_timeout",
+            file.limits.header_read_timeout.as_deref(),
+        )?;
         let auth = file.auth;
         let has_auth = auth.htpasswd.is_some()
             || auth.realm.is_some()
@@ -734,6 +764,21 @@ impl Config {
         );
         if args.plain_listen.is_some() {
             self.plain_listen = args.plain_listen;
+        }
+        set(
+            &mut self.max_connections_per_client,
+            args.max_connections_per_client,
+        );
+        set_duration(
+            &mut self.header_read_timeout,
+            "--header-read-timeout",
+            args.header_read_timeout.as_deref(),
+        )?;
+        if self.max_connections_per_client == 0 {
+            return Err(invalid(
+                "limits.max_connections_per_client",
+                "must be at least 1",
+            ));
         }
         if let Some(path) = &args.htpasswd {
             let auth = self.auth.get_or_insert_with(|| AuthConfig {

@@ -98,6 +98,10 @@ impl Daemon {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         let grace = self.config.shutdown_timeout;
+        let limits = registry::Limits {
+            connections_per_client: self.config.max_connections_per_client,
+            header_read_timeout: self.config.header_read_timeout,
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -114,7 +118,7 @@ impl Daemon {
                 let app = self.app.clone();
                 let stop = stopped(stop_rx.clone());
                 Some(tokio::spawn(registry::serve(
-                    listener, app, surface, None, stop, grace,
+                    listener, app, surface, None, limits, stop, grace,
                 )))
             })
             .collect();
@@ -139,6 +143,7 @@ impl Daemon {
             self.app.clone(),
             registry::Surface::Full,
             self.tls.clone(),
+            limits,
             stopped(stop_rx),
             grace,
         )

@@ -20,6 +20,9 @@ use crate::mirror::{self, Accept, Mirror, Outcome};
 use crate::reference::{Digest, Reference, Repository};
 
 const API_VERSION: &str = "registry/2.0";
+/// Longest request target accepted: a repository name is at most 255
+/// characters, a digest 71, and the query carries `ns`, `n` and `last`.
+const MAX_URI: usize = 2048;
 
 /// What every request handler shares.
 pub struct App {
@@ -58,7 +61,12 @@ pub async fn handle<B>(
     // Registry queries carry only `ns`, `n` and `last`: safe to log, and
     // `ns` says which upstream a containerd request meant.
     let query = request.uri().query().unwrap_or("").to_owned();
-    let routed = routes::route(&path, request.uri().query());
+    let too_long = path.len() + query.len() > MAX_URI;
+    let routed = if too_long {
+        Err(RouteError::TooLong)
+    } else {
+        routes::route(&path, request.uri().query())
+    };
     let label = match &routed {
         Ok(Route::Manifest { .. }) => "manifest",
         Ok(Route::Blob { .. }) => "blob",
@@ -85,6 +93,10 @@ pub async fn handle<B>(
             "-",
         ),
         Err(RouteError::Invalid(e)) => (error(&ApiError::from(&e)), "-"),
+        Err(RouteError::TooLong) => (
+            error(&ApiError::new(Code::UriTooLong, "request target too long")),
+            "-",
+        ),
     };
     response.headers_mut().insert(
         "docker-distribution-api-version",

@@ -18,5 +18,5 @@ pub use body::Body;
 pub use error::{ApiError, Code};
 pub use handlers::{handle, App, Surface};
 pub use routes::{route, Route, RouteError};
-pub use server::serve;
+pub use server::{serve, Limits};
 pub use tls::{Tls, TlsError, TlsFiles};

@@ -36,6 +36,8 @@ pub enum RouteError {
     NotFound,
     /// The name, tag or digest in it is invalid.
     Invalid(ReferenceError),
+    /// The request target is longer than any valid one.
+    TooLong,
 }
 
 impl From<ReferenceError> for RouteError {

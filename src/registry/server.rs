@@ -3,8 +3,10 @@
 //! accepting and lets requests in flight finish within a grace period.
 //! Over TLS, ALPN decides between HTTP/2 and HTTP/1.1.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -19,14 +21,69 @@ use super::tls::Tls;
 
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 4096;
-/// A client must send its request head within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head accepted; larger ones get 431 from hyper. Registry
 /// requests carry a path and a bearer token at most.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// A TLS client must finish its handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-client limits of a listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections one address may hold open at once; past it, new ones
+    /// get one 429 and are closed. Offices and CI fleets behind one NAT
+    /// share an address, hence a high default.
+    pub connections_per_client: usize,
+    /// A client must send its request head within this time (slowloris).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections_per_client: 1024,
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Open connections per client address.
+#[derive(Default)]
+struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+/// One client's connection slot; released on drop.
+struct ClientSlot {
+    counts: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    fn take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
+        let mut counts = self.0.lock().expect("per-client lock");
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().expect("per-client lock");
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Serves `listener` (over TLS when `tls` is set) until `shutdown` resolves,
 /// then drains for at most `grace`.
@@ -35,11 +92,13 @@ pub async fn serve(
     app: Arc<App>,
     surface: Surface,
     tls: Option<Arc<Tls>>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_client = Arc::new(PerClient::default());
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -59,15 +118,28 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let slot = per_client.take(peer.ip(), limits.connections_per_client);
+        let over_limit = slot.is_none();
+        if over_limit {
+            debug!(%peer, "too many connections from this client");
+        }
         let app = app.clone();
         let service = service_fn(move |request| {
             let app = app.clone();
             async move {
-                Ok::<_, std::convert::Infallible>(
-                    handle(&app, surface, Some(peer.ip()), request).await,
-                )
+                let response = if over_limit {
+                    too_many_connections()
+                } else {
+                    handle(&app, surface, Some(peer.ip()), request).await
+                };
+                Ok::<_, std::convert::Infallible>(response)
             }
         });
+        let http1 = move || {
+            let mut builder = http1(limits.header_read_timeout);
+            builder.keep_alive(!over_limit);
+            builder
+        };
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
@@ -108,6 +180,7 @@ pub async fn serve(
             if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
             drop(permit);
         });
     }
@@ -120,11 +193,19 @@ pub async fn serve(
 }
 
 /// HTTP/1.1 with the request-head limits.
-fn http1() -> hyper::server::conn::http1::Builder {
+fn http1(header_read_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         .max_header_size(MAX_HEAD_BYTES);
     builder
+}
+
+/// The one answer on a connection past the client's limit.
+fn too_many_connections() -> http::Response<super::Body> {
+    super::handlers::error(&super::ApiError::new(
+        super::Code::TooManyRequests,
+        "too many connections from this address",
+    ))
 }

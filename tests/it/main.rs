@@ -9,6 +9,7 @@ mod admin;
 mod auth;
 mod evict;
 mod faults;
+mod hostile;
 mod leaks;
 mod login;
 mod pull;
