@@ -8,7 +8,7 @@ mod admin;
 mod body;
 mod error;
 mod handlers;
-mod range;
+pub mod range;
 mod routes;
 mod server;
 mod tls;
