@@ -5,9 +5,10 @@
 # default 256 cases per property as part of `cargo test`.
 #
 #   scripts/fuzz.sh [CASES]        default 100000 cases per property
+#   FUZZ_PROFILE=dev scripts/fuzz.sh 5000   (CI: no release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cases=${1:-100000}
 start=$(date +%s)
-PROPTEST_CASES=$cases cargo test --release --locked --test properties -- --test-threads 2
+PROPTEST_CASES=$cases cargo test --profile "${FUZZ_PROFILE:-release}" --locked --test properties -- --test-threads 2
 echo "fuzz.sh: $cases cases per property, $(( $(date +%s) - start )) s"

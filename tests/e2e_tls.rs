@@ -232,3 +232,78 @@ fn containerd_pulls_over_tls_with_the_ca_and_login_from_hosts_toml() {
     assert!(upstream.count("GET", "/v2/library/alpine-like/blobs/") > 0);
     assert!(!hoard.daemon.log_text().contains(PASSWORD));
 }
+
+#[test]
+fn containerd_presents_the_client_certificate_from_hosts_toml() {
+    let upstream = Distribution::start();
+    seed(&upstream);
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new("hoard e2e CA");
+    let clients = Ca::new("hoard e2e clients CA");
+    let (cert, key) = ca.server_files(pki.path());
+    let client_ca = write(pki.path(), "clients.pem", &clients.pem());
+    let users = htpasswd(pki.path());
+    let hoard = HoardProcess::start(
+        &upstream.url(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-client-ca",
+            client_ca.to_str().unwrap(),
+            "--htpasswd",
+            &users,
+        ],
+    );
+    let ca_file = write(pki.path(), "hoard-ca.crt", &ca.pem());
+    let (client_cert, client_key) = clients.issue(&["ci-runner"], Purpose::ClientAuth);
+    let cert_file = write(pki.path(), "client.cert", &client_cert);
+    let key_file = write(pki.path(), "client.key", &client_key);
+    let login = base64::engine::general_purpose::STANDARD.encode(format!("ci:{PASSWORD}"));
+    // deploy/clients' TLS hosts.toml with its `client` line uncommented.
+    let toml = client_config(
+        "containerd/certs.d-tls/docker.io/hosts.toml",
+        &format!("localhost:{}", hoard.port),
+    )
+    .replace(
+        "/etc/containerd/certs.d/docker.io/hoard-ca.crt",
+        ca_file.to_str().unwrap(),
+    )
+    .replace("  # client = ", "  client = ")
+    .replace(
+        "/etc/containerd/certs.d/docker.io/client.cert",
+        cert_file.to_str().unwrap(),
+    )
+    .replace(
+        "/etc/containerd/certs.d/docker.io/client.key",
+        key_file.to_str().unwrap(),
+    )
+    .replace("Basic Y2k6c2VjcmV0", &format!("Basic {login}"));
+    assert!(
+        toml.contains("\n  client = [["),
+        "the client line is in the shipped file"
+    );
+    let ctr = Containerd::start_with(|hosts| {
+        std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
+        write(&hosts.join("docker.io"), "hosts.toml", &toml);
+    });
+    ctr.pull("docker.io/library/alpine-like:3", &[]);
+
+    // The same file without the client certificate: refused in the handshake.
+    let without: String = toml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("client = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write(&ctr.hosts.join("docker.io"), "hosts.toml", &without);
+    ctr.remove("docker.io/library/alpine-like:3");
+    let refused = ctr
+        .ctr()
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(&ctr.hosts)
+        .arg("docker.io/library/alpine-like:3")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
