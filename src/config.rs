@@ -406,6 +406,139 @@ pub struct Config {
     pub registries: BTreeMap<String, RegistryConfig>,
 }
 
+/// The effective settings, TOML-like, secrets shown only as `<redacted>`
+/// (`hoard config check`).
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "(off)".into());
+        let dur = |d: Duration| humantime::format_duration(d).to_string();
+        writeln!(f, "listen = {}", self.listen)?;
+        writeln!(f, "data_dir = {}", self.data_dir.display())?;
+        writeln!(
+            f,
+            "metrics_listen = {}",
+            opt(self.metrics_listen.map(|a| a.to_string()))
+        )?;
+        writeln!(f, "log_format = {:?}", self.log_format)?;
+        writeln!(f, "tag_ttl = {}", dur(self.tag_ttl))?;
+        writeln!(f, "allow_any_upstream = {}", self.allow_any_upstream)?;
+        writeln!(f, "max_manifest_size = {} bytes", self.max_manifest_bytes)?;
+        writeln!(f, "shutdown_timeout = {}", dur(self.shutdown_timeout))?;
+        writeln!(f, "[tls]")?;
+        match &self.tls {
+            None => writeln!(f, "  (off)")?,
+            Some(tls) => {
+                writeln!(f, "  cert = {}", tls.cert.display())?;
+                writeln!(f, "  key = {}", tls.key.display())?;
+                writeln!(
+                    f,
+                    "  client_ca = {}",
+                    opt(tls.client_ca.as_ref().map(|p| p.display().to_string()))
+                )?;
+                writeln!(
+                    f,
+                    "  plain_listen = {}",
+                    opt(self.plain_listen.map(|a| a.to_string()))
+                )?;
+            }
+        }
+        writeln!(f, "[auth]")?;
+        match &self.auth {
+            None => writeln!(f, "  (off: every client may pull everything)")?,
+            Some(auth) => {
+                writeln!(f, "  htpasswd = {}", auth.htpasswd.display())?;
+                writeln!(f, "  realm = {:?}", auth.realm)?;
+                writeln!(f, "  protect_metrics = {}", auth.protect_metrics)?;
+                for (group, members) in &auth.groups {
+                    writeln!(f, "  group {group} = {members:?}")?;
+                }
+                for (who, patterns) in &auth.access {
+                    writeln!(f, "  access {who} = {patterns:?}")?;
+                }
+            }
+        }
+        writeln!(f, "[limits]")?;
+        writeln!(
+            f,
+            "  max_connections_per_client = {}",
+            self.max_connections_per_client
+        )?;
+        writeln!(
+            f,
+            "  header_read_timeout = {}",
+            dur(self.header_read_timeout)
+        )?;
+        writeln!(f, "[store]")?;
+        writeln!(
+            f,
+            "  max_size = {}",
+            opt(self.max_store_bytes.map(|b| format!("{b} bytes")))
+                .replace("(off)", "80% of free space at start")
+        )?;
+        writeln!(f, "  min_free_space = {} bytes", self.min_free_bytes)?;
+        writeln!(f, "  max_tag_age = {}", opt(self.max_tag_age.map(dur)))?;
+        writeln!(
+            f,
+            "  pins = {:?}",
+            self.pins.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+        )?;
+        writeln!(f, "[upstream]")?;
+        writeln!(
+            f,
+            "  max_concurrent_fetches = {}",
+            self.max_concurrent_fetches
+        )?;
+        writeln!(f, "  rate_limit_floor = {}", self.rate_limit_floor)?;
+        writeln!(f, "  connect_timeout = {}", dur(self.connect_timeout))?;
+        writeln!(f, "  response_timeout = {}", dur(self.response_timeout))?;
+        writeln!(f, "  stall_timeout = {}", dur(self.stall_timeout))?;
+        writeln!(f, "[admin]")?;
+        writeln!(
+            f,
+            "  listen = {}",
+            opt(self.admin_listen.map(|a| a.to_string()))
+        )?;
+        writeln!(
+            f,
+            "  token = {}",
+            if self.admin_token.is_some() {
+                "<redacted>"
+            } else {
+                "(none)"
+            }
+        )?;
+        writeln!(f, "[warm]")?;
+        writeln!(
+            f,
+            "  images = {:?}",
+            self.warm_images
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+        )?;
+        writeln!(f, "  interval = {}", opt(self.warm_interval.map(dur)))?;
+        for (host, registry) in &self.registries {
+            writeln!(f, "[registries.{host:?}]")?;
+            writeln!(f, "  url = {}", registry.url)?;
+            writeln!(
+                f,
+                "  tag_ttl = {}",
+                dur(registry.tag_ttl.unwrap_or(self.tag_ttl))
+            )?;
+            let credentials = match &registry.credentials {
+                None => "(none)".to_owned(),
+                Some(Credentials::Basic { username, .. }) => {
+                    format!("user {username:?}, password <redacted>")
+                }
+                Some(Credentials::Bearer(_)) => "bearer token <redacted>".to_owned(),
+                Some(Credentials::Identity { .. }) => "identity token <redacted>".to_owned(),
+            };
+            writeln!(f, "  credentials = {credentials}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// The embedded default: listen on :5000, data in ./hoard-data (or
     /// `HOARD_DATA_DIR`, applied by clap), Docker Hub upstream.

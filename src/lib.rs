@@ -4,6 +4,14 @@
 //! blobs and index) | `upstream` (registry client). Only `mirror` talks to
 //! both `store` and `upstream`.
 
+/// `hoard --version`: the crate version and the git commit built.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("HOARD_GIT_COMMIT"),
+    ")"
+);
+
 pub mod config;
 pub mod metrics;
 pub mod mirror;

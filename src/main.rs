@@ -8,7 +8,7 @@ use tracing::info;
 
 /// A pull-through caching mirror for container registries.
 #[derive(Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(version = hoard::VERSION, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -56,11 +56,25 @@ enum Command {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Undo `hoard pin IMAGE`.
     Unpin {
         #[command(flatten)]
         target: Target,
         image: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE (with the HOARD_* environment, as `serve` would read
+    /// it), load its TLS and htpasswd files, and print the effective
+    /// settings with secrets redacted. Exits 1 if anything is wrong.
+    Check {
+        /// The config file.
+        file: std::path::PathBuf,
     },
 }
 
@@ -102,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => *args,
         Some(Command::Verify(store)) => return verify(&store),
         Some(Command::Gc(store)) => return gc(&store),
+        Some(Command::Config(ConfigCommand::Check { file })) => return config_check(file),
         Some(Command::Ls { target, registry }) => return ls(&target, registry),
         Some(Command::Warm {
             mirror,
@@ -163,6 +178,27 @@ async fn bind_optional(
         )),
         None => Ok(None),
     }
+}
+
+/// `hoard config check FILE`.
+fn config_check(file: std::path::PathBuf) -> anyhow::Result<()> {
+    let args = ServeArgs {
+        config: Some(file.clone()),
+        ..ServeArgs::default()
+    };
+    let config = Config::load(&args, std::env::vars())
+        .with_context(|| format!("{} is not a valid hoard config", file.display()))?;
+    if let Some(tls) = &config.tls {
+        hoard::registry::Tls::load(tls.clone()).context("TLS files")?;
+    }
+    if let Some(auth) = &config.auth {
+        hoard::registry::Access::new(auth)
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("auth")?;
+    }
+    print!("{config}");
+    eprintln!("{}: ok", file.display());
+    Ok(())
 }
 
 /// Opens a store for maintenance, reconciling it first.

@@ -267,3 +267,71 @@ fn hoard_warm_prefetches_through_the_running_mirror() {
         "{second}"
     );
 }
+
+#[test]
+fn version_names_the_commit_and_config_check_validates_and_redacts() {
+    let hoard = env!("CARGO_BIN_EXE_hoard");
+    let out = Command::new(hoard).arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success());
+    assert!(
+        version.starts_with(&format!("hoard {}", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if let Some(head) = head {
+        assert!(version.contains(&head), "{version} does not name {head}");
+    }
+
+    // The shipped example, with a password from the environment.
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hoard.toml");
+    let out = Command::new(hoard)
+        .args(["config", "check"])
+        .arg(&example)
+        .env("HOARD_REGISTRY_DOCKER_IO_USERNAME", "bot")
+        .env("HOARD_REGISTRY_DOCKER_IO_PASSWORD", "config-check-canary")
+        .env_remove("HOARD_CONFIG")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("listen = 0.0.0.0:5000"), "{printed}");
+    assert!(printed.contains("[registries.\"docker.io\"]"));
+    assert!(printed.contains("password <redacted>"));
+    assert!(!printed.contains("config-check-canary"));
+
+    // A wrong key, and TLS files that do not exist: exit 1, saying why.
+    let dir = tempfile::tempdir().unwrap();
+    for (text, expect) in [
+        (
+            "listen = \"0.0.0.0:5000\"\nlisten_typo = 1\n",
+            "listen_typo",
+        ),
+        (
+            "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
+            "/nonexistent/cert.pem",
+        ),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(hoard)
+            .args(["config", "check"])
+            .arg(&path)
+            .env_remove("HOARD_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+    }
+}
