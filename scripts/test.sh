@@ -39,4 +39,8 @@ cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
+# The deployment files, with the tools that know their formats.
+if [ $# -eq 0 ]; then
+  bash scripts/check-deploy.sh || status=1
+fi
 exit "$status"

@@ -56,6 +56,14 @@ enum Command {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Exit 0 if the mirror's /healthz answers 200 (for container
+    /// HEALTHCHECKs in images without curl). Plain HTTP only.
+    Health {
+        /// Address of a plain-HTTP listener (the API, --metrics-listen or
+        /// --plain-listen).
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        addr: String,
+    },
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -117,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Verify(store)) => return verify(&store),
         Some(Command::Gc(store)) => return gc(&store),
         Some(Command::Config(ConfigCommand::Check { file })) => return config_check(file),
+        Some(Command::Health { addr }) => return health(&addr),
         Some(Command::Ls { target, registry }) => return ls(&target, registry),
         Some(Command::Warm {
             mirror,
@@ -163,6 +172,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         admin: admin_listener,
         plain: plain_listener,
     };
+    notify_systemd_ready();
     daemon.run(listeners, shutdown_signal()).await;
     Ok(())
 }
@@ -177,6 +187,65 @@ async fn bind_optional(
                 .with_context(|| format!("cannot listen on {addr}"))?,
         )),
         None => Ok(None),
+    }
+}
+
+/// Tells systemd (`Type=notify`) the listeners are bound and the store is
+/// open: the sd_notify protocol is one datagram to `$NOTIFY_SOCKET`.
+fn notify_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let path = path.to_string_lossy();
+        if let Some(name) = path.strip_prefix('@') {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::linux::net::SocketAddrExt as _;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(b"READY=1", &addr)?;
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = name;
+        } else {
+            socket.send_to(b"READY=1", &*path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// `hoard health`: one GET /healthz with a 5 s budget.
+fn health(addr: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(5);
+    let target = addr
+        .to_socket_addrs()
+        .with_context(|| format!("bad address {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    if line.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{addr}/healthz: {}",
+            line.lines().next().unwrap_or("no answer")
+        )
     }
 }
 

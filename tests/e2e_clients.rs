@@ -71,17 +71,24 @@ fn containerd_pulls_through_hoard_with_hosts_toml() {
     require_root();
     let upstream = Distribution::start();
     let seeded = seed(&upstream);
-    let hoard = HoardProcess::start(&upstream.url(), &["--tag-ttl", "10s"]);
+    let other = format!("registry.example.org={}", upstream.url());
+    let hoard = HoardProcess::start(&upstream.url(), &["--tag-ttl", "10s", "--upstream", &other]);
     let ctr = Containerd::start(&hoard.addr(), "containerd/certs.d");
     let first_pull = Instant::now();
 
     ctr.pull("docker.io/library/alpine-like:3", &[]);
     ctr.pull("ghcr.io/owner/app:1.0", &[]);
-    // quay.io has no folder of its own: _default/hosts.toml sends it with ?ns=quay.io.
     ctr.pull("quay.io/owner/app:1.0", &[]);
+    // No folder of its own: _default/hosts.toml sends it with ?ns=.
+    ctr.pull("registry.example.org/owner/app:1.0", &[]);
     ctr.pull("docker.io/library/multi:1", &["--platform", "linux/arm64"]);
     let requests = hoard_requests(&hoard);
-    for ns in ["ns=docker.io", "ns=ghcr.io", "ns=quay.io"] {
+    for ns in [
+        "ns=docker.io",
+        "ns=ghcr.io",
+        "ns=quay.io",
+        "ns=registry.example.org",
+    ] {
         assert!(
             requests.iter().any(|r| r.contains(ns)),
             "no request with {ns}:\n{}",
