@@ -2,10 +2,11 @@
 #   docker build --build-arg HOARD_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t hoard .
 #   docker run -d -p 5000:5000 -v hoard-data:/var/lib/hoard hoard
 
-# Build stage. Dependencies are built first against stub sources, so a
+# Build stage, on the toolchain CI tests with (the locked dependencies need
+# 1.89 or later). Dependencies are built first against stub sources, so a
 # change to src/ reuses the dependency layer (the cargo-chef idea, without
 # the extra tool).
-FROM rust:1.85-slim-bookworm AS build
+FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY scripts/build_info.rs scripts/build_info.rs
