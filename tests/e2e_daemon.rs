@@ -335,3 +335,34 @@ fn version_names_the_commit_and_config_check_validates_and_redacts() {
         assert!(stderr.contains(expect), "{stderr}");
     }
 }
+
+#[test]
+fn tells_systemd_it_is_ready_once_listening() {
+    // What systemd does for Type=notify: a datagram socket in NOTIFY_SOCKET.
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("HOARD_CONFIG");
+    let daemon = Daemon::spawn("hoard", &mut command, dir.path().join("hoard.log"));
+    let mut message = [0u8; 64];
+    let n = socket.recv(&mut message).expect("READY=1 within 30 s");
+    assert_eq!(&message[..n], b"READY=1");
+    // Ready means ready: the listener answers now.
+    let health = reqwest::blocking::get(format!("http://127.0.0.1:{port}/healthz")).unwrap();
+    assert_eq!(health.status(), 200);
+    drop(daemon);
+}
