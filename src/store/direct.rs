@@ -98,7 +98,7 @@ impl Appender {
         if self.staged == 0 {
             return Ok(());
         }
-        if self.staged % ALIGN != 0 {
+        if !self.staged.is_multiple_of(ALIGN) {
             self.stop_direct()?;
         }
         self.write_staged()
