@@ -300,7 +300,7 @@ fn verify(args: &StoreArgs) -> anyhow::Result<()> {
     let mut seen = 0u64;
     let report = store.verify(|_, _| {
         seen += 1;
-        if seen % 1000 == 0 {
+        if seen.is_multiple_of(1000) {
             eprintln!("verified {seen} blobs");
         }
     })?;
