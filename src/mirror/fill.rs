@@ -48,11 +48,13 @@ pub enum Source {
     File(u64),
 }
 
-/// The most recent chunks: `chunks` hold `start..end` contiguously.
+/// The most recent chunks: `chunks` hold `start..end` contiguously, and
+/// the file holds `..in_file` (never less than `start`).
 #[derive(Default)]
 struct Window {
     start: u64,
     end: u64,
+    in_file: u64,
     chunks: VecDeque<Bytes>,
 }
 
@@ -86,23 +88,32 @@ impl Fill {
     }
 
     pub(super) fn set(&self, state: FillState) {
-        if matches!(state, FillState::Complete { .. } | FillState::Failed(_)) {
-            // Complete: all of it is in the file. Failed: nothing more to read.
+        // The state first: a reader that sees the window emptied then
+        // finds the state that explains it.
+        let finished = match &state {
+            FillState::Complete { len } => Some(Some(*len)),
+            FillState::Failed(_) => Some(None),
+            _ => None,
+        };
+        self.state.send_replace(state);
+        if let Some(complete_len) = finished {
+            // Complete: all of it is in the file. Failed: nothing more to
+            // read (a reader past `in_file` goes back to the state and sees
+            // the failure).
             let mut window = self.window.lock().expect("window lock");
             window.chunks.clear();
             window.start = window.end;
+            if let Some(len) = complete_len {
+                window.in_file = len;
+            }
         }
-        self.state.send_replace(state);
     }
 
     /// Adds a chunk that just arrived to the window, dropping the oldest
     /// chunks the writer already put on disk once the window is full.
     pub(super) fn push(&self, chunk: Bytes) {
-        let written = match *self.state.borrow() {
-            FillState::Streaming { written, .. } => written,
-            _ => 0,
-        };
         let mut window = self.window.lock().expect("window lock");
+        let written = window.in_file;
         window.end += chunk.len() as u64;
         window.chunks.push_back(chunk);
         while let Some(front) = window.chunks.front() {
@@ -117,6 +128,10 @@ impl Fill {
 
     /// Tells readers how far the download got.
     pub(super) fn publish(&self, received_now: Option<u64>, written_now: Option<u64>) {
+        if let Some(w) = written_now {
+            let mut window = self.window.lock().expect("window lock");
+            window.in_file = window.in_file.max(w);
+        }
         self.state.send_modify(|state| {
             if let FillState::Streaming {
                 received, written, ..
@@ -133,11 +148,12 @@ impl Fill {
     }
 
     /// Where to read `pos..limit` from: a chunk from the window, or the
-    /// file up to where the window starts.
+    /// file up to where the window starts. `File(until)` with `until <= pos`
+    /// means neither has the bytes (the fill just failed): ask the state.
     pub fn source(&self, pos: u64, limit: u64) -> Source {
         let window = self.window.lock().expect("window lock");
         if pos < window.start || pos >= window.end {
-            return Source::File(limit.min(window.start.max(pos)));
+            return Source::File(limit.min(window.start).min(window.in_file));
         }
         let mut at = window.start;
         for chunk in &window.chunks {
@@ -242,7 +258,8 @@ mod tests {
         assert_eq!(memory(fill.source(0, 11)), "hello ");
         assert_eq!(memory(fill.source(3, 11)), "lo ");
         assert_eq!(memory(fill.source(6, 10)), "worl");
-        assert!(matches!(fill.source(11, 11), Source::File(11)));
+        // Past what arrived (and nothing on disk yet): ask the state.
+        assert!(matches!(fill.source(11, 11), Source::File(until) if until <= 11));
     }
 
     #[test]
@@ -260,6 +277,16 @@ mod tests {
         let half = (WINDOW / 2) as u64;
         assert!(matches!(fill.source(0, 5 * half), Source::File(until) if until == 2 * half));
         assert!(matches!(fill.source(2 * half, 5 * half), Source::Memory(_)));
+    }
+
+    #[test]
+    fn a_failed_fill_offers_nothing_past_the_file() {
+        let fill = fill();
+        fill.push(Bytes::from_static(b"abcdef"));
+        fill.publish(Some(6), Some(2));
+        fill.set(FillState::Failed(Error::Internal("disk full".into())));
+        assert!(matches!(fill.source(0, 5), Source::File(2)));
+        assert!(matches!(fill.source(4, 5), Source::File(until) if until <= 4));
     }
 
     #[test]

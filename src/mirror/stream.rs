@@ -114,6 +114,8 @@ pub(super) fn spawn(
                     pos += n;
                     continue;
                 }
+                // The fill failed under us: the state says how to go on.
+                Some(Source::File(until)) if until <= pos => continue,
                 Some(Source::File(until)) => until,
                 None => limit,
             };
