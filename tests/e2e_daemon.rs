@@ -366,3 +366,21 @@ fn tells_systemd_it_is_ready_once_listening() {
     assert_eq!(health.status(), 200);
     drop(daemon);
 }
+
+#[test]
+fn hoard_health_checks_a_running_mirror() {
+    let upstream = Distribution::start();
+    let hoard = HoardProcess::start(&upstream.url(), &[]);
+    let health = |addr: &str| {
+        Command::new(env!("CARGO_BIN_EXE_hoard"))
+            .args(["health", "--addr", addr])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    assert!(health(&hoard.addr()).status.success());
+    let closed = format!("127.0.0.1:{}", free_port());
+    let out = health(&closed);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}

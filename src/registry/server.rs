@@ -170,6 +170,10 @@ pub async fn serve(
                             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                                 .timer(TokioTimer::new())
                                 .max_header_list_size(MAX_HEAD_BYTES as u32)
+                                // Pings find peers gone silent: HTTP/2 has
+                                // no per-request head timeout to do it.
+                                .keep_alive_interval(Some(limits.header_read_timeout))
+                                .keep_alive_timeout(limits.header_read_timeout)
                                 .serve_connection(io, service);
                         watcher.watch(connection).await
                     } else {
