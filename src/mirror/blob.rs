@@ -22,8 +22,6 @@ use crate::upstream;
 
 /// Chunks queued between the network and the writer thread.
 const WRITE_QUEUE: usize = 16;
-/// Bytes written between two progress notifications while data keeps coming.
-const PUBLISH_EVERY: u64 = 1 << 20;
 /// Bytes received between two wake-ups of the readers.
 const ANNOUNCE_EVERY: u64 = 128 << 10;
 
@@ -379,11 +377,7 @@ async fn download(
         .await
         .map_err(|e| blob_error(e, repo, digest))?;
     let len = response.len;
-    fill.set(FillState::Streaming {
-        len,
-        received: 0,
-        written: 0,
-    });
+    fill.set(FillState::Streaming { len, received: 0 });
 
     // Three stages side by side: this task receives, hashes and hands each
     // chunk to readers (through the fill's window); a blocking thread
@@ -392,18 +386,12 @@ async fn download(
     let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
     let progress = fill.clone();
     let writing = tokio::task::spawn_blocking(move || -> store::Result<BlobWriter> {
-        let mut published = 0;
         while let Some(chunk) = rx.blocking_recv() {
             writer.append(&chunk)?;
-            // Per batch, not per network chunk: the window only needs to
-            // know what it may drop.
-            if writer.in_file() - published >= PUBLISH_EVERY {
-                published = writer.in_file();
-                progress.publish(None, Some(published));
-            }
+            progress.on_disk(writer.in_file());
         }
         writer.finish()?;
-        progress.publish(None, Some(writer.in_file()));
+        progress.on_disk(writer.in_file());
         Ok(writer)
     });
     let mut hasher = Sha256::new();
@@ -425,7 +413,7 @@ async fn download(
                 // poll, and network chunks are small.
                 if announced == 0 || received - announced >= ANNOUNCE_EVERY {
                     announced = received;
-                    fill.publish(Some(received), None);
+                    fill.received(received);
                 }
                 if tx.send(chunk).await.is_err() {
                     break Ok(()); // the writer failed; its error is below
@@ -435,7 +423,7 @@ async fn download(
             Err(e) => break Err(Error::Upstream(e)),
         }
     };
-    fill.publish(Some(received), None);
+    fill.received(received);
     drop(tx);
     let writer = writing.await??;
     network?;

@@ -27,13 +27,8 @@ const WINDOW: usize = 4 << 20;
 pub enum FillState {
     /// Waiting for upstream's response head.
     Connecting,
-    /// Receiving: `received` bytes arrived (in the window or the file),
-    /// `written` of them are in the temp file.
-    Streaming {
-        len: Option<u64>,
-        received: u64,
-        written: u64,
-    },
+    /// Receiving: `received` bytes arrived (in the window or the file).
+    Streaming { len: Option<u64>, received: u64 },
     /// Verified; every byte is in the file (the commit may still be running).
     Complete { len: u64 },
     /// Failed; the temp file is gone or incomplete.
@@ -113,12 +108,11 @@ impl Fill {
     /// chunks the writer already put on disk once the window is full.
     pub(super) fn push(&self, chunk: Bytes) {
         let mut window = self.window.lock().expect("window lock");
-        let written = window.in_file;
         window.end += chunk.len() as u64;
         window.chunks.push_back(chunk);
         while let Some(front) = window.chunks.front() {
             let front_end = window.start + front.len() as u64;
-            if window.end - window.start <= WINDOW as u64 || front_end > written {
+            if window.end - window.start <= WINDOW as u64 || front_end > window.in_file {
                 break;
             }
             window.start = front_end;
@@ -126,25 +120,20 @@ impl Fill {
         }
     }
 
-    /// Tells readers how far the download got.
-    pub(super) fn publish(&self, received_now: Option<u64>, written_now: Option<u64>) {
-        if let Some(w) = written_now {
-            let mut window = self.window.lock().expect("window lock");
-            window.in_file = window.in_file.max(w);
-        }
+    /// Tells readers how much arrived.
+    pub(super) fn received(&self, now: u64) {
         self.state.send_modify(|state| {
-            if let FillState::Streaming {
-                received, written, ..
-            } = state
-            {
-                if let Some(r) = received_now {
-                    *received = r;
-                }
-                if let Some(w) = written_now {
-                    *written = w;
-                }
+            if let FillState::Streaming { received, .. } = state {
+                *received = now;
             }
         });
+    }
+
+    /// Records how much is in the file, so the window may drop what is
+    /// there (readers need no wake-up for it).
+    pub(super) fn on_disk(&self, now: u64) {
+        let mut window = self.window.lock().expect("window lock");
+        window.in_file = window.in_file.max(now);
     }
 
     /// Where to read `pos..limit` from: a chunk from the window, or the
@@ -238,7 +227,6 @@ mod tests {
         fill.set(FillState::Streaming {
             len: None,
             received: 0,
-            written: 0,
         });
         fill
     }
@@ -271,7 +259,7 @@ mod tests {
         }
         // Nothing written yet: all four chunks stay.
         assert!(matches!(fill.source(0, 1), Source::Memory(_)));
-        fill.publish(None, Some(WINDOW as u64));
+        fill.on_disk(WINDOW as u64);
         fill.push(chunk.clone());
         // The first two went (written, and over the window); the third stays.
         let half = (WINDOW / 2) as u64;
@@ -283,7 +271,8 @@ mod tests {
     fn a_failed_fill_offers_nothing_past_the_file() {
         let fill = fill();
         fill.push(Bytes::from_static(b"abcdef"));
-        fill.publish(Some(6), Some(2));
+        fill.received(6);
+        fill.on_disk(2);
         fill.set(FillState::Failed(Error::Internal("disk full".into())));
         assert!(matches!(fill.source(0, 5), Source::File(2)));
         assert!(matches!(fill.source(4, 5), Source::File(until) if until <= 4));
