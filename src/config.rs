@@ -603,7 +603,7 @@ impl Config {
         if let Some(path) = docker_config {
             config.apply_docker_config(&path)?;
         }
-        config.finish_tls()?;
+        config.check_pairs()?;
         if config.admin_listen.is_some() && config.admin_token.as_deref().is_none_or(str::is_empty)
         {
             return Err(invalid(
@@ -625,8 +625,9 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the TLS keys came as a set, and auth has its file.
-    fn finish_tls(&mut self) -> Result<()> {
+    /// Checks settings that only work together: the TLS files as a set,
+    /// auth rules with their htpasswd file.
+    fn check_pairs(&self) -> Result<()> {
         if self
             .auth
             .as_ref()

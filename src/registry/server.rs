@@ -136,7 +136,7 @@ pub async fn serve(
             }
         });
         let http1 = move || {
-            let mut builder = http1(limits.header_read_timeout);
+            let mut builder = http1_builder(limits.header_read_timeout);
             builder.keep_alive(!over_limit);
             builder
         };
@@ -197,7 +197,7 @@ pub async fn serve(
 }
 
 /// HTTP/1.1 with the request-head limits.
-fn http1(header_read_timeout: Duration) -> hyper::server::conn::http1::Builder {
+fn http1_builder(header_read_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
