@@ -24,6 +24,90 @@ fn htpasswd(dir: &Path) -> String {
         .to_string()
 }
 
+/// A seeded upstream and hoard serving TLS with a CA made here; with
+/// `login`, the htpasswd user `ci`; with `client_certs`, a client CA.
+struct TlsMirror {
+    upstream: Distribution,
+    pki: tempfile::TempDir,
+    ca: Ca,
+    clients: Ca,
+    hoard: HoardProcess,
+}
+
+impl TlsMirror {
+    fn start(login: bool, client_certs: bool) -> TlsMirror {
+        let upstream = Distribution::start();
+        seed(&upstream);
+        let pki = tempfile::tempdir().unwrap();
+        let ca = Ca::new("hoard e2e CA");
+        let clients = Ca::new("hoard e2e clients CA");
+        let (cert, key) = ca.server_files(pki.path());
+        let mut args = vec![
+            "--tls-cert".to_owned(),
+            cert.display().to_string(),
+            "--tls-key".to_owned(),
+            key.display().to_string(),
+        ];
+        if client_certs {
+            let client_ca = write(pki.path(), "clients.pem", &clients.pem());
+            args.extend([
+                "--tls-client-ca".to_owned(),
+                client_ca.display().to_string(),
+            ]);
+        }
+        if login {
+            args.extend(["--htpasswd".to_owned(), htpasswd(pki.path())]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let hoard = HoardProcess::start(&upstream.url(), &args);
+        TlsMirror {
+            upstream,
+            pki,
+            ca,
+            clients,
+            hoard,
+        }
+    }
+
+    /// deploy/clients' TLS hosts.toml with the address, the CA and the
+    /// login (for `password`) filled in.
+    fn hosts_toml(&self, password: &str) -> String {
+        let ca_file = write(self.pki.path(), "hoard-ca.crt", &self.ca.pem());
+        client_config(
+            "containerd/certs.d-tls/docker.io/hosts.toml",
+            &format!("localhost:{}", self.hoard.port),
+        )
+        .replace(
+            "/etc/containerd/certs.d/docker.io/hoard-ca.crt",
+            ca_file.to_str().unwrap(),
+        )
+        .replace("Basic Y2k6c2VjcmV0", &format!("Basic {}", basic(password)))
+    }
+}
+
+/// base64 of `ci:<password>`, as in a Basic header.
+fn basic(password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("ci:{password}"))
+}
+
+/// containerd with `toml` as its docker.io hosts.toml.
+fn containerd_with(toml: &str) -> Containerd {
+    Containerd::start_with(|hosts| {
+        std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
+        write(&hosts.join("docker.io"), "hosts.toml", toml);
+    })
+}
+
+/// A `ctr` pull that is expected to fail: its output.
+fn failed_pull(ctr: &Containerd, image: &str) -> std::process::Output {
+    ctr.ctr()
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(&ctr.hosts)
+        .arg(image)
+        .output()
+        .unwrap()
+}
+
 fn skopeo_copy(
     hoard: &HoardProcess,
     image: &str,
@@ -49,23 +133,8 @@ fn skopeo_copy(
 
 #[test]
 fn skopeo_pulls_over_tls_with_a_password_and_a_wrong_one_gets_401() {
-    let upstream = Distribution::start();
-    seed(&upstream);
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new("hoard e2e CA");
-    let (cert, key) = ca.server_files(pki.path());
-    let users = htpasswd(pki.path());
-    let hoard = HoardProcess::start(
-        &upstream.url(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--htpasswd",
-            &users,
-        ],
-    );
+    let mirror = TlsMirror::start(true, false);
+    let (upstream, ca, hoard) = (&mirror.upstream, &mirror.ca, &mirror.hoard);
     // containers/image reads *.crt in the cert dir as CAs.
     let certs = tempfile::tempdir().unwrap();
     write(certs.path(), "ca.crt", &ca.pem());
@@ -73,7 +142,7 @@ fn skopeo_pulls_over_tls_with_a_password_and_a_wrong_one_gets_401() {
 
     let before = upstream.requests().len();
     let wrong = skopeo_copy(
-        &hoard,
+        hoard,
         "library/alpine-like:3",
         certs.path(),
         Some("ci:wrong"),
@@ -92,7 +161,7 @@ fn skopeo_pulls_over_tls_with_a_password_and_a_wrong_one_gets_401() {
     );
 
     let anonymous = skopeo_copy(
-        &hoard,
+        hoard,
         "library/alpine-like:3",
         certs.path(),
         None,
@@ -101,7 +170,7 @@ fn skopeo_pulls_over_tls_with_a_password_and_a_wrong_one_gets_401() {
     assert!(!anonymous.status.success(), "no login, no pull");
 
     let good = skopeo_copy(
-        &hoard,
+        hoard,
         "library/alpine-like:3",
         certs.path(),
         Some(&format!("ci:{PASSWORD}")),
@@ -116,38 +185,21 @@ fn skopeo_pulls_over_tls_with_a_password_and_a_wrong_one_gets_401() {
 
     let log = hoard.daemon.log_text();
     assert!(!log.contains(PASSWORD), "the password reached the log");
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("ci:{PASSWORD}"));
     assert!(
-        !log.contains(&basic),
+        !log.contains(&basic(PASSWORD)),
         "the Authorization header reached the log"
     );
 }
 
 #[test]
 fn skopeo_needs_a_client_certificate_when_the_mirror_asks_for_one() {
-    let upstream = Distribution::start();
-    seed(&upstream);
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new("hoard e2e CA");
-    let clients = Ca::new("hoard e2e clients CA");
-    let (cert, key) = ca.server_files(pki.path());
-    let client_ca = write(pki.path(), "clients.pem", &clients.pem());
-    let hoard = HoardProcess::start(
-        &upstream.url(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--tls-client-ca",
-            client_ca.to_str().unwrap(),
-        ],
-    );
+    let mirror = TlsMirror::start(false, true);
+    let (ca, clients, hoard) = (&mirror.ca, &mirror.clients, &mirror.hoard);
     let out = tempfile::tempdir().unwrap();
     let certs = tempfile::tempdir().unwrap();
     write(certs.path(), "ca.crt", &ca.pem());
     let without = skopeo_copy(
-        &hoard,
+        hoard,
         "owner/app:1.0",
         certs.path(),
         None,
@@ -160,7 +212,7 @@ fn skopeo_needs_a_client_certificate_when_the_mirror_asks_for_one() {
     write(certs.path(), "client.cert", &client_cert);
     write(certs.path(), "client.key", &client_key);
     let with = skopeo_copy(
-        &hoard,
+        hoard,
         "owner/app:1.0",
         certs.path(),
         None,
@@ -175,119 +227,51 @@ fn skopeo_needs_a_client_certificate_when_the_mirror_asks_for_one() {
 
 #[test]
 fn containerd_pulls_over_tls_with_the_ca_and_login_from_hosts_toml() {
-    let upstream = Distribution::start();
-    seed(&upstream);
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new("hoard e2e CA");
-    let (cert, key) = ca.server_files(pki.path());
-    let users = htpasswd(pki.path());
-    let hoard = HoardProcess::start(
-        &upstream.url(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--htpasswd",
-            &users,
-        ],
-    );
-    let ca_file = write(pki.path(), "hoard-ca.crt", &ca.pem());
-    // deploy/clients' TLS hosts.toml, with only the address, the CA path and
-    // the login filled in.
-    let hosts_toml = |password: &str| {
-        let login = base64::engine::general_purpose::STANDARD.encode(format!("ci:{password}"));
-        client_config(
-            "containerd/certs.d-tls/docker.io/hosts.toml",
-            &format!("localhost:{}", hoard.port),
-        )
-        .replace(
-            "/etc/containerd/certs.d/docker.io/hoard-ca.crt",
-            ca_file.to_str().unwrap(),
-        )
-        .replace("Basic Y2k6c2VjcmV0", &format!("Basic {login}"))
-    };
-    let wrong = hosts_toml("wrong");
-    let ctr = Containerd::start_with(|hosts| {
-        std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
-        write(&hosts.join("docker.io"), "hosts.toml", &wrong);
-    });
+    let mirror = TlsMirror::start(true, false);
+    let ctr = containerd_with(&mirror.hosts_toml("wrong"));
     // The fallback `server` (registry-1.docker.io) does not resolve here, so
     // a pull only succeeds through hoard.
-    let refused = ctr
-        .ctr()
-        .args(["images", "pull", "--hosts-dir"])
-        .arg(&ctr.hosts)
-        .arg("docker.io/library/alpine-like:3")
-        .output()
-        .unwrap();
+    let refused = failed_pull(&ctr, "docker.io/library/alpine-like:3");
     assert!(!refused.status.success());
 
     write(
         &ctr.hosts.join("docker.io"),
         "hosts.toml",
-        &hosts_toml(PASSWORD),
+        &mirror.hosts_toml(PASSWORD),
     );
     ctr.pull("docker.io/library/alpine-like:3", &[]);
-    assert!(upstream.count("GET", "/v2/library/alpine-like/blobs/") > 0);
-    assert!(!hoard.daemon.log_text().contains(PASSWORD));
+    assert!(
+        mirror
+            .upstream
+            .count("GET", "/v2/library/alpine-like/blobs/")
+            > 0
+    );
+    assert!(!mirror.hoard.daemon.log_text().contains(PASSWORD));
 }
 
 #[test]
 fn containerd_presents_the_client_certificate_from_hosts_toml() {
-    let upstream = Distribution::start();
-    seed(&upstream);
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new("hoard e2e CA");
-    let clients = Ca::new("hoard e2e clients CA");
-    let (cert, key) = ca.server_files(pki.path());
-    let client_ca = write(pki.path(), "clients.pem", &clients.pem());
-    let users = htpasswd(pki.path());
-    let hoard = HoardProcess::start(
-        &upstream.url(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--tls-client-ca",
-            client_ca.to_str().unwrap(),
-            "--htpasswd",
-            &users,
-        ],
-    );
-    let ca_file = write(pki.path(), "hoard-ca.crt", &ca.pem());
-    let (client_cert, client_key) = clients.issue(&["ci-runner"], Purpose::ClientAuth);
-    let cert_file = write(pki.path(), "client.cert", &client_cert);
-    let key_file = write(pki.path(), "client.key", &client_key);
-    let login = base64::engine::general_purpose::STANDARD.encode(format!("ci:{PASSWORD}"));
-    // deploy/clients' TLS hosts.toml with its `client` line uncommented.
-    let toml = client_config(
-        "containerd/certs.d-tls/docker.io/hosts.toml",
-        &format!("localhost:{}", hoard.port),
-    )
-    .replace(
-        "/etc/containerd/certs.d/docker.io/hoard-ca.crt",
-        ca_file.to_str().unwrap(),
-    )
-    .replace("  # client = ", "  client = ")
-    .replace(
-        "/etc/containerd/certs.d/docker.io/client.cert",
-        cert_file.to_str().unwrap(),
-    )
-    .replace(
-        "/etc/containerd/certs.d/docker.io/client.key",
-        key_file.to_str().unwrap(),
-    )
-    .replace("Basic Y2k6c2VjcmV0", &format!("Basic {login}"));
+    let mirror = TlsMirror::start(true, true);
+    let (client_cert, client_key) = mirror.clients.issue(&["ci-runner"], Purpose::ClientAuth);
+    let cert_file = write(mirror.pki.path(), "client.cert", &client_cert);
+    let key_file = write(mirror.pki.path(), "client.key", &client_key);
+    // The shipped file with its `client` line uncommented.
+    let toml = mirror
+        .hosts_toml(PASSWORD)
+        .replace("  # client = ", "  client = ")
+        .replace(
+            "/etc/containerd/certs.d/docker.io/client.cert",
+            cert_file.to_str().unwrap(),
+        )
+        .replace(
+            "/etc/containerd/certs.d/docker.io/client.key",
+            key_file.to_str().unwrap(),
+        );
     assert!(
         toml.contains("\n  client = [["),
         "the client line is in the shipped file"
     );
-    let ctr = Containerd::start_with(|hosts| {
-        std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
-        write(&hosts.join("docker.io"), "hosts.toml", &toml);
-    });
+    let ctr = containerd_with(&toml);
     ctr.pull("docker.io/library/alpine-like:3", &[]);
 
     // The same file without the client certificate: refused in the handshake.
@@ -298,12 +282,6 @@ fn containerd_presents_the_client_certificate_from_hosts_toml() {
         .collect();
     write(&ctr.hosts.join("docker.io"), "hosts.toml", &without);
     ctr.remove("docker.io/library/alpine-like:3");
-    let refused = ctr
-        .ctr()
-        .args(["images", "pull", "--hosts-dir"])
-        .arg(&ctr.hosts)
-        .arg("docker.io/library/alpine-like:3")
-        .output()
-        .unwrap();
+    let refused = failed_pull(&ctr, "docker.io/library/alpine-like:3");
     assert!(!refused.status.success());
 }
