@@ -9,26 +9,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fake::Fake;
-use crate::{count_files, Hoard};
+use crate::{count_files, send_raw, Hoard};
 
-/// Sends raw bytes, returns (status, body); 0 if the server closed without
-/// an answer.
 async fn send(hoard: &Hoard, raw: &[u8]) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(hoard.addr).await.unwrap();
-    stream.write_all(raw).await.unwrap();
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    send_raw(hoard.addr, raw).await
 }
 
 fn request(method: &str, target: &[u8], headers: &str) -> Vec<u8> {

@@ -198,15 +198,23 @@ pub fn count_files(dir: &std::path::Path) -> usize {
         .sum()
 }
 
-/// Sends `request_line` verbatim (no client-side path normalization) and
+/// Sends `method target` verbatim (no client-side path normalization) and
 /// returns the status and body.
 pub async fn raw_request(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    send_raw(addr, request.as_bytes()).await
+}
+
+/// Sends raw bytes, returns (status, body); status 0 if the server closed
+/// without an answer.
+pub async fn send_raw(addr: SocketAddr, raw: &[u8]) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(raw).await.unwrap();
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text
         .split(' ')

@@ -2,18 +2,12 @@
 //! beside it, client certificates, and certificates replaced on disk taking
 //! effect without a restart.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fake::Fake;
 use crate::pki::{write, Ca, Purpose as ExtendedKeyUsagePurpose};
 use crate::Hoard;
-
-/// Server cert and key for localhost, written into `dir`.
-fn server_files(ca: &Ca, dir: &Path) -> (PathBuf, PathBuf) {
-    ca.server_files(dir)
-}
 
 fn client(ca: &Ca, identity: Option<(String, String)>) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
@@ -25,6 +19,13 @@ fn client(ca: &Ca, identity: Option<(String, String)>) -> reqwest::Client {
             .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
     }
     builder.build().unwrap()
+}
+
+/// The API version check through `client`: its status, or the error of a
+/// connection that failed (an untrusted or missing certificate).
+async fn base_check(client: &reqwest::Client, hoard: &Hoard) -> reqwest::Result<u16> {
+    let r = client.get(https(hoard, "/v2/")).send().await?;
+    Ok(r.status().as_u16())
 }
 
 fn https(hoard: &Hoard, path: &str) -> String {
@@ -57,7 +58,7 @@ async fn pulls_over_tls_with_h2_or_http1_and_a_plain_listener_beside() {
     let (_, layer) = fake.put_image("library/alpine", "3", b"layer over tls");
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::new("hoard test CA");
-    let (cert, key) = server_files(&ca, pki.path());
+    let (cert, key) = ca.server_files(pki.path());
     let hoard = Hoard::start(&fake.url(), &[], |args| {
         args.tls_cert = Some(cert);
         args.tls_key = Some(key);
@@ -66,8 +67,7 @@ async fn pulls_over_tls_with_h2_or_http1_and_a_plain_listener_beside() {
     .await;
 
     let tls = client(&ca, None);
-    let r = tls.get(https(&hoard, "/v2/")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(base_check(&tls, &hoard).await.unwrap(), 200);
     let r = tls
         .get(https(&hoard, &format!("/v2/library/alpine/blobs/{layer}")))
         .send()
@@ -106,7 +106,7 @@ async fn pulls_over_tls_with_h2_or_http1_and_a_plain_listener_beside() {
 
     // A client that does not trust the CA gets nowhere.
     let stranger = client(&Ca::new("another CA"), None);
-    assert!(stranger.get(https(&hoard, "/v2/")).send().await.is_err());
+    assert!(base_check(&stranger, &hoard).await.is_err());
 }
 
 #[tokio::test]
@@ -115,7 +115,7 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::new("hoard test CA");
     let clients = Ca::new("hoard clients CA");
-    let (cert, key) = server_files(&ca, pki.path());
+    let (cert, key) = ca.server_files(pki.path());
     let client_ca = write(pki.path(), "clients.pem", &clients.pem());
     let hoard = Hoard::start(&fake.url(), &[], |args| {
         args.tls_cert = Some(cert);
@@ -125,12 +125,11 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     .await;
 
     let anonymous = client(&ca, None);
-    assert!(anonymous.get(https(&hoard, "/v2/")).send().await.is_err());
+    assert!(base_check(&anonymous, &hoard).await.is_err());
     let foreign = clients_of(&Ca::new("someone else's CA"), &ca);
-    assert!(foreign.get(https(&hoard, "/v2/")).send().await.is_err());
+    assert!(base_check(&foreign, &hoard).await.is_err());
     let member = clients_of(&clients, &ca);
-    let r = member.get(https(&hoard, "/v2/")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(base_check(&member, &hoard).await.unwrap(), 200);
 }
 
 /// A client with a certificate from `issuer`, trusting `server_ca`.
@@ -144,42 +143,26 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     let fake = Fake::start().await;
     let pki = tempfile::tempdir().unwrap();
     let old = Ca::new("old CA");
-    let (cert, key) = server_files(&old, pki.path());
+    let (cert, key) = old.server_files(pki.path());
     let hoard = Hoard::start(&fake.url(), &[], |args| {
         args.tls_cert = Some(cert);
         args.tls_key = Some(key);
     })
     .await;
-    assert_eq!(
-        client(&old, None)
-            .get(https(&hoard, "/v2/"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(base_check(&client(&old, None), &hoard).await.unwrap(), 200);
 
     // A broken file is ignored (the old certificate stays in use).
     write(pki.path(), "cert.pem", "not a certificate");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(
-        client(&old, None)
-            .get(https(&hoard, "/v2/"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(base_check(&client(&old, None), &hoard).await.unwrap(), 200);
 
     // Renewed by a new CA: picked up within the watch interval.
     let new = Ca::new("new CA");
-    server_files(&new, pki.path());
+    new.server_files(pki.path());
     let renewed = client(&new, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        if renewed.get(https(&hoard, "/v2/")).send().await.is_ok() {
+        if base_check(&renewed, &hoard).await.is_ok() {
             break;
         }
         assert!(
@@ -188,9 +171,5 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(client(&old, None)
-        .get(https(&hoard, "/v2/"))
-        .send()
-        .await
-        .is_err());
+    assert!(base_check(&client(&old, None), &hoard).await.is_err());
 }
