@@ -1,5 +1,6 @@
-//! Request handling: route, one call into the mirror, response headers as
-//! the spec and the clients expect them. No policy and no I/O of its own.
+//! Request handling: route, admit (who may pull what is decided in
+//! `access`), one call into the mirror, response headers as the spec and
+//! the clients expect them. No cache policy and no I/O of its own.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -20,9 +21,6 @@ use crate::mirror::{self, Accept, Mirror, Outcome};
 use crate::reference::{Digest, Reference, Repository};
 
 const API_VERSION: &str = "registry/2.0";
-/// Longest request target accepted: a repository name is at most 255
-/// characters, a digest 71, and the query carries `ns`, `n` and `last`.
-const MAX_URI: usize = 2048;
 
 /// What every request handler shares.
 pub struct App {
@@ -61,12 +59,7 @@ pub async fn handle<B>(
     // Registry queries carry only `ns`, `n` and `last`: safe to log, and
     // `ns` says which upstream a containerd request meant.
     let query = request.uri().query().unwrap_or("").to_owned();
-    let too_long = path.len() + query.len() > MAX_URI;
-    let routed = if too_long {
-        Err(RouteError::TooLong)
-    } else {
-        routes::route(&path, request.uri().query())
-    };
+    let routed = routes::route(&path, request.uri().query());
     let label = match &routed {
         Ok(Route::Manifest { .. }) => "manifest",
         Ok(Route::Blob { .. }) => "blob",

@@ -46,8 +46,15 @@ impl From<ReferenceError> for RouteError {
     }
 }
 
+/// Longest request target accepted: a repository name is at most 255
+/// characters, a digest 71, and the query carries `ns`, `n` and `last`.
+const MAX_URI: usize = 2048;
+
 /// Parses a request's path and query.
 pub fn route(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
+    if path.len() + query.map_or(0, str::len) > MAX_URI {
+        return Err(RouteError::TooLong);
+    }
     match path {
         "/metrics" => return Ok(Route::Metrics),
         "/healthz" => return Ok(Route::Healthz),
