@@ -38,16 +38,6 @@ pub enum Who {
     User(String),
 }
 
-impl Who {
-    /// For the access log.
-    pub fn name(&self) -> &str {
-        match self {
-            Who::Anonymous => "-",
-            Who::User(name) => name,
-        }
-    }
-}
-
 /// Whom a rule is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Principal {
