@@ -104,55 +104,21 @@ pub(super) fn spawn(
             }
             // A reader keeping up with a download takes the chunks that just
             // arrived; everything else is read from the file.
-            let until = match fill.as_ref().map(|fill| fill.source(pos, limit)) {
-                Some(Source::Memory(chunk)) => {
+            let read = match fill.as_ref().map(|fill| fill.source(pos, limit)) {
+                Some(Source::Memory(chunk)) => Ok(chunk),
+                // The fill failed under us: the state says how to go on.
+                Some(Source::File(until)) if until <= pos => continue,
+                Some(Source::File(until)) => read_file(&file, pos, until, false).await,
+                None => read_file(&file, pos, limit, true).await,
+            };
+            match read {
+                Ok(chunk) => {
                     let n = chunk.len() as u64;
                     served.inc_by(n);
                     if !deliver(&tx, chunk).await {
                         return;
                     }
                     pos += n;
-                    continue;
-                }
-                // The fill failed under us: the state says how to go on.
-                Some(Source::File(until)) if until <= pos => continue,
-                Some(Source::File(until)) => until,
-                None => limit,
-            };
-            let n = (until.saturating_sub(pos)).min(CHUNK) as usize;
-            // A stored blob is mapped; when the pages are in memory the chunk
-            // goes out at once, else they are faulted in on a blocking thread.
-            let mapped = match fill {
-                None if n > 0 => map_chunk(&file, pos, n).ok(),
-                _ => None,
-            };
-            let read = match mapped {
-                Some(map) if is_resident(&map) => Ok(Bytes::from_owner(map)),
-                Some(map) => tokio::task::spawn_blocking(move || {
-                    touch(&map);
-                    Ok(Bytes::from_owner(map))
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e))),
-                None => {
-                    let file = file.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if n == 0 {
-                            return Err(io::Error::other("download window out of step"));
-                        }
-                        read_chunk(&file, pos, n)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)))
-                }
-            };
-            match read {
-                Ok(chunk) => {
-                    served.inc_by(n as u64);
-                    if !deliver(&tx, chunk).await {
-                        return;
-                    }
-                    pos += n as u64;
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
@@ -162,6 +128,35 @@ pub(super) fn spawn(
         }
     });
     ByteStream { rx }
+}
+
+/// Up to `CHUNK` bytes of `file` from `pos` (below `until`, which is past
+/// `pos`). A stored blob is mapped: when its pages are in memory the chunk
+/// goes out at once, else they are faulted in on a blocking thread. A
+/// download's temp file is read.
+async fn read_file(file: &Arc<File>, pos: u64, until: u64, stored: bool) -> io::Result<Bytes> {
+    let n = (until - pos).min(CHUNK) as usize;
+    if stored {
+        if let Ok(map) = map_chunk(file, pos, n) {
+            if is_resident(&map) {
+                return Ok(Bytes::from_owner(map));
+            }
+            return blocking(move || {
+                touch(&map);
+                Ok(Bytes::from_owner(map))
+            })
+            .await;
+        }
+    }
+    let file = file.clone();
+    blocking(move || read_chunk(&file, pos, n)).await
+}
+
+/// Runs file work on the blocking pool.
+async fn blocking(work: impl FnOnce() -> io::Result<Bytes> + Send + 'static) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// Maps `n` bytes at `pos` of a stored blob: the chunk goes from the page
