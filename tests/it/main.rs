@@ -65,22 +65,8 @@ impl Hoard {
             ..ServeArgs::default()
         };
         tweak(&mut args);
-        let admin_listener = match args.admin_listen {
-            Some(_) => {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                args.admin_listen = Some(l.local_addr().unwrap());
-                Some(l)
-            }
-            None => None,
-        };
-        let plain_listener = match args.plain_listen {
-            Some(_) => {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                args.plain_listen = Some(l.local_addr().unwrap());
-                Some(l)
-            }
-            None => None,
-        };
+        let admin_listener = bind_if_asked(&mut args.admin_listen).await;
+        let plain_listener = bind_if_asked(&mut args.plain_listen).await;
         let args_admin = args.admin_listen;
         let args_plain = args.plain_listen;
         let config = Config::load(&args, []).unwrap();
@@ -196,6 +182,15 @@ pub fn count_files(dir: &std::path::Path) -> usize {
             }
         })
         .sum()
+}
+
+/// A listener on an ephemeral port if the test asked for one (any address
+/// in `addr`), which then holds the real address.
+async fn bind_if_asked(addr: &mut Option<SocketAddr>) -> Option<tokio::net::TcpListener> {
+    addr.as_ref()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    *addr = Some(listener.local_addr().unwrap());
+    Some(listener)
 }
 
 /// Sends `method target` verbatim (no client-side path normalization) and
