@@ -1129,6 +1129,26 @@ mod tests {
     }
 
     #[test]
+    fn a_token_file_gives_a_bearer_token_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok-from-file\n").unwrap();
+        let env = |path: &Path| {
+            [(
+                "HOARD_REGISTRY_DOCKER_IO_TOKEN_FILE".to_owned(),
+                path.display().to_string(),
+            )]
+        };
+        let c = Config::load(&ServeArgs::default(), env(&token)).unwrap();
+        assert_eq!(
+            c.registries["docker.io"].credentials,
+            Some(Credentials::Bearer("tok-from-file".into()))
+        );
+        std::fs::write(&token, "\n").unwrap();
+        assert!(Config::load(&ServeArgs::default(), env(&token)).is_err());
+    }
+
+    #[test]
     fn tls_files_come_from_file_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hoard.toml");

@@ -285,3 +285,50 @@ fn containerd_presents_the_client_certificate_from_hosts_toml() {
     let refused = failed_pull(&ctr, "docker.io/library/alpine-like:3");
     assert!(!refused.status.success());
 }
+
+#[test]
+fn sighup_reloads_the_certificate() {
+    let mirror = TlsMirror::start(false, false);
+    let trusting = |ca: &Ca| {
+        reqwest::blocking::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://localhost:{}/v2/", mirror.hoard.port);
+    assert!(trusting(&mirror.ca).get(&url).send().is_ok());
+
+    // Renewed in place, with the old modification times put back: only the
+    // signal can make hoard notice.
+    let cert = mirror.pki.path().join("cert.pem");
+    let key = mirror.pki.path().join("key.pem");
+    let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let (cert_time, key_time) = (mtime(&cert), mtime(&key));
+    let renewed = Ca::new("renewed CA");
+    renewed.server_files(mirror.pki.path());
+    for (path, time) in [(&cert, cert_time), (&key, key_time)] {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(time)
+            .unwrap();
+    }
+    let hup = Command::new("kill")
+        .args(["-HUP", &mirror.hoard.daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let client = trusting(&renewed);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while client.get(&url).send().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not served after SIGHUP"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(trusting(&mirror.ca).get(&url).send().is_err());
+}

@@ -20,12 +20,17 @@ ci = ["runner"]
 
 /// hoard with users runner (group ci) and guest, and the rules above.
 async fn start(fake: &Fake) -> (tempfile::TempDir, Hoard) {
+    start_with(fake, CONFIG).await
+}
+
+/// hoard with users runner and guest and the auth config `config`.
+async fn start_with(fake: &Fake, config_text: &str) -> (tempfile::TempDir, Hoard) {
     let dir = tempfile::tempdir().unwrap();
     let hash = bcrypt::hash("pw", 4).unwrap();
     let htpasswd = dir.path().join("htpasswd");
     std::fs::write(&htpasswd, format!("runner:{hash}\nguest:{hash}\n")).unwrap();
     let config = dir.path().join("hoard.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    std::fs::write(&config, config_text).unwrap();
     let ghcr = format!("ghcr.io={}", fake.url());
     let hoard = Hoard::start(&fake.url(), &[&ghcr], |args| {
         args.config = Some(config);
@@ -161,4 +166,44 @@ async fn repeated_failed_logins_from_one_address_are_throttled() {
     assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
     // Clients that do not try to log in are not affected.
     assert_eq!(get(&hoard, "/healthz", None).await.status(), 200);
+}
+
+#[tokio::test]
+async fn protect_metrics_puts_metrics_and_healthz_behind_the_login() {
+    let fake = Fake::start().await;
+    let (_dir, hoard) = start_with(&fake, "[auth]\nprotect_metrics = true\n").await;
+    for path in ["/metrics", "/healthz"] {
+        let r = get(&hoard, path, None).await;
+        assert_eq!(r.status(), 401, "{path}");
+        assert!(r.headers().contains_key("www-authenticate"));
+        assert_eq!(get(&hoard, path, Some(("guest", "pw"))).await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn a_changed_htpasswd_file_is_read_again() {
+    let fake = Fake::start().await;
+    let (dir, hoard) = start(&fake).await;
+    assert_eq!(
+        get(&hoard, "/v2/", Some(("newcomer", "pw2")))
+            .await
+            .status(),
+        401
+    );
+    let hash = bcrypt::hash("pw2", 4).unwrap();
+    std::fs::write(dir.path().join("htpasswd"), format!("newcomer:{hash}\n")).unwrap();
+    // Checked every 5 s; polling with a wrong login would trip the
+    // failed-login limit, so wait it out once.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert_eq!(
+        get(&hoard, "/v2/", Some(("newcomer", "pw2")))
+            .await
+            .status(),
+        200
+    );
+    // And the users that went with the old file are gone.
+    assert_eq!(
+        get(&hoard, "/v2/", Some(("guest", "pw"))).await.status(),
+        401
+    );
 }
