@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,8 +125,11 @@ pub async fn serve(
             debug!(%peer, "too many connections from this client");
         }
         let app = app.clone();
+        let requested = Arc::new(AtomicBool::new(false));
+        let asked = requested.clone();
         let service = service_fn(move |request| {
             let app = app.clone();
+            asked.store(true, Ordering::Relaxed);
             async move {
                 let response = if over_limit {
                     too_many_connections()
@@ -175,7 +179,23 @@ pub async fn serve(
                                 .keep_alive_interval(Some(limits.header_read_timeout))
                                 .keep_alive_timeout(limits.header_read_timeout)
                                 .serve_connection(io, service);
-                        watcher.watch(connection).await
+                        let connection = watcher.watch(connection);
+                        tokio::pin!(connection);
+                        // Nor a preface timeout: a client that connects and
+                        // asks nothing in time is dropped (slowloris).
+                        let silent = async {
+                            tokio::time::sleep(limits.header_read_timeout).await;
+                            if requested.load(Ordering::Relaxed) {
+                                std::future::pending::<()>().await;
+                            }
+                        };
+                        tokio::select! {
+                            result = &mut connection => result,
+                            () = silent => {
+                                debug!(%peer, "no HTTP/2 request in time");
+                                Ok(())
+                            }
+                        }
                     } else {
                         watcher.watch(http1().serve_connection(io, service)).await
                     }

@@ -34,6 +34,16 @@ fn https(hoard: &Hoard, path: &str) -> String {
 
 /// The protocol ALPN settles on when a client offers `offer`.
 async fn negotiated(hoard: &Hoard, ca: &Ca, offer: &[&[u8]]) -> Option<Vec<u8>> {
+    let stream = connect(hoard, ca, offer).await;
+    stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+}
+
+/// A TLS connection trusting `ca`, offering `offer` by ALPN.
+async fn connect(
+    hoard: &Hoard,
+    ca: &Ca,
+    offer: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     let der = rustls_pki_types::CertificateDer::from(ca.cert.der().to_vec());
     roots.add(der).unwrap();
@@ -48,8 +58,7 @@ async fn negotiated(hoard: &Hoard, ca: &Ca, offer: &[&[u8]]) -> Option<Vec<u8>> 
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(hoard.addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = connector.connect(name, tcp).await.unwrap();
-    stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+    connector.connect(name, tcp).await.unwrap()
 }
 
 #[tokio::test]
@@ -172,4 +181,28 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(base_check(&client(&old, None), &hoard).await.is_err());
+}
+
+#[tokio::test]
+async fn a_silent_http2_client_is_dropped() {
+    let fake = Fake::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new("hoard test CA");
+    let (cert, key) = ca.server_files(pki.path());
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.tls_cert = Some(cert);
+        args.tls_key = Some(key);
+        args.header_read_timeout = Some("1s".into());
+    })
+    .await;
+    // Handshake, h2 agreed, then nothing: not even the connection preface.
+    let mut stream = connect(&hoard, &ca, &[b"h2"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut buf),
+    )
+    .await;
+    assert!(closed.is_ok(), "the silent HTTP/2 client was kept past 5 s");
 }
