@@ -21,6 +21,23 @@ fn client(ca: &Ca, identity: Option<(String, String)>) -> reqwest::Client {
     builder.build().unwrap()
 }
 
+/// hoard serving TLS with a certificate from `ca` (files in `pki`), with
+/// `tweak` applied to the rest of its flags.
+async fn start_tls(
+    fake: &Fake,
+    ca: &Ca,
+    pki: &std::path::Path,
+    tweak: impl FnOnce(&mut hoard::config::ServeArgs),
+) -> Hoard {
+    let (cert, key) = ca.server_files(pki);
+    Hoard::start(&fake.url(), &[], |args| {
+        args.tls_cert = Some(cert);
+        args.tls_key = Some(key);
+        tweak(args);
+    })
+    .await
+}
+
 /// The API version check through `client`: its status, or the error of a
 /// connection that failed (an untrusted or missing certificate).
 async fn base_check(client: &reqwest::Client, hoard: &Hoard) -> reqwest::Result<u16> {
@@ -67,10 +84,7 @@ async fn pulls_over_tls_with_h2_or_http1_and_a_plain_listener_beside() {
     let (_, layer) = fake.put_image("library/alpine", "3", b"layer over tls");
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::new("hoard test CA");
-    let (cert, key) = ca.server_files(pki.path());
-    let hoard = Hoard::start(&fake.url(), &[], |args| {
-        args.tls_cert = Some(cert);
-        args.tls_key = Some(key);
+    let hoard = start_tls(&fake, &ca, pki.path(), |args| {
         args.plain_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
@@ -124,11 +138,8 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::new("hoard test CA");
     let clients = Ca::new("hoard clients CA");
-    let (cert, key) = ca.server_files(pki.path());
     let client_ca = write(pki.path(), "clients.pem", &clients.pem());
-    let hoard = Hoard::start(&fake.url(), &[], |args| {
-        args.tls_cert = Some(cert);
-        args.tls_key = Some(key);
+    let hoard = start_tls(&fake, &ca, pki.path(), |args| {
         args.tls_client_ca = Some(client_ca);
     })
     .await;
@@ -152,12 +163,7 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     let fake = Fake::start().await;
     let pki = tempfile::tempdir().unwrap();
     let old = Ca::new("old CA");
-    let (cert, key) = old.server_files(pki.path());
-    let hoard = Hoard::start(&fake.url(), &[], |args| {
-        args.tls_cert = Some(cert);
-        args.tls_key = Some(key);
-    })
-    .await;
+    let hoard = start_tls(&fake, &old, pki.path(), |_| {}).await;
     assert_eq!(base_check(&client(&old, None), &hoard).await.unwrap(), 200);
 
     // A broken file is ignored (the old certificate stays in use).
@@ -188,10 +194,7 @@ async fn a_silent_http2_client_is_dropped() {
     let fake = Fake::start().await;
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::new("hoard test CA");
-    let (cert, key) = ca.server_files(pki.path());
-    let hoard = Hoard::start(&fake.url(), &[], |args| {
-        args.tls_cert = Some(cert);
-        args.tls_key = Some(key);
+    let hoard = start_tls(&fake, &ca, pki.path(), |args| {
         args.header_read_timeout = Some("1s".into());
     })
     .await;
