@@ -12,6 +12,7 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod mirror;

@@ -5,7 +5,9 @@
 //! thread appends it to the temp file, and commits only verified bytes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use sha2::{Digest as _, Sha256};
@@ -38,21 +40,17 @@ struct Running {
 
 impl Fills {
     pub(super) fn is_empty(&self) -> bool {
-        self.map.lock().expect("fills lock").is_empty()
+        self.map.lock().is_empty()
     }
 
     fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
-        self.map
-            .lock()
-            .expect("fills lock")
-            .get(digest)
-            .map(|r| r.fill.clone())
+        self.map.lock().get(digest).map(|r| r.fill.clone())
     }
 
     /// Cancels every download (shutdown past its grace period): temp files
     /// are deleted and readers get a cut connection.
     pub(super) fn abort_all(&self) {
-        for running in self.map.lock().expect("fills lock").values() {
+        for running in self.map.lock().values() {
             running.task.abort();
         }
     }
@@ -73,7 +71,7 @@ impl Drop for FillGuard {
                 "download cancelled".into(),
             )));
         }
-        let mut fills = self.inner.fills.map.lock().expect("fills lock");
+        let mut fills = self.inner.fills.map.lock();
         if fills
             .get(&self.digest)
             .is_some_and(|r| Arc::ptr_eq(&r.fill, &self.fill))
@@ -97,7 +95,8 @@ pub struct Blob {
 }
 
 enum Source {
-    Stored(StoredBlob),
+    /// From the store; the callback takes the blob out if it proves damaged.
+    Stored(StoredBlob, stream::OnDamaged),
     Filling(Arc<Fill>, stream::Resume),
     /// Not cached (the disk is nearly full): upstream's body relayed to
     /// this one client, still verified.
@@ -118,10 +117,17 @@ impl Blob {
         };
         let served = self.served.with_label_values(&[source]);
         match self.source {
-            Source::Stored(blob) => stream::spawn(Arc::new(blob.file), start, end, None, served),
-            Source::Filling(fill, resume) => {
-                stream::spawn(fill.file(), start, end, Some((fill, resume)), served)
+            Source::Stored(blob, on_damaged) => {
+                stream::spawn(blob.reader, start, end, None, Some(on_damaged), served)
             }
+            Source::Filling(fill, resume) => stream::spawn(
+                fill.reader(),
+                start,
+                end,
+                Some((fill, resume)),
+                None,
+                served,
+            ),
             Source::Passthrough(response, digest) => {
                 stream::relay(response, digest, start, end, served)
             }
@@ -147,7 +153,7 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                 // Decide under the lock, re-checking the store: a fill
                 // commits before it leaves the map, so there is no moment
                 // when neither shows the blob.
-                let mut fills = inner.fills.map.lock().expect("fills lock");
+                let mut fills = inner.fills.map.lock();
                 if let Some(fill) = fills.get(digest).map(|r| r.fill.clone()) {
                     if confirmed || fill.repo() == repo || inner.store.is_linked(repo, digest)? {
                         Step::Join(fill.clone())
@@ -160,7 +166,7 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                     Step::Passthrough
                 } else {
                     let writer = inner.store.create_download()?;
-                    let fill = Arc::new(Fill::new(repo.clone(), writer.file()));
+                    let fill = Arc::new(Fill::new(repo.clone(), writer.reader()));
                     // Spawned under the lock: the task cannot end (and
                     // remove its entry) before the entry exists.
                     let task = tokio::spawn(run(
@@ -184,7 +190,8 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
         let (source, outcome, len) = match step {
             Step::Stored(blob) => {
                 let len = Some(blob.meta.size);
-                (Source::Stored(blob), Outcome::Hit, len)
+                let on_damaged = damaged(inner, digest);
+                (Source::Stored(blob, on_damaged), Outcome::Hit, len)
             }
             Step::Join(fill) => {
                 // A verified download still being committed is as good as
@@ -239,6 +246,22 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
             served: inner.metrics.served_bytes.clone(),
         });
     }
+}
+
+/// What to do when a stored blob reads short: it was changed behind hoard's
+/// back, so it leaves the store (quarantined) and the next request fetches
+/// it again; only the transfer that found it is cut.
+fn damaged(inner: &Arc<Inner>, digest: &Digest) -> stream::OnDamaged {
+    let store = inner.store.clone();
+    let digest = digest.clone();
+    Box::new(move || {
+        warn!(%digest, "stored blob is shorter than recorded: quarantined, will be fetched again");
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.quarantine_damaged(&digest) {
+                warn!(%digest, error = %e, "cannot quarantine a damaged blob");
+            }
+        });
+    })
 }
 
 fn resume(
@@ -334,10 +357,6 @@ async fn run(
                         .metrics
                         .fetch_duration
                         .observe(started.elapsed().as_secs_f64());
-                    inner
-                        .metrics
-                        .store_bytes
-                        .set(inner.store.size_bytes() as i64);
                     super::evict::check(&inner);
                     debug!(repository = %repo, %digest, bytes = meta.size, "blob cached");
                 }

@@ -156,11 +156,11 @@ pub fn expire(
 fn read_manifest(store: &Store, digest: &Digest) -> Option<Manifest> {
     let blob = store.open_blob(digest).ok()??;
     let media_type = blob.meta.media_type.clone()?;
-    let bytes = std::io::read_to_string(blob.file).ok()?;
+    let bytes = blob.reader.read_all(blob.meta.size).ok()?;
     Some(Manifest {
         digest: digest.clone(),
         media_type,
-        bytes: bytes.into(),
+        bytes,
     })
 }
 

@@ -120,8 +120,4 @@ pub(super) fn forget(inner: &Inner, evicted: &crate::store::Evicted) {
     }
     inner.metrics.evicted_blobs.inc_by(evicted.blobs as u64);
     inner.metrics.evicted_bytes.inc_by(evicted.bytes);
-    inner
-        .metrics
-        .store_bytes
-        .set(inner.store.size_bytes() as i64);
 }

@@ -8,14 +8,14 @@
 //! corrupt download gets a cut connection, never a complete bad body.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::error::{Error, Result};
 use crate::reference::Repository;
+use crate::store::BlobReader;
 
 /// Bytes of recent chunks kept in memory past what is already on disk.
 /// Chunks the writer has not reached yet are always kept (the writer's
@@ -56,17 +56,17 @@ struct Window {
 /// A blob download in progress.
 pub struct Fill {
     repo: Repository,
-    file: Arc<File>,
+    reader: BlobReader,
     state: watch::Sender<FillState>,
     window: Mutex<Window>,
 }
 
 impl Fill {
-    /// A fill for `repo` writing to `file`.
-    pub fn new(repo: Repository, file: Arc<File>) -> Fill {
+    /// A fill for `repo` whose temp file `reader` reads.
+    pub fn new(repo: Repository, reader: BlobReader) -> Fill {
         Fill {
             repo,
-            file,
+            reader,
             state: watch::Sender::new(FillState::Connecting),
             window: Mutex::default(),
         }
@@ -77,9 +77,9 @@ impl Fill {
         &self.repo
     }
 
-    /// The temp file being filled (still valid after it is renamed).
-    pub fn file(&self) -> Arc<File> {
-        self.file.clone()
+    /// Reads the temp file being filled (still valid after it is renamed).
+    pub fn reader(&self) -> BlobReader {
+        self.reader.clone()
     }
 
     pub(super) fn set(&self, state: FillState) {
@@ -95,7 +95,7 @@ impl Fill {
             // Complete: all of it is in the file. Failed: nothing more to
             // read (a reader past `in_file` goes back to the state and sees
             // the failure).
-            let mut window = self.window.lock().expect("window lock");
+            let mut window = self.window.lock();
             window.chunks.clear();
             window.start = window.end;
             if let Some(len) = complete_len {
@@ -107,7 +107,7 @@ impl Fill {
     /// Adds a chunk that just arrived to the window, dropping the oldest
     /// chunks the writer already put on disk once the window is full.
     pub(super) fn push(&self, chunk: Bytes) {
-        let mut window = self.window.lock().expect("window lock");
+        let mut window = self.window.lock();
         window.end += chunk.len() as u64;
         window.chunks.push_back(chunk);
         while let Some(front) = window.chunks.front() {
@@ -132,7 +132,7 @@ impl Fill {
     /// Records how much is in the file, so the window may drop what is
     /// there (readers need no wake-up for it).
     pub(super) fn on_disk(&self, now: u64) {
-        let mut window = self.window.lock().expect("window lock");
+        let mut window = self.window.lock();
         window.in_file = window.in_file.max(now);
     }
 
@@ -140,7 +140,7 @@ impl Fill {
     /// file up to where the window starts. `File(until)` with `until <= pos`
     /// means neither has the bytes (the fill just failed): ask the state.
     pub fn source(&self, pos: u64, limit: u64) -> Source {
-        let window = self.window.lock().expect("window lock");
+        let window = self.window.lock();
         if pos < window.start || pos >= window.end {
             return Source::File(limit.min(window.start).min(window.in_file));
         }
@@ -154,7 +154,9 @@ impl Fill {
             }
             at = chunk_end;
         }
-        unreachable!("pos is inside the window")
+        // Unreachable while `start..end` covers the chunks exactly; should
+        // that ever break, reading the file is still correct.
+        Source::File(limit.min(window.start).min(window.in_file))
     }
 
     /// Whether the content is complete and verified (only the commit to the
@@ -223,7 +225,7 @@ mod tests {
     fn fill() -> Fill {
         let file = tempfile::tempfile().unwrap();
         let repo = Repository::new("docker.io", "library/x").unwrap();
-        let fill = Fill::new(repo, Arc::new(file));
+        let fill = Fill::new(repo, BlobReader::from_file(file));
         fill.set(FillState::Streaming {
             len: None,
             received: 0,
@@ -276,6 +278,23 @@ mod tests {
         fill.set(FillState::Failed(Error::Internal("disk full".into())));
         assert!(matches!(fill.source(0, 5), Source::File(2)));
         assert!(matches!(fill.source(4, 5), Source::File(until) if until <= 4));
+    }
+
+    #[test]
+    fn issue_12_a_panic_under_the_window_lock_poisons_nothing() {
+        let fill = std::sync::Arc::new(fill());
+        fill.push(Bytes::from_static(b"abc"));
+        let holder = fill.clone();
+        let panicked = std::thread::spawn(move || {
+            let _window = holder.window.lock();
+            panic!("a bug while holding the window");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(memory(fill.source(0, 3)), "abc");
+        fill.push(Bytes::from_static(b"def"));
+        fill.set(FillState::Complete { len: 6 });
+        assert!(matches!(fill.source(0, 6), Source::File(6)));
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio::sync::watch;
 
@@ -39,7 +41,7 @@ where
         F: Future<Output = Result<T>> + Send + 'static,
     {
         let (mut slot, joined) = {
-            let mut map = self.map.lock().expect("flights lock");
+            let mut map = self.map.lock();
             match map.get(&key) {
                 Some(slot) => (slot.clone(), true),
                 None => {
@@ -48,7 +50,7 @@ where
                     let flights = Arc::clone(self);
                     tokio::spawn(async move {
                         let result = work.await;
-                        flights.map.lock().expect("flights lock").remove(&key);
+                        flights.map.lock().remove(&key);
                         let _ = tx.send(Some(result));
                     });
                     (rx, false)
@@ -69,7 +71,7 @@ where
     /// Keys with work running.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.map.lock().expect("flights lock").len()
+        self.map.lock().len()
     }
 }
 

@@ -36,6 +36,7 @@ pub use manifest::Manifest;
 pub use outcome::Outcome;
 pub use stream::ByteStream;
 
+use crate::clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
@@ -95,10 +96,10 @@ impl Mirror {
     ) -> Mirror {
         let max = config.max_store_bytes.unwrap_or_else(|| {
             // 80% of what is free at start, plus what the store already holds.
-            let free = store::available_space(&config.data_dir).unwrap_or(0);
+            let free = store.available_space().unwrap_or(0);
             (free as f64 * 0.8) as u64 + store.size_bytes()
         });
-        metrics.store_bytes.set(store.size_bytes() as i64);
+        store.report_size_to(metrics.store_bytes.clone());
         metrics.store_max_bytes.set(max as i64);
         let inner = Arc::new(Inner {
             store,
@@ -179,10 +180,6 @@ impl Mirror {
     pub async fn gc(&self) -> Result<store::GcReport> {
         let store = self.inner.store.clone();
         let report = tokio::task::spawn_blocking(move || store.gc()).await??;
-        self.inner
-            .metrics
-            .store_bytes
-            .set(self.inner.store.size_bytes() as i64);
         Ok(report)
     }
 
@@ -310,7 +307,7 @@ impl Mirror {
         };
         let ttl = inner.config.tag_ttl_for(repo.registry());
         if let Some((record, manifest)) = &cached {
-            let age = store::unix_millis().saturating_sub(record.checked_at);
+            let age = clock::unix_ms().saturating_sub(record.checked_at);
             if u128::from(age) < ttl.as_millis() {
                 return Ok((manifest.clone(), Outcome::Hit));
             }
@@ -335,7 +332,8 @@ impl Inner {
     /// Whether the data file system has less free space than
     /// `store.min_free_space`: then new blobs are relayed, not cached.
     fn low_on_space(&self) -> bool {
-        store::available_space(&self.config.data_dir)
+        self.store
+            .available_space()
             .is_ok_and(|free| free < self.config.min_free_bytes)
     }
 
@@ -411,7 +409,7 @@ impl Inner {
             .await;
         let result = match head {
             Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
-                record.checked_at = store::unix_millis();
+                record.checked_at = clock::unix_ms();
                 self.store.put_tag(repo, tag, &record)?;
                 return Ok((manifest, Outcome::Revalidated));
             }
@@ -472,7 +470,6 @@ impl Inner {
             )
         })
         .await??;
-        self.metrics.store_bytes.set(self.store.size_bytes() as i64);
         // Upstream serving this manifest for `repo` vouches that `repo` has
         // everything it names (registries refuse manifests otherwise).
         self.store.link(repo, &manifest.digest)?;
@@ -489,7 +486,7 @@ impl Inner {
                 let record = TagRecord {
                     digest: manifest.digest.to_string(),
                     media_type: manifest.media_type.clone(),
-                    checked_at: store::unix_millis(),
+                    checked_at: clock::unix_ms(),
                 };
                 self.store.put_tag(repo, tag, &record)?;
             }
@@ -506,20 +503,17 @@ impl Inner {
         let store = self.store.clone();
         let key = digest.clone();
         let loaded =
-            tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Vec<u8>)>> {
+            tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Bytes)>> {
                 let Some(blob) = store.open_blob(&key)? else {
                     return Ok(None);
                 };
                 let Some(media_type) = blob.meta.media_type.clone() else {
                     return Ok(None);
                 };
-                let mut bytes = Vec::with_capacity(blob.meta.size as usize);
-                std::io::Read::read_to_end(&mut &blob.file, &mut bytes).map_err(|e| {
-                    store::Error::Io {
-                        path: key.hex().into(),
-                        source: Arc::new(e),
-                    }
-                })?;
+                let bytes = blob
+                    .reader
+                    .read_all(blob.meta.size)
+                    .map_err(|e| store::Error::io(key.hex(), e))?;
                 Ok(Some((media_type, bytes)))
             })
             .await??;
@@ -527,7 +521,7 @@ impl Inner {
             let manifest = Arc::new(Manifest {
                 digest: digest.clone(),
                 media_type,
-                bytes: bytes.into(),
+                bytes,
             });
             self.hot.insert(digest.clone(), manifest.clone());
             manifest

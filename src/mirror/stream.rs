@@ -3,13 +3,11 @@
 //! channel, so memory per transfer stays at a few chunks whatever the blob
 //! size. A client that goes away closes the channel and stops the task.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
@@ -19,6 +17,7 @@ use super::error::Error;
 use super::fill::{Fill, Source};
 use super::Inner;
 use crate::reference::{Digest, Repository};
+use crate::store::BlobReader;
 
 /// Bytes read from a file per chunk.
 const CHUNK: u64 = 256 * 1024;
@@ -55,13 +54,19 @@ async fn deliver(tx: &mpsc::Sender<io::Result<Bytes>>, chunk: Bytes) -> bool {
     )
 }
 
-/// Streams `file[start..end]`; with `fill`, follows a download in progress
-/// (and `end` may be unknown until it completes).
+/// Called when a stored blob turns out shorter than its index says.
+pub(super) type OnDamaged = Box<dyn FnOnce() + Send>;
+
+/// Streams `reader[start..end]`; with `fill`, follows a download in
+/// progress (and `end` may be unknown until it completes). A stored blob
+/// that ends early (changed behind hoard's back) cuts this transfer and
+/// calls `on_damaged`.
 pub(super) fn spawn(
-    file: Arc<File>,
+    reader: BlobReader,
     start: u64,
     end: Option<u64>,
     fill: Option<(Arc<Fill>, Resume)>,
+    on_damaged: Option<OnDamaged>,
     served: IntCounter,
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel(DEPTH);
@@ -81,7 +86,7 @@ pub(super) fn spawn(
                     Ok(limit) => limit,
                     Err(Error::Store(_)) if resume.is_some() => {
                         let resume = resume.take().expect("checked");
-                        resume_from(file, pos, start, end, resume, tx, served).await;
+                        resume_from(reader, pos, start, end, resume, tx, served).await;
                         return;
                     }
                     Err(e) => {
@@ -104,12 +109,16 @@ pub(super) fn spawn(
             }
             // A reader keeping up with a download takes the chunks that just
             // arrived; everything else is read from the file.
-            let read = match fill.as_ref().map(|fill| fill.source(pos, limit)) {
-                Some(Source::Memory(chunk)) => Ok(chunk),
+            let until = match fill.as_ref().map(|fill| fill.source(pos, limit)) {
+                Some(Source::Memory(chunk)) => Err(chunk),
                 // The fill failed under us: the state says how to go on.
                 Some(Source::File(until)) if until <= pos => continue,
-                Some(Source::File(until)) => read_file(&file, pos, until, false).await,
-                None => read_file(&file, pos, limit, true).await,
+                Some(Source::File(until)) => Ok(until),
+                None => Ok(limit),
+            };
+            let read = match until {
+                Err(chunk) => Ok(chunk),
+                Ok(until) => reader.read(pos, (until - pos).min(CHUNK) as usize).await,
             };
             match read {
                 Ok(chunk) => {
@@ -121,6 +130,11 @@ pub(super) fn spawn(
                     pos += n;
                 }
                 Err(e) => {
+                    if e.kind() == io::ErrorKind::UnexpectedEof && fill.is_none() {
+                        if let Some(on_damaged) = on_damaged {
+                            on_damaged();
+                        }
+                    }
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
@@ -128,112 +142,6 @@ pub(super) fn spawn(
         }
     });
     ByteStream { rx }
-}
-
-/// Up to `CHUNK` bytes of `file` from `pos` (below `until`, which is past
-/// `pos`). A stored blob is mapped: when its pages are in memory the chunk
-/// goes out at once, else they are faulted in on a blocking thread. A
-/// download's temp file is read.
-async fn read_file(file: &Arc<File>, pos: u64, until: u64, stored: bool) -> io::Result<Bytes> {
-    let n = (until - pos).min(CHUNK) as usize;
-    if stored {
-        if let Ok(map) = map_chunk(file, pos, n) {
-            if is_resident(&map) {
-                return Ok(Bytes::from_owner(map));
-            }
-            return blocking(move || {
-                touch(&map);
-                Ok(Bytes::from_owner(map))
-            })
-            .await;
-        }
-    }
-    let file = file.clone();
-    blocking(move || read_chunk(&file, pos, n)).await
-}
-
-/// Runs file work on the blocking pool.
-async fn blocking(work: impl FnOnce() -> io::Result<Bytes> + Send + 'static) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
-}
-
-/// Maps `n` bytes at `pos` of a stored blob: the chunk goes from the page
-/// cache to the socket with one copy (the kernel's), instead of a read into
-/// a buffer and a write out of it. The mapping goes when the response drops
-/// the chunk, so resident memory stays at the chunks in flight.
-fn map_chunk(file: &File, pos: u64, n: usize) -> io::Result<memmap2::Mmap> {
-    // SAFETY: a committed blob file is never written or truncated again
-    // (content-addressed; eviction unlinks it, which leaves the mapping
-    // valid), so the mapped bytes cannot change under the reader.
-    unsafe { memmap2::MmapOptions::new().offset(pos).len(n).map(file) }
-}
-
-const PAGE: usize = 4096;
-
-/// The page-aligned span covering a mapping.
-fn pages(map: &memmap2::Mmap) -> (usize, usize) {
-    let addr = map.as_ptr() as usize;
-    let aligned = addr & !(PAGE - 1);
-    (aligned, addr + map.len() - aligned)
-}
-
-/// Whether every page of the mapping is in memory, so reading it cannot
-/// block the runtime on the disk.
-fn is_resident(map: &memmap2::Mmap) -> bool {
-    let (addr, len) = pages(map);
-    let mut status = vec![0u8; len.div_ceil(PAGE)];
-    // SAFETY: `addr..addr + len` lies within this live mapping (widened to
-    // page boundaries, which the mapping itself is); `status` has one byte
-    // per page.
-    let r = unsafe { libc::mincore(addr as *mut libc::c_void, len, status.as_mut_ptr()) };
-    r == 0 && status.iter().all(|s| s & 1 == 1)
-}
-
-/// Faults every page of the mapping in (on a blocking thread).
-fn touch(map: &memmap2::Mmap) {
-    let mut sum = 0u8;
-    for i in (0..map.len()).step_by(PAGE) {
-        sum = sum.wrapping_add(map[i]);
-    }
-    std::hint::black_box(sum);
-}
-
-/// Reads `n` bytes at `pos` into a new buffer without zeroing it first:
-/// profiling 32 clients on a cached blob showed zeroing each 256 KiB chunk
-/// (`BytesMut::zeroed`) cost more CPU than the read itself.
-fn read_chunk(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
-    use std::os::unix::io::AsRawFd;
-    let mut buf = BytesMut::with_capacity(n);
-    while buf.len() < n {
-        let filled = buf.len();
-        let spare = &mut buf.spare_capacity_mut()[..n - filled];
-        let offset = libc::off_t::try_from(pos + filled as u64)
-            .map_err(|_| io::Error::other("offset out of range"))?;
-        // SAFETY: pread writes at most `spare.len()` bytes into memory this
-        // buffer owns; `set_len` below covers only what it wrote.
-        let read = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                offset,
-            )
-        };
-        match read {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            r if r < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            // SAFETY: the first `r` spare bytes were just initialized.
-            r => unsafe { buf.set_len(filled + r as usize) },
-        }
-    }
-    Ok(buf.freeze())
 }
 
 /// Relays an upstream body straight to one client, `start..end` of it,
@@ -323,7 +231,7 @@ pub(super) struct Resume {
 /// relays it, so its client still gets the blob. The bytes already sent are
 /// re-read from the open temp file to verify the whole.
 async fn resume_from(
-    file: Arc<File>,
+    reader: BlobReader,
     pos: u64,
     start: u64,
     end: Option<u64>,
@@ -333,7 +241,7 @@ async fn resume_from(
 ) {
     // The reader may have sent bytes from memory that never reached the
     // file: ask from where the file ends (or `pos`), and hash the rest.
-    let on_disk = file.metadata().map_or(0, |m| m.len());
+    let on_disk = reader.file_len().unwrap_or(0);
     let from = pos.min(on_disk);
     let response = match resume
         .inner
@@ -352,9 +260,9 @@ async fn resume_from(
         (false, _) => None,
         (true, 0) => Some(Sha256::new()),
         (true, offset) => {
-            let prefix = tokio::task::spawn_blocking(move || hash_prefix(&file, offset)).await;
+            let prefix = hash_prefix(&reader, offset).await;
             match prefix {
-                Ok(Ok(hasher)) => Some(hasher),
+                Ok(hasher) => Some(hasher),
                 _ => {
                     let _ = tx
                         .send(Err(io::Error::other("cannot re-read the partial download")))
@@ -367,43 +275,14 @@ async fn resume_from(
     pump(response, resume.digest, pos, end, hasher, tx, served).await;
 }
 
-fn hash_prefix(file: &File, len: u64) -> io::Result<Sha256> {
+/// Hashes the first `len` bytes the reader holds.
+async fn hash_prefix(reader: &BlobReader, len: u64) -> io::Result<Sha256> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < len {
-        let n = (len - pos).min(CHUNK) as usize;
-        file.read_exact_at(&mut buf[..n], pos)?;
-        hasher.update(&buf[..n]);
-        pos += n as u64;
+        let chunk = reader.read(pos, (len - pos).min(CHUNK) as usize).await?;
+        hasher.update(&chunk);
+        pos += chunk.len() as u64;
     }
     Ok(hasher)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mapped_and_read_chunks_match_the_file_at_any_offset() {
-        let data: Vec<u8> = (0..3 * PAGE + 100).map(|i| (i % 253) as u8).collect();
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, &data).unwrap();
-        for (pos, n) in [
-            (0, data.len()),
-            (1, 10),
-            (PAGE - 1, PAGE + 2),
-            (3 * PAGE, 100),
-        ] {
-            let map = map_chunk(&file, pos as u64, n).unwrap();
-            touch(&map);
-            assert!(is_resident(&map));
-            assert_eq!(Bytes::from_owner(map), &data[pos..pos + n]);
-            assert_eq!(
-                read_chunk(&file, pos as u64, n).unwrap(),
-                &data[pos..pos + n]
-            );
-        }
-        assert!(read_chunk(&file, data.len() as u64 - 1, 2).is_err());
-    }
 }

@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -111,7 +113,7 @@ impl Htpasswd {
 
     /// The current users, re-reading the file if it changed.
     fn users(&self) -> Arc<HashMap<String, String>> {
-        let mut state = self.state.lock().expect("htpasswd lock");
+        let mut state = self.state.lock();
         if state.checked.elapsed() >= RELOAD_EVERY {
             state.checked = Instant::now();
             let modified = std::fs::metadata(&self.path)

@@ -6,8 +6,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::task::Poll;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -15,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::handlers::{handle, App, Surface};
 use super::tls::Tls;
@@ -61,7 +65,7 @@ struct ClientSlot {
 
 impl PerClient {
     fn take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
-        let mut counts = self.0.lock().expect("per-client lock");
+        let mut counts = self.0.lock();
         let count = counts.entry(ip).or_insert(0);
         if *count >= limit {
             return None;
@@ -76,7 +80,7 @@ impl PerClient {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().expect("per-client lock");
+        let mut counts = self.counts.0.lock();
         if let Some(count) = counts.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
@@ -134,7 +138,7 @@ pub async fn serve(
                 let response = if over_limit {
                     too_many_connections()
                 } else {
-                    handle(&app, surface, Some(peer.ip()), request).await
+                    guarded(handle(&app, surface, Some(peer.ip()), request)).await
                 };
                 Ok::<_, std::convert::Infallible>(response)
             }
@@ -226,10 +230,62 @@ fn http1_builder(header_read_timeout: Duration) -> hyper::server::conn::http1::B
     builder
 }
 
+/// Runs one request's handler. A panic in it (a bug) ends that request with
+/// a 500 and a log line; the connection, the locks (which do not poison) and
+/// every other request go on.
+async fn guarded(
+    handler: impl Future<Output = http::Response<super::Body>>,
+) -> http::Response<super::Body> {
+    let mut handler = std::pin::pin!(handler);
+    let outcome = std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx))) {
+            Ok(Poll::Ready(response)) => Poll::Ready(Ok(response)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await;
+    outcome.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        error!(panic = %message, "request handler panicked");
+        super::handlers::error(&super::ApiError::new(
+            super::Code::Unknown,
+            "internal error",
+        ))
+    })
+}
+
 /// The one answer on a connection past the client's limit.
 fn too_many_connections() -> http::Response<super::Body> {
     super::handlers::error(&super::ApiError::new(
         super::Code::TooManyRequests,
         "too many connections from this address",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn issue_12_a_panicking_handler_gets_a_500_and_the_next_one_runs() {
+        let panicking = guarded(async {
+            tokio::task::yield_now().await;
+            panic!("a bug in a handler");
+        })
+        .await;
+        assert_eq!(panicking.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = http_body_util::BodyExt::collect(panicking.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["errors"][0]["code"], "UNKNOWN");
+        let fine = guarded(async { http::Response::new(super::super::Body::empty()) }).await;
+        assert_eq!(fine.status(), http::StatusCode::OK);
+    }
 }

@@ -15,6 +15,8 @@ pub enum Error {
         #[source]
         source: Arc<std::io::Error>,
     },
+    #[error("the store in {} is in use by another hoard process{}", path.display(), holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default())]
+    Locked { path: PathBuf, holder: Option<u32> },
     #[error("index error: {0}")]
     Index(Arc<sled::Error>),
     #[error("corrupt index record for {0}")]
@@ -31,7 +33,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+    /// An I/O failure on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
             source: Arc::new(source),

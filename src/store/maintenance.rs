@@ -5,11 +5,11 @@
 //! ever points at content that is gone.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::error::Result;
-use super::{unix_secs, BlobMeta, Store};
+use super::{BlobMeta, Listed, Store};
+use crate::clock;
 use crate::reference::Digest;
 
 /// What reconciling the index with the files found.
@@ -63,13 +63,13 @@ impl Store {
         let started = Instant::now();
         let mut report = Reconciled::default();
         let mut on_disk = std::collections::HashMap::new();
-        for file in self.files.list()? {
-            match file {
-                Ok((digest, size)) => {
+        for listed in self.backend.list()? {
+            match listed {
+                Listed::Blob(digest, size) => {
                     on_disk.insert(digest, size);
                 }
-                Err(stray) => {
-                    let _ = std::fs::remove_file(&stray);
+                Listed::Stray(stray) => {
+                    self.backend.remove_stray(&stray)?;
                     report.removed += 1;
                 }
             }
@@ -79,7 +79,7 @@ impl Store {
             match on_disk.remove(&digest) {
                 Some(size) if size == meta.size => {}
                 Some(_) => {
-                    self.files.quarantine(&digest, &self.root)?;
+                    self.backend.quarantine(&digest)?;
                     self.index.remove_blob(&digest)?;
                     report.quarantined.push(digest);
                 }
@@ -93,7 +93,7 @@ impl Store {
             let meta = BlobMeta {
                 size,
                 media_type: None,
-                last_access: unix_secs(),
+                last_access: clock::unix_secs(),
             };
             self.index.put_blob(&digest, &meta)?;
             report.adopted += 1;
@@ -190,14 +190,8 @@ impl Store {
 
     fn remove_entry(&self, digest: &Digest, meta: &BlobMeta) -> Result<()> {
         // Index first: from this moment no new reader finds it.
-        self.index.remove_blob(digest)?;
-        self.files.remove(digest)?;
-        let _ = self
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(meta.size))
-            });
-        Ok(())
+        self.drop_entry(digest, meta)?;
+        self.backend.remove(digest)
     }
 
     /// Hashes every stored blob and manifest again; mismatches are moved to
@@ -206,12 +200,14 @@ impl Store {
     pub fn verify(&self, mut progress: impl FnMut(&Digest, u64)) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         for (digest, meta) in self.index.blobs()? {
-            let (actual, size) = self.files.rehash(&digest)?;
+            let (actual, size) = self.backend.rehash(&digest)?;
             report.checked += 1;
             report.bytes += size;
             if actual != digest || size != meta.size {
-                self.files.quarantine(&digest, &self.root)?;
-                self.index.remove_blob(&digest)?;
+                // The entry first: from this moment no new reader finds it,
+                // and the size no longer counts it.
+                self.drop_entry(&digest, &meta)?;
+                self.backend.quarantine(&digest)?;
                 report.quarantined.push(digest.clone());
             }
             progress(&digest, size);
@@ -307,7 +303,7 @@ mod tests {
         let reader = store.open_blob(&d).unwrap().unwrap();
         store.evict(0, &HashSet::new()).unwrap();
         assert!(store.open_blob(&d).unwrap().is_none());
-        assert_eq!(std::io::read_to_string(reader.file).unwrap().len(), 4096);
+        assert_eq!(reader.reader.read_all(4096).unwrap().len(), 4096);
     }
 
     #[test]
@@ -323,8 +319,8 @@ mod tests {
             orphan = Digest::of(b"orphan");
             let mut w = store.create_temp().unwrap();
             w.write(b"orphan").unwrap();
-            store.files.commit(w.verify(&orphan).unwrap()).unwrap();
-            std::fs::remove_file(store.files.path(&lost)).unwrap();
+            store.backend.commit(w.verify(&orphan).unwrap()).unwrap();
+            std::fs::remove_file(super::super::tests::fs_path(&store, &lost)).unwrap();
             std::fs::write(dir.path().join("blobs/sha256/zz-stray"), b"junk").unwrap();
         }
         let (store, report) = Store::open_reconciled(dir.path()).unwrap();
@@ -349,7 +345,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let good = put(&store, b"good content", None);
         let bad = put(&store, b"will rot", None);
-        std::fs::write(store.files.path(&bad), b"has rot!").unwrap();
+        std::fs::write(super::super::tests::fs_path(&store, &bad), b"has rot!").unwrap();
         let mut seen = 0;
         let report = store.verify(|_, _| seen += 1).unwrap();
         assert_eq!(seen, 2);
@@ -357,6 +353,11 @@ mod tests {
         assert!(dir.path().join("quarantine").join(bad.hex()).exists());
         assert!(store.blob_meta(&bad).unwrap().is_none());
         assert!(store.blob_meta(&good).unwrap().is_some());
+        assert_eq!(
+            store.size_bytes(),
+            b"good content".len() as u64,
+            "the quarantined blob no longer counts"
+        );
     }
 
     #[test]

@@ -2,50 +2,102 @@
 //! they are and who may see them. Knows nothing of HTTP or upstreams; the
 //! `mirror` decides what goes in and when.
 
-mod blobs;
+mod backend;
 mod direct;
 mod error;
+mod fs;
 mod index;
+mod lock;
 mod maintenance;
+mod reader;
+mod temp;
 
-use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
 
-pub use blobs::{BlobWriter, VerifiedBlob};
+pub use backend::{Backend, Listed};
 pub use error::{Error, Result};
 pub use index::{BlobMeta, TagRecord};
 pub use maintenance::{Evicted, GcReport, Reconciled, VerifyReport};
+pub use reader::BlobReader;
+pub use temp::{BlobWriter, VerifiedBlob};
 
-use blobs::BlobFiles;
 use index::Index;
+use lock::DirLock;
+use temp::TempFiles;
 
+use crate::clock;
 use crate::reference::{Digest, Repository};
 
 /// How stale `last_access` may get before a read rewrites it: at most one
 /// index write per blob per second on the hot read path.
 const ACCESS_GRANULARITY_SECS: u64 = 1;
 
-/// Blob files and their index.
+/// A backend's committed content with its index, temp area and size.
 pub struct Store {
-    root: std::path::PathBuf,
-    files: BlobFiles,
+    /// Held for as long as the store is open: nothing else may change the
+    /// directory meanwhile.
+    _lock: DirLock,
+    root: PathBuf,
+    temps: TempFiles,
+    backend: Box<dyn Backend>,
     index: Index,
+    size: Size,
+}
+
+/// The committed bytes, kept here and nowhere else, with the gauge that
+/// shows them: every change goes through `add`/`sub`.
+#[derive(Default)]
+struct Size {
     bytes: AtomicU64,
+    gauge: OnceLock<prometheus::IntGauge>,
+}
+
+impl Size {
+    fn get(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, bytes: u64) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.publish();
+    }
+
+    fn add(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.publish();
+    }
+
+    fn sub(&self, bytes: u64) {
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
+        self.publish();
+    }
+
+    fn publish(&self) {
+        if let Some(gauge) = self.gauge.get() {
+            gauge.set(i64::try_from(self.get()).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 /// A committed blob opened for reading.
 #[derive(Debug)]
 pub struct StoredBlob {
-    pub file: File,
+    pub reader: BlobReader,
     pub meta: BlobMeta,
 }
 
 impl Store {
-    /// Opens the store under `root`: removes leftovers of interrupted
-    /// downloads and reconciles the index with the blob files (see
-    /// `reconcile`). Blocking.
+    /// Opens the store under `root` on the filesystem backend. Takes the
+    /// directory's lock first and touches nothing if another process holds
+    /// it (`Error::Locked`); then removes leftovers of interrupted downloads
+    /// and reconciles the index with the blob files (see `reconcile`).
+    /// Blocking.
     pub fn open(root: &Path) -> Result<Store> {
         let (store, _) = Store::open_reconciled(root)?;
         Ok(store)
@@ -53,24 +105,42 @@ impl Store {
 
     /// `open`, also saying what reconciling found.
     pub fn open_reconciled(root: &Path) -> Result<(Store, Reconciled)> {
-        let files = BlobFiles::open(root)?;
+        let lock = DirLock::acquire(root)?;
         let index = Index::open(&root.join("index"))?;
+        let temps = TempFiles::open(root.join("tmp"))?;
+        let backend = Box::new(fs::FsBackend::open(root)?);
         let store = Store {
+            _lock: lock,
             root: root.to_owned(),
-            files,
+            temps,
+            backend,
             index,
-            bytes: AtomicU64::new(0),
+            size: Size::default(),
         };
         let reconciled = store.reconcile()?;
-        store
-            .bytes
-            .store(store.index.total_size()?, Ordering::Relaxed);
+        store.size.set(store.index.total_size()?);
         Ok((store, reconciled))
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Shows the store's size in `gauge` from now on.
+    pub fn report_size_to(&self, gauge: prometheus::IntGauge) {
+        let _ = self.size.gauge.set(gauge);
+        self.size.publish();
     }
 
     /// Total size of the committed blobs.
     pub fn size_bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.size.get()
+    }
+
+    /// Bytes the backend can still take.
+    pub fn available_space(&self) -> Result<u64> {
+        self.backend.available_space()
     }
 
     /// The index record of a committed blob.
@@ -78,64 +148,77 @@ impl Store {
         self.index.blob(digest)
     }
 
-    /// Opens a committed blob and notes the access. An index entry whose file
-    /// is gone (removed by hand) is dropped and reported as absent.
+    /// Opens a committed blob and notes the access. An index entry whose
+    /// content is gone (removed by hand) is dropped and reported as absent.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<StoredBlob>> {
         let Some(mut meta) = self.index.blob(digest)? else {
             return Ok(None);
         };
-        let Some(file) = self.files.open_blob(digest)? else {
-            self.index.remove_blob(digest)?;
-            self.bytes
-                .fetch_sub(meta.size.min(self.size_bytes()), Ordering::Relaxed);
+        let Some(reader) = self.backend.open(digest)? else {
+            self.drop_entry(digest, &meta)?;
             return Ok(None);
         };
-        let now = unix_secs();
+        let now = clock::unix_secs();
         if now.saturating_sub(meta.last_access) >= ACCESS_GRANULARITY_SECS {
             meta.last_access = now;
             self.index.put_blob(digest, &meta)?;
         }
-        Ok(Some(StoredBlob { file, meta }))
+        Ok(Some(StoredBlob { reader, meta }))
+    }
+
+    /// Takes a blob found damaged while serving it (its content shorter
+    /// than recorded: changed behind hoard's back) out of the store, so
+    /// the next request fetches it again. Blocking.
+    pub fn quarantine_damaged(&self, digest: &Digest) -> Result<()> {
+        let Some(meta) = self.index.blob(digest)? else {
+            return Ok(());
+        };
+        self.drop_entry(digest, &meta)?;
+        if let Err(e) = self.backend.quarantine(digest) {
+            // Gone already, or unmovable: at least keep it from being served.
+            self.backend.remove(digest).map_err(|_| e)?;
+        }
+        self.index.flush()
     }
 
     /// Starts a temp file for new content.
     pub fn create_temp(&self) -> Result<BlobWriter> {
-        self.files.create_temp(false)
+        self.temps.create(false)
     }
 
     /// Temp files not yet committed or deleted.
     pub fn open_temps(&self) -> usize {
-        self.files.open_temps()
+        self.temps.open_count()
     }
 
     /// A temp file for a large download, written around the page cache
     /// where the file system allows.
     pub fn create_download(&self) -> Result<BlobWriter> {
-        self.files.create_temp(true)
+        self.temps.create(true)
     }
 
     /// Makes verified content durable and visible, then records it in the
-    /// index (file first, so the index never points at a missing file).
+    /// index (content first, so the index never points at missing content).
     /// Blocking.
     pub fn commit(&self, verified: VerifiedBlob, media_type: Option<String>) -> Result<BlobMeta> {
         let digest = verified.digest().clone();
-        let size = self.files.commit(verified)?;
+        let size = self.backend.commit(verified)?;
         let meta = BlobMeta {
             size,
             media_type,
-            last_access: unix_secs(),
+            last_access: clock::unix_secs(),
         };
         let previous = self.index.blob(&digest)?;
         self.index.put_blob(&digest, &meta)?;
         self.index.flush()?;
         if previous.is_none() {
-            self.bytes.fetch_add(size, Ordering::Relaxed);
+            self.size.add(size);
         }
         Ok(meta)
     }
 
     /// Writes a small in-memory object (a manifest) through the same
-    /// verify-then-rename path. Blocking.
+    /// verify-then-commit path. Blocking.
     pub fn put_bytes(
         &self,
         digest: &Digest,
@@ -145,6 +228,14 @@ impl Store {
         let mut writer = self.create_temp()?;
         writer.write(data)?;
         self.commit(writer.verify(digest)?, media_type)
+    }
+
+    /// Forgets a blob in the index and in the size; its content is the
+    /// caller's to remove or move.
+    fn drop_entry(&self, digest: &Digest, meta: &BlobMeta) -> Result<()> {
+        self.index.remove_blob(digest)?;
+        self.size.sub(meta.size);
+        Ok(())
     }
 
     /// Records which blobs and child manifests `manifest` names, so that
@@ -216,39 +307,15 @@ impl Store {
     }
 }
 
-/// Bytes available to unprivileged users on the file system holding `path`.
-pub fn available_space(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c_path` is a valid NUL-terminated string and `stat` a valid
-    // out-pointer for the duration of the call.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Milliseconds since the Unix epoch, the clock of `TagRecord::checked_at`.
-pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Where the filesystem backend keeps `digest` in `store`.
+    pub(crate) fn fs_path(store: &Store, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        store.root().join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -268,7 +335,7 @@ mod tests {
         let meta = store.commit(w.verify(&digest).unwrap(), None).unwrap();
         assert_eq!(meta.size, data.len() as u64);
         let blob = store.open_blob(&digest).unwrap().unwrap();
-        assert_eq!(std::io::read_to_string(blob.file).unwrap().as_bytes(), data);
+        assert_eq!(blob.reader.read_all(blob.meta.size).unwrap(), &data[..]);
         assert_eq!(store.size_bytes(), data.len() as u64);
     }
 
@@ -285,7 +352,7 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
-        assert!(!store.files.path(&claimed).exists());
+        assert!(!fs_path(&store, &claimed).exists());
     }
 
     #[test]
@@ -334,11 +401,56 @@ mod tests {
     }
 
     #[test]
+    fn issue_12_a_second_open_is_refused_before_it_touches_a_download() {
+        let (dir, store) = store();
+        let data = b"half of a layer still downloading";
+        let mut download = store.create_download().unwrap();
+        download.write(&data[..10]).unwrap();
+        download.finish().unwrap();
+        match Store::open(dir.path()) {
+            Err(Error::Locked { holder, .. }) => assert_eq!(holder, Some(std::process::id())),
+            Err(e) => panic!("expected Locked, got {e}"),
+            Ok(_) => panic!("a second open of a held store succeeded"),
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            1,
+            "the refused open removed the holder's temp file"
+        );
+        download.write(&data[10..]).unwrap();
+        let digest = Digest::of(data);
+        store
+            .commit(download.verify(&digest).unwrap(), None)
+            .expect("the download still commits");
+        assert!(store.open_blob(&digest).unwrap().is_some());
+    }
+
+    #[test]
+    fn issue_12_the_size_gauge_follows_every_change() {
+        let (_dir, store) = store();
+        let gauge = prometheus::IntGauge::new("size", "size").unwrap();
+        let kept = Digest::of(b"kept layer");
+        store.put_bytes(&kept, None, b"kept layer").unwrap();
+        store.report_size_to(gauge.clone());
+        assert_eq!(gauge.get(), 10);
+        let rotten = Digest::of(b"will rot");
+        store.put_bytes(&rotten, None, b"will rot").unwrap();
+        assert_eq!(gauge.get(), 18);
+        std::fs::write(fs_path(&store, &rotten), b"has rot!").unwrap();
+        let report = store.verify(|_, _| {}).unwrap();
+        assert_eq!(report.quarantined, vec![rotten]);
+        assert_eq!((store.size_bytes(), gauge.get()), (10, 10));
+        std::fs::remove_file(fs_path(&store, &kept)).unwrap();
+        assert!(store.open_blob(&kept).unwrap().is_none());
+        assert_eq!((store.size_bytes(), gauge.get()), (0, 0));
+    }
+
+    #[test]
     fn missing_file_drops_index_entry() {
         let (_dir, store) = store();
         let d = Digest::of(b"gone");
         store.put_bytes(&d, None, b"gone").unwrap();
-        std::fs::remove_file(store.files.path(&d)).unwrap();
+        std::fs::remove_file(fs_path(&store, &d)).unwrap();
         assert!(store.open_blob(&d).unwrap().is_none());
         assert!(store.blob_meta(&d).unwrap().is_none());
     }

@@ -4,8 +4,8 @@
 //! the next new scope fetches its token before the first request instead of
 //! after a 401. <https://distribution.github.io/distribution/spec/auth/token/>
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -188,7 +188,7 @@ impl Authenticator {
         if let Some(auth) = self.cached(registry, scope) {
             return Ok(Some(auth));
         }
-        let known = self.challenges.lock().expect("lock").get(registry).cloned();
+        let known = self.challenges.lock().get(registry).cloned();
         match known {
             Some(challenge) => self
                 .answer(http, registry, credentials, &challenge, scope)
@@ -209,7 +209,6 @@ impl Authenticator {
     ) -> Result<Authorization> {
         self.challenges
             .lock()
-            .expect("lock")
             .insert(registry.to_owned(), challenge.clone());
         let (auth, lifetime) = match challenge {
             Challenge::Basic => match credentials {

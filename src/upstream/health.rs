@@ -7,8 +7,8 @@
 //! - the rate-limit budget: `ratelimit-remaining` under the configured floor
 //!   tells the mirror to stop spending requests on tag revalidation.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -63,7 +63,7 @@ impl Health {
     /// Whether a request to `registry` may be sent now.
     pub fn admit(&self, registry: &str) -> Result<(), Error> {
         let now = Instant::now();
-        let mut states = self.states.lock().expect("health lock");
+        let mut states = self.states.lock();
         let state = states.entry(registry.to_owned()).or_default();
         if let Some(until) = state.backoff_until {
             if until > now {
@@ -94,7 +94,7 @@ impl Health {
     /// Records the outcome of a request to `registry`.
     pub fn record(&self, registry: &str, verdict: Verdict) {
         let now = Instant::now();
-        let mut states = self.states.lock().expect("health lock");
+        let mut states = self.states.lock();
         let state = states.entry(registry.to_owned()).or_default();
         match verdict {
             Verdict::Answered => {
@@ -135,7 +135,7 @@ impl Health {
     /// Notes a `ratelimit-remaining` value; says so once when the budget
     /// falls under the floor.
     pub fn observe_remaining(&self, registry: &str, remaining: i64) {
-        let mut states = self.states.lock().expect("health lock");
+        let mut states = self.states.lock();
         let state = states.entry(registry.to_owned()).or_default();
         let was_low = state.remaining.is_some_and(|r| r < self.floor);
         state.remaining = Some(remaining);
@@ -151,7 +151,7 @@ impl Health {
 
     /// Whether `registry`'s remaining budget is under the floor.
     pub fn budget_low(&self, registry: &str) -> bool {
-        let states = self.states.lock().expect("health lock");
+        let states = self.states.lock();
         states
             .get(registry)
             .and_then(|s| s.remaining)
@@ -160,7 +160,7 @@ impl Health {
 
     /// Whether the circuit for `registry` is open now.
     pub fn is_open(&self, registry: &str) -> bool {
-        let states = self.states.lock().expect("health lock");
+        let states = self.states.lock();
         states.get(registry).is_some_and(|s| s.open_until.is_some())
     }
 }
@@ -180,7 +180,7 @@ mod tests {
         assert!(matches!(h.admit("r"), Err(Error::CircuitOpen { .. })));
         assert!(h.admit("other").is_ok(), "per registry");
         // After the cool-off, exactly one probe goes through.
-        h.states.lock().unwrap().get_mut("r").unwrap().open_until = Some(Instant::now());
+        h.states.lock().get_mut("r").unwrap().open_until = Some(Instant::now());
         assert!(h.admit("r").is_ok());
         assert!(matches!(h.admit("r"), Err(Error::CircuitOpen { .. })));
         h.record("r", Verdict::Answered);
@@ -194,10 +194,10 @@ mod tests {
         for _ in 0..THRESHOLD {
             h.record("r", Verdict::Failed);
         }
-        h.states.lock().unwrap().get_mut("r").unwrap().open_until = Some(Instant::now());
+        h.states.lock().get_mut("r").unwrap().open_until = Some(Instant::now());
         assert!(h.admit("r").is_ok());
         h.record("r", Verdict::Failed);
-        let state = h.states.lock().unwrap();
+        let state = h.states.lock();
         assert_eq!(state["r"].cool_off, Some(FIRST_COOL_OFF * 2));
     }
 

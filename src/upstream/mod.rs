@@ -106,7 +106,8 @@ pub struct Client {
     max_manifest_bytes: u64,
     health: health::Health,
     max_concurrent_fetches: usize,
-    fetch_permits: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    fetch_permits:
+        parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Client {
@@ -228,7 +229,6 @@ impl Client {
         let semaphore = self
             .fetch_permits
             .lock()
-            .expect("permits lock")
             .entry(repo.registry().to_owned())
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_fetches)))
             .clone();

@@ -1,0 +1,175 @@
+//! Reading stored content and downloads in progress, chunk by chunk, without
+//! blocking the runtime on the disk and without mapping files.
+//!
+//! Files are read, never `mmap`ed: a mapped blob that something outside
+//! hoard truncates (an operator, a disk repair) raises SIGBUS in the whole
+//! daemon on the next touch of a vanished page; a read of the same file
+//! only comes back short, which costs that one request. Reads go first to
+//! the page cache with `preadv2(RWF_NOWAIT)`, which copies what is cached
+//! and refuses (EAGAIN) rather than wait for the disk; only then does the
+//! read move to the blocking pool.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+/// A readable blob: a committed file, or the temp file of a download (the
+/// handle stays valid across the commit's rename and an eviction's unlink).
+#[derive(Debug, Clone)]
+pub struct BlobReader {
+    file: Arc<File>,
+}
+
+impl BlobReader {
+    pub(super) fn new(file: Arc<File>) -> BlobReader {
+        BlobReader { file }
+    }
+
+    /// A reader of any open file (tests, tools).
+    pub fn from_file(file: File) -> BlobReader {
+        BlobReader::new(Arc::new(file))
+    }
+
+    /// Up to `n` bytes at `pos` (fewer when only part of them is cached).
+    /// Reading at or past the end of the file is an `UnexpectedEof` error:
+    /// callers only ask for bytes the index or the download says exist, so
+    /// a short file means it was changed behind hoard's back.
+    pub async fn read(&self, pos: u64, n: usize) -> io::Result<Bytes> {
+        if n == 0 {
+            return Ok(Bytes::new());
+        }
+        match read_cached(&self.file, pos, n) {
+            Ok(Some(chunk)) => return Ok(chunk),
+            Ok(None) => {}
+            Err(e) => return Err(e),
+        }
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || read_at(&file, pos, n))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
+    }
+
+    /// The whole content (small objects: manifests). Blocking.
+    pub fn read_all(&self, len: u64) -> io::Result<Bytes> {
+        let n = usize::try_from(len).map_err(|_| io::Error::other("object too large"))?;
+        read_at(&self.file, 0, n)
+    }
+
+    /// The file's length now.
+    pub fn file_len(&self) -> io::Result<u64> {
+        self.file.metadata().map(|m| m.len())
+    }
+}
+
+/// What the page cache holds of `pos..pos + n`, from its start; `None` if
+/// the first page is not cached (or the kernel cannot tell without waiting).
+fn read_cached(file: &File, pos: u64, n: usize) -> io::Result<Option<Bytes>> {
+    let mut buf = BytesMut::with_capacity(n);
+    let offset = libc::off_t::try_from(pos).map_err(|_| io::Error::other("offset out of range"))?;
+    let spare = buf.spare_capacity_mut();
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: n,
+    };
+    // SAFETY: one iovec over `n` bytes of spare capacity this buffer owns;
+    // the kernel writes at most `n` bytes there, and `set_len` below covers
+    // only what it reports written.
+    let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    match read {
+        0 => Err(io::ErrorKind::UnexpectedEof.into()),
+        r if r < 0 => {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Not cached; or no RWF_NOWAIT on this kernel or file system.
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => Ok(None),
+                Some(libc::EINTR) => Ok(None),
+                _ => Err(e),
+            }
+        }
+        r => {
+            // SAFETY: the kernel initialized the first `r` (<= n) bytes.
+            unsafe { buf.set_len(r as usize) };
+            Ok(Some(buf.freeze()))
+        }
+    }
+}
+
+/// Reads exactly `n` bytes at `pos` into a new buffer without zeroing it
+/// first: profiling 32 clients on a cached blob showed zeroing each chunk
+/// (`BytesMut::zeroed`) cost more CPU than the read itself. Blocking.
+fn read_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(n);
+    while buf.len() < n {
+        let filled = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..n - filled];
+        let offset = libc::off_t::try_from(pos + filled as u64)
+            .map_err(|_| io::Error::other("offset out of range"))?;
+        // SAFETY: pread writes at most `spare.len()` bytes into memory this
+        // buffer owns; `set_len` below covers only what it wrote.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                offset,
+            )
+        };
+        match read {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            r if r < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // SAFETY: the first `r` spare bytes were just initialized.
+            r => unsafe { buf.set_len(filled + r as usize) },
+        }
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(data: &[u8]) -> (BlobReader, File) {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, data).unwrap();
+        let other = file.try_clone().unwrap();
+        (BlobReader::new(Arc::new(file)), other)
+    }
+
+    #[tokio::test]
+    async fn chunks_match_the_file_at_any_offset() {
+        let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 253) as u8).collect();
+        let (reader, _) = reader(&data);
+        for (pos, n) in [(0, data.len()), (1, 10), (4095, 4098), (3 * 4096, 100)] {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let chunk = reader
+                    .read((pos + got.len()) as u64, n - got.len())
+                    .await
+                    .unwrap();
+                assert!(!chunk.is_empty());
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, &data[pos..pos + n]);
+        }
+        assert_eq!(reader.read_all(data.len() as u64).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_file_cut_short_behind_our_back_is_an_error_not_a_crash() {
+        let (reader, file) = reader(&vec![7u8; 1 << 20]);
+        assert_eq!(reader.read(0, 10).await.unwrap().len(), 10);
+        file.set_len(100).unwrap();
+        let e = reader.read(4096, 4096).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let e = reader.read_all(1 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
