@@ -15,6 +15,16 @@ pub const TAG_MAX: usize = 128;
 /// The registry Docker Hub images default to.
 pub const DOCKER_HUB: &str = "docker.io";
 
+/// Every manifest media type hoard understands: what it names in an
+/// upstream `Accept` and what counts as a complete client `Accept`.
+/// Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>
+pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
 /// Why a name, tag or digest was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReferenceError {

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
+use crate::reference::MANIFEST_MEDIA_TYPES;
 use crate::reference::{Digest, ImageRef};
-use crate::upstream::MANIFEST_MEDIA_TYPES;
 
 /// Why warming an image failed.
 #[derive(Debug, thiserror::Error)]

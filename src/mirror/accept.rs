@@ -1,7 +1,7 @@
 //! Manifest content negotiation: the media types a client accepts, from
 //! every `Accept` header line it sent (dockerd sends six separate lines).
 
-use crate::upstream::MANIFEST_MEDIA_TYPES;
+use crate::reference::MANIFEST_MEDIA_TYPES;
 
 /// The media types a client accepts for manifests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -29,11 +29,172 @@ pub enum Error {
     Internal(String),
 }
 
+/// How an upstream failure shows to a client, as the mirror classifies it,
+/// so the registry layer answers without looking inside upstream errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The registry is not one this mirror serves.
+    NotMirrored,
+    /// Upstream has no such repository or object.
+    NotFound,
+    /// Upstream refused hoard's credentials.
+    Unauthorized,
+    /// Upstream denied access.
+    Denied,
+    /// Upstream's rate limit; come back after this long, if it said.
+    RateLimited(Option<std::time::Duration>),
+    /// Upstream did not answer in time.
+    TimedOut,
+    /// Upstream keeps failing and is not contacted for a while (circuit open).
+    Down,
+    /// Anything else: an error status, a broken connection, body, token
+    /// exchange or response.
+    Unavailable,
+}
+
+impl Error {
+    /// The client-facing class of an upstream failure; `None` for the
+    /// mirror's own errors.
+    pub fn upstream_failure(&self) -> Option<UpstreamFailure> {
+        let Error::Upstream(e) = self else {
+            return None;
+        };
+        use upstream::Error as U;
+        Some(match e {
+            U::UnknownRegistry(_) => UpstreamFailure::NotMirrored,
+            U::NotFound { .. } => UpstreamFailure::NotFound,
+            U::Unauthorized { .. } => UpstreamFailure::Unauthorized,
+            U::Denied { .. } => UpstreamFailure::Denied,
+            U::TooManyRequests { retry_after, .. } => UpstreamFailure::RateLimited(*retry_after),
+            U::Timeout { .. } => UpstreamFailure::TimedOut,
+            U::CircuitOpen { .. } => UpstreamFailure::Down,
+            U::Status { .. }
+            | U::Connect { .. }
+            | U::Token { .. }
+            | U::Body { .. }
+            | U::Redirects { .. }
+            | U::BadResponse { .. }
+            | U::ManifestTooLarge { .. } => UpstreamFailure::Unavailable,
+        })
+    }
+}
+
 /// Results of mirror lookups.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Error {
         Error::Internal(format!("background task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn every_upstream_error_is_classified() {
+        let reg = || "docker.io".to_string();
+        let cases = [
+            (
+                upstream::Error::UnknownRegistry(reg()),
+                UpstreamFailure::NotMirrored,
+            ),
+            (
+                upstream::Error::NotFound { registry: reg() },
+                UpstreamFailure::NotFound,
+            ),
+            (
+                upstream::Error::Unauthorized {
+                    registry: reg(),
+                    envelope: None,
+                },
+                UpstreamFailure::Unauthorized,
+            ),
+            (
+                upstream::Error::Denied {
+                    registry: reg(),
+                    envelope: None,
+                },
+                UpstreamFailure::Denied,
+            ),
+            (
+                upstream::Error::TooManyRequests {
+                    registry: reg(),
+                    retry_after: Some(Duration::from_secs(9)),
+                },
+                UpstreamFailure::RateLimited(Some(Duration::from_secs(9))),
+            ),
+            (
+                upstream::Error::Timeout {
+                    registry: reg(),
+                    what: "x",
+                },
+                UpstreamFailure::TimedOut,
+            ),
+            (
+                upstream::Error::CircuitOpen {
+                    registry: reg(),
+                    retry_in: Duration::ZERO,
+                },
+                UpstreamFailure::Down,
+            ),
+            (
+                upstream::Error::Status {
+                    registry: reg(),
+                    status: 500,
+                    envelope: None,
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::Connect {
+                    registry: reg(),
+                    message: "x".into(),
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::Token {
+                    registry: reg(),
+                    message: "x".into(),
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::Body {
+                    registry: reg(),
+                    message: "x".into(),
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::Redirects { registry: reg() },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::BadResponse {
+                    registry: reg(),
+                    message: "x".into(),
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::ManifestTooLarge {
+                    registry: reg(),
+                    limit: 1,
+                },
+                UpstreamFailure::Unavailable,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(
+                Error::from(e.clone()).upstream_failure(),
+                Some(class),
+                "{e:?}"
+            );
+        }
+        assert_eq!(Error::Internal("x".into()).upstream_failure(), None);
     }
 }

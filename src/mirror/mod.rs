@@ -31,7 +31,7 @@ use tracing::warn;
 
 pub use accept::Accept;
 pub use blob::Blob;
-pub use error::{Error, Result};
+pub use error::{Error, Result, UpstreamFailure};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
 pub use stream::ByteStream;

@@ -1,16 +1,19 @@
 //! The one place where failures become registry errors: spec code, HTTP
-//! status and JSON body (`{"errors":[{"code","message","detail"}]}`).
-//! Internal detail is logged by the caller, never sent.
+//! status and JSON body (`{"errors":[{"code","message","detail"}]}`), and
+//! where the failures a client is not told about in detail are logged.
+//! Both the registry API and the admin API answer errors through here.
 //! Codes: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#error-codes>
 
 use std::time::Duration;
 
-use http::StatusCode;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
 use serde_json::json;
+use tracing::warn;
 
-use crate::mirror;
+use super::body::Body;
+use crate::mirror::{self, UpstreamFailure};
 use crate::reference::ReferenceError;
-use crate::upstream;
 
 /// A registry error code and its HTTP status, each registered once here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,47 +154,75 @@ impl From<&mirror::Error> for ApiError {
                 "upstream sent content that does not match its digest",
             )
             .with_detail(json!({ "digest": expected.to_string() })),
-            M::Upstream(e) => ApiError::from(e),
+            M::Upstream(_) => e.upstream_failure().map(ApiError::from).unwrap_or_else(|| {
+                ApiError::new(Code::Unavailable, "upstream registry unavailable")
+            }),
             M::Store(_) | M::Internal(_) => ApiError::new(Code::Unknown, "internal error"),
         }
     }
 }
 
-impl From<&upstream::Error> for ApiError {
-    fn from(e: &upstream::Error) -> ApiError {
-        use upstream::Error as U;
-        match e {
-            U::UnknownRegistry(registry) => ApiError::new(
-                Code::Denied,
-                format!("registry {registry} is not mirrored here"),
-            ),
-            U::NotFound { .. } => ApiError::new(Code::NameUnknown, "not found upstream"),
-            U::Unauthorized { .. } => {
+impl From<UpstreamFailure> for ApiError {
+    fn from(failure: UpstreamFailure) -> ApiError {
+        match failure {
+            UpstreamFailure::NotMirrored => {
+                ApiError::new(Code::Denied, "registry is not mirrored here")
+            }
+            UpstreamFailure::NotFound => ApiError::new(Code::NameUnknown, "not found upstream"),
+            UpstreamFailure::Unauthorized => {
                 ApiError::new(Code::Unauthorized, "upstream registry refused access")
             }
-            U::Denied { .. } => ApiError::new(Code::Denied, "upstream registry denied access"),
-            U::TooManyRequests { retry_after, .. } => ApiError {
-                retry_after: *retry_after,
+            UpstreamFailure::Denied => {
+                ApiError::new(Code::Denied, "upstream registry denied access")
+            }
+            UpstreamFailure::RateLimited(retry_after) => ApiError {
+                retry_after,
                 ..ApiError::new(
                     Code::TooManyRequests,
                     "upstream registry rate limit reached",
                 )
             },
-            U::Timeout { .. } => {
+            UpstreamFailure::TimedOut => {
                 ApiError::new(Code::UpstreamTimeout, "upstream registry timed out")
             }
-            U::Status { .. }
-            | U::Connect { .. }
-            | U::Token { .. }
-            | U::Body { .. }
-            | U::Redirects { .. }
-            | U::BadResponse { .. }
-            | U::ManifestTooLarge { .. } => {
+            UpstreamFailure::Down => ApiError::new(Code::UpstreamDown, "upstream registry is down"),
+            UpstreamFailure::Unavailable => {
                 ApiError::new(Code::Unavailable, "upstream registry unavailable")
             }
-            U::CircuitOpen { .. } => ApiError::new(Code::UpstreamDown, "upstream registry is down"),
         }
     }
+}
+
+/// The answer to a failed mirror call. What the client is not told in
+/// detail (server-side failures, rate limits) is logged here, once, for the
+/// registry API and the admin API alike.
+pub fn failed(e: &mirror::Error) -> ApiError {
+    let api = ApiError::from(e);
+    if api.code.status().is_server_error() || api.code.status() == StatusCode::TOO_MANY_REQUESTS {
+        warn!(error = %e, "request failed");
+    }
+    api
+}
+
+/// The spec's JSON error response.
+pub fn response(e: &ApiError) -> Response<Body> {
+    let body = e.body();
+    let len = body.len();
+    let mut response = Response::new(Body::full(body));
+    *response.status_mut() = e.code.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(after) = e.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
+    }
+    if e.code == Code::Unsupported {
+        headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
 }
 
 #[cfg(test)]
@@ -266,112 +297,6 @@ mod tests {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
             ),
-            (
-                upstream::Error::TooManyRequests {
-                    registry: reg(),
-                    retry_after: Some(Duration::from_secs(9)),
-                }
-                .into(),
-                StatusCode::TOO_MANY_REQUESTS,
-                "TOOMANYREQUESTS",
-            ),
-            (
-                upstream::Error::Timeout {
-                    registry: reg(),
-                    what: "x",
-                }
-                .into(),
-                StatusCode::GATEWAY_TIMEOUT,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::Status {
-                    registry: reg(),
-                    status: 500,
-                    envelope: None,
-                }
-                .into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::Connect {
-                    registry: reg(),
-                    message: "x".into(),
-                }
-                .into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::Token {
-                    registry: reg(),
-                    message: "x".into(),
-                }
-                .into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::Body {
-                    registry: reg(),
-                    message: "x".into(),
-                }
-                .into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::Redirects { registry: reg() }.into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::BadResponse {
-                    registry: reg(),
-                    message: "x".into(),
-                }
-                .into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::ManifestTooLarge {
-                    registry: reg(),
-                    limit: 1,
-                }
-                .into(),
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-            ),
-            (
-                upstream::Error::Unauthorized {
-                    registry: reg(),
-                    envelope: None,
-                }
-                .into(),
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-            ),
-            (
-                upstream::Error::Denied {
-                    registry: reg(),
-                    envelope: None,
-                }
-                .into(),
-                StatusCode::FORBIDDEN,
-                "DENIED",
-            ),
-            (
-                upstream::Error::NotFound { registry: reg() }.into(),
-                StatusCode::NOT_FOUND,
-                "NAME_UNKNOWN",
-            ),
-            (
-                upstream::Error::UnknownRegistry(reg()).into(),
-                StatusCode::FORBIDDEN,
-                "DENIED",
-            ),
         ];
         for (err, status, code) in cases {
             let api = ApiError::from(&err);
@@ -386,11 +311,78 @@ mod tests {
                 api.message
             );
         }
-        let e = ApiError::from(&mirror::Error::from(upstream::Error::TooManyRequests {
-            registry: reg(),
-            retry_after: Some(Duration::from_secs(9)),
-        }));
-        assert_eq!(e.retry_after, Some(Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn every_upstream_failure_maps() {
+        let nine = Some(Duration::from_secs(9));
+        for (failure, status, code) in [
+            (
+                UpstreamFailure::NotMirrored,
+                StatusCode::FORBIDDEN,
+                "DENIED",
+            ),
+            (
+                UpstreamFailure::NotFound,
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+            ),
+            (
+                UpstreamFailure::Unauthorized,
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+            ),
+            (UpstreamFailure::Denied, StatusCode::FORBIDDEN, "DENIED"),
+            (
+                UpstreamFailure::RateLimited(nine),
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+            ),
+            (
+                UpstreamFailure::TimedOut,
+                StatusCode::GATEWAY_TIMEOUT,
+                "UNAVAILABLE",
+            ),
+            (
+                UpstreamFailure::Down,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+            ),
+            (
+                UpstreamFailure::Unavailable,
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+        ] {
+            let api = ApiError::from(failure);
+            assert_eq!(
+                (api.code.status(), api.code.as_str()),
+                (status, code),
+                "{failure:?}"
+            );
+        }
+        assert_eq!(
+            ApiError::from(UpstreamFailure::RateLimited(nine)).retry_after,
+            nine
+        );
+    }
+
+    #[tokio::test]
+    async fn the_response_carries_status_headers_and_envelope() {
+        let mut e = ApiError::new(Code::TooManyRequests, "slow down");
+        e.retry_after = Some(Duration::from_secs(7));
+        let r = response(&e);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
+        let r = response(&ApiError::new(Code::Unsupported, "read-only"));
+        assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
     }
 
     #[test]

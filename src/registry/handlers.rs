@@ -3,56 +3,29 @@
 //! the clients expect them. No cache policy and no I/O of its own.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
+use super::access::{Refusal, Who};
+use super::app::{App, Surface};
+use super::body::{AccessLog, Body};
+use super::error::{failed, response as error, ApiError, Code};
+use super::range::{self, RangeError};
+use super::routes::{self, Route, RouteError};
+use crate::mirror::{Accept, Outcome};
+use crate::reference::{Digest, Reference, Repository};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use tracing::warn;
-
-use super::access::{Access, Refusal, Who};
-use super::body::{AccessLog, Body};
-use super::error::{ApiError, Code};
-use super::range::{self, RangeError};
-use super::routes::{self, Route, RouteError};
-use crate::metrics::Metrics;
-use crate::mirror::{self, Accept, Mirror, Outcome};
-use crate::reference::{Digest, Reference, Repository};
 
 const API_VERSION: &str = "registry/2.0";
 
-/// What every request handler shares.
-pub struct App {
-    pub mirror: Mirror,
-    pub metrics: Arc<Metrics>,
-    /// Bearer token of the admin API; without one it answers nothing.
-    pub admin_token: Option<String>,
-    /// Client logins and access rules; `None`: open to every client.
-    pub access: Option<Access>,
-}
-
-/// Which endpoints a listener offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Surface {
-    /// The registry API plus /metrics and /healthz.
-    Full,
-    /// Only /metrics and /healthz (the `--metrics-listen` listener).
-    MetricsOnly,
-    /// Only /admin/* (the `--admin-listen` listener).
-    Admin,
-}
-
-/// Answers one request from `peer`.
+/// Answers one request from `peer` on a `Full` or `MetricsOnly` listener.
 pub async fn handle<B>(
     app: &App,
     surface: Surface,
     peer: Option<IpAddr>,
     request: Request<B>,
 ) -> Response<Body> {
-    if surface == Surface::Admin {
-        return super::admin::handle(app, request).await;
-    }
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -226,15 +199,6 @@ fn meta(app: &App, method: &Method, route: Route) -> Response<Body> {
 
 type Handled = Result<(Response<Body>, &'static str), ApiError>;
 
-/// Logs what the client is not told.
-fn fail(e: mirror::Error) -> ApiError {
-    let api = ApiError::from(&e);
-    if api.code.status().is_server_error() || api.code.status() == StatusCode::TOO_MANY_REQUESTS {
-        warn!(error = %e, "request failed");
-    }
-    api
-}
-
 async fn manifest(
     app: &App,
     repo: &Repository,
@@ -252,7 +216,7 @@ async fn manifest(
         .mirror
         .manifest(repo, reference, &accept)
         .await
-        .map_err(fail)?;
+        .map_err(|e| failed(&e))?;
     let etag = format!("\"{}\"", manifest.digest);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -286,7 +250,11 @@ async fn manifest(
 }
 
 async fn blob_head(app: &App, repo: &Repository, digest: &Digest) -> Handled {
-    let (len, outcome) = app.mirror.blob_head(repo, digest).await.map_err(fail)?;
+    let (len, outcome) = app
+        .mirror
+        .blob_head(repo, digest)
+        .await
+        .map_err(|e| failed(&e))?;
     let mut response = blob_headers(digest, StatusCode::OK);
     if let Some(len) = len {
         response = response.header(header::CONTENT_LENGTH, len);
@@ -301,7 +269,11 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
     let range_header = headers
         .get(header::RANGE)
         .map(|v| v.to_str().unwrap_or("invalid"));
-    let blob = app.mirror.blob(repo, digest).await.map_err(fail)?;
+    let blob = app
+        .mirror
+        .blob(repo, digest)
+        .await
+        .map_err(|e| failed(&e))?;
     let outcome = blob.outcome.as_str();
     let Some(len) = blob.len else {
         // Upstream sent no length: stream it whole, chunked; ranges need a
@@ -349,7 +321,7 @@ fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder 
 }
 
 async fn tags(app: &App, repo: &Repository, query: &str, path: &str, head: bool) -> Handled {
-    let (list, outcome) = app.mirror.tags(repo, query).await.map_err(fail)?;
+    let (list, outcome) = app.mirror.tags(repo, query).await.map_err(|e| failed(&e))?;
     let len = list.bytes.len();
     let mut response = Response::builder()
         .header(header::CONTENT_TYPE, &list.content_type)
@@ -388,23 +360,6 @@ fn json_response(body: Bytes, head: bool) -> Response<Body> {
         .header(header::CONTENT_LENGTH, len)
         .body(body)
         .expect("valid response")
-}
-
-/// The spec's JSON error response.
-pub fn error(e: &ApiError) -> Response<Body> {
-    let mut response = json_response(e.body().into(), false);
-    *response.status_mut() = e.code.status();
-    if let Some(after) = e.retry_after {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
-    }
-    if e.code == Code::Unsupported {
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-    }
-    response
 }
 
 #[cfg(test)]

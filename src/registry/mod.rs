@@ -1,10 +1,12 @@
 //! The HTTP face of hoard: the pull side of the Docker Registry HTTP API v2 /
 //! OCI distribution spec, plus /metrics and /healthz. Parses requests into
 //! typed values, calls the mirror, writes responses. All error answers are
-//! made in `error`.
+//! made in `error`. The admin API (`admin`) is a second surface on its own
+//! listener; `server` picks the surface for each listener.
 
 mod access;
-mod admin;
+pub mod admin;
+mod app;
 mod body;
 mod error;
 mod handlers;
@@ -14,9 +16,10 @@ mod server;
 mod tls;
 
 pub use access::Access;
+pub use app::{App, Surface};
 pub use body::Body;
 pub use error::{ApiError, Code};
-pub use handlers::{handle, App, Surface};
+pub use handlers::handle;
 pub use routes::{route, Route, RouteError};
 pub use server::{serve, Limits};
 pub use tls::{Tls, TlsError, TlsFiles};

@@ -21,8 +21,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
-use super::handlers::{handle, App, Surface};
+use super::app::{App, Surface};
 use super::tls::Tls;
+use super::{admin, handlers};
 
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 4096;
@@ -138,7 +139,7 @@ pub async fn serve(
                 let response = if over_limit {
                     too_many_connections()
                 } else {
-                    guarded(handle(&app, surface, Some(peer.ip()), request)).await
+                    guarded(respond(&app, surface, Some(peer.ip()), request)).await
                 };
                 Ok::<_, std::convert::Infallible>(response)
             }
@@ -230,6 +231,19 @@ fn http1_builder(header_read_timeout: Duration) -> hyper::server::conn::http1::B
     builder
 }
 
+/// The surface this listener offers decides who answers.
+async fn respond<B>(
+    app: &App,
+    surface: Surface,
+    peer: Option<IpAddr>,
+    request: http::Request<B>,
+) -> http::Response<super::Body> {
+    match surface {
+        Surface::Admin => admin::handle(app, request).await,
+        Surface::Full | Surface::MetricsOnly => handlers::handle(app, surface, peer, request).await,
+    }
+}
+
 /// Runs one request's handler. A panic in it (a bug) ends that request with
 /// a 500 and a log line; the connection, the locks (which do not poison) and
 /// every other request go on.
@@ -252,7 +266,7 @@ async fn guarded(
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_default();
         error!(panic = %message, "request handler panicked");
-        super::handlers::error(&super::ApiError::new(
+        super::error::response(&super::ApiError::new(
             super::Code::Unknown,
             "internal error",
         ))
@@ -261,7 +275,7 @@ async fn guarded(
 
 /// The one answer on a connection past the client's limit.
 fn too_many_connections() -> http::Response<super::Body> {
-    super::handlers::error(&super::ApiError::new(
+    super::error::response(&super::ApiError::new(
         super::Code::TooManyRequests,
         "too many connections from this address",
     ))

@@ -24,15 +24,6 @@ use crate::config::{Config, Credentials, RegistryConfig};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
 
-/// Every manifest media type hoard understands, for upstream `Accept`.
-/// Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>
-pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
-
 /// Redirect hops followed for one request (Docker Hub uses one).
 const MAX_REDIRECTS: usize = 5;
 /// Upstream error bodies read for their envelope, at most.

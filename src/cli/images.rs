@@ -1,0 +1,130 @@
+//! `hoard ls`, `pin` and `unpin`: through a running daemon's admin API
+//! (`--admin`), or on a stopped store.
+
+use anyhow::Context as _;
+use hoard::mirror::catalog::CachedImage;
+use hoard::reference::ImageRef;
+use hoard::registry::admin;
+
+use super::store::{open_store, StoreArgs};
+
+/// A running daemon's admin API, or a stopped store.
+#[derive(clap::Args)]
+pub struct Target {
+    /// Admin API of a running hoard, e.g. http://127.0.0.1:5001.
+    #[arg(long, env = "HOARD_ADMIN_URL", value_name = "URL")]
+    admin: Option<String>,
+    /// Its token.
+    #[arg(
+        long,
+        env = "HOARD_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// Without --admin: a stopped store.
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+impl Target {
+    /// The admin client, if `--admin` was given.
+    fn admin(&self) -> anyhow::Result<Option<admin::Client>> {
+        let Some(base) = &self.admin else {
+            return Ok(None);
+        };
+        let token = self
+            .admin_token
+            .as_deref()
+            .context("--admin needs --admin-token (or HOARD_ADMIN_TOKEN)")?;
+        Ok(Some(admin::Client::new(base, token)))
+    }
+}
+
+/// Runs one admin call to completion.
+fn block_on<T>(call: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(call))
+}
+
+/// `hoard ls`.
+pub fn ls(target: &Target, registry: Option<String>) -> anyhow::Result<()> {
+    let images: Vec<CachedImage> = match target.admin()? {
+        Some(client) => block_on(client.images(registry.as_deref()))??,
+        None => {
+            let (store, _) = open_store(&target.store)?;
+            hoard::mirror::catalog::images(&store, &[], registry.as_deref())?
+        }
+    };
+    println!(
+        "{:<60} {:<20} {:>12} {:<20} PINNED",
+        "IMAGE", "DIGEST", "SIZE", "CHECKED"
+    );
+    for image in &images {
+        println!("{}", row(image));
+    }
+    Ok(())
+}
+
+/// One line of `hoard ls`. The strings come from a daemon's JSON: cut by
+/// characters, never by bytes, whatever they hold.
+fn row(image: &CachedImage) -> String {
+    let checked = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(image.checked_at),
+    );
+    let digest: String = image.digest.chars().take(19).collect();
+    format!(
+        "{:<60} {:<20} {:>12} {:<20} {}",
+        image.image,
+        digest,
+        image.size,
+        checked,
+        if image.pinned { "yes" } else { "" }
+    )
+}
+
+/// `hoard pin` (`on`) and `hoard unpin`.
+pub fn pin(target: &Target, image: &str, on: bool) -> anyhow::Result<()> {
+    let parsed = ImageRef::parse(image).with_context(|| format!("invalid image {image:?}"))?;
+    let changed = match target.admin()? {
+        Some(client) if on => block_on(client.pin(&parsed))??,
+        Some(client) => block_on(client.unpin(&parsed))??,
+        None => {
+            let (store, _) = open_store(&target.store)?;
+            if on {
+                store.add_pin(&parsed.to_string())?
+            } else {
+                store.remove_pin(&parsed.to_string())?
+            }
+        }
+    };
+    let verb = if on { "pinned" } else { "unpinned" };
+    match changed {
+        true => println!("{verb} {parsed}"),
+        false => println!("{parsed} was already {verb}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_12_a_row_with_non_ascii_text_from_the_daemon_does_not_panic() {
+        let image = CachedImage {
+            image: "docker.io/library/ünïcödé:1".into(),
+            digest: "sha256:ééééééééééééééééééééé".into(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 42,
+            checked_at: 0,
+            last_pulled: 0,
+            pinned: true,
+        };
+        let line = row(&image);
+        assert!(line.contains("sha256:éééééééééééé "), "{line}");
+        assert!(line.ends_with("yes"));
+    }
+}
