@@ -4,53 +4,23 @@
 mod support;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
-
-fn wait_exit(daemon: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "hoard did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn runs_without_a_config_file_and_stops_cleanly_on_sigterm() {
     let cwd = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let log = cwd.path().join("hoard.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hoard"))
+    let ready_file = cwd.path().join("ready.json");
+    let mut command = hoard_command();
+    command
         .current_dir(cwd.path())
         .env_remove("HOARD_DATA_DIR")
-        .env_remove("HOARD_CONFIG")
-        .env("HOARD_LISTEN", format!("127.0.0.1:{port}"))
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let client = reqwest::blocking::Client::new();
-    let url = format!("http://127.0.0.1:{port}/v2/");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let response = loop {
-        if let Ok(r) = client.get(&url).send() {
-            break r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "hoard did not start:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        .env("HOARD_LISTEN", "127.0.0.1:0")
+        .env("HOARD_READY_FILE", &ready_file);
+    let mut daemon = Daemon::spawn("hoard", &mut command, cwd.path().join("hoard.log"));
+    let ready = daemon.wait_ready(&ready_file);
+    let response = reqwest::blocking::get(format!("http://{}/v2/", ready.api)).unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["docker-distribution-api-version"],
@@ -60,19 +30,16 @@ fn runs_without_a_config_file_and_stops_cleanly_on_sigterm() {
         cwd.path().join("hoard-data/index").is_dir(),
         "embedded default data dir"
     );
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = daemon.log_text();
     assert!(
         text.contains("docker.io=https://registry-1.docker.io/"),
         "{text}"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let status = daemon.terminate(Duration::from_secs(10));
     assert!(status.success(), "{status}");
-    assert!(std::fs::read_to_string(&log).unwrap().contains("stopped"));
+    assert!(daemon.log_text().contains("stopped"));
+    assert!(!ready_file.exists(), "the ready file goes with the daemon");
 }
 
 #[test]
@@ -84,16 +51,11 @@ fn json_access_log_has_one_line_per_request_and_no_authorization() {
         &[layer(&[("x", b"x".to_vec(), 0o644)])],
     );
     Pusher::new(&upstream.url()).image("library/logged", Some("1"), &image);
-    let metrics_port = free_port();
     let hoard = HoardProcess::start(
         &upstream.url(),
-        &[
-            "--log-format",
-            "json",
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics_port}"),
-        ],
+        &["--log-format", "json", "--metrics-listen", "127.0.0.1:0"],
     );
+    let metrics_addr = hoard.ready.metrics.expect("a metrics listener");
     let client = reqwest::blocking::Client::new();
     let base = format!("http://{}", hoard.addr());
     let canary = "Bearer canary-secret-4f1c";
@@ -111,7 +73,7 @@ fn json_access_log_has_one_line_per_request_and_no_authorization() {
     }
     // The metrics listener serves metrics and nothing else.
     let metrics = client
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .get(format!("http://{metrics_addr}/metrics"))
         .send()
         .unwrap();
     assert!(metrics
@@ -120,13 +82,22 @@ fn json_access_log_has_one_line_per_request_and_no_authorization() {
         .contains("hoard_cache_requests_total"));
     let other = client
         .get(format!(
-            "http://127.0.0.1:{metrics_port}/v2/library/logged/manifests/1"
+            "http://{metrics_addr}/v2/library/logged/manifests/1"
         ))
         .send()
         .unwrap();
     assert_eq!(other.status(), 404);
 
-    std::thread::sleep(Duration::from_millis(200));
+    // A request's line is written when its body ends, just after the
+    // client has it: wait for both lines.
+    wait_until(&hoard.daemon, Duration::from_secs(10), || {
+        hoard
+            .daemon
+            .log_text()
+            .matches("\"message\":\"request\"")
+            .count()
+            >= 2
+    });
     let log = hoard.daemon.log_text();
     assert!(
         !log.contains("canary-secret"),
@@ -160,16 +131,11 @@ fn json_access_log_has_one_line_per_request_and_no_authorization() {
 fn ls_and_pin_work_through_the_admin_api_and_on_a_stopped_store() {
     let upstream = Distribution::start();
     let seeded = seed(&upstream);
-    let admin_port = free_port();
     let hoard = HoardProcess::start(
         &upstream.url(),
-        &[
-            "--admin-listen",
-            &format!("127.0.0.1:{admin_port}"),
-            "--admin-token",
-            "t0ken",
-        ],
+        &["--admin-listen", "127.0.0.1:0", "--admin-token", "t0ken"],
     );
+    let admin_addr = hoard.ready.admin.expect("an admin listener");
     let client = reqwest::blocking::Client::new();
     let r = client
         .get(format!(
@@ -192,7 +158,7 @@ fn ls_and_pin_work_through_the_admin_api_and_on_a_stopped_store() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let admin = format!("http://127.0.0.1:{admin_port}");
+    let admin = format!("http://{admin_addr}");
     let listed = cli(&["ls", "--admin", &admin]);
     assert!(
         listed.contains("docker.io/library/alpine-like:3"),
@@ -345,24 +311,21 @@ fn tells_systemd_it_is_ready_once_listening() {
     socket
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+    let ready_file = dir.path().join("ready.json");
+    let mut command = hoard_command();
     command
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("data"))
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env_remove("HOARD_CONFIG");
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .env("NOTIFY_SOCKET", &socket_path);
     let daemon = Daemon::spawn("hoard", &mut command, dir.path().join("hoard.log"));
     let mut message = [0u8; 64];
     let n = socket.recv(&mut message).expect("READY=1 within 30 s");
     assert_eq!(&message[..n], b"READY=1");
-    // Ready means ready: the listener answers now.
-    let health = reqwest::blocking::get(format!("http://127.0.0.1:{port}/healthz")).unwrap();
+    // Ready means ready: the ready file is written and the listener answers.
+    let ready: Ready = serde_json::from_slice(&std::fs::read(&ready_file).unwrap()).unwrap();
+    let health = reqwest::blocking::get(format!("http://{}/healthz", ready.api)).unwrap();
     assert_eq!(health.status(), 200);
     drop(daemon);
 }
@@ -379,8 +342,9 @@ fn hoard_health_checks_a_running_mirror() {
             .unwrap()
     };
     assert!(health(&hoard.addr()).status.success());
-    let closed = format!("127.0.0.1:{}", free_port());
-    let out = health(&closed);
+    // Nothing ever listens on port 0: a refused connection, without
+    // borrowing a port another test may bind meanwhile.
+    let out = health("127.0.0.1:0");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }

@@ -129,10 +129,14 @@ impl Appender {
     /// Turns `O_DIRECT` off for the rest of the file.
     fn stop_direct(&mut self) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
-        // SAFETY: fcntl on a descriptor this struct owns, changing only
-        // its status flags.
+        // SAFETY: fcntl on a descriptor this struct owns, reading only its
+        // status flags.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above, changing only the status flags read just now.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
             return Err(io::Error::last_os_error());
         }
         self.direct = false;

@@ -135,5 +135,7 @@ pub fn available_space(path: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled in the whole struct.
     let stat = unsafe { stat.assume_init() };
+    // The field types differ between platforms (u32 on some).
+    #[allow(clippy::unnecessary_cast)]
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }

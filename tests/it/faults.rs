@@ -387,7 +387,15 @@ async fn concurrent_downloads_per_registry_are_capped() {
         let url = hoard.url(&format!("/v2/x/blobs/{second}"));
         tokio::spawn(async move { client.get(url).send().await.unwrap().bytes().await.unwrap() })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both downloads have started (the gauge counts them from before they
+    // ask upstream); the second is held at the cap.
+    assert!(
+        crate::eventually(Duration::from_secs(10), || hoard
+            .metric("hoard_inflight_fetches")
+            == 2.0)
+        .await,
+        "the second download never started"
+    );
     assert_eq!(
         fake.hits("GET", &second),
         0,

@@ -79,13 +79,19 @@ fn targets(p: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_corpus_of_malicious_requests_gets_errors_and_writes_nothing() {
     let fake = Fake::start().await;
-    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
-    let outside = hoard.data.path().parent().unwrap().to_owned();
-    let before: Vec<_> = std::fs::read_dir(&outside)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    // The data dir sits alone in a folder of this test's own, so "nothing
+    // appeared beside it" counts only what this test's daemon could write.
+    let sandbox = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir_in(sandbox.path()).unwrap();
+    let hoard = Hoard::start_in(data, &fake.url(), &[], |_| {}).await;
+    let beside = || -> Vec<_> {
+        std::fs::read_dir(sandbox.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect()
+    };
+    assert_eq!(beside().len(), 1, "only the data dir");
     let mut tried = 0;
     let mut json = 0;
 
@@ -154,16 +160,7 @@ async fn a_corpus_of_malicious_requests_gets_errors_and_writes_nothing() {
     );
     assert_eq!(hoard.blob_files(), 0);
     assert_eq!(count_files(&hoard.data.path().join("tmp")), 0);
-    let after: Vec<_> = std::fs::read_dir(&outside)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert_eq!(
-        before.len(),
-        after.len(),
-        "a file appeared beside the data dir"
-    );
+    assert_eq!(beside().len(), 1, "a file appeared beside the data dir");
     println!("hostile corpus: {tried} requests, {json} answered with a registry JSON error");
 }
 
@@ -245,12 +242,32 @@ async fn a_slow_head_is_cut_and_a_connection_flood_gets_429() {
     for _ in 0..3 {
         idle.push(tokio::net::TcpStream::connect(hoard.addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (status, body) = send(&hoard, &request("GET", b"/v2/", "")).await;
-    assert_eq!(status, 429, "{body}");
+    // The server counts a connection once it accepts it: ask until the
+    // fourth is refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = send(&hoard, &request("GET", b"/v2/", "")).await;
+        if status == 429 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fourth connection was never refused"
+        );
+    };
     assert_eq!(json_code(&body).as_deref(), Some("TOOMANYREQUESTS"));
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, _) = send(&hoard, &request("GET", b"/v2/", "")).await;
-    assert_eq!(status, 200, "slots come back when connections close");
+    // And frees them once it sees them closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = send(&hoard, &request("GET", b"/v2/", "")).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slots did not come back when connections closed"
+        );
+    }
 }

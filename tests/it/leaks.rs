@@ -4,26 +4,16 @@
 //! the requests the redirected CDN received. This runs the real binary (the
 //! log is what an operator would see) against the in-process fake upstream.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
 
 use crate::fake::Fake;
+use crate::support::{hoard_command, HoardProcess};
 
 const UPSTREAM_PASSWORD: &str = "upstream-pw-canary-71c3";
 const UPSTREAM_TOKEN: &str = "upstream-token-canary-9ab2";
 const CLIENT_PASSWORD: &str = "client-pw-canary-5e0f";
-
-/// The hoard binary; killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
@@ -55,43 +45,23 @@ async fn no_secret_reaches_logs_metrics_error_bodies_or_the_cdn() {
         ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log_path = dir.path().join("hoard.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_hoard"))
-        .arg("serve")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
+    let mut command = hoard_command();
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("data"))
         .arg("--upstream")
         .arg(format!("docker.io={}", registry.url()))
         .arg("--config")
         .arg(&config)
-        .env("HOARD_LOG", "trace")
-        .env_remove("HOARD_CONFIG")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
+        .env("HOARD_LOG", "trace");
+    let mut hoard = tokio::task::spawn_blocking(move || HoardProcess::spawn(dir, command))
+        .await
         .unwrap();
-    let mut process = Process(child);
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("http://{}", hoard.ready.api);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hoard did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let client_auth = format!("Basic {}", b64(&format!("me:{CLIENT_PASSWORD}")));
     let get = |path: String| {
@@ -131,13 +101,14 @@ async fn no_secret_reaches_logs_metrics_error_bodies_or_the_cdn() {
         .unwrap();
 
     // SIGTERM, then read everything it logged.
-    unsafe { libc::kill(process.0.id() as i32, libc::SIGTERM) };
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = process.0.wait();
-        process
+    let (hoard, status) = tokio::task::spawn_blocking(move || {
+        let status = hoard.daemon.terminate(Duration::from_secs(10));
+        (hoard, status)
     })
-    .await;
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
+    let log = hoard.daemon.log_text();
     assert!(
         log.contains("DEBUG") || log.contains("TRACE"),
         "debug logging was on"

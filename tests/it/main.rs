@@ -2,8 +2,8 @@
 //! upstream in `fake`. One binary, one module per topic.
 
 mod fake;
-#[path = "../support/pki.rs"]
-mod pki;
+#[path = "../support/mod.rs"]
+mod support;
 
 mod admin;
 mod auth;
@@ -13,6 +13,7 @@ mod hostile;
 mod leaks;
 mod login;
 mod pull;
+mod regression;
 mod single_flight;
 mod tls;
 mod warm;
@@ -22,6 +23,8 @@ use std::time::Duration;
 
 use hoard::config::{Config, ServeArgs};
 use tokio::sync::oneshot;
+
+pub use support::{count_files, eventually, expect_cut, metric_value, noise, pki};
 
 /// A hoard daemon running in this process. Stops when dropped.
 pub struct Hoard {
@@ -133,14 +136,7 @@ impl Hoard {
 
     /// The value of one metric series from /metrics (0 if absent).
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics
-            .render()
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        metric_value(&self.metrics.render(), series)
     }
 
     /// Files under blobs/ (committed content).
@@ -152,36 +148,6 @@ impl Hoard {
     pub fn temp_files(&self) -> usize {
         count_files(&self.data.path().join("tmp"))
     }
-}
-
-/// Deterministic, incompressible test content.
-pub fn noise(len: usize, seed: u8) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9 ^ (u32::from(seed) << 8);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
-/// Files below `dir`, recursively.
-pub fn count_files(dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| {
-            if e.file_type().unwrap().is_dir() {
-                count_files(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
 }
 
 /// A listener on an ephemeral port if the test asked for one (any address
@@ -231,16 +197,4 @@ pub async fn error_code(response: reqwest::Response) -> String {
         .as_str()
         .expect("an error code")
         .to_owned()
-}
-
-/// Polls `check` until it holds or `limit` passes.
-pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    check()
 }

@@ -1,13 +1,19 @@
-//! Shared end-to-end test support: real images built here (gzip tar layers,
-//! configs with correct diff_ids, Docker and OCI manifests, multi-arch
-//! indexes), pushed to a real distribution registry over plain HTTP; and
-//! guards that start real daemons on 127.0.0.1 and stop them by PID on drop.
+//! The one test support module, for the end-to-end tests and the in-process
+//! suite alike: real images built here (gzip tar layers, configs with
+//! correct diff_ids, Docker and OCI manifests, multi-arch indexes), pushed
+//! to a real distribution registry over plain HTTP; guards that start real
+//! daemons on 127.0.0.1 and stop them by PID on drop; and the shared
+//! helpers (metrics, cut connections, waiting on conditions, counting files).
+//!
+//! Rules every test here keeps: it reads and counts only inside its own
+//! temp dir; every daemon binds port 0 itself and reports the address it
+//! got (hoard's `--ready-file`, distribution's "listening on" line); waits
+//! are on conditions with deadlines, never on time alone.
 #![allow(dead_code)]
 
 pub mod pki;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,14 +44,6 @@ pub fn require_tool(name: &str) -> PathBuf {
     found.unwrap_or_else(|| {
         panic!("`{name}` is not installed: run scripts/test.sh (it installs the end-to-end tools from Debian), or apt-get install the package that has `{name}`")
     })
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible.
@@ -350,6 +348,76 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Fails the test (with the log) if the daemon has exited.
+    fn check_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "{} exited with {status} while starting:\n{}",
+                self.name,
+                self.log_text()
+            );
+        }
+    }
+
+    /// Waits (30 s at most) for a log line containing `marker` from which
+    /// `parse` reads a value (given the text after the marker).
+    pub fn wait_for_line<T>(&mut self, marker: &str, parse: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self
+                .log_text()
+                .lines()
+                .find_map(|line| line.split_once(marker).and_then(|(_, rest)| parse(rest)));
+            if let Some(value) = found {
+                return value;
+            }
+            self.check_alive();
+            assert!(
+                Instant::now() < deadline,
+                "{} logged no {marker:?} line:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (30 s at most) until hoard's `--ready-file` exists, and reads it.
+    pub fn wait_ready(&mut self, path: &Path) -> Ready {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                return serde_json::from_str(&text).expect("a ready file hoard wrote whole");
+            }
+            self.check_alive();
+            assert!(
+                Instant::now() < deadline,
+                "{} wrote no ready file:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits (at most `limit`) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {limit:?} of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until `url` answers (any HTTP status), or fails the test.
     pub fn wait_http(&mut self, url: &str) {
         let client = reqwest::blocking::Client::builder()
@@ -358,13 +426,7 @@ impl Daemon {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "{} exited with {status} while starting:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
+            self.check_alive();
             if client.get(url).send().is_ok() {
                 return;
             }
@@ -408,12 +470,12 @@ impl Distribution {
     pub fn start() -> Distribution {
         let bin = require_tool("docker-registry");
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let config = dir.path().join("config.yml");
+        // Port 0: distribution binds it and logs "listening on ADDR" (info).
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n",
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\nlog:\n  level: info\n  accesslog:\n    disabled: false\n",
                 dir.path().join("data").display()
             ),
         )
@@ -423,6 +485,12 @@ impl Distribution {
             Command::new(bin).arg("serve").arg(&config),
             dir.path().join("registry.log"),
         );
+        let addr: std::net::SocketAddr = daemon.wait_for_line("listening on ", |rest| {
+            rest.split(|c: char| c == '"' || c.is_whitespace())
+                .next()
+                .and_then(|a| a.parse().ok())
+        });
+        let port = addr.port();
         daemon.wait_http(&format!("http://127.0.0.1:{port}/v2/"));
         Distribution {
             daemon,
@@ -456,10 +524,22 @@ impl Distribution {
     }
 }
 
+/// What hoard's `--ready-file` says: the addresses it bound.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Ready {
+    pub api: std::net::SocketAddr,
+    pub metrics: Option<std::net::SocketAddr>,
+    pub admin: Option<std::net::SocketAddr>,
+    pub plain: Option<std::net::SocketAddr>,
+    pub pid: u32,
+}
+
 /// The real `hoard` binary with every registry host mapped to `upstream`.
 pub struct HoardProcess {
     pub daemon: Daemon,
     pub port: u16,
+    /// Every address it bound.
+    pub ready: Ready,
     pub data: tempfile::TempDir,
 }
 
@@ -469,33 +549,41 @@ impl HoardProcess {
     }
 
     /// Starts hoard on the store in `data` (e.g. one a killed hoard left).
+    /// It listens on port 0 unless `extra_args` say `--listen`; any other
+    /// listener asked for as `127.0.0.1:0` is reported in `ready`.
     pub fn start_in(data: tempfile::TempDir, upstream: &str, extra_args: &[&str]) -> HoardProcess {
-        let port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        let mut command = hoard_command();
+        command.arg("serve");
+        if !extra_args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
         command
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data.path().join("store"))
             .arg("--upstream")
             .arg(format!(
                 "docker.io={upstream},ghcr.io={upstream},quay.io={upstream}"
             ))
-            .args(extra_args)
-            .env_remove("HOARD_CONFIG");
-        let log = data.path().join(format!("hoard-{port}.log"));
+            .args(extra_args);
+        HoardProcess::spawn(data, command)
+    }
+
+    /// Runs `command` (from `hoard_command`, with its arguments) with a
+    /// ready file in `data`, and waits until it serves.
+    pub fn spawn(data: tempfile::TempDir, mut command: Command) -> HoardProcess {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ready_file = data.path().join(format!("ready-{n}.json"));
+        command.arg("--ready-file").arg(&ready_file);
+        let log = data.path().join(format!("hoard-{n}.log"));
         let mut daemon = Daemon::spawn("hoard", &mut command, log);
-        if extra_args.contains(&"--tls-cert") {
-            // Over TLS the test's own client is not set up yet: wait for
-            // the port instead.
-            wait_until(&daemon, Duration::from_secs(30), || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-        } else {
-            daemon.wait_http(&format!("http://127.0.0.1:{port}/healthz"));
+        let ready = daemon.wait_ready(&ready_file);
+        HoardProcess {
+            daemon,
+            port: ready.api.port(),
+            ready,
+            data,
         }
-        HoardProcess { daemon, port, data }
     }
 
     /// SIGTERM, wait for the exit; hands back the data folder.
@@ -533,13 +621,66 @@ impl HoardProcess {
 
     /// The value of one metric series (0 if absent).
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        metric_value(&self.metrics(), series)
+    }
+}
+
+/// The `hoard` binary, with no config from the environment.
+pub fn hoard_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+    command.env_remove("HOARD_CONFIG");
+    command
+}
+
+/// The value of one series in Prometheus text (0 if absent).
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Files below `dir`, recursively (0 if it does not exist).
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// Polls `check` until it holds or `limit` passes; the last answer.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
+
+/// Reads a response body that must end in a cut connection (an error),
+/// never a clean end; fails the test otherwise. Returns the bytes received.
+pub async fn expect_cut(mut response: reqwest::Response, why: &str) -> usize {
+    let mut received = 0;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) => panic!("{why}: the body ended cleanly after {received} bytes"),
+            Err(_) => return received,
+        }
     }
 }
 
