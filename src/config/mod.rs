@@ -10,7 +10,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod args;
 mod docker;
+mod registries;
+mod units;
+
+pub use args::{LogFormat, ServeArgs};
+pub use registries::{Credentials, RegistryConfig};
+pub use units::{parse_duration, parse_size};
+
+use registries::{parse_url, read_secret};
 
 use crate::reference::{validate_registry, DOCKER_HUB};
 
@@ -38,130 +47,6 @@ fn invalid(key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
         key: key.into(),
         message: message.to_string(),
     }
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// Flags of `hoard serve` (also accepted without the subcommand). Each has a
-/// `HOARD_*` environment variable; unset flags fall back to the file, then to
-/// the embedded defaults.
-#[derive(Debug, Default, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// Config file (TOML); see config/hoard.toml.
-    #[arg(short, long, env = "HOARD_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 0.0.0.0:5000].
-    #[arg(long, env = "HOARD_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// Directory for blobs and the index [default: ./hoard-data].
-    #[arg(long, env = "HOARD_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Map a registry host to the URL contacted, e.g. docker.io=http://127.0.0.1:5001 (repeatable).
-    #[arg(
-        long,
-        env = "HOARD_UPSTREAM",
-        value_name = "HOST=URL",
-        value_delimiter = ','
-    )]
-    pub upstream: Vec<String>,
-    /// How long a tag is served without asking upstream, e.g. 30s, 5m [default: 5m].
-    #[arg(long, env = "HOARD_TAG_TTL", value_name = "DURATION")]
-    pub tag_ttl: Option<String>,
-    /// Also serve /metrics and /healthz on this address.
-    #[arg(long, env = "HOARD_METRICS_LISTEN", value_name = "ADDR")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Serve the admin API (/admin/*) on this address; needs --admin-token.
-    #[arg(long, env = "HOARD_ADMIN_LISTEN", value_name = "ADDR")]
-    pub admin_listen: Option<SocketAddr>,
-    /// Bearer token the admin API requires.
-    #[arg(
-        long,
-        env = "HOARD_ADMIN_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    pub admin_token: Option<String>,
-    /// Serve the API over TLS with this certificate chain (PEM, leaf first).
-    #[arg(
-        long,
-        env = "HOARD_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key of --tls-cert (PEM).
-    #[arg(
-        long,
-        env = "HOARD_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
-    pub tls_key: Option<PathBuf>,
-    /// Ask clients for a certificate signed by this CA (PEM) and refuse
-    /// connections without one.
-    #[arg(long, env = "HOARD_TLS_CLIENT_CA", value_name = "FILE")]
-    pub tls_client_ca: Option<PathBuf>,
-    /// With TLS on, also serve plain HTTP here (e.g. 127.0.0.1:5001 for
-    /// local clients).
-    #[arg(long, env = "HOARD_PLAIN_LISTEN", value_name = "ADDR")]
-    pub plain_listen: Option<SocketAddr>,
-    /// Require clients to log in with a user of this htpasswd file (bcrypt
-    /// entries, `htpasswd -B`); access rules go in the config file.
-    #[arg(long, env = "HOARD_HTPASSWD", value_name = "FILE")]
-    pub htpasswd: Option<PathBuf>,
-    /// Docker config.json whose `auths` give upstream credentials to
-    /// configured registries that have none of their own.
-    #[arg(long, env = "HOARD_DOCKER_CONFIG", value_name = "FILE")]
-    pub docker_config: Option<PathBuf>,
-    /// Connections one client address may hold open [default: 1024].
-    #[arg(long, env = "HOARD_MAX_CONNECTIONS_PER_CLIENT", value_name = "N")]
-    pub max_connections_per_client: Option<usize>,
-    /// A client must send its request head within this time [default: 30s].
-    #[arg(long, env = "HOARD_HEADER_READ_TIMEOUT", value_name = "DURATION")]
-    pub header_read_timeout: Option<String>,
-    /// Log format [default: text].
-    #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Mirror any registry host a client names, not only configured ones.
-    #[arg(long, env = "HOARD_ALLOW_ANY_UPSTREAM", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub allow_any_upstream: Option<bool>,
-    /// Largest manifest accepted from upstream, e.g. 4MiB [default: 4MiB].
-    #[arg(long, env = "HOARD_MAX_MANIFEST_SIZE", value_name = "SIZE")]
-    pub max_manifest_size: Option<String>,
-    /// Most bytes the store keeps, e.g. 200GiB; least recently used blobs go
-    /// first [default: 80% of the data file system's free space at start].
-    #[arg(long, env = "HOARD_MAX_SIZE", value_name = "SIZE")]
-    pub max_size: Option<String>,
-    /// Below this much free disk space new blobs are relayed uncached and
-    /// eviction runs [default: 512MiB].
-    #[arg(long, env = "HOARD_MIN_FREE_SPACE", value_name = "SIZE")]
-    pub min_free_space: Option<String>,
-    /// Upstream blob downloads running at once per registry [default: 32].
-    #[arg(long, env = "HOARD_MAX_CONCURRENT_FETCHES", value_name = "N")]
-    pub max_concurrent_fetches: Option<usize>,
-    /// Under this many requests left (ratelimit-remaining), tags are served
-    /// without revalidation [default: 10].
-    #[arg(long, env = "HOARD_RATE_LIMIT_FLOOR", value_name = "N")]
-    pub rate_limit_floor: Option<i64>,
-    /// Upstream connect timeout [default: 10s].
-    #[arg(long, env = "HOARD_CONNECT_TIMEOUT", value_name = "DURATION")]
-    pub connect_timeout: Option<String>,
-    /// Upstream response-head timeout [default: 30s].
-    #[arg(long, env = "HOARD_RESPONSE_TIMEOUT", value_name = "DURATION")]
-    pub response_timeout: Option<String>,
-    /// Give up on an upstream body that sends nothing for this long [default: 30s].
-    #[arg(long, env = "HOARD_STALL_TIMEOUT", value_name = "DURATION")]
-    pub stall_timeout: Option<String>,
-    /// How long shutdown waits for transfers in progress [default: 30s].
-    #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
-    pub shutdown_timeout: Option<String>,
 }
 
 /// `hoard.toml` as written; every key optional.
@@ -290,40 +175,6 @@ impl Size {
             Size::Text(text) => parse_size(&text).map_err(|m| invalid(key, m)),
         }
     }
-}
-
-/// Credentials hoard presents to an upstream registry. `Debug` never shows
-/// the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Credentials {
-    /// Username and password (or access token used as password).
-    Basic { username: String, password: String },
-    /// A bearer token sent as is.
-    Bearer(String),
-    /// An OAuth2 refresh token (Docker's `identitytoken`), exchanged at the
-    /// registry's token endpoint.
-    Identity { username: String, token: String },
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Credentials::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
-            Credentials::Bearer(_) => f.write_str("Bearer(<redacted>)"),
-            Credentials::Identity { .. } => f.write_str("Identity(<redacted>)"),
-        }
-    }
-}
-
-/// One upstream registry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegistryConfig {
-    /// Base URL actually contacted (scheme, host, optional port).
-    pub url: reqwest::Url,
-    /// Overrides the global tag TTL.
-    pub tag_ttl: Option<Duration>,
-    /// Credentials for this registry, if any.
-    pub credentials: Option<Credentials>,
 }
 
 /// PEM files of the listener's TLS configuration.
@@ -989,17 +840,6 @@ impl Config {
 }
 
 /// A secret from a file, without the trailing newline editors and
-/// `kubectl create secret --from-file` leave.
-fn read_secret(key: &str, path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
-    let secret = text.trim_end_matches(['\n', '\r']).to_owned();
-    if secret.is_empty() {
-        return Err(invalid(key, format!("{} is empty", path.display())));
-    }
-    Ok(secret)
-}
-
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -1022,48 +862,6 @@ fn set_duration(slot: &mut Duration, key: &str, text: Option<&str>) -> Result<()
         *slot = parse_duration(key, text)?;
     }
     Ok(())
-}
-
-/// Durations such as `30s`, `5m`, `1h 30m`, `250ms`.
-pub fn parse_duration(key: &str, text: &str) -> Result<Duration> {
-    humantime::parse_duration(text.trim()).map_err(|e| invalid(key, format!("{text:?}: {e}")))
-}
-
-fn parse_url(key: &str, text: &str) -> Result<reqwest::Url> {
-    let url: reqwest::Url = text
-        .parse()
-        .map_err(|e| invalid(key, format!("{text:?}: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(key, format!("{text:?} is not an http(s) URL")));
-    }
-    Ok(url)
-}
-
-/// Sizes such as `4194304`, `4MiB`, `512KiB`, `1GB`.
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        other => return Err(format!("unknown size unit {other:?}")),
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[cfg(test)]
@@ -1266,14 +1064,5 @@ password = "from-file"
         ] {
             assert!(Config::load(&args, []).is_err(), "{args:?}");
         }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
-        assert_eq!(parse_size("123"), Ok(123));
-        assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("99999999999TiB").is_err());
     }
 }
