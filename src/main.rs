@@ -150,9 +150,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let metrics_listener = bind_optional(config.metrics_listen).await?;
-    let admin_listener = bind_optional(config.admin_listen).await?;
-    let plain_listener = bind_optional(config.plain_listen).await?;
+    let admin_listener = bind_optional(config.admin.listen).await?;
+    let plain_listener = bind_optional(config.tls.as_ref().and_then(|t| t.plain_listen)).await?;
     let registries: Vec<String> = config
+        .upstream
         .registries
         .iter()
         .map(|(host, r)| format!("{host}={}", r.url))
@@ -160,8 +161,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!(
         listen = %listener.local_addr()?,
         tls = config.tls.is_some(),
-        data_dir = %config.data_dir.display(),
-        tag_ttl = ?config.tag_ttl,
+        data_dir = %config.store.data_dir.display(),
+        tag_ttl = ?config.upstream.tag_ttl.default,
         registries = %registries.join(","),
         "hoard starting"
     );

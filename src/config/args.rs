@@ -1,12 +1,18 @@
 //! The flags of `hoard serve` and their `HOARD_*` environment variables
-//! (clap). Their names are a contract with users and scripts: a flag or
-//! variable is added, never renamed. Values stay text where the config
-//! module parses them (durations, sizes, URLs); nothing is validated here.
+//! (clap), and the environment read as those flags. Their names are a
+//! contract with users and scripts: a flag or variable is added, never
+//! renamed. Durations, sizes and URLs stay text here; validate.rs parses
+//! them, whatever source they came from.
 
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use clap::{Args as _, FromArgMatches as _};
 use serde::Deserialize;
+
+use super::{ConfigError, Result};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -130,4 +136,79 @@ pub struct ServeArgs {
     /// How long shutdown waits for transfers in progress [default: 30s].
     #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
+}
+
+impl ServeArgs {
+    /// The flags as the `HOARD_*` variables in `env` set them. Each variable
+    /// goes to clap as its flag, so it means exactly what the flag means
+    /// (lists, booleans, `requires`); the process environment is not read.
+    pub(super) fn from_env(env: &BTreeMap<String, String>) -> Result<ServeArgs> {
+        let mut argv = Vec::new();
+        for arg in command().get_arguments() {
+            let (Some(var), Some(long)) = (arg.get_env().and_then(OsStr::to_str), arg.get_long())
+            else {
+                continue;
+            };
+            // An empty variable counts as unset.
+            if let Some(value) = env.get(var).filter(|v| !v.is_empty()) {
+                argv.push(format!("--{long}={value}"));
+            }
+        }
+        parse(argv).map_err(|e| env_error(&e))
+    }
+}
+
+/// `ServeArgs` as a clap command of its own.
+pub(super) fn command() -> clap::Command {
+    ServeArgs::augment_args(clap::Command::new("hoard").no_binary_name(true))
+}
+
+/// Flags parsed as the binary parses them, but without reading the process
+/// environment.
+pub(super) fn parse(
+    argv: impl IntoIterator<Item = String>,
+) -> std::result::Result<ServeArgs, clap::Error> {
+    let matches = command()
+        .mut_args(|arg| arg.env(None::<&'static str>))
+        .try_get_matches_from(argv)?;
+    ServeArgs::from_arg_matches(&matches)
+}
+
+/// clap's complaint about a value from the environment, naming the
+/// variable rather than the flag clap was handed.
+fn env_error(e: &clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    // "--listen <ADDR>" -> listen -> HOARD_LISTEN.
+    let var = text(ContextKind::InvalidArg).and_then(|arg| {
+        let long = arg
+            .split([' ', '='])
+            .next()?
+            .trim_start_matches('-')
+            .to_owned();
+        let command = command();
+        let env = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()))?
+            .get_env()?;
+        Some(env.to_string_lossy().into_owned())
+    });
+    let message = match (
+        text(ContextKind::InvalidValue),
+        std::error::Error::source(e),
+    ) {
+        (Some(value), Some(why)) => format!("{value:?}: {why}"),
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            first.trim_start_matches("error: ").to_owned()
+        }
+    };
+    ConfigError::Invalid {
+        key: var.unwrap_or_else(|| "the HOARD_* environment".to_owned()),
+        message,
+    }
 }

@@ -3,15 +3,34 @@
 
 use std::time::Duration;
 
-use super::{invalid, Result};
+use serde::Deserialize;
+
+/// A size as the file writes it: a byte count or a string such as "4MiB".
+/// Flags and variables always give text.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    /// The size in bytes.
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(text) => parse_size(text),
+        }
+    }
+}
 
 /// Durations such as `30s`, `5m`, `1h 30m`, `250ms`.
-pub fn parse_duration(key: &str, text: &str) -> Result<Duration> {
-    humantime::parse_duration(text.trim()).map_err(|e| invalid(key, format!("{text:?}: {e}")))
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// Sizes such as `4194304`, `4MiB`, `512KiB`, `1GB`.
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -48,5 +67,15 @@ mod tests {
         assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999TiB").is_err());
+        assert_eq!(Size::Bytes(7).bytes(), Ok(7));
+        assert_eq!(Size::Text("1KiB".into()).bytes(), Ok(1024));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration(" 250ms "), Ok(Duration::from_millis(250)));
+        let e = parse_duration("soon").unwrap_err();
+        assert!(e.starts_with("\"soon\": "), "{e}");
     }
 }

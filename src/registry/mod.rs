@@ -19,4 +19,4 @@ pub use error::{ApiError, Code};
 pub use handlers::{handle, App, Surface};
 pub use routes::{route, Route, RouteError};
 pub use server::{serve, Limits};
-pub use tls::{Tls, TlsError, TlsFiles};
+pub use tls::{Tls, TlsError};

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-pub use crate::config::TlsFiles;
+use crate::config::TlsConfig;
 
 /// How often the files are checked for changes.
 const WATCH_EVERY: Duration = Duration::from_secs(5);
@@ -31,7 +31,7 @@ pub enum TlsError {
     Invalid(String),
 }
 
-fn paths(files: &TlsFiles) -> impl Iterator<Item = &Path> {
+fn paths(files: &TlsConfig) -> impl Iterator<Item = &Path> {
     [
         Some(&files.cert),
         Some(&files.key),
@@ -42,7 +42,7 @@ fn paths(files: &TlsFiles) -> impl Iterator<Item = &Path> {
     .map(PathBuf::as_path)
 }
 
-fn modified(files: &TlsFiles) -> Vec<Option<SystemTime>> {
+fn modified(files: &TlsConfig) -> Vec<Option<SystemTime>> {
     paths(files)
         .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .collect()
@@ -50,13 +50,13 @@ fn modified(files: &TlsFiles) -> Vec<Option<SystemTime>> {
 
 /// The listener's TLS configuration, replaced whole on reload.
 pub struct Tls {
-    files: TlsFiles,
+    files: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
 }
 
 impl Tls {
     /// Loads the files; fails if any is missing or invalid.
-    pub fn load(files: TlsFiles) -> Result<Tls, TlsError> {
+    pub fn load(files: TlsConfig) -> Result<Tls, TlsError> {
         let config = build(&files)?;
         Ok(Tls {
             files,
@@ -133,7 +133,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+fn build(files: &TlsConfig) -> Result<ServerConfig, TlsError> {
     let chain = certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| TlsError::Read {
         path: files.key.clone(),
