@@ -82,6 +82,9 @@ pub struct ServeArgs {
     /// connections without one.
     #[arg(long, env = "HOARD_TLS_CLIENT_CA", value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes [default: 5s].
+    #[arg(long, env = "HOARD_TLS_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub tls_reload_interval: Option<String>,
     /// With TLS on, also serve plain HTTP here (e.g. 127.0.0.1:5001 for
     /// local clients).
     #[arg(long, env = "HOARD_PLAIN_LISTEN", value_name = "ADDR")]
@@ -90,6 +93,9 @@ pub struct ServeArgs {
     /// entries, `htpasswd -B`); access rules go in the config file.
     #[arg(long, env = "HOARD_HTPASSWD", value_name = "FILE")]
     pub htpasswd: Option<PathBuf>,
+    /// How often the htpasswd file is checked for changes [default: 5s].
+    #[arg(long, env = "HOARD_AUTH_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub auth_reload_interval: Option<String>,
     /// Docker config.json whose `auths` give upstream credentials to
     /// configured registries that have none of their own.
     #[arg(long, env = "HOARD_DOCKER_CONFIG", value_name = "FILE")]

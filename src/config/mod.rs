@@ -181,10 +181,12 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
     /// A plain-HTTP listener as well.
     pub plain_listen: Option<SocketAddr>,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    pub reload_interval: Duration,
 }
 
 /// Client authentication: who may log in, and what each may pull.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthConfig {
     /// htpasswd file with bcrypt entries.
     pub htpasswd: PathBuf,
@@ -198,6 +200,8 @@ pub struct AuthConfig {
     pub access: BTreeMap<String, Vec<String>>,
     /// Group -> members.
     pub groups: BTreeMap<String, Vec<String>>,
+    /// How often the htpasswd file is checked for changes.
+    pub reload_interval: Duration,
 }
 
 impl Config {
@@ -273,6 +277,7 @@ impl fmt::Display for Config {
                     "  plain_listen = {}",
                     opt(tls.plain_listen.map(|a| a.to_string()))
                 )?;
+                writeln!(f, "  reload_interval = {}", dur(tls.reload_interval))?;
             }
         }
         writeln!(f, "[auth]")?;
@@ -282,6 +287,7 @@ impl fmt::Display for Config {
                 writeln!(f, "  htpasswd = {}", auth.htpasswd.display())?;
                 writeln!(f, "  realm = {:?}", auth.realm)?;
                 writeln!(f, "  protect_metrics = {}", auth.protect_metrics)?;
+                writeln!(f, "  reload_interval = {}", dur(auth.reload_interval))?;
                 for (group, members) in &auth.groups {
                     writeln!(f, "  group {group} = {members:?}")?;
                 }

@@ -101,6 +101,7 @@ pub(super) struct RawTls {
     pub key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
     pub plain_listen: Option<SocketAddr>,
+    pub reload_interval: Option<String>,
 }
 
 /// `[auth]`.
@@ -112,6 +113,7 @@ pub(super) struct RawAuth {
     pub protect_metrics: Option<bool>,
     pub access: Option<BTreeMap<String, Vec<String>>>,
     pub groups: Option<BTreeMap<String, Vec<String>>>,
+    pub reload_interval: Option<String>,
 }
 
 impl RawConfig {
@@ -144,8 +146,10 @@ impl RawConfig {
             tls_cert,
             tls_key,
             tls_client_ca,
+            tls_reload_interval,
             plain_listen,
             htpasswd,
+            auth_reload_interval,
             docker_config,
             max_connections_per_client,
             header_read_timeout,
@@ -197,9 +201,11 @@ impl RawConfig {
                 key: tls_key,
                 client_ca: tls_client_ca,
                 plain_listen,
+                reload_interval: tls_reload_interval,
             },
             auth: RawAuth {
                 htpasswd,
+                reload_interval: auth_reload_interval,
                 ..RawAuth::default()
             },
             registries: registries::from_upstream_flags(&upstream)?,
@@ -276,6 +282,7 @@ impl RawConfig {
                 key: l.tls.key.or(s.tls.key),
                 client_ca: l.tls.client_ca.or(s.tls.client_ca),
                 plain_listen: l.tls.plain_listen.or(s.tls.plain_listen),
+                reload_interval: l.tls.reload_interval.or(s.tls.reload_interval),
             },
             auth: RawAuth {
                 htpasswd: l.auth.htpasswd.or(s.auth.htpasswd),
@@ -283,6 +290,7 @@ impl RawConfig {
                 protect_metrics: l.auth.protect_metrics.or(s.auth.protect_metrics),
                 access: l.auth.access.or(s.auth.access),
                 groups: l.auth.groups.or(s.auth.groups),
+                reload_interval: l.auth.reload_interval.or(s.auth.reload_interval),
             },
             registries: registries::merge(s.registries, l.registries),
         }

@@ -399,6 +399,27 @@ fn every_setting(dir: &Path) -> Vec<Setting> {
             ]),
         ),
         setting(
+            "[tls]\nreload_interval = \"100ms\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"",
+            &[
+                ("HOARD_TLS_RELOAD_INTERVAL", "100ms"),
+                ("HOARD_TLS_CERT", "/c.pem"),
+                ("HOARD_TLS_KEY", "/k.pem"),
+            ],
+            Some(&[
+                "--tls-reload-interval=100ms",
+                "--tls-cert=/c.pem",
+                "--tls-key=/k.pem",
+            ]),
+        ),
+        setting(
+            "[auth]\nreload_interval = \"100ms\"\nhtpasswd = \"/etc/htpasswd\"",
+            &[
+                ("HOARD_AUTH_RELOAD_INTERVAL", "100ms"),
+                ("HOARD_HTPASSWD", "/etc/htpasswd"),
+            ],
+            Some(&["--auth-reload-interval=100ms", "--htpasswd=/etc/htpasswd"]),
+        ),
+        setting(
             "[auth]\nhtpasswd = \"/etc/htpasswd\"",
             &[("HOARD_HTPASSWD", "/etc/htpasswd")],
             Some(&["--htpasswd", "/etc/htpasswd"]),
@@ -640,6 +661,15 @@ fn an_invalid_value_names_the_file_key_whatever_set_it() {
             "[registries.\"ghcr.io\"]\nusername = \"alone\"",
         ),
         ("tls.key", "[tls]\ncert = \"/c.pem\""),
+        (
+            "tls.cert",
+            "[tls]\nclient_ca = \"/ca.pem\"\nkey = \"/k.pem\"",
+        ),
+        ("tls.reload_interval", "[tls]\nreload_interval = \"0s\""),
+        (
+            "auth.reload_interval",
+            "[auth]\nreload_interval = \"often\"",
+        ),
         ("tls.plain_listen", "[tls]\nplain_listen = \"127.0.0.1:1\""),
         ("auth.htpasswd", "[auth]\nprotect_metrics = true"),
         ("admin.listen", "[admin]\nlisten = \"127.0.0.1:1\""),
@@ -727,4 +757,13 @@ token = "token-canary"
         assert!(!shown.contains(secret), "{secret} shown");
         assert!(!format!("{c:?}").contains(secret), "{secret} in Debug");
     }
+}
+
+#[test]
+fn reload_intervals_default_to_5s_and_alone_turn_nothing_on() {
+    let c = from_flags(&["--tls-cert=/c.pem", "--tls-key=/k.pem", "--htpasswd=/h"]).unwrap();
+    assert_eq!(c.tls.unwrap().reload_interval, Duration::from_secs(5));
+    assert_eq!(c.auth.unwrap().reload_interval, Duration::from_secs(5));
+    let c = from_file("[tls]\nreload_interval = \"1s\"\n[auth]\nreload_interval = \"1s\"").unwrap();
+    assert_eq!((c.tls, c.auth), (None, None));
 }

@@ -155,7 +155,11 @@ fn tls_config(raw: RawTls) -> Result<Option<TlsConfig>> {
         key,
         client_ca,
         plain_listen,
+        reload_interval,
     } = raw;
+    // Checked even with TLS off: a variable set for every deployment
+    // should not hide a typo until TLS is turned on.
+    let reload_interval = reload("tls.reload_interval", reload_interval)?;
     if cert.is_none() && key.is_none() && client_ca.is_none() {
         if plain_listen.is_some() {
             return Err(invalid(
@@ -171,6 +175,7 @@ fn tls_config(raw: RawTls) -> Result<Option<TlsConfig>> {
         key: key.ok_or_else(|| invalid("tls.key", together))?,
         client_ca,
         plain_listen,
+        reload_interval,
     }))
 }
 
@@ -182,7 +187,9 @@ fn auth_config(raw: RawAuth) -> Result<Option<AuthConfig>> {
         protect_metrics,
         access,
         groups,
+        reload_interval,
     } = raw;
+    let reload_interval = reload("auth.reload_interval", reload_interval)?;
     let (access, groups) = (access.unwrap_or_default(), groups.unwrap_or_default());
     let on = htpasswd.is_some()
         || realm.is_some()
@@ -204,12 +211,21 @@ fn auth_config(raw: RawAuth) -> Result<Option<AuthConfig>> {
         protect_metrics: protect_metrics.unwrap_or(false),
         access,
         groups,
+        reload_interval,
     }))
 }
 
 fn duration(key: &str, text: Option<String>) -> Result<Option<Duration>> {
     text.map(|text| parse_duration(&text).map_err(|m| invalid(key, m)))
         .transpose()
+}
+
+/// How often a file is checked for changes: 5 s unless set, never 0.
+fn reload(key: &str, text: Option<String>) -> Result<Duration> {
+    match duration(key, text)? {
+        Some(Duration::ZERO) => Err(invalid(key, "must be more than 0")),
+        interval => Ok(interval.unwrap_or(Duration::from_secs(5))),
+    }
 }
 
 fn size(key: &str, size: Option<Size>) -> Result<Option<u64>> {

@@ -1,12 +1,12 @@
 //! TLS for the API listener: certificate, key and optional client CA from
 //! PEM files, TLS 1.2 and 1.3 only, HTTP/2 and HTTP/1.1 offered by ALPN.
 //! The files are read again on SIGHUP and when they change on disk (checked
-//! every few seconds: cert-manager and certbot replace files, they do not
-//! signal); a reload that fails keeps the configuration in use.
+//! every `tls.reload_interval`: cert-manager and certbot replace files, they
+//! do not signal); a reload that fails keeps the configuration in use.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
@@ -16,9 +16,6 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::TlsConfig;
-
-/// How often the files are checked for changes.
-const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// Why a TLS configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +88,7 @@ impl Tls {
                         None => std::future::pending::<()>().await,
                     }
                 } => "SIGHUP",
-                _ = tokio::time::sleep(WATCH_EVERY) => {
+                _ = tokio::time::sleep(self.files.reload_interval) => {
                     let now = modified(&self.files);
                     if now == seen {
                         continue;
