@@ -64,14 +64,15 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Opens the store under `config.data_dir` (removing leftovers of
+    /// Opens the store under `config.store.data_dir` (removing leftovers of
     /// interrupted downloads) and builds the upstream client. Blocking.
     pub fn open(config: config::Config) -> Result<Daemon, StartError> {
         let metrics = Arc::new(metrics::Metrics::new());
-        let store = store::Store::open(&config.data_dir).map_err(|source| StartError::Store {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        let store =
+            store::Store::open(&config.store.data_dir).map_err(|source| StartError::Store {
+                path: config.store.data_dir.clone(),
+                source,
+            })?;
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(registry::Tls::load(files.clone())?)),
             None => None,
@@ -80,14 +81,19 @@ impl Daemon {
             Some(auth) => Some(registry::Access::new(auth).map_err(StartError::Auth)?),
             None => None,
         };
-        let upstream = upstream::Client::new(&config, metrics.clone())?;
-        let mirror =
-            mirror::Mirror::new(config.clone(), Arc::new(store), upstream, metrics.clone());
+        let upstream = upstream::Client::new(&config.upstream, metrics.clone())?;
+        let mirror = mirror::Mirror::new(
+            config.store.clone(),
+            config.upstream.tag_ttl.clone(),
+            Arc::new(store),
+            upstream,
+            metrics.clone(),
+        );
         Ok(Daemon {
             app: Arc::new(registry::App {
                 mirror,
                 metrics,
-                admin_token: config.admin_token.clone(),
+                admin_token: config.admin.token.clone(),
                 access,
             }),
             config,
@@ -108,8 +114,8 @@ impl Daemon {
     ) {
         let grace = self.config.shutdown_timeout;
         let limits = registry::Limits {
-            connections_per_client: self.config.max_connections_per_client,
-            header_read_timeout: self.config.header_read_timeout,
+            connections_per_client: self.config.limits.max_connections_per_client,
+            header_read_timeout: self.config.limits.header_read_timeout,
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -131,10 +137,10 @@ impl Daemon {
                 )))
             })
             .collect();
-        if !self.config.warm_images.is_empty() {
+        if !self.config.warm.images.is_empty() {
             if let Ok(addr) = listeners.api.local_addr() {
                 tokio::spawn(warm_loop(
-                    self.config.clone(),
+                    self.config.warm.clone(),
                     addr,
                     stopped(stop_rx.clone()),
                 ));
@@ -174,9 +180,9 @@ impl Daemon {
 }
 
 /// Pulls the configured warm list through this daemon's own listener, at
-/// start and then every `warm_interval`, until `stop`.
+/// start and then every `warm.interval`, until `stop`.
 async fn warm_loop(
-    config: config::Config,
+    config: config::WarmConfig,
     addr: std::net::SocketAddr,
     stop: impl Future<Output = ()>,
 ) {
@@ -189,8 +195,8 @@ async fn warm_loop(
     let client = reqwest::Client::new();
     tokio::pin!(stop);
     loop {
-        for image in &config.warm_images {
-            let run = warm::warm(&client, &base, image, &config.warm_platforms, None);
+        for image in &config.images {
+            let run = warm::warm(&client, &base, image, &config.platforms, None);
             let result = tokio::select! {
                 _ = &mut stop => return,
                 result = run => result,
@@ -202,7 +208,7 @@ async fn warm_loop(
                 Err(e) => tracing::warn!(%image, error = %e, "warming failed"),
             }
         }
-        let Some(interval) = config.warm_interval else {
+        let Some(interval) = config.interval else {
             return;
         };
         tokio::select! {

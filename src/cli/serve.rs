@@ -21,9 +21,10 @@ pub async fn serve(config: Config, ready_file: Option<PathBuf>) -> anyhow::Resul
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let metrics_listener = bind_optional(config.metrics_listen).await?;
-    let admin_listener = bind_optional(config.admin_listen).await?;
-    let plain_listener = bind_optional(config.plain_listen).await?;
+    let admin_listener = bind_optional(config.admin.listen).await?;
+    let plain_listener = bind_optional(config.tls.as_ref().and_then(|t| t.plain_listen)).await?;
     let registries: Vec<String> = config
+        .upstream
         .registries
         .iter()
         .map(|(host, r)| format!("{host}={}", r.url))
@@ -31,8 +32,8 @@ pub async fn serve(config: Config, ready_file: Option<PathBuf>) -> anyhow::Resul
     info!(
         listen = %listener.local_addr()?,
         tls = config.tls.is_some(),
-        data_dir = %config.data_dir.display(),
-        tag_ttl = ?config.tag_ttl,
+        data_dir = %config.store.data_dir.display(),
+        tag_ttl = ?config.upstream.tag_ttl.default,
         registries = %registries.join(","),
         "hoard starting"
     );

@@ -37,7 +37,7 @@ pub use outcome::Outcome;
 pub use stream::ByteStream;
 
 use crate::clock;
-use crate::config::Config;
+use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
 use crate::store::{self, Store, TagRecord};
@@ -69,7 +69,8 @@ pub struct Mirror {
 struct Inner {
     store: Arc<Store>,
     upstream: upstream::Client,
-    config: Config,
+    config: StoreConfig,
+    tag_ttl: TagTtl,
     metrics: Arc<Metrics>,
     hot: moka::sync::Cache<Digest, Arc<Manifest>>,
     tag_lists: moka::sync::Cache<String, TagList>,
@@ -87,14 +88,16 @@ impl Drop for Inner {
 }
 
 impl Mirror {
-    /// A mirror over `store` and `upstream`.
+    /// A mirror over `store` and `upstream`, with the store's settings and
+    /// the tag TTLs.
     pub fn new(
-        config: Config,
+        config: StoreConfig,
+        tag_ttl: TagTtl,
         store: Arc<Store>,
         upstream: upstream::Client,
         metrics: Arc<Metrics>,
     ) -> Mirror {
-        let max = config.max_store_bytes.unwrap_or_else(|| {
+        let max = config.max_bytes.unwrap_or_else(|| {
             // 80% of what is free at start, plus what the store already holds.
             let free = store.available_space().unwrap_or(0);
             (free as f64 * 0.8) as u64 + store.size_bytes()
@@ -105,6 +108,7 @@ impl Mirror {
             store,
             upstream,
             config,
+            tag_ttl,
             metrics,
             hot: moka::sync::Cache::builder()
                 .max_capacity(HOT_MANIFEST_BYTES)
@@ -305,7 +309,7 @@ impl Mirror {
             }
             _ => None,
         };
-        let ttl = inner.config.tag_ttl_for(repo.registry());
+        let ttl = inner.tag_ttl.for_registry(repo.registry());
         if let Some((record, manifest)) = &cached {
             let age = clock::unix_ms().saturating_sub(record.checked_at);
             if u128::from(age) < ttl.as_millis() {

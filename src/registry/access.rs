@@ -30,8 +30,6 @@ const MAX_FAILURES: u32 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a verified `Authorization` value skips bcrypt.
 const VERIFIED_FOR: Duration = Duration::from_secs(300);
-/// How often the htpasswd file is checked for changes.
-const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// The client behind a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +86,8 @@ impl Pattern {
 /// The htpasswd file, read again when it changes.
 struct Htpasswd {
     path: PathBuf,
+    /// How often the file is checked for changes (`auth.reload_interval`).
+    reload_interval: Duration,
     state: Mutex<HtpasswdState>,
 }
 
@@ -99,10 +99,11 @@ struct HtpasswdState {
 }
 
 impl Htpasswd {
-    fn load(path: &Path) -> Result<Htpasswd, String> {
+    fn load(path: &Path, reload_interval: Duration) -> Result<Htpasswd, String> {
         let (users, modified) = read_htpasswd(path)?;
         Ok(Htpasswd {
             path: path.to_owned(),
+            reload_interval,
             state: Mutex::new(HtpasswdState {
                 modified,
                 checked: Instant::now(),
@@ -114,7 +115,7 @@ impl Htpasswd {
     /// The current users, re-reading the file if it changed.
     fn users(&self) -> Arc<HashMap<String, String>> {
         let mut state = self.state.lock();
-        if state.checked.elapsed() >= RELOAD_EVERY {
+        if state.checked.elapsed() >= self.reload_interval {
             state.checked = Instant::now();
             let modified = std::fs::metadata(&self.path)
                 .and_then(|m| m.modified())
@@ -203,7 +204,7 @@ impl Refusal {
 impl Access {
     /// Reads the htpasswd file and checks the rules.
     pub fn new(config: &AuthConfig) -> Result<Access, String> {
-        let htpasswd = Htpasswd::load(&config.htpasswd)?;
+        let htpasswd = Htpasswd::load(&config.htpasswd, config.reload_interval)?;
         let mut rules = Vec::new();
         for (who, patterns) in &config.access {
             let principal = match who.as_str() {
@@ -393,6 +394,7 @@ mod tests {
                 .iter()
                 .map(|(g, m)| (g.to_string(), m.iter().map(|s| s.to_string()).collect()))
                 .collect(),
+            reload_interval: Duration::from_secs(5),
         };
         (dir, Access::new(&config).unwrap())
     }

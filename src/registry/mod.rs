@@ -22,4 +22,4 @@ pub use error::{ApiError, Code};
 pub use handlers::handle;
 pub use routes::{route, Route, RouteError};
 pub use server::{serve, Limits};
-pub use tls::{Tls, TlsError, TlsFiles};
+pub use tls::{Tls, TlsError};

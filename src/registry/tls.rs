@@ -1,12 +1,12 @@
 //! TLS for the API listener: certificate, key and optional client CA from
 //! PEM files, TLS 1.2 and 1.3 only, HTTP/2 and HTTP/1.1 offered by ALPN.
 //! The files are read again on SIGHUP and when they change on disk (checked
-//! every few seconds: cert-manager and certbot replace files, they do not
-//! signal); a reload that fails keeps the configuration in use.
+//! every `tls.reload_interval`: cert-manager and certbot replace files, they
+//! do not signal); a reload that fails keeps the configuration in use.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
@@ -15,10 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-pub use crate::config::TlsFiles;
-
-/// How often the files are checked for changes.
-const WATCH_EVERY: Duration = Duration::from_secs(5);
+use crate::config::TlsConfig;
 
 /// Why a TLS configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +28,7 @@ pub enum TlsError {
     Invalid(String),
 }
 
-fn paths(files: &TlsFiles) -> impl Iterator<Item = &Path> {
+fn paths(files: &TlsConfig) -> impl Iterator<Item = &Path> {
     [
         Some(&files.cert),
         Some(&files.key),
@@ -42,7 +39,7 @@ fn paths(files: &TlsFiles) -> impl Iterator<Item = &Path> {
     .map(PathBuf::as_path)
 }
 
-fn modified(files: &TlsFiles) -> Vec<Option<SystemTime>> {
+fn modified(files: &TlsConfig) -> Vec<Option<SystemTime>> {
     paths(files)
         .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .collect()
@@ -50,13 +47,13 @@ fn modified(files: &TlsFiles) -> Vec<Option<SystemTime>> {
 
 /// The listener's TLS configuration, replaced whole on reload.
 pub struct Tls {
-    files: TlsFiles,
+    files: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
 }
 
 impl Tls {
     /// Loads the files; fails if any is missing or invalid.
-    pub fn load(files: TlsFiles) -> Result<Tls, TlsError> {
+    pub fn load(files: TlsConfig) -> Result<Tls, TlsError> {
         let config = build(&files)?;
         Ok(Tls {
             files,
@@ -91,7 +88,7 @@ impl Tls {
                         None => std::future::pending::<()>().await,
                     }
                 } => "SIGHUP",
-                _ = tokio::time::sleep(WATCH_EVERY) => {
+                _ = tokio::time::sleep(self.files.reload_interval) => {
                     let now = modified(&self.files);
                     if now == seen {
                         continue;
@@ -133,7 +130,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+fn build(files: &TlsConfig) -> Result<ServerConfig, TlsError> {
     let chain = certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| TlsError::Read {
         path: files.key.clone(),

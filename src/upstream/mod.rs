@@ -20,7 +20,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 pub use auth::Challenge;
 pub use error::{Envelope, Error, Result};
 
-use crate::config::{Config, Credentials, RegistryConfig};
+use crate::config::{Credentials, RegistryConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
 
@@ -102,8 +102,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Builds the shared HTTP client from the configuration.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client> {
+    /// Builds the shared HTTP client from the upstream section.
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Client> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.connect_timeout)
@@ -117,7 +117,7 @@ impl Client {
         Ok(Client {
             http,
             registries: config.registries.clone(),
-            allow_any_upstream: config.allow_any_upstream,
+            allow_any_upstream: config.allow_any,
             auth: auth::Authenticator::default(),
             metrics,
             response_timeout: config.response_timeout,

@@ -1,0 +1,405 @@
+//! Configuration: the settings hoard runs with, as a `Config` of sections
+//! (store, upstream, limits, warm, admin, tls, auth) so each component takes
+//! its own. The built-in defaults, `hoard.toml`, the `HOARD_*` environment
+//! and the flags are layered in that order, later winning: the file, the
+//! environment and the flags each fill a `RawConfig` (raw.rs), the layers
+//! are merged once and validated once (validate.rs). Nothing else in hoard
+//! reads the config file or the environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+mod args;
+mod docker;
+mod raw;
+mod registries;
+#[cfg(test)]
+mod tests;
+mod units;
+mod validate;
+
+pub use args::{LogFormat, ServeArgs};
+pub use registries::{Credentials, RegistryConfig, DOCKER_HUB_URL};
+pub use units::{parse_duration, parse_size};
+
+use crate::reference::{ImageRef, DOCKER_HUB};
+use raw::RawConfig;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// `key` is the key as the file writes it (`upstream.stall_timeout`),
+    /// or the variable for a value only the environment could set wrong.
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+fn invalid(key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.to_string(),
+    }
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The registry API, /metrics and /healthz.
+    pub listen: SocketAddr,
+    /// A second listener with only /metrics and /healthz.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// How long shutdown waits for transfers in progress.
+    pub shutdown_timeout: Duration,
+    pub store: StoreConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: LimitsConfig,
+    pub warm: WarmConfig,
+    pub admin: AdminConfig,
+    /// TLS on `listen`; `None`: plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Client authentication; `None`: every client may pull everything.
+    pub auth: Option<AuthConfig>,
+}
+
+/// Where content is kept, and how much of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Blobs, temp files and the index (the file's top-level `data_dir`).
+    pub data_dir: PathBuf,
+    /// Most bytes the store keeps; `None` means 80% of the free space of
+    /// the data file system, measured at start.
+    pub max_bytes: Option<u64>,
+    /// Free space under which blobs are relayed without caching.
+    pub min_free_bytes: u64,
+    /// Images not pulled for this long are removed; `None`: kept until
+    /// evicted for space.
+    pub max_tag_age: Option<Duration>,
+    /// Images never evicted: `registry/name:tag` or `registry/name@digest`.
+    pub pins: Vec<ImageRef>,
+}
+
+/// The registries mirrored and how they are asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Registry host (`docker.io`) -> how to reach it.
+    pub registries: BTreeMap<String, RegistryConfig>,
+    /// Mirror any registry host a client names, not only `registries`
+    /// (the file's `allow_any_upstream`).
+    pub allow_any: bool,
+    /// How long a tag is served without asking upstream.
+    pub tag_ttl: TagTtl,
+    /// Largest manifest accepted from upstream (`max_manifest_size`).
+    pub max_manifest_bytes: u64,
+    /// Upstream blob downloads at once, per registry.
+    pub max_concurrent_fetches: usize,
+    /// `ratelimit-remaining` under which tags are not revalidated.
+    pub rate_limit_floor: i64,
+    pub connect_timeout: Duration,
+    /// Time to wait for a response head.
+    pub response_timeout: Duration,
+    /// A body that sends nothing for this long is abandoned.
+    pub stall_timeout: Duration,
+}
+
+/// Tag TTLs: one for every registry, and the registries' own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TagTtl {
+    /// The top-level `tag_ttl`.
+    pub default: Duration,
+    /// Registry host -> its `registries."HOST".tag_ttl`.
+    pub registries: BTreeMap<String, Duration>,
+}
+
+impl TagTtl {
+    /// The tag TTL of one registry host.
+    pub fn for_registry(&self, registry: &str) -> Duration {
+        self.registries
+            .get(registry)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+/// What one client may take of the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Connections one client address may hold open.
+    pub max_connections_per_client: usize,
+    /// Time a client has to send its request head.
+    pub header_read_timeout: Duration,
+}
+
+/// Images pulled through the mirror at start and every `interval`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WarmConfig {
+    pub images: Vec<ImageRef>,
+    /// Platforms (`linux`, `amd64`) warmed of multi-arch images; empty: all.
+    pub platforms: Vec<(String, String)>,
+    /// How often the list runs again; `None`: only at start.
+    pub interval: Option<Duration>,
+}
+
+/// The admin API. `Debug` never shows the token.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Its listener; off unless set.
+    pub listen: Option<SocketAddr>,
+    /// The bearer token it requires (always set when `listen` is).
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// TLS on the API listener: PEM files, and a plain listener beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA whose certificates clients must present; `None`: no client
+    /// certificates asked for.
+    pub client_ca: Option<PathBuf>,
+    /// A plain-HTTP listener as well.
+    pub plain_listen: Option<SocketAddr>,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    pub reload_interval: Duration,
+}
+
+/// Client authentication: who may log in, and what each may pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// htpasswd file with bcrypt entries.
+    pub htpasswd: PathBuf,
+    /// Realm of the Basic challenge.
+    pub realm: String,
+    /// Whether /metrics and /healthz need a login too.
+    pub protect_metrics: bool,
+    /// `user`, `group:NAME`, `*` (any user) or `anonymous` -> repository
+    /// patterns (`*`, `host/prefix/*`, `host/name`). Empty: every user may
+    /// pull everything, anonymous clients nothing.
+    pub access: BTreeMap<String, Vec<String>>,
+    /// Group -> members.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// How often the htpasswd file is checked for changes.
+    pub reload_interval: Duration,
+}
+
+impl Config {
+    /// The configuration from the defaults, the config file (`--config` or
+    /// `HOARD_CONFIG`), the `HOARD_*` variables in `env` and the flags in
+    /// `args`, later ones winning. The binary's clap has already applied the
+    /// process environment to `args` too; as the same values, that changes
+    /// nothing, and it lets callers without clap pass the environment alone.
+    pub fn load(
+        args: &ServeArgs,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("HOARD_"))
+            .collect();
+        let env_args = ServeArgs::from_env(&env)?;
+        let file = match args.config.as_ref().or(env_args.config.as_ref()) {
+            Some(path) => RawConfig::read(path)?,
+            None => RawConfig::default(),
+        };
+        let flags = RawConfig::from_args(args)?;
+        // `HOARD_REGISTRY_<HOST>_*` variables are looked for by host: those
+        // the other layers configure.
+        let hosts: Vec<&str> = [DOCKER_HUB]
+            .into_iter()
+            .chain(file.registries.keys().map(String::as_str))
+            .chain(flags.registries.keys().map(String::as_str))
+            .collect();
+        let env = RawConfig::from_env(&env_args, &env, hosts)?;
+        let raw = [file, env, flags]
+            .into_iter()
+            .fold(RawConfig::default(), RawConfig::merge);
+        validate::validate(raw)
+    }
+}
+
+/// The effective settings, TOML-like, secrets shown only as `<redacted>`
+/// (`hoard config check`).
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "(off)".into());
+        let dur = |d: Duration| humantime::format_duration(d).to_string();
+        writeln!(f, "listen = {}", self.listen)?;
+        writeln!(f, "data_dir = {}", self.store.data_dir.display())?;
+        writeln!(
+            f,
+            "metrics_listen = {}",
+            opt(self.metrics_listen.map(|a| a.to_string()))
+        )?;
+        writeln!(f, "log_format = {:?}", self.log_format)?;
+        writeln!(f, "tag_ttl = {}", dur(self.upstream.tag_ttl.default))?;
+        writeln!(f, "allow_any_upstream = {}", self.upstream.allow_any)?;
+        writeln!(
+            f,
+            "max_manifest_size = {} bytes",
+            self.upstream.max_manifest_bytes
+        )?;
+        writeln!(f, "shutdown_timeout = {}", dur(self.shutdown_timeout))?;
+        writeln!(f, "[tls]")?;
+        match &self.tls {
+            None => writeln!(f, "  (off)")?,
+            Some(tls) => {
+                writeln!(f, "  cert = {}", tls.cert.display())?;
+                writeln!(f, "  key = {}", tls.key.display())?;
+                writeln!(
+                    f,
+                    "  client_ca = {}",
+                    opt(tls.client_ca.as_ref().map(|p| p.display().to_string()))
+                )?;
+                writeln!(
+                    f,
+                    "  plain_listen = {}",
+                    opt(tls.plain_listen.map(|a| a.to_string()))
+                )?;
+                writeln!(f, "  reload_interval = {}", dur(tls.reload_interval))?;
+            }
+        }
+        writeln!(f, "[auth]")?;
+        match &self.auth {
+            None => writeln!(f, "  (off: every client may pull everything)")?,
+            Some(auth) => {
+                writeln!(f, "  htpasswd = {}", auth.htpasswd.display())?;
+                writeln!(f, "  realm = {:?}", auth.realm)?;
+                writeln!(f, "  protect_metrics = {}", auth.protect_metrics)?;
+                writeln!(f, "  reload_interval = {}", dur(auth.reload_interval))?;
+                for (group, members) in &auth.groups {
+                    writeln!(f, "  group {group} = {members:?}")?;
+                }
+                for (who, patterns) in &auth.access {
+                    writeln!(f, "  access {who} = {patterns:?}")?;
+                }
+            }
+        }
+        writeln!(f, "[limits]")?;
+        writeln!(
+            f,
+            "  max_connections_per_client = {}",
+            self.limits.max_connections_per_client
+        )?;
+        writeln!(
+            f,
+            "  header_read_timeout = {}",
+            dur(self.limits.header_read_timeout)
+        )?;
+        writeln!(f, "[store]")?;
+        writeln!(
+            f,
+            "  max_size = {}",
+            opt(self.store.max_bytes.map(|b| format!("{b} bytes")))
+                .replace("(off)", "80% of free space at start")
+        )?;
+        writeln!(f, "  min_free_space = {} bytes", self.store.min_free_bytes)?;
+        writeln!(
+            f,
+            "  max_tag_age = {}",
+            opt(self.store.max_tag_age.map(dur))
+        )?;
+        writeln!(
+            f,
+            "  pins = {:?}",
+            self.store
+                .pins
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        )?;
+        writeln!(f, "[upstream]")?;
+        writeln!(
+            f,
+            "  max_concurrent_fetches = {}",
+            self.upstream.max_concurrent_fetches
+        )?;
+        writeln!(f, "  rate_limit_floor = {}", self.upstream.rate_limit_floor)?;
+        writeln!(
+            f,
+            "  connect_timeout = {}",
+            dur(self.upstream.connect_timeout)
+        )?;
+        writeln!(
+            f,
+            "  response_timeout = {}",
+            dur(self.upstream.response_timeout)
+        )?;
+        writeln!(f, "  stall_timeout = {}", dur(self.upstream.stall_timeout))?;
+        writeln!(f, "[admin]")?;
+        writeln!(
+            f,
+            "  listen = {}",
+            opt(self.admin.listen.map(|a| a.to_string()))
+        )?;
+        writeln!(
+            f,
+            "  token = {}",
+            if self.admin.token.is_some() {
+                "<redacted>"
+            } else {
+                "(none)"
+            }
+        )?;
+        writeln!(f, "[warm]")?;
+        writeln!(
+            f,
+            "  images = {:?}",
+            self.warm
+                .images
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+        )?;
+        writeln!(
+            f,
+            "  platforms = {:?}",
+            self.warm
+                .platforms
+                .iter()
+                .map(|(os, arch)| format!("{os}/{arch}"))
+                .collect::<Vec<_>>()
+        )?;
+        writeln!(f, "  interval = {}", opt(self.warm.interval.map(dur)))?;
+        for (host, registry) in &self.upstream.registries {
+            writeln!(f, "[registries.{host:?}]")?;
+            writeln!(f, "  url = {}", registry.url)?;
+            writeln!(
+                f,
+                "  tag_ttl = {}",
+                dur(self.upstream.tag_ttl.for_registry(host))
+            )?;
+            let credentials = match &registry.credentials {
+                None => "(none)".to_owned(),
+                Some(Credentials::Basic { username, .. }) => {
+                    format!("user {username:?}, password <redacted>")
+                }
+                Some(Credentials::Bearer(_)) => "bearer token <redacted>".to_owned(),
+                Some(Credentials::Identity { .. }) => "identity token <redacted>".to_owned(),
+            };
+            writeln!(f, "  credentials = {credentials}")?;
+        }
+        Ok(())
+    }
+}

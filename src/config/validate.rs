@@ -1,0 +1,249 @@
+//! The one check of a merged `RawConfig`: each setting's default, its
+//! parsing (durations, sizes, URLs, image references) and the settings that
+//! only work together, giving a `Config`. An error names the key as written
+//! in the file (`upstream.stall_timeout`), whichever source set the value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{RawAdmin, RawAuth, RawConfig, RawLimits, RawStore, RawTls, RawUpstream, RawWarm};
+use super::registries::RawRegistry;
+use super::units::{parse_duration, Size};
+use super::{
+    invalid, registries, AdminConfig, AuthConfig, Config, LimitsConfig, LogFormat, Result,
+    StoreConfig, TlsConfig, UpstreamConfig, WarmConfig,
+};
+use crate::reference::ImageRef;
+
+/// `raw` with the defaults filled in, checked.
+pub(super) fn validate(raw: RawConfig) -> Result<Config> {
+    // Taken apart whole, so a setting that is not validated does not compile.
+    let RawConfig {
+        listen,
+        metrics_listen,
+        data_dir,
+        log_format,
+        tag_ttl,
+        allow_any_upstream,
+        max_manifest_size,
+        shutdown_timeout,
+        store,
+        upstream,
+        limits,
+        warm,
+        admin,
+        tls,
+        auth,
+        registries,
+    } = raw;
+    Ok(Config {
+        listen: listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 5000))),
+        metrics_listen,
+        log_format: log_format.unwrap_or(LogFormat::Text),
+        shutdown_timeout: duration("shutdown_timeout", shutdown_timeout)?
+            .unwrap_or(Duration::from_secs(30)),
+        store: store_config(data_dir, store)?,
+        upstream: upstream_config(
+            upstream,
+            registries,
+            tag_ttl,
+            allow_any_upstream,
+            max_manifest_size,
+        )?,
+        limits: limits_config(limits)?,
+        warm: warm_config(warm)?,
+        admin: admin_config(admin)?,
+        tls: tls_config(tls)?,
+        auth: auth_config(auth)?,
+    })
+}
+
+fn store_config(data_dir: Option<PathBuf>, raw: RawStore) -> Result<StoreConfig> {
+    Ok(StoreConfig {
+        data_dir: data_dir.unwrap_or_else(|| PathBuf::from("hoard-data")),
+        max_bytes: size("store.max_size", raw.max_size)?,
+        min_free_bytes: size("store.min_free_space", raw.min_free_space)?.unwrap_or(512 << 20),
+        max_tag_age: duration("store.max_tag_age", raw.max_tag_age)?,
+        pins: images("store.pins", raw.pins)?,
+    })
+}
+
+/// `[upstream]`, the registries, and the top-level keys that belong to
+/// the section.
+fn upstream_config(
+    raw: RawUpstream,
+    registries: BTreeMap<String, RawRegistry>,
+    tag_ttl: Option<String>,
+    allow_any_upstream: Option<bool>,
+    max_manifest_size: Option<Size>,
+) -> Result<UpstreamConfig> {
+    let tag_ttl = duration("tag_ttl", tag_ttl)?.unwrap_or(Duration::from_secs(300));
+    let (registries, tag_ttl) =
+        registries::validate(registries, tag_ttl, raw.docker_config.as_deref())?;
+    Ok(UpstreamConfig {
+        registries,
+        allow_any: allow_any_upstream.unwrap_or(false),
+        tag_ttl,
+        max_manifest_bytes: size("max_manifest_size", max_manifest_size)?.unwrap_or(4 << 20),
+        max_concurrent_fetches: at_least_one(
+            "upstream.max_concurrent_fetches",
+            raw.max_concurrent_fetches,
+        )?
+        .unwrap_or(32),
+        rate_limit_floor: raw.rate_limit_floor.unwrap_or(10),
+        connect_timeout: duration("upstream.connect_timeout", raw.connect_timeout)?
+            .unwrap_or(Duration::from_secs(10)),
+        response_timeout: duration("upstream.response_timeout", raw.response_timeout)?
+            .unwrap_or(Duration::from_secs(30)),
+        stall_timeout: duration("upstream.stall_timeout", raw.stall_timeout)?
+            .unwrap_or(Duration::from_secs(30)),
+    })
+}
+
+fn limits_config(raw: RawLimits) -> Result<LimitsConfig> {
+    Ok(LimitsConfig {
+        max_connections_per_client: at_least_one(
+            "limits.max_connections_per_client",
+            raw.max_connections_per_client,
+        )?
+        .unwrap_or(1024),
+        header_read_timeout: duration("limits.header_read_timeout", raw.header_read_timeout)?
+            .unwrap_or(Duration::from_secs(30)),
+    })
+}
+
+fn warm_config(raw: RawWarm) -> Result<WarmConfig> {
+    let platforms = raw
+        .platforms
+        .unwrap_or_default()
+        .into_iter()
+        .map(|platform| match platform.split_once('/') {
+            Some((os, arch)) => Ok((os.to_owned(), arch.to_owned())),
+            None => Err(invalid(
+                "warm.platforms",
+                format!("{platform:?} is not os/arch"),
+            )),
+        })
+        .collect::<Result<_>>()?;
+    Ok(WarmConfig {
+        images: images("warm.images", raw.images)?,
+        platforms,
+        interval: duration("warm.interval", raw.interval)?,
+    })
+}
+
+fn admin_config(raw: RawAdmin) -> Result<AdminConfig> {
+    if raw.listen.is_some() && raw.token.as_deref().is_none_or(str::is_empty) {
+        return Err(invalid(
+            "admin.listen",
+            "the admin API needs admin.token (or HOARD_ADMIN_TOKEN)",
+        ));
+    }
+    Ok(AdminConfig {
+        listen: raw.listen,
+        token: raw.token,
+    })
+}
+
+/// TLS is on with a certificate, a key or a client CA, and then needs the
+/// certificate and the key.
+fn tls_config(raw: RawTls) -> Result<Option<TlsConfig>> {
+    let RawTls {
+        cert,
+        key,
+        client_ca,
+        plain_listen,
+        reload_interval,
+    } = raw;
+    // Checked even with TLS off: a variable set for every deployment
+    // should not hide a typo until TLS is turned on.
+    let reload_interval = reload("tls.reload_interval", reload_interval)?;
+    if cert.is_none() && key.is_none() && client_ca.is_none() {
+        if plain_listen.is_some() {
+            return Err(invalid(
+                "tls.plain_listen",
+                "a second plain listener only makes sense with tls.cert and tls.key",
+            ));
+        }
+        return Ok(None);
+    }
+    let together = "tls.cert and tls.key go together";
+    Ok(Some(TlsConfig {
+        cert: cert.ok_or_else(|| invalid("tls.cert", together))?,
+        key: key.ok_or_else(|| invalid("tls.key", together))?,
+        client_ca,
+        plain_listen,
+        reload_interval,
+    }))
+}
+
+/// Logins are on with any `[auth]` key, and then need the htpasswd file.
+fn auth_config(raw: RawAuth) -> Result<Option<AuthConfig>> {
+    let RawAuth {
+        htpasswd,
+        realm,
+        protect_metrics,
+        access,
+        groups,
+        reload_interval,
+    } = raw;
+    let reload_interval = reload("auth.reload_interval", reload_interval)?;
+    let (access, groups) = (access.unwrap_or_default(), groups.unwrap_or_default());
+    let on = htpasswd.is_some()
+        || realm.is_some()
+        || protect_metrics.is_some()
+        || !access.is_empty()
+        || !groups.is_empty();
+    if !on {
+        return Ok(None);
+    }
+    let htpasswd = htpasswd.ok_or_else(|| {
+        invalid(
+            "auth.htpasswd",
+            "access rules need an htpasswd file (auth.htpasswd or --htpasswd)",
+        )
+    })?;
+    Ok(Some(AuthConfig {
+        htpasswd,
+        realm: realm.unwrap_or_else(|| "hoard".into()),
+        protect_metrics: protect_metrics.unwrap_or(false),
+        access,
+        groups,
+        reload_interval,
+    }))
+}
+
+fn duration(key: &str, text: Option<String>) -> Result<Option<Duration>> {
+    text.map(|text| parse_duration(&text).map_err(|m| invalid(key, m)))
+        .transpose()
+}
+
+/// How often a file is checked for changes: 5 s unless set, never 0.
+fn reload(key: &str, text: Option<String>) -> Result<Duration> {
+    match duration(key, text)? {
+        Some(Duration::ZERO) => Err(invalid(key, "must be more than 0")),
+        interval => Ok(interval.unwrap_or(Duration::from_secs(5))),
+    }
+}
+
+fn size(key: &str, size: Option<Size>) -> Result<Option<u64>> {
+    size.map(|size| size.bytes().map_err(|m| invalid(key, m)))
+        .transpose()
+}
+
+fn at_least_one(key: &str, n: Option<usize>) -> Result<Option<usize>> {
+    match n {
+        Some(0) => Err(invalid(key, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn images(key: &str, texts: Option<Vec<String>>) -> Result<Vec<ImageRef>> {
+    texts
+        .unwrap_or_default()
+        .iter()
+        .map(|text| ImageRef::parse(text).map_err(|e| invalid(key, e)))
+        .collect()
+}
