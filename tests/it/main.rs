@@ -235,12 +235,21 @@ pub async fn error_code(response: reqwest::Response) -> String {
 
 /// Polls `check` until it holds or `limit` passes.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    eventually_async(limit, || std::future::ready(check())).await
+}
+
+/// Polls the asynchronous `check` (a request, say) until it holds or
+/// `limit` passes.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
-        if check() {
+        if check().await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    check()
+    check().await
 }
