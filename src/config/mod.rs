@@ -6,7 +6,7 @@
 //! are merged once and validated once (validate.rs). Nothing else in hoard
 //! reads the config file or the environment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,7 +39,8 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     /// `key` is the key as the file writes it (`upstream.stall_timeout`),
-    /// or the variable for a value only the environment could set wrong.
+    /// or, for a value clap refused (an address, a number), the `HOARD_*`
+    /// variable that held it.
     #[error("invalid value for {key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -60,13 +61,19 @@ pub struct Config {
     pub listen: SocketAddr,
     /// A second listener with only /metrics and /healthz.
     pub metrics_listen: Option<SocketAddr>,
+    /// Text or JSON log lines.
     pub log_format: LogFormat,
     /// How long shutdown waits for transfers in progress.
     pub shutdown_timeout: Duration,
+    /// `data_dir` and `[store]`.
     pub store: StoreConfig,
+    /// `[upstream]`, `[registries.*]` and the top-level keys about them.
     pub upstream: UpstreamConfig,
+    /// `[limits]`.
     pub limits: LimitsConfig,
+    /// `[warm]`.
     pub warm: WarmConfig,
+    /// `[admin]`.
     pub admin: AdminConfig,
     /// TLS on `listen`; `None`: plain HTTP.
     pub tls: Option<TlsConfig>,
@@ -107,6 +114,7 @@ pub struct UpstreamConfig {
     pub max_concurrent_fetches: usize,
     /// `ratelimit-remaining` under which tags are not revalidated.
     pub rate_limit_floor: i64,
+    /// TCP and TLS connect timeout.
     pub connect_timeout: Duration,
     /// Time to wait for a response head.
     pub response_timeout: Duration,
@@ -145,6 +153,7 @@ pub struct LimitsConfig {
 /// Images pulled through the mirror at start and every `interval`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WarmConfig {
+    /// The images, each pulled whole.
     pub images: Vec<ImageRef>,
     /// Platforms (`linux`, `amd64`) warmed of multi-arch images; empty: all.
     pub platforms: Vec<(String, String)>,
@@ -175,6 +184,7 @@ impl fmt::Debug for AdminConfig {
 pub struct TlsConfig {
     /// Certificate chain, leaf first.
     pub cert: PathBuf,
+    /// Private key of `cert`.
     pub key: PathBuf,
     /// CA whose certificates clients must present; `None`: no client
     /// certificates asked for.
@@ -226,7 +236,7 @@ impl Config {
         let flags = RawConfig::from_args(args)?;
         // `HOARD_REGISTRY_<HOST>_*` variables are looked for by host: those
         // the other layers configure.
-        let hosts: Vec<&str> = [DOCKER_HUB]
+        let hosts: BTreeSet<&str> = [DOCKER_HUB]
             .into_iter()
             .chain(file.registries.keys().map(String::as_str))
             .chain(flags.registries.keys().map(String::as_str))

@@ -4,7 +4,7 @@
 //! what TOML and clap check themselves: durations, sizes and URLs stay text
 //! until validate.rs, and a missing key means "the default", decided there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -223,7 +223,7 @@ impl RawConfig {
         hosts: impl IntoIterator<Item = &'a str>,
     ) -> Result<RawConfig> {
         let flags = RawConfig::from_args(args)?;
-        let hosts: Vec<String> = hosts
+        let hosts: BTreeSet<String> = hosts
             .into_iter()
             .map(str::to_owned)
             .chain(flags.registries.keys().cloned())

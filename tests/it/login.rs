@@ -2,10 +2,15 @@
 //! which repositories, and that private content cached for one client is
 //! not served to another who may not see it.
 
+use std::time::Duration;
+
 use base64::Engine as _;
 
 use crate::fake::Fake;
 use crate::{error_code, Hoard};
+
+/// Failed logins from one address before it gets 429.
+const MAX_FAILED_LOGINS: u32 = 10;
 
 const CONFIG: &str = r#"
 [auth]
@@ -153,7 +158,7 @@ async fn a_cached_private_blob_is_not_served_to_a_client_without_access() {
 async fn repeated_failed_logins_from_one_address_are_throttled() {
     let fake = Fake::start().await;
     let (_dir, hoard) = start(&fake).await;
-    for _ in 0..10 {
+    for _ in 0..MAX_FAILED_LOGINS {
         assert_eq!(
             get(&hoard, "/v2/", Some(("runner", "guess")))
                 .await
@@ -183,24 +188,32 @@ async fn protect_metrics_puts_metrics_and_healthz_behind_the_login() {
 #[tokio::test]
 async fn a_changed_htpasswd_file_is_read_again() {
     let fake = Fake::start().await;
-    let (dir, hoard) = start(&fake).await;
-    assert_eq!(
-        get(&hoard, "/v2/", Some(("newcomer", "pw2")))
-            .await
-            .status(),
-        401
-    );
+    let every = Duration::from_millis(100);
+    let config = CONFIG.replace("[auth]\n", "[auth]\nreload_interval = \"100ms\"\n");
+    let (dir, hoard) = start_with(&fake, &config).await;
+    let newcomer = Some(("newcomer", "pw2"));
+    assert_eq!(get(&hoard, "/v2/", newcomer).await.status(), 401);
     let hash = bcrypt::hash("pw2", 4).unwrap();
     std::fs::write(dir.path().join("htpasswd"), format!("newcomer:{hash}\n")).unwrap();
-    // Checked every 5 s; polling with a wrong login would trip the
-    // failed-login limit, so wait it out once.
-    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
-    assert_eq!(
-        get(&hoard, "/v2/", Some(("newcomer", "pw2")))
-            .await
-            .status(),
-        200
-    );
+    // Polled with the new login, which fails until the file is read again.
+    // Each failure counts towards the failed-login limit (10 a minute), so
+    // polls are one reload interval apart: the file is read again by the
+    // second, and the limit is never reached.
+    let mut failures = 1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = get(&hoard, "/v2/", newcomer).await.status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 401);
+        failures += 1;
+        assert!(
+            failures < MAX_FAILED_LOGINS && tokio::time::Instant::now() < deadline,
+            "the changed htpasswd file was not read again ({failures} failed logins)"
+        );
+        tokio::time::sleep(every).await;
+    }
     // And the users that went with the old file are gone.
     assert_eq!(
         get(&hoard, "/v2/", Some(("guest", "pw"))).await.status(),

@@ -24,7 +24,9 @@ use std::time::Duration;
 use hoard::config::{Config, ServeArgs};
 use tokio::sync::oneshot;
 
-pub use support::{count_files, eventually, expect_cut, metric_value, noise, pki};
+pub use support::{
+    count_files, eventually, eventually_async, expect_cut, metric_value, noise, pki,
+};
 
 /// A hoard daemon running in this process. Stops when dropped.
 pub struct Hoard {

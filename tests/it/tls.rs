@@ -2,12 +2,12 @@
 //! beside it, client certificates, and certificates replaced on disk taking
 //! effect without a restart.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::fake::Fake;
 use crate::pki::{write, Ca, Purpose as ExtendedKeyUsagePurpose};
-use crate::Hoard;
+use crate::{eventually, eventually_async, Hoard};
 
 fn client(ca: &Ca, identity: Option<(String, String)>) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
@@ -158,34 +158,72 @@ fn clients_of(issuer: &Ca, server_ca: &Ca) -> reqwest::Client {
     client(server_ca, Some(identity))
 }
 
+/// The log lines of events on this thread; with the current-thread
+/// runtime of `#[tokio::test]`, hoard's tasks log here too.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Collects until the guard is dropped.
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || logs.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn contain(&self, text: &str) -> bool {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).contains(text)
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn a_replaced_certificate_is_served_without_a_restart() {
+    let logs = Logs::default();
+    let _capture = logs.capture();
     let fake = Fake::start().await;
     let pki = tempfile::tempdir().unwrap();
     let old = Ca::new("old CA");
-    let hoard = start_tls(&fake, &old, pki.path(), |_| {}).await;
+    let hoard = start_tls(&fake, &old, pki.path(), |args| {
+        args.tls_reload_interval = Some("100ms".into());
+    })
+    .await;
     assert_eq!(base_check(&client(&old, None), &hoard).await.unwrap(), 200);
 
     // A broken file is ignored (the old certificate stays in use).
     write(pki.path(), "cert.pem", "not a certificate");
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || logs
+            .contain("TLS reload failed"))
+        .await,
+        "the broken file was never tried"
+    );
     assert_eq!(base_check(&client(&old, None), &hoard).await.unwrap(), 200);
 
-    // Renewed by a new CA: picked up within the watch interval.
+    // Renewed by a new CA: picked up within the reload interval.
     let new = Ca::new("new CA");
     new.server_files(pki.path());
     let renewed = client(&new, None);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if base_check(&renewed, &hoard).await.is_ok() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "new certificate never served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            base_check(&renewed, &hoard).await.is_ok()
+        })
+        .await,
+        "new certificate never served"
+    );
     assert!(base_check(&client(&old, None), &hoard).await.is_err());
 }
 

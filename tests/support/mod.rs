@@ -661,14 +661,23 @@ pub fn count_files(dir: &Path) -> usize {
 
 /// Polls `check` until it holds or `limit` passes; the last answer.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    eventually_async(limit, || std::future::ready(check())).await
+}
+
+/// Polls the asynchronous `check` (a request, say) until it holds or
+/// `limit` passes; the last answer.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
-        if check() {
+        if check().await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    check()
+    check().await
 }
 
 /// Reads a response body that must end in a cut connection (an error),
