@@ -129,11 +129,7 @@ pub fn expire(
     config_pins: &[ImageRef],
     max_age: std::time::Duration,
 ) -> store::Result<Evicted> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let cutoff = now.saturating_sub(max_age.as_secs());
+    let cutoff = crate::clock::unix_secs().saturating_sub(max_age.as_secs());
     let protected = pinned(store, config_pins);
     let mut total = Evicted::default();
     for (_, record) in store.all_tags()? {

@@ -40,6 +40,14 @@ async fn admin_api_lists_pins_evicts_and_collects() {
             200
         );
     }
+    // A client has its blob once verified; the commit follows. Wait for
+    // both downloads to be committed before looking at the store.
+    assert!(
+        crate::eventually(std::time::Duration::from_secs(10), || {
+            hoard.metric("hoard_inflight_fetches") == 0.0
+        })
+        .await
+    );
 
     let (status, body) = admin(&hoard, "GET", "/admin/images", None).await;
     assert_eq!(status, 401);

@@ -42,7 +42,18 @@ async fn the_warm_list_is_pulled_at_start_for_the_listed_platforms() {
         0,
         "other platforms are not warmed"
     );
-    // The first real pull is a hit.
+    // Once the warmed layer is committed, the first real pull is a hit.
+    let hex = arm_layer.trim_start_matches("sha256:");
+    let file = hoard
+        .data
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    assert!(
+        eventually(Duration::from_secs(10), || file.exists()).await,
+        "the warmed layer was never committed"
+    );
     let r = hoard.get(&format!("/v2/multi/blobs/{arm_layer}")).await;
     assert_eq!(r.headers()["x-hoard-cache"], "hit");
 }

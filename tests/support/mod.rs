@@ -503,6 +503,23 @@ impl Distribution {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Sends a marker request and waits (10 s at most) for its log line, so
+    /// the lines of every request answered before are there too.
+    fn sync_log(&self) {
+        static MARKERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MARKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let marker = format!("/v2/?hoard-log-sync={n}");
+        let _ = reqwest::blocking::get(format!("{}{marker}", self.url()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.requests().iter().any(|r| r.contains(&marker)) {
+            assert!(
+                Instant::now() < deadline,
+                "distribution never logged {marker}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Access-log request lines (`GET /v2/... HTTP/1.1`) so far.
     pub fn requests(&self) -> Vec<String> {
         self.daemon
@@ -515,8 +532,11 @@ impl Distribution {
             .collect()
     }
 
-    /// How many requests with `method` had a path containing `path`.
+    /// How many requests with `method` had a path containing `path`, once
+    /// the access log has caught up: a request's line is written just after
+    /// its response, so a marker request is sent and its line awaited first.
     pub fn count(&self, method: &str, path: &str) -> usize {
+        self.sync_log();
         self.requests()
             .iter()
             .filter(|r| r.starts_with(&format!("{method} ")) && r.contains(path))
@@ -811,6 +831,10 @@ pub struct Containerd {
     pub daemon: Daemon,
     socket: PathBuf,
     pub hosts: PathBuf,
+    /// A namespace of this instance's own: runc keeps container state under
+    /// `/run/containerd/runc/<namespace>` whatever containerd's state dir,
+    /// so copies of a test running at once must not share one.
+    namespace: String,
     _dir: tempfile::TempDir,
 }
 
@@ -846,10 +870,13 @@ impl Containerd {
             Command::new(bin).arg("--config").arg(&config),
             dir.path().join("containerd.log"),
         );
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let containerd = Containerd {
             daemon,
             socket,
             hosts,
+            namespace: format!("hoardtest-{}-{n}", std::process::id()),
             _dir: dir,
         };
         wait_until(&containerd.daemon, Duration::from_secs(30), || {
@@ -866,7 +893,7 @@ impl Containerd {
         let mut c = Command::new("ctr");
         c.arg("--address")
             .arg(&self.socket)
-            .args(["-n", "hoardtest"]);
+            .args(["-n", &self.namespace]);
         c
     }
 
