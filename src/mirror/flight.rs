@@ -9,7 +9,6 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-
 use tokio::sync::watch;
 
 use super::error::{Error, Result};

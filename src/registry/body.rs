@@ -8,10 +8,32 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::Response;
 use http_body::{Frame, SizeHint};
 use tracing::info;
 
 use crate::mirror::ByteStream;
+
+/// A JSON answer with its `Content-Type` and `Content-Length`; for a `HEAD`,
+/// the same headers without the body. Every JSON response (the API's, its
+/// errors, the admin API's) is made here.
+pub fn json_response(body: impl Into<Bytes>, head: bool) -> Response<Body> {
+    let body = body.into();
+    let len = body.len();
+    let mut response = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::full(body)
+    });
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    response
+}
 
 /// A response body: nothing, a buffer, or a blob stream.
 pub struct Body {

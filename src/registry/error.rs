@@ -11,7 +11,7 @@ use http::{Response, StatusCode};
 use serde_json::json;
 use tracing::warn;
 
-use super::body::Body;
+use super::body::{json_response, Body};
 use crate::mirror::{self, UpstreamFailure};
 use crate::reference::ReferenceError;
 
@@ -206,16 +206,9 @@ pub fn failed(e: &mirror::Error) -> ApiError {
 
 /// The spec's JSON error response.
 pub fn response(e: &ApiError) -> Response<Body> {
-    let body = e.body();
-    let len = body.len();
-    let mut response = Response::new(Body::full(body));
+    let mut response = json_response(e.body(), false);
     *response.status_mut() = e.code.status();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Some(after) = e.retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::access::{Refusal, Who};
 use super::app::{App, Surface};
-use super::body::{AccessLog, Body};
+use super::body::{json_response, AccessLog, Body};
 use super::error::{failed, response as error, ApiError, Code};
 use super::range::{self, RangeError};
 use super::routes::{self, Route, RouteError};
@@ -346,20 +346,6 @@ fn rewrite_link(link: &str, path: &str) -> Option<String> {
     let prefix = path.strip_suffix("/tags/list")?;
     HeaderValue::from_str(&format!("<{prefix}/tags/list{after}")).ok()?;
     Some(format!("<{prefix}/tags/list{after}"))
-}
-
-fn json_response(body: Bytes, head: bool) -> Response<Body> {
-    let len = body.len();
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::full(body)
-    };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, len)
-        .body(body)
-        .expect("valid response")
 }
 
 #[cfg(test)]

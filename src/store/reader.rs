@@ -28,8 +28,9 @@ impl BlobReader {
         BlobReader { file }
     }
 
-    /// A reader of any open file (tests, tools).
-    pub fn from_file(file: File) -> BlobReader {
+    /// A reader of any open file (the mirror's tests).
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File) -> BlobReader {
         BlobReader::new(Arc::new(file))
     }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::fake::{digest_of, Fake, Fault};
-use crate::support::{count_files, eventually, expect_cut, hoard_command, HoardProcess};
+use crate::support::{
+    blob_file, count_files, eventually, expect_cut, get_bytes, hoard_command, HoardProcess,
+};
 
 /// The real binary on a fresh store, every registry mapped to `upstream`.
 async fn start_binary(upstream: &str) -> HoardProcess {
@@ -79,15 +81,7 @@ async fn issue_12_ls_against_a_running_daemon_leaves_its_download_alone() {
         .await,
         "the download was committed"
     );
-    let again = client
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(digest_of(&again), digest);
+    assert_eq!(digest_of(&get_bytes(&client, &url).await), digest);
     assert_eq!(fake.hits("GET", &digest), 1, "the second GET was a hit");
 }
 
@@ -101,17 +95,8 @@ async fn issue_12_a_blob_truncated_behind_hoards_back_costs_one_request() {
     let hoard = start_binary(&fake.url()).await;
     let client = reqwest::Client::new();
     let url = format!("http://{}/v2/x/blobs/{digest}", hoard.addr());
-    let first = client
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(digest_of(&first), digest);
-    let hex = digest.trim_start_matches("sha256:");
-    let file = hoard.store().join("blobs/sha256").join(&hex[..2]).join(hex);
+    assert_eq!(digest_of(&get_bytes(&client, &url).await), digest);
+    let file = blob_file(&hoard.store(), &digest);
     assert!(
         eventually(Duration::from_secs(10), || file.exists()).await,
         "the blob was committed"
@@ -139,16 +124,11 @@ async fn issue_12_a_blob_truncated_behind_hoards_back_costs_one_request() {
         .await
         .expect("the daemon survived");
     assert_eq!(health.status(), 200);
-    let quarantined = hoard.store().join("quarantine").join(hex);
+    let quarantined = hoard
+        .store()
+        .join("quarantine")
+        .join(digest.trim_start_matches("sha256:"));
     assert!(eventually(Duration::from_secs(10), || quarantined.exists()).await);
-    let again = client
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(digest_of(&again), digest);
+    assert_eq!(digest_of(&get_bytes(&client, &url).await), digest);
     assert_eq!(fake.hits("GET", &digest), 2);
 }

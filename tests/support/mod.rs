@@ -662,6 +662,13 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Where a store rooted at `store` keeps the committed blob `digest`
+/// (`sha256:<hex>`).
+pub fn blob_file(store: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    store.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
 /// Files below `dir`, recursively (0 if it does not exist).
 pub fn count_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {

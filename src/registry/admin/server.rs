@@ -15,7 +15,7 @@ use super::{
 };
 use crate::reference::ImageRef;
 use crate::registry::app::App;
-use crate::registry::body::{AccessLog, Body};
+use crate::registry::body::{json_response, AccessLog, Body};
 use crate::registry::error::{failed, response as error, ApiError, Code};
 
 /// Answers one admin request.
@@ -141,10 +141,5 @@ async fn route(
 fn json(value: &impl Serialize) -> Result<Response<Body>, ApiError> {
     let body = serde_json::to_vec(value)
         .map_err(|_| ApiError::new(Code::Unknown, "cannot encode the answer"))?;
-    let mut r = Response::new(Body::full(body));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(r)
+    Ok(json_response(body, false))
 }
