@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::error::{Error, Result};
 use super::fill::{Fill, FillState};
 use super::stream::{self, ByteStream};
-use super::{Inner, Outcome};
+use super::{Outcome, Shared};
 use crate::reference::{Digest, Repository};
 use crate::store::{self, BlobWriter, StoredBlob, VerifiedBlob};
 use crate::upstream;
@@ -58,7 +58,7 @@ impl Fills {
 /// Ends a fill however its task ends (finished, failed or aborted): readers
 /// are told, the map entry goes, the gauge comes down.
 struct FillGuard {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     digest: Digest,
     fill: Arc<Fill>,
 }
@@ -70,7 +70,7 @@ impl Drop for FillGuard {
                 "download cancelled".into(),
             )));
         }
-        let mut fills = self.inner.fills.map.lock();
+        let mut fills = self.shared.fills.map.lock();
         if fills
             .get(&self.digest)
             .is_some_and(|r| Arc::ptr_eq(&r.fill, &self.fill))
@@ -78,7 +78,7 @@ impl Drop for FillGuard {
             fills.remove(&self.digest);
         }
         drop(fills);
-        self.inner.metrics.inflight_fetches.dec();
+        self.shared.metrics.inflight_fetches.dec();
     }
 }
 
@@ -143,33 +143,37 @@ enum Step {
 }
 
 /// Finds or fetches `digest` for `repo`.
-pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Digest) -> Result<Blob> {
+pub(super) async fn lookup(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    digest: &Digest,
+) -> Result<Blob> {
     let mut confirmed = false;
     loop {
-        let step = match stored(inner, repo, digest, confirmed)? {
+        let step = match stored(shared, repo, digest, confirmed)? {
             Some(step) => step,
             None => {
                 // Decide under the lock, re-checking the store: a fill
                 // commits before it leaves the map, so there is no moment
                 // when neither shows the blob.
-                let mut fills = inner.fills.map.lock();
+                let mut fills = shared.fills.map.lock();
                 if let Some(fill) = fills.get(digest).map(|r| r.fill.clone()) {
-                    if confirmed || fill.repo() == repo || inner.store.is_linked(repo, digest)? {
+                    if confirmed || fill.repo() == repo || shared.store.is_linked(repo, digest)? {
                         Step::Join(fill.clone())
                     } else {
                         Step::Confirm
                     }
-                } else if let Some(step) = stored(inner, repo, digest, confirmed)? {
+                } else if let Some(step) = stored(shared, repo, digest, confirmed)? {
                     step
-                } else if inner.low_on_space() {
+                } else if shared.low_on_space() {
                     Step::Passthrough
                 } else {
-                    let writer = inner.store.create_download()?;
+                    let writer = shared.store.create_download()?;
                     let fill = Arc::new(Fill::new(repo.clone(), writer.reader()));
                     // Spawned under the lock: the task cannot end (and
                     // remove its entry) before the entry exists.
                     let task = tokio::spawn(run(
-                        inner.clone(),
+                        shared.clone(),
                         repo.clone(),
                         digest.clone(),
                         fill.clone(),
@@ -189,7 +193,7 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
         let (source, outcome, len) = match step {
             Step::Stored(blob) => {
                 let len = Some(blob.meta.size);
-                let on_damaged = damaged(inner, digest);
+                let on_damaged = damaged(shared, digest);
                 (Source::Stored(blob, on_damaged), Outcome::Hit, len)
             }
             Step::Join(fill) => {
@@ -201,19 +205,19 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                     Outcome::Coalesced
                 };
                 let len = fill.started().await?;
-                let resume = resume(inner, repo, digest, len);
+                let resume = resume(shared, repo, digest, len);
                 (Source::Filling(fill, resume), outcome, len)
             }
             Step::Lead(fill) => {
                 let len = fill.started().await?;
-                let resume = resume(inner, repo, digest, len);
+                let resume = resume(shared, repo, digest, len);
                 (Source::Filling(fill, resume), Outcome::Miss, len)
             }
             Step::Passthrough => {
                 // Relay without caching, and make room for next time.
-                inner.metrics.store_bypassed.inc();
-                inner.evict_wake.notify_one();
-                let response = inner
+                shared.metrics.store_bypassed.inc();
+                shared.evict_wake.notify_one();
+                let response = shared
                     .upstream
                     .get_blob(repo, digest)
                     .await
@@ -226,14 +230,14 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
                 )
             }
             Step::Confirm => {
-                inner
+                shared
                     .upstream
                     .head_blob(repo, digest)
                     .await
                     .map_err(|e| blob_error(e, repo, digest))?;
                 // A link records what upstream said, whether or not the
                 // bytes are here yet (they may still be downloading).
-                inner.store.link(repo, digest)?;
+                shared.store.link(repo, digest)?;
                 confirmed = true;
                 continue;
             }
@@ -242,7 +246,7 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
             outcome,
             len,
             source,
-            served: inner.metrics.served_bytes.clone(),
+            served: shared.metrics.served_bytes.clone(),
         });
     }
 }
@@ -250,8 +254,8 @@ pub(super) async fn lookup(inner: &Arc<Inner>, repo: &Repository, digest: &Diges
 /// What to do when a stored blob reads short: it was changed behind hoard's
 /// back, so it leaves the store (quarantined) and the next request fetches
 /// it again; only the transfer that found it is cut.
-fn damaged(inner: &Arc<Inner>, digest: &Digest) -> stream::OnDamaged {
-    let store = inner.store.clone();
+fn damaged(shared: &Arc<Shared>, digest: &Digest) -> stream::OnDamaged {
+    let store = shared.store.clone();
     let digest = digest.clone();
     Box::new(move || {
         warn!(%digest, "stored blob is shorter than recorded: quarantined, will be fetched again");
@@ -264,13 +268,13 @@ fn damaged(inner: &Arc<Inner>, digest: &Digest) -> stream::OnDamaged {
 }
 
 fn resume(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
     len: Option<u64>,
 ) -> stream::Resume {
     stream::Resume {
-        inner: inner.clone(),
+        shared: shared.clone(),
         repo: repo.clone(),
         digest: digest.clone(),
         len,
@@ -280,26 +284,26 @@ fn resume(
 /// Answers a `HEAD`: from the store, a download in progress, or an upstream
 /// `HEAD` (a `HEAD` alone does not start a download).
 pub(super) async fn head(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
 ) -> Result<(Option<u64>, Outcome)> {
-    if inner.store.is_linked(repo, digest)? {
-        if let Some(meta) = inner.store.blob_meta(digest)? {
+    if shared.store.is_linked(repo, digest)? {
+        if let Some(meta) = shared.store.blob_meta(digest)? {
             return Ok((Some(meta.size), Outcome::Hit));
         }
     }
-    let fill = inner.fills.get(digest);
+    let fill = shared.fills.get(digest);
     if let Some(fill) = fill.filter(|f| f.repo() == repo) {
         return Ok((fill.started().await?, Outcome::Coalesced));
     }
-    let len = inner
+    let len = shared
         .upstream
         .head_blob(repo, digest)
         .await
         .map_err(|e| blob_error(e, repo, digest))?;
-    inner.store.link(repo, digest)?;
-    match inner.store.blob_meta(digest)? {
+    shared.store.link(repo, digest)?;
+    match shared.store.blob_meta(digest)? {
         Some(meta) => Ok((Some(meta.size), Outcome::Hit)),
         None => Ok((len, Outcome::Miss)),
     }
@@ -308,55 +312,55 @@ pub(super) async fn head(
 /// The stored blob if present; `Confirm` if it is stored but not known to
 /// belong to `repo`.
 fn stored(
-    inner: &Inner,
+    shared: &Shared,
     repo: &Repository,
     digest: &Digest,
     confirmed: bool,
 ) -> Result<Option<Step>> {
-    if inner.store.blob_meta(digest)?.is_none() {
+    if shared.store.blob_meta(digest)?.is_none() {
         return Ok(None);
     }
-    if !confirmed && !inner.store.is_linked(repo, digest)? {
+    if !confirmed && !shared.store.is_linked(repo, digest)? {
         return Ok(Some(Step::Confirm));
     }
-    Ok(inner.store.open_blob(digest)?.map(Step::Stored))
+    Ok(shared.store.open_blob(digest)?.map(Step::Stored))
 }
 
 /// The download task: fetch and verify (then readers may finish), commit,
 /// then leave the map. Readers do not wait for the fsync: they are served
 /// from the verified temp file, which stays valid across the rename.
 async fn run(
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     repo: Repository,
     digest: Digest,
     fill: Arc<Fill>,
     writer: BlobWriter,
 ) {
-    inner.metrics.inflight_fetches.inc();
+    shared.metrics.inflight_fetches.inc();
     let _guard = FillGuard {
-        inner: inner.clone(),
+        shared: shared.clone(),
         digest: digest.clone(),
         fill: fill.clone(),
     };
     let started = Instant::now();
-    match download(&inner, &repo, &digest, &fill, writer).await {
+    match download(&shared, &repo, &digest, &fill, writer).await {
         Ok(verified) => {
             fill.set(FillState::Complete {
                 len: verified.size(),
             });
-            let store = inner.store.clone();
+            let store = shared.store.clone();
             let committed = tokio::task::spawn_blocking(move || store.commit(verified, None)).await;
             match committed {
                 Ok(Ok(meta)) => {
-                    let linked = inner.store.link(&repo, &digest);
+                    let linked = shared.store.link(&repo, &digest);
                     if let Err(e) = linked {
                         warn!(repository = %repo, %digest, error = %e, "cannot link blob");
                     }
-                    inner
+                    shared
                         .metrics
                         .fetch_duration
                         .observe(started.elapsed().as_secs_f64());
-                    super::evict::check(&inner);
+                    super::evict::check(&shared);
                     debug!(repository = %repo, %digest, bytes = meta.size, "blob cached");
                 }
                 Ok(Err(e)) => {
@@ -367,12 +371,12 @@ async fn run(
         }
         Err(e) => {
             match &e {
-                Error::DigestMismatch { .. } => inner.metrics.digest_mismatches.inc(),
+                Error::DigestMismatch { .. } => shared.metrics.digest_mismatches.inc(),
                 Error::Store(_) => {
                     // Disk full or failing: readers fetch the rest from
                     // upstream themselves (stream::resume_from); make room.
-                    inner.metrics.store_write_errors.inc();
-                    inner.evict_wake.notify_one();
+                    shared.metrics.store_write_errors.inc();
+                    shared.evict_wake.notify_one();
                 }
                 _ => {}
             }
@@ -383,13 +387,13 @@ async fn run(
 }
 
 async fn download(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
     fill: &Arc<Fill>,
     mut writer: BlobWriter,
 ) -> Result<VerifiedBlob> {
-    let mut response = inner
+    let mut response = shared
         .upstream
         .get_blob(repo, digest)
         .await

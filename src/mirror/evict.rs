@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::catalog;
-use super::Inner;
+use super::Shared;
 
 /// Eviction starts above this share of the limit...
 const HIGH_WATER: f64 = 0.95;
@@ -36,10 +36,10 @@ impl Limits {
     }
 }
 
-/// Starts the eviction task for `inner`.
-pub(super) fn spawn(inner: &Arc<Inner>) {
-    let weak: Weak<Inner> = Arc::downgrade(inner);
-    let wake = inner.evict_wake.clone();
+/// Starts the eviction task for `shared`.
+pub(super) fn spawn(shared: &Arc<Shared>) {
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let wake = shared.evict_wake.clone();
     tokio::spawn(async move {
         let mut last_expiry: Option<std::time::Instant> = None;
         loop {
@@ -47,34 +47,34 @@ pub(super) fn spawn(inner: &Arc<Inner>) {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
-            let Some(inner) = weak.upgrade() else { return };
-            if inner.store.size_bytes() > inner.limits.high() {
-                run(&inner).await;
+            let Some(shared) = weak.upgrade() else { return };
+            if shared.store.size_bytes() > shared.limits.high() {
+                run(&shared).await;
             }
             let due = last_expiry.is_none_or(|t| t.elapsed() >= EXPIRY_EVERY);
-            if let (Some(max_age), true) = (inner.config.max_tag_age, due) {
+            if let (Some(max_age), true) = (shared.config.max_tag_age, due) {
                 last_expiry = Some(std::time::Instant::now());
-                expire(&inner, max_age).await;
+                expire(&shared, max_age).await;
             }
         }
     });
 }
 
 /// Wakes the task if the store is past the high-water mark.
-pub(super) fn check(inner: &Inner) {
-    if inner.store.size_bytes() > inner.limits.high() {
-        inner.evict_wake.notify_one();
+pub(super) fn check(shared: &Shared) {
+    if shared.store.size_bytes() > shared.limits.high() {
+        shared.evict_wake.notify_one();
     }
 }
 
 /// Removes images nobody pulled for `max_age`.
-async fn expire(inner: &Arc<Inner>, max_age: Duration) {
-    let store = inner.store.clone();
-    let config_pins = inner.config.pins.clone();
+async fn expire(shared: &Arc<Shared>, max_age: Duration) {
+    let store = shared.store.clone();
+    let config_pins = shared.config.pins.clone();
     match tokio::task::spawn_blocking(move || catalog::expire(&store, &config_pins, max_age)).await
     {
         Ok(Ok(evicted)) if evicted.blobs > 0 => {
-            forget(inner, &evicted);
+            forget(shared, &evicted);
             info!(
                 blobs = evicted.blobs,
                 bytes = evicted.bytes,
@@ -88,10 +88,10 @@ async fn expire(inner: &Arc<Inner>, max_age: Duration) {
 }
 
 /// One eviction pass, down to the low-water mark.
-pub(super) async fn run(inner: &Arc<Inner>) {
-    let store = inner.store.clone();
-    let config_pins = inner.config.pins.clone();
-    let target = inner.limits.low();
+pub(super) async fn run(shared: &Arc<Shared>) {
+    let store = shared.store.clone();
+    let config_pins = shared.config.pins.clone();
+    let target = shared.limits.low();
     let result = tokio::task::spawn_blocking(move || {
         let protected = catalog::pinned(&store, &config_pins);
         store.evict(target, &protected)
@@ -99,12 +99,12 @@ pub(super) async fn run(inner: &Arc<Inner>) {
     .await;
     match result {
         Ok(Ok(evicted)) => {
-            forget(inner, &evicted);
+            forget(shared, &evicted);
             info!(
                 blobs = evicted.blobs,
                 manifests = evicted.manifests.len(),
                 bytes = evicted.bytes,
-                store_bytes = inner.store.size_bytes(),
+                store_bytes = shared.store.size_bytes(),
                 "evicted least recently used content"
             );
         }
@@ -114,10 +114,10 @@ pub(super) async fn run(inner: &Arc<Inner>) {
 }
 
 /// After a removal: manifests leave the memory cache, metrics catch up.
-pub(super) fn forget(inner: &Inner, evicted: &crate::store::Evicted) {
+pub(super) fn forget(shared: &Shared, evicted: &crate::store::Evicted) {
     for manifest in &evicted.manifests {
-        inner.hot.invalidate(manifest);
+        shared.hot.invalidate(manifest);
     }
-    inner.metrics.evicted_blobs.inc_by(evicted.blobs as u64);
-    inner.metrics.evicted_bytes.inc_by(evicted.bytes);
+    shared.metrics.evicted_blobs.inc_by(evicted.blobs as u64);
+    shared.metrics.evicted_bytes.inc_by(evicted.bytes);
 }

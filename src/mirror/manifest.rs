@@ -1,10 +1,38 @@
-//! A manifest as served: exact upstream bytes, media type, digest; and the
-//! digests it references, which upstream thereby vouches its repository has.
+//! Manifests: the type as served (exact upstream bytes, media type, digest,
+//! and the digests it references, which upstream thereby vouches its
+//! repository has) and the policy that finds one. By digest, a stored
+//! manifest is served without asking upstream. By tag, the index answers
+//! inside the tag's TTL; after it, a `HEAD` upstream revalidates (free on
+//! Docker Hub) and the manifest is fetched again only if the digest moved;
+//! upstream 5xx, 429 or timeouts get the cached copy (stale), a 404 never.
+//! Each lookup runs once however many clients ask at the same moment.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Deserialize;
+use tracing::warn;
 
-use crate::reference::Digest;
+use super::error::{Error, Result};
+use super::{evict, flight, Accept, Outcome, Shared};
+use crate::clock;
+use crate::reference::{Digest, Reference, Repository};
+use crate::store::{self, TagRecord};
+use crate::upstream;
+
+/// Memory for the cache of manifests recently served.
+const HOT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Manifest lookups in progress, by repository and reference.
+pub(super) type Flights = flight::Flights<(Repository, Reference), (Arc<Manifest>, Outcome)>;
+
+/// The in-memory cache of manifests recently served, bounded by bytes.
+pub(super) fn hot_cache() -> moka::sync::Cache<Digest, Arc<Manifest>> {
+    moka::sync::Cache::builder()
+        .max_capacity(HOT_BYTES)
+        .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
+        .build()
+}
 
 /// A verified manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +67,241 @@ impl Manifest {
             .chain(body.manifests)
             .filter_map(|d| Digest::parse(&d.digest).ok())
             .collect()
+    }
+}
+
+/// The manifest `reference` of `repo`, as the client's `accept` allows.
+pub(super) async fn lookup(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    reference: &Reference,
+    accept: &Accept,
+) -> Result<(Arc<Manifest>, Outcome)> {
+    match reference {
+        Reference::Digest(digest) => by_digest(shared, repo, digest, accept).await,
+        Reference::Tag(tag) => by_tag(shared, repo, tag, accept).await,
+    }
+}
+
+async fn by_tag(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    tag: &str,
+    accept: &Accept,
+) -> Result<(Arc<Manifest>, Outcome)> {
+    let cached = match shared.store.tag(repo, tag)? {
+        Some(record) if accept.allows(&record.media_type) => {
+            match Digest::parse(&record.digest).ok() {
+                Some(digest) => load(shared, &digest).await?.map(|m| (record, m)),
+                None => None,
+            }
+        }
+        _ => None,
+    };
+    let ttl = shared.tag_ttl.for_registry(repo.registry());
+    if let Some((record, manifest)) = &cached {
+        let age = clock::unix_ms().saturating_sub(record.checked_at);
+        if u128::from(age) < ttl.as_millis() {
+            return Ok((manifest.clone(), Outcome::Hit));
+        }
+        // Upstream's budget is nearly spent: keep it for real misses and
+        // stretch the TTL (the upstream logs when this starts).
+        if shared.upstream.budget_low(repo.registry()) {
+            return Ok((manifest.clone(), Outcome::Stale));
+        }
+    }
+    let key = (repo.clone(), Reference::Tag(tag.to_owned()));
+    let work = {
+        let shared = shared.clone();
+        let (repo, tag, accept) = (repo.clone(), tag.to_owned(), accept.clone());
+        async move { resolve_tag(&shared, &repo, &tag, &accept, cached).await }
+    };
+    let (result, joined) = shared.manifest_flights.run(key, work).await;
+    result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
+}
+async fn by_digest(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    digest: &Digest,
+    accept: &Accept,
+) -> Result<(Arc<Manifest>, Outcome)> {
+    if let Some(manifest) = load(shared, digest).await? {
+        if !shared.store.is_linked(repo, digest)? {
+            // Cached for another repository: only upstream may say this
+            // one has it too.
+            let reference = Reference::Digest(digest.clone());
+            shared
+                .upstream
+                .head_manifest(repo, &reference, &accept.upstream_header())
+                .await
+                .map_err(|e| manifest_error(e, repo, &reference))?;
+            shared.store.link(repo, digest)?;
+        }
+        return Ok((manifest, Outcome::Hit));
+    }
+    let reference = Reference::Digest(digest.clone());
+    let work = {
+        let shared = shared.clone();
+        let (repo, reference, accept) = (repo.clone(), reference.clone(), accept.clone());
+        async move {
+            let manifest = fetch(&shared, &repo, &reference, &accept).await?;
+            Ok((manifest, Outcome::Miss))
+        }
+    };
+    let (result, joined) = shared
+        .manifest_flights
+        .run((repo.clone(), reference), work)
+        .await;
+    result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
+}
+
+/// A tag past its TTL (or not cached): `HEAD` upstream, re-fetch only if
+/// the digest moved, serve the cached copy if upstream is unavailable.
+async fn resolve_tag(
+    shared: &Shared,
+    repo: &Repository,
+    tag: &str,
+    accept: &Accept,
+    cached: Option<(TagRecord, Arc<Manifest>)>,
+) -> Result<(Arc<Manifest>, Outcome)> {
+    let reference = Reference::Tag(tag.to_owned());
+    let Some((mut record, manifest)) = cached else {
+        return Ok((
+            fetch(shared, repo, &reference, accept).await?,
+            Outcome::Miss,
+        ));
+    };
+    let head = shared
+        .upstream
+        .head_manifest(repo, &reference, &accept.upstream_header())
+        .await;
+    let result = match head {
+        Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
+            record.checked_at = clock::unix_ms();
+            shared.store.put_tag(repo, tag, &record)?;
+            return Ok((manifest, Outcome::Revalidated));
+        }
+        Ok(_) => fetch(shared, repo, &reference, accept).await,
+        Err(e) => Err(manifest_error(e, repo, &reference)),
+    };
+    match result {
+        Ok(fresh) => Ok((fresh, Outcome::Miss)),
+        Err(Error::Upstream(e)) if e.is_unavailable() => {
+            warn!(repository = %repo, tag, error = %e, "upstream unavailable, serving stale tag");
+            Ok((manifest, Outcome::Stale))
+        }
+        Err(e @ Error::ManifestUnknown { .. }) => {
+            shared.store.remove_tag(repo, tag)?;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `GET` a manifest upstream, verify it, store it, link what it names.
+async fn fetch(
+    shared: &Shared,
+    repo: &Repository,
+    reference: &Reference,
+    accept: &Accept,
+) -> Result<Arc<Manifest>> {
+    let response = shared
+        .upstream
+        .get_manifest(repo, reference, &accept.upstream_header())
+        .await
+        .map_err(|e| manifest_error(e, repo, reference))?;
+    let actual = Digest::of(&response.bytes);
+    let expected = match reference {
+        Reference::Digest(d) => Some(d.clone()),
+        Reference::Tag(_) => response.digest.clone(),
+    };
+    if let Some(expected) = expected.filter(|e| *e != actual) {
+        shared.metrics.digest_mismatches.inc();
+        return Err(Error::DigestMismatch {
+            repo: repo.clone(),
+            expected,
+            actual,
+        });
+    }
+    let manifest = Arc::new(Manifest {
+        digest: actual,
+        media_type: response.media_type,
+        bytes: response.bytes,
+    });
+    let store = shared.store.clone();
+    let stored = manifest.clone();
+    tokio::task::spawn_blocking(move || {
+        store.put_bytes(
+            &stored.digest,
+            Some(stored.media_type.clone()),
+            &stored.bytes,
+        )
+    })
+    .await??;
+    // Upstream serving this manifest for `repo` vouches that `repo` has
+    // everything it names (registries refuse manifests otherwise).
+    shared.store.link(repo, &manifest.digest)?;
+    let children = manifest.references();
+    for child in &children {
+        shared.store.link(repo, child)?;
+    }
+    shared.store.add_refs(&manifest.digest, &children)?;
+    evict::check(shared);
+    if let Reference::Tag(tag) = reference {
+        // A client that accepts only some types may get a converted
+        // manifest: it must not become what the tag means for others.
+        if accept.is_complete() {
+            let record = TagRecord {
+                digest: manifest.digest.to_string(),
+                media_type: manifest.media_type.clone(),
+                checked_at: clock::unix_ms(),
+            };
+            shared.store.put_tag(repo, tag, &record)?;
+        }
+    }
+    shared.hot.insert(manifest.digest.clone(), manifest.clone());
+    Ok(manifest)
+}
+
+/// A stored manifest, from memory if hot.
+pub(super) async fn load(shared: &Shared, digest: &Digest) -> Result<Option<Arc<Manifest>>> {
+    if let Some(manifest) = shared.hot.get(digest) {
+        return Ok(Some(manifest));
+    }
+    let store = shared.store.clone();
+    let key = digest.clone();
+    let loaded = tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Bytes)>> {
+        let Some(blob) = store.open_blob(&key)? else {
+            return Ok(None);
+        };
+        let Some(media_type) = blob.meta.media_type.clone() else {
+            return Ok(None);
+        };
+        let bytes = blob
+            .reader
+            .read_all(blob.meta.size)
+            .map_err(|e| store::Error::io(key.hex(), e))?;
+        Ok(Some((media_type, bytes)))
+    })
+    .await??;
+    Ok(loaded.map(|(media_type, bytes)| {
+        let manifest = Arc::new(Manifest {
+            digest: digest.clone(),
+            media_type,
+            bytes,
+        });
+        shared.hot.insert(digest.clone(), manifest.clone());
+        manifest
+    }))
+}
+
+fn manifest_error(e: upstream::Error, repo: &Repository, reference: &Reference) -> Error {
+    match e {
+        upstream::Error::NotFound { .. } => Error::ManifestUnknown {
+            repo: repo.clone(),
+            reference: reference.to_string(),
+        },
+        e => Error::Upstream(e),
     }
 }
 

@@ -11,6 +11,12 @@
 //!   never.
 //! - Content cached for one repository is served to another only after
 //!   upstream confirms that repository has it (no cross-repository leaks).
+//!
+//! This file is the facade the registry calls and the state every part
+//! shares (`Shared`); each policy has its own file: `blob` (blobs, and their
+//! downloads through `fill` and `stream`), `manifest`, `tag_list`; `flight`
+//! is single-flight for small lookups, `evict` keeps the size limit,
+//! `catalog` lists, pins and removes whole images.
 
 mod accept;
 mod blob;
@@ -22,12 +28,10 @@ mod flight;
 mod manifest;
 mod outcome;
 mod stream;
+mod tag_list;
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use bytes::Bytes;
-use tracing::warn;
 
 pub use accept::Accept;
 pub use blob::Blob;
@@ -35,52 +39,47 @@ pub use error::{Error, Result, UpstreamFailure};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
 pub use stream::ByteStream;
+pub use tag_list::TagList;
 
-use crate::clock;
 use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
-use crate::store::{self, Store, TagRecord};
+use crate::store::{self, Store};
 use crate::upstream;
-
-/// How long a proxied tag list is reused.
-const TAG_LIST_TTL: Duration = Duration::from_secs(30);
-/// Memory for the hot-manifest cache.
-const HOT_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
-
-/// A tag list page.
-#[derive(Debug, Clone)]
-pub struct TagList {
-    pub bytes: Bytes,
-    pub content_type: String,
-    /// Upstream's `Link` to the next page, if any.
-    pub link: Option<String>,
-}
-
-/// Manifest lookups in progress, by repository and reference.
-type ManifestFlights = flight::Flights<(Repository, Reference), (Arc<Manifest>, Outcome)>;
 
 /// The mirror, shared by every request (cheap to clone).
 #[derive(Clone)]
 pub struct Mirror {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
-struct Inner {
+/// What every lookup, download and the eviction task share.
+struct Shared {
+    /// Blobs, manifests, tags, links and pins.
     store: Arc<Store>,
+    /// The registries hoard mirrors.
     upstream: upstream::Client,
+    /// The store's settings: size limits, pins, tag expiry.
     config: StoreConfig,
+    /// How long a tag is served without asking upstream, per registry.
     tag_ttl: TagTtl,
     metrics: Arc<Metrics>,
+    /// Manifests recently served, by digest (bounded by bytes).
     hot: moka::sync::Cache<Digest, Arc<Manifest>>,
+    /// Tag list pages recently proxied, by `repository?query`.
     tag_lists: moka::sync::Cache<String, TagList>,
-    manifest_flights: Arc<ManifestFlights>,
+    /// Manifest lookups in progress (single-flight).
+    manifest_flights: Arc<manifest::Flights>,
+    /// Blob downloads in progress (single-flight, streaming).
     fills: blob::Fills,
+    /// The store's size limit.
     limits: evict::Limits,
+    /// Wakes the eviction task (a commit past the high-water mark, a full
+    /// disk, the mirror dropped).
     evict_wake: Arc<tokio::sync::Notify>,
 }
 
-impl Drop for Inner {
+impl Drop for Shared {
     fn drop(&mut self) {
         // Lets the eviction task see the mirror is gone and stop.
         self.evict_wake.notify_one();
@@ -104,35 +103,29 @@ impl Mirror {
         });
         store.report_size_to(metrics.store_bytes.clone());
         metrics.store_max_bytes.set(max as i64);
-        let inner = Arc::new(Inner {
+        let shared = Arc::new(Shared {
             store,
             upstream,
             config,
             tag_ttl,
             metrics,
-            hot: moka::sync::Cache::builder()
-                .max_capacity(HOT_MANIFEST_BYTES)
-                .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
-                .build(),
-            tag_lists: moka::sync::Cache::builder()
-                .max_capacity(1024)
-                .time_to_live(TAG_LIST_TTL)
-                .build(),
+            hot: manifest::hot_cache(),
+            tag_lists: tag_list::cache(),
             manifest_flights: Arc::default(),
             fills: blob::Fills::default(),
             limits: evict::Limits { max },
             evict_wake: Arc::default(),
         });
-        evict::spawn(&inner);
-        evict::check(&inner);
-        Mirror { inner }
+        evict::spawn(&shared);
+        evict::check(&shared);
+        Mirror { shared }
     }
 
     /// Cached tags (the admin API's list), optionally of one registry.
     pub async fn images(&self, registry: Option<String>) -> Result<Vec<catalog::CachedImage>> {
-        let inner = self.inner.clone();
+        let shared = self.shared.clone();
         let images = tokio::task::spawn_blocking(move || {
-            catalog::images(&inner.store, &inner.config.pins, registry.as_deref())
+            catalog::images(&shared.store, &shared.config.pins, registry.as_deref())
         })
         .await??;
         Ok(images)
@@ -140,7 +133,7 @@ impl Mirror {
 
     /// Every pin, from the config file and added at run time.
     pub fn pins(&self) -> Vec<String> {
-        catalog::all_pins(&self.inner.store, &self.inner.config.pins)
+        catalog::all_pins(&self.shared.store, &self.shared.config.pins)
             .iter()
             .map(ToString::to_string)
             .collect()
@@ -148,41 +141,41 @@ impl Mirror {
 
     /// Pins an image (durable); true if it was not pinned yet.
     pub async fn pin(&self, image: &crate::reference::ImageRef) -> Result<bool> {
-        Ok(self.inner.store.add_pin(&image.to_string())?)
+        Ok(self.shared.store.add_pin(&image.to_string())?)
     }
 
     /// Removes a run-time pin; true if there was one. Pins from the config
     /// file stay until the file changes.
     pub async fn unpin(&self, image: &crate::reference::ImageRef) -> Result<bool> {
-        Ok(self.inner.store.remove_pin(&image.to_string())?)
+        Ok(self.shared.store.remove_pin(&image.to_string())?)
     }
 
     /// Removes one image from the store (pinned content stays).
     pub async fn evict_image(&self, image: &crate::reference::ImageRef) -> Result<store::Evicted> {
-        let inner = self.inner.clone();
+        let shared = self.shared.clone();
         let image = image.clone();
         let evicted = tokio::task::spawn_blocking(move || {
-            catalog::evict_image(&inner.store, &inner.config.pins, &image)
+            catalog::evict_image(&shared.store, &shared.config.pins, &image)
         })
         .await??;
-        evict::forget(&self.inner, &evicted);
+        evict::forget(&self.shared, &evicted);
         Ok(evicted)
     }
 
     /// Re-hashes every stored blob; mismatches are quarantined and dropped
     /// from the index (a reader that has one open finishes its transfer).
     pub async fn verify(&self) -> Result<store::VerifyReport> {
-        let store = self.inner.store.clone();
+        let store = self.shared.store.clone();
         let report = tokio::task::spawn_blocking(move || store.verify(|_, _| {})).await??;
         for digest in &report.quarantined {
-            self.inner.hot.invalidate(digest);
+            self.shared.hot.invalidate(digest);
         }
         Ok(report)
     }
 
     /// Removes blobs no manifest names.
     pub async fn gc(&self) -> Result<store::GcReport> {
-        let store = self.inner.store.clone();
+        let store = self.shared.store.clone();
         let report = tokio::task::spawn_blocking(move || store.gc()).await??;
         Ok(report)
     }
@@ -194,23 +187,19 @@ impl Mirror {
         reference: &Reference,
         accept: &Accept,
     ) -> Result<(Arc<Manifest>, Outcome)> {
-        let inner = &self.inner;
-        inner.check_registry(repo)?;
-        let result = match reference {
-            Reference::Digest(digest) => inner.manifest_by_digest(repo, digest, accept).await,
-            Reference::Tag(tag) => self.manifest_by_tag(repo, tag, accept).await,
-        };
+        self.shared.check_registry(repo)?;
+        let result = manifest::lookup(&self.shared, repo, reference, accept).await;
         if let Ok((_, outcome)) = &result {
-            inner.count("manifest", *outcome);
+            self.shared.count("manifest", *outcome);
         }
         result
     }
 
     /// A blob of `repo`, from the store or streaming in from upstream.
     pub async fn blob(&self, repo: &Repository, digest: &Digest) -> Result<Blob> {
-        self.inner.check_registry(repo)?;
-        let blob = blob::lookup(&self.inner, repo, digest).await?;
-        self.inner.count("blob", blob.outcome);
+        self.shared.check_registry(repo)?;
+        let blob = blob::lookup(&self.shared, repo, digest).await?;
+        self.shared.count("blob", blob.outcome);
         Ok(blob)
     }
 
@@ -220,50 +209,17 @@ impl Mirror {
         repo: &Repository,
         digest: &Digest,
     ) -> Result<(Option<u64>, Outcome)> {
-        self.inner.check_registry(repo)?;
-        let (len, outcome) = blob::head(&self.inner, repo, digest).await?;
-        self.inner.count("blob", outcome);
+        self.shared.check_registry(repo)?;
+        let (len, outcome) = blob::head(&self.shared, repo, digest).await?;
+        self.shared.count("blob", outcome);
         Ok((len, outcome))
     }
 
     /// A tag list page of `repo` (`query` is the client's `n`/`last`),
     /// proxied with a short cache; from the index when upstream is down.
     pub async fn tags(&self, repo: &Repository, query: &str) -> Result<(TagList, Outcome)> {
-        let inner = &self.inner;
-        inner.check_registry(repo)?;
-        let key = format!("{repo}?{query}");
-        if let Some(list) = inner.tag_lists.get(&key) {
-            return Ok((list, Outcome::Hit));
-        }
-        match inner.upstream.get_tags(repo, query).await {
-            Ok(response) => {
-                let list = TagList {
-                    bytes: response.bytes,
-                    content_type: response
-                        .content_type
-                        .unwrap_or_else(|| "application/json".into()),
-                    link: response.link,
-                };
-                inner.tag_lists.insert(key, list.clone());
-                Ok((list, Outcome::Miss))
-            }
-            Err(upstream::Error::NotFound { .. }) => Err(Error::NameUnknown(repo.clone())),
-            Err(e) if e.is_unavailable() => {
-                let tags = inner.store.tags_of(repo)?;
-                if tags.is_empty() {
-                    return Err(e.into());
-                }
-                warn!(repository = %repo, error = %e, "upstream unavailable, listing cached tags");
-                let body = serde_json::json!({ "name": repo.name(), "tags": tags });
-                let list = TagList {
-                    bytes: serde_json::to_vec(&body).expect("json").into(),
-                    content_type: "application/json".into(),
-                    link: None,
-                };
-                Ok((list, Outcome::Stale))
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.shared.check_registry(repo)?;
+        tag_list::lookup(&self.shared, repo, query).await
     }
 
     /// Waits (at most `limit`) for blob downloads in progress to end, so a
@@ -271,14 +227,14 @@ impl Mirror {
     /// rest (their temp files are deleted, never promoted).
     pub async fn drain(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while !self.inner.fills.is_empty() {
+        while !self.shared.fills.is_empty() {
             if tokio::time::Instant::now() >= deadline {
-                self.inner.fills.abort_all();
+                self.shared.fills.abort_all();
                 // The writers notice on their blocking threads and delete
                 // their temp files: give them a moment, so a clean stop
                 // leaves no temp file behind.
                 let settle = tokio::time::Instant::now() + Duration::from_secs(2);
-                while self.inner.store.open_temps() > 0 && tokio::time::Instant::now() < settle {
+                while self.shared.store.open_temps() > 0 && tokio::time::Instant::now() < settle {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 return false;
@@ -290,49 +246,11 @@ impl Mirror {
 
     /// Flushes the index; called on shutdown.
     pub fn flush(&self) -> Result<()> {
-        Ok(self.inner.store.flush()?)
-    }
-
-    async fn manifest_by_tag(
-        &self,
-        repo: &Repository,
-        tag: &str,
-        accept: &Accept,
-    ) -> Result<(Arc<Manifest>, Outcome)> {
-        let inner = &self.inner;
-        let cached = match inner.store.tag(repo, tag)? {
-            Some(record) if accept.allows(&record.media_type) => {
-                match Digest::parse(&record.digest).ok() {
-                    Some(digest) => inner.load_manifest(&digest).await?.map(|m| (record, m)),
-                    None => None,
-                }
-            }
-            _ => None,
-        };
-        let ttl = inner.tag_ttl.for_registry(repo.registry());
-        if let Some((record, manifest)) = &cached {
-            let age = clock::unix_ms().saturating_sub(record.checked_at);
-            if u128::from(age) < ttl.as_millis() {
-                return Ok((manifest.clone(), Outcome::Hit));
-            }
-            // Upstream's budget is nearly spent: keep it for real misses and
-            // stretch the TTL (the upstream logs when this starts).
-            if inner.upstream.budget_low(repo.registry()) {
-                return Ok((manifest.clone(), Outcome::Stale));
-            }
-        }
-        let key = (repo.clone(), Reference::Tag(tag.to_owned()));
-        let work = {
-            let inner = self.inner.clone();
-            let (repo, tag, accept) = (repo.clone(), tag.to_owned(), accept.clone());
-            async move { inner.resolve_tag(&repo, &tag, &accept, cached).await }
-        };
-        let (result, joined) = inner.manifest_flights.run(key, work).await;
-        result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
+        Ok(self.shared.store.flush()?)
     }
 }
 
-impl Inner {
+impl Shared {
     /// Whether the data file system has less free space than
     /// `store.min_free_space`: then new blobs are relayed, not cached.
     fn low_on_space(&self) -> bool {
@@ -354,191 +272,5 @@ impl Inner {
             .cache_requests
             .with_label_values(&[kind, outcome.as_str()])
             .inc();
-    }
-
-    async fn manifest_by_digest(
-        self: &Arc<Self>,
-        repo: &Repository,
-        digest: &Digest,
-        accept: &Accept,
-    ) -> Result<(Arc<Manifest>, Outcome)> {
-        if let Some(manifest) = self.load_manifest(digest).await? {
-            if !self.store.is_linked(repo, digest)? {
-                // Cached for another repository: only upstream may say this
-                // one has it too.
-                let reference = Reference::Digest(digest.clone());
-                self.upstream
-                    .head_manifest(repo, &reference, &accept.upstream_header())
-                    .await
-                    .map_err(|e| manifest_error(e, repo, &reference))?;
-                self.store.link(repo, digest)?;
-            }
-            return Ok((manifest, Outcome::Hit));
-        }
-        let reference = Reference::Digest(digest.clone());
-        let work = {
-            let inner = self.clone();
-            let (repo, reference, accept) = (repo.clone(), reference.clone(), accept.clone());
-            async move {
-                let manifest = inner.fetch_manifest(&repo, &reference, &accept).await?;
-                Ok((manifest, Outcome::Miss))
-            }
-        };
-        let (result, joined) = self
-            .manifest_flights
-            .run((repo.clone(), reference), work)
-            .await;
-        result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
-    }
-
-    /// A tag past its TTL (or not cached): `HEAD` upstream, re-fetch only if
-    /// the digest moved, serve the cached copy if upstream is unavailable.
-    async fn resolve_tag(
-        &self,
-        repo: &Repository,
-        tag: &str,
-        accept: &Accept,
-        cached: Option<(TagRecord, Arc<Manifest>)>,
-    ) -> Result<(Arc<Manifest>, Outcome)> {
-        let reference = Reference::Tag(tag.to_owned());
-        let Some((mut record, manifest)) = cached else {
-            return Ok((
-                self.fetch_manifest(repo, &reference, accept).await?,
-                Outcome::Miss,
-            ));
-        };
-        let head = self
-            .upstream
-            .head_manifest(repo, &reference, &accept.upstream_header())
-            .await;
-        let result = match head {
-            Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
-                record.checked_at = clock::unix_ms();
-                self.store.put_tag(repo, tag, &record)?;
-                return Ok((manifest, Outcome::Revalidated));
-            }
-            Ok(_) => self.fetch_manifest(repo, &reference, accept).await,
-            Err(e) => Err(manifest_error(e, repo, &reference)),
-        };
-        match result {
-            Ok(fresh) => Ok((fresh, Outcome::Miss)),
-            Err(Error::Upstream(e)) if e.is_unavailable() => {
-                warn!(repository = %repo, tag, error = %e, "upstream unavailable, serving stale tag");
-                Ok((manifest, Outcome::Stale))
-            }
-            Err(e @ Error::ManifestUnknown { .. }) => {
-                self.store.remove_tag(repo, tag)?;
-                Err(e)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// `GET` a manifest upstream, verify it, store it, link what it names.
-    async fn fetch_manifest(
-        &self,
-        repo: &Repository,
-        reference: &Reference,
-        accept: &Accept,
-    ) -> Result<Arc<Manifest>> {
-        let response = self
-            .upstream
-            .get_manifest(repo, reference, &accept.upstream_header())
-            .await
-            .map_err(|e| manifest_error(e, repo, reference))?;
-        let actual = Digest::of(&response.bytes);
-        let expected = match reference {
-            Reference::Digest(d) => Some(d.clone()),
-            Reference::Tag(_) => response.digest.clone(),
-        };
-        if let Some(expected) = expected.filter(|e| *e != actual) {
-            self.metrics.digest_mismatches.inc();
-            return Err(Error::DigestMismatch {
-                repo: repo.clone(),
-                expected,
-                actual,
-            });
-        }
-        let manifest = Arc::new(Manifest {
-            digest: actual,
-            media_type: response.media_type,
-            bytes: response.bytes,
-        });
-        let store = self.store.clone();
-        let stored = manifest.clone();
-        tokio::task::spawn_blocking(move || {
-            store.put_bytes(
-                &stored.digest,
-                Some(stored.media_type.clone()),
-                &stored.bytes,
-            )
-        })
-        .await??;
-        // Upstream serving this manifest for `repo` vouches that `repo` has
-        // everything it names (registries refuse manifests otherwise).
-        self.store.link(repo, &manifest.digest)?;
-        let children = manifest.references();
-        for child in &children {
-            self.store.link(repo, child)?;
-        }
-        self.store.add_refs(&manifest.digest, &children)?;
-        evict::check(self);
-        if let Reference::Tag(tag) = reference {
-            // A client that accepts only some types may get a converted
-            // manifest: it must not become what the tag means for others.
-            if accept.is_complete() {
-                let record = TagRecord {
-                    digest: manifest.digest.to_string(),
-                    media_type: manifest.media_type.clone(),
-                    checked_at: clock::unix_ms(),
-                };
-                self.store.put_tag(repo, tag, &record)?;
-            }
-        }
-        self.hot.insert(manifest.digest.clone(), manifest.clone());
-        Ok(manifest)
-    }
-
-    /// A stored manifest, from memory if hot.
-    async fn load_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>> {
-        if let Some(manifest) = self.hot.get(digest) {
-            return Ok(Some(manifest));
-        }
-        let store = self.store.clone();
-        let key = digest.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Bytes)>> {
-                let Some(blob) = store.open_blob(&key)? else {
-                    return Ok(None);
-                };
-                let Some(media_type) = blob.meta.media_type.clone() else {
-                    return Ok(None);
-                };
-                let bytes = blob
-                    .reader
-                    .read_all(blob.meta.size)
-                    .map_err(|e| store::Error::io(key.hex(), e))?;
-                Ok(Some((media_type, bytes)))
-            })
-            .await??;
-        Ok(loaded.map(|(media_type, bytes)| {
-            let manifest = Arc::new(Manifest {
-                digest: digest.clone(),
-                media_type,
-                bytes,
-            });
-            self.hot.insert(digest.clone(), manifest.clone());
-            manifest
-        }))
-    }
-}
-
-fn manifest_error(e: upstream::Error, repo: &Repository, reference: &Reference) -> Error {
-    match e {
-        upstream::Error::NotFound { .. } => Error::ManifestUnknown {
-            repo: repo.clone(),
-            reference: reference.to_string(),
-        },
-        e => Error::Upstream(e),
     }
 }

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::error::Error;
 use super::fill::{Fill, Source};
-use super::Inner;
+use super::Shared;
 use crate::reference::{Digest, Repository};
 use crate::store::BlobReader;
 
@@ -220,7 +220,7 @@ async fn pump(
 
 /// Where a reader of a failed download can get the rest of the blob.
 pub(super) struct Resume {
-    pub inner: Arc<Inner>,
+    pub shared: Arc<Shared>,
     pub repo: Repository,
     pub digest: Digest,
     pub len: Option<u64>,
@@ -244,7 +244,7 @@ async fn resume_from(
     let on_disk = reader.file_len().unwrap_or(0);
     let from = pos.min(on_disk);
     let response = match resume
-        .inner
+        .shared
         .upstream
         .get_blob_from(&resume.repo, &resume.digest, from)
         .await
