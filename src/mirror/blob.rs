@@ -4,83 +4,26 @@
 //! chunk as it arrives and hands it to readers from memory, while a blocking
 //! thread appends it to the temp file, and commits only verified bytes.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::error::{Error, Result};
 use super::fill::{Fill, FillState};
-use super::stream::{self, ByteStream};
+use super::fills::Lead;
+use super::stream::{self, ByteStream, Follow, Handoff};
 use super::{Outcome, Shared};
 use crate::reference::{Digest, Repository};
-use crate::store::{self, BlobWriter, StoredBlob, VerifiedBlob};
+use crate::store::{self, BlobReader, BlobWriter, StoredBlob, VerifiedBlob};
 use crate::upstream;
 
 /// Chunks queued between the network and the writer thread.
 const WRITE_QUEUE: usize = 16;
 /// Bytes received between two wake-ups of the readers.
 const ANNOUNCE_EVERY: u64 = 128 << 10;
-
-/// Downloads in progress, by digest.
-#[derive(Default)]
-pub(super) struct Fills {
-    map: Mutex<HashMap<Digest, Running>>,
-}
-
-struct Running {
-    fill: Arc<Fill>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Fills {
-    pub(super) fn is_empty(&self) -> bool {
-        self.map.lock().is_empty()
-    }
-
-    fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
-        self.map.lock().get(digest).map(|r| r.fill.clone())
-    }
-
-    /// Cancels every download (shutdown past its grace period): temp files
-    /// are deleted and readers get a cut connection.
-    pub(super) fn abort_all(&self) {
-        for running in self.map.lock().values() {
-            running.task.abort();
-        }
-    }
-}
-
-/// Ends a fill however its task ends (finished, failed or aborted): readers
-/// are told, the map entry goes, the gauge comes down.
-struct FillGuard {
-    shared: Arc<Shared>,
-    digest: Digest,
-    fill: Arc<Fill>,
-}
-
-impl Drop for FillGuard {
-    fn drop(&mut self) {
-        if !self.fill.is_finished() {
-            self.fill.set(FillState::Failed(Error::Internal(
-                "download cancelled".into(),
-            )));
-        }
-        let mut fills = self.shared.fills.map.lock();
-        if fills
-            .get(&self.digest)
-            .is_some_and(|r| Arc::ptr_eq(&r.fill, &self.fill))
-        {
-            fills.remove(&self.digest);
-        }
-        drop(fills);
-        self.shared.metrics.inflight_fetches.dec();
-    }
-}
 
 /// A blob ready to be sent.
 pub struct Blob {
@@ -96,6 +39,8 @@ pub struct Blob {
 enum Source {
     /// From the store; the callback takes the blob out if it proves damaged.
     Stored(StoredBlob, stream::OnDamaged),
+    /// Following a download; the callback finishes a transfer the download
+    /// fails locally.
     Filling(Arc<Fill>, stream::Resume),
     /// Not cached (the disk is nearly full): upstream's body relayed to
     /// this one client, still verified.
@@ -117,14 +62,13 @@ impl Blob {
         let served = self.served.with_label_values(&[source]);
         match self.source {
             Source::Stored(blob, on_damaged) => {
-                stream::spawn(blob.reader, start, end, None, Some(on_damaged), served)
+                stream::spawn(blob.reader, start, end, Follow::Stored(on_damaged), served)
             }
             Source::Filling(fill, resume) => stream::spawn(
                 fill.reader(),
                 start,
                 end,
-                Some((fill, resume)),
-                None,
+                Follow::Fill(fill, resume),
                 served,
             ),
             Source::Passthrough(response, digest) => {
@@ -134,12 +78,16 @@ impl Blob {
     }
 }
 
+/// What a request does about a blob.
 enum Step {
+    /// Serve it from the store.
     Stored(StoredBlob),
+    /// Follow the download another request leads.
     Join(Arc<Fill>),
+    /// Follow the download this request just started.
     Lead(Arc<Fill>),
+    /// Relay it uncached (the disk is nearly full).
     Passthrough,
-    Confirm,
 }
 
 /// Finds or fetches `digest` for `repo`.
@@ -149,106 +97,103 @@ pub(super) async fn lookup(
     digest: &Digest,
 ) -> Result<Blob> {
     let mut confirmed = false;
-    loop {
-        let step = match stored(shared, repo, digest, confirmed)? {
-            Some(step) => step,
+    let step = loop {
+        match decide(shared, repo, digest, confirmed)? {
+            Some(step) => break step,
             None => {
-                // Decide under the lock, re-checking the store: a fill
-                // commits before it leaves the map, so there is no moment
-                // when neither shows the blob.
-                let mut fills = shared.fills.map.lock();
-                if let Some(fill) = fills.get(digest).map(|r| r.fill.clone()) {
-                    if confirmed || fill.repo() == repo || shared.store.is_linked(repo, digest)? {
-                        Step::Join(fill.clone())
-                    } else {
-                        Step::Confirm
-                    }
-                } else if let Some(step) = stored(shared, repo, digest, confirmed)? {
-                    step
-                } else if shared.low_on_space() {
-                    Step::Passthrough
-                } else {
-                    let writer = shared.store.create_download()?;
-                    let fill = Arc::new(Fill::new(repo.clone(), writer.reader()));
-                    // Spawned under the lock: the task cannot end (and
-                    // remove its entry) before the entry exists.
-                    let task = tokio::spawn(run(
-                        shared.clone(),
-                        repo.clone(),
-                        digest.clone(),
-                        fill.clone(),
-                        writer,
-                    ));
-                    fills.insert(
-                        digest.clone(),
-                        Running {
-                            fill: fill.clone(),
-                            task: task.abort_handle(),
-                        },
-                    );
-                    Step::Lead(fill)
-                }
-            }
-        };
-        let (source, outcome, len) = match step {
-            Step::Stored(blob) => {
-                let len = Some(blob.meta.size);
-                let on_damaged = damaged(shared, digest);
-                (Source::Stored(blob, on_damaged), Outcome::Hit, len)
-            }
-            Step::Join(fill) => {
-                // A verified download still being committed is as good as
-                // stored: a hit.
-                let outcome = if fill.is_complete() {
-                    Outcome::Hit
-                } else {
-                    Outcome::Coalesced
-                };
-                let len = fill.started().await?;
-                let resume = resume(shared, repo, digest, len);
-                (Source::Filling(fill, resume), outcome, len)
-            }
-            Step::Lead(fill) => {
-                let len = fill.started().await?;
-                let resume = resume(shared, repo, digest, len);
-                (Source::Filling(fill, resume), Outcome::Miss, len)
-            }
-            Step::Passthrough => {
-                // Relay without caching, and make room for next time.
-                shared.metrics.store_bypassed.inc();
-                shared.evict_wake.notify_one();
-                let response = shared
-                    .upstream
-                    .get_blob(repo, digest)
-                    .await
-                    .map_err(|e| blob_error(e, repo, digest))?;
-                let len = response.len;
-                (
-                    Source::Passthrough(response, digest.clone()),
-                    Outcome::Miss,
-                    len,
-                )
-            }
-            Step::Confirm => {
+                // Here (stored or downloading) but not known to be `repo`'s:
+                // only upstream may say it is. A link records what upstream
+                // said, whether or not the bytes are here yet.
                 shared
                     .upstream
                     .head_blob(repo, digest)
                     .await
                     .map_err(|e| blob_error(e, repo, digest))?;
-                // A link records what upstream said, whether or not the
-                // bytes are here yet (they may still be downloading).
                 shared.store.link(repo, digest)?;
                 confirmed = true;
-                continue;
             }
-        };
-        return Ok(Blob {
-            outcome,
-            len,
-            source,
-            served: shared.metrics.served_bytes.clone(),
-        });
+        }
+    };
+    let (source, outcome, len) = match step {
+        Step::Stored(blob) => {
+            let len = Some(blob.meta.size);
+            let on_damaged = damaged(shared, digest);
+            (Source::Stored(blob, on_damaged), Outcome::Hit, len)
+        }
+        Step::Join(fill) => {
+            // A verified download still being committed is as good as
+            // stored: a hit.
+            let outcome = if fill.is_complete() {
+                Outcome::Hit
+            } else {
+                Outcome::Coalesced
+            };
+            let len = fill.started().await?;
+            let resume = resume(shared, repo, digest, len);
+            (Source::Filling(fill, resume), outcome, len)
+        }
+        Step::Lead(fill) => {
+            let len = fill.started().await?;
+            let resume = resume(shared, repo, digest, len);
+            (Source::Filling(fill, resume), Outcome::Miss, len)
+        }
+        Step::Passthrough => {
+            // Relay without caching, and make room for next time.
+            shared.metrics.store_bypassed.inc();
+            shared.evict_wake.notify_one();
+            let response = shared
+                .upstream
+                .get_blob(repo, digest)
+                .await
+                .map_err(|e| blob_error(e, repo, digest))?;
+            let len = response.len;
+            (
+                Source::Passthrough(response, digest.clone()),
+                Outcome::Miss,
+                len,
+            )
+        }
+    };
+    Ok(Blob {
+        outcome,
+        len,
+        source,
+        served: shared.metrics.served_bytes.clone(),
+    })
+}
+
+/// What to do about `digest` for `repo`; `None`: it is here but upstream
+/// must first confirm `repo` has it (unless already `confirmed`). The
+/// download decision is taken under the downloads' lock, re-checking the
+/// store there: a download commits before its lead leaves the map, so there
+/// is no moment when neither shows the blob, and exactly one request leads.
+fn decide(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    digest: &Digest,
+    confirmed: bool,
+) -> Result<Option<Step>> {
+    if let Some(stored) = stored(shared, repo, digest, confirmed)? {
+        return Ok(stored);
     }
+    let mut fills = shared.fills.lock();
+    if let Some(fill) = fills.running(digest) {
+        let ours = confirmed || fill.repo() == repo || shared.store.is_linked(repo, digest)?;
+        return Ok(ours.then_some(Step::Join(fill)));
+    }
+    if let Some(stored) = stored(shared, repo, digest, confirmed)? {
+        return Ok(stored);
+    }
+    if shared.low_on_space() {
+        return Ok(Some(Step::Passthrough));
+    }
+    let writer = shared.store.create_download()?;
+    let fill = Arc::new(Fill::new(repo.clone(), writer.reader()));
+    fills.lead(digest, fill.clone(), |lead| {
+        let task = run(shared.clone(), repo.clone(), digest.clone(), lead, writer);
+        tokio::spawn(task).abort_handle()
+    });
+    Ok(Some(Step::Lead(fill)))
 }
 
 /// What to do when a stored blob reads short: it was changed behind hoard's
@@ -267,18 +212,57 @@ fn damaged(shared: &Arc<Shared>, digest: &Digest) -> stream::OnDamaged {
     })
 }
 
+/// Finishes a transfer whose download failed on the local side (disk full,
+/// I/O error): the rest comes from upstream (`Range` from where the temp
+/// file ends), relayed to that client, so it still gets the blob. When the
+/// client asked for the whole blob, the bytes already on disk are re-read
+/// to verify the whole before its last byte.
 fn resume(
     shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
     len: Option<u64>,
 ) -> stream::Resume {
-    stream::Resume {
-        shared: shared.clone(),
-        repo: repo.clone(),
-        digest: digest.clone(),
-        len,
+    let (shared, repo, digest) = (shared.clone(), repo.clone(), digest.clone());
+    Box::new(move |handoff: Handoff| {
+        Box::pin(async move {
+            // The reader may have sent bytes from memory that never reached
+            // the file: ask from where the file ends (or `pos`).
+            let on_disk = handoff.reader.file_len().unwrap_or(0);
+            let from = handoff.pos.min(on_disk);
+            let response = match shared.upstream.get_blob_from(&repo, &digest, from).await {
+                Ok(response) => response,
+                Err(e) => return handoff.fail(e.to_string()).await,
+            };
+            let whole = handoff.start == 0 && handoff.end.is_none_or(|end| Some(end) == len);
+            let hasher = match (whole, response.offset) {
+                (false, _) => None,
+                (true, 0) => Some(Sha256::new()),
+                (true, offset) => match hash_prefix(&handoff.reader, offset).await {
+                    Ok(hasher) => Some(hasher),
+                    Err(_) => {
+                        let message = "cannot re-read the partial download".to_owned();
+                        return handoff.fail(message).await;
+                    }
+                },
+            };
+            handoff.relay(response, digest, hasher).await;
+        })
+    })
+}
+
+/// Hashes the first `len` bytes `reader` holds.
+async fn hash_prefix(reader: &BlobReader, len: u64) -> std::io::Result<Sha256> {
+    let mut hasher = Sha256::new();
+    let mut pos = 0;
+    while pos < len {
+        let chunk = reader
+            .read(pos, (len - pos).min(stream::CHUNK) as usize)
+            .await?;
+        hasher.update(&chunk);
+        pos += chunk.len() as u64;
     }
+    Ok(hasher)
 }
 
 /// Answers a `HEAD`: from the store, a download in progress, or an upstream
@@ -293,7 +277,7 @@ pub(super) async fn head(
             return Ok((Some(meta.size), Outcome::Hit));
         }
     }
-    let fill = shared.fills.get(digest);
+    let fill = shared.fills.running(digest);
     if let Some(fill) = fill.filter(|f| f.repo() == repo) {
         return Ok((fill.started().await?, Outcome::Coalesced));
     }
@@ -309,41 +293,41 @@ pub(super) async fn head(
     }
 }
 
-/// The stored blob if present; `Confirm` if it is stored but not known to
-/// belong to `repo`.
+/// `None` if the blob is not stored; else the stored blob, or `Some(None)`
+/// if it is not known to belong to `repo` (and not `confirmed`).
 fn stored(
     shared: &Shared,
     repo: &Repository,
     digest: &Digest,
     confirmed: bool,
-) -> Result<Option<Step>> {
+) -> Result<Option<Option<Step>>> {
     if shared.store.blob_meta(digest)?.is_none() {
         return Ok(None);
     }
     if !confirmed && !shared.store.is_linked(repo, digest)? {
-        return Ok(Some(Step::Confirm));
+        return Ok(Some(None));
     }
-    Ok(shared.store.open_blob(digest)?.map(Step::Stored))
+    // Gone since (evicted): decide as if it never was.
+    Ok(shared
+        .store
+        .open_blob(digest)?
+        .map(|blob| Some(Step::Stored(blob))))
 }
 
-/// The download task: fetch and verify (then readers may finish), commit,
-/// then leave the map. Readers do not wait for the fsync: they are served
-/// from the verified temp file, which stays valid across the rename.
+/// The download task, holding the lead: fetch and verify (then readers may
+/// finish), commit, then drop the lead (leave the map). Readers do not wait
+/// for the fsync: they are served from the verified temp file, which stays
+/// valid across the rename.
 async fn run(
     shared: Arc<Shared>,
     repo: Repository,
     digest: Digest,
-    fill: Arc<Fill>,
+    lead: Lead,
     writer: BlobWriter,
 ) {
-    shared.metrics.inflight_fetches.inc();
-    let _guard = FillGuard {
-        shared: shared.clone(),
-        digest: digest.clone(),
-        fill: fill.clone(),
-    };
+    let fill = lead.fill();
     let started = Instant::now();
-    match download(&shared, &repo, &digest, &fill, writer).await {
+    match download(&shared, &repo, &digest, fill, writer).await {
         Ok(verified) => {
             fill.set(FillState::Complete {
                 len: verified.size(),
@@ -374,7 +358,7 @@ async fn run(
                 Error::DigestMismatch { .. } => shared.metrics.digest_mismatches.inc(),
                 Error::Store(_) => {
                     // Disk full or failing: readers fetch the rest from
-                    // upstream themselves (stream::resume_from); make room.
+                    // upstream themselves (`resume`); make room.
                     shared.metrics.store_write_errors.inc();
                     shared.evict_wake.notify_one();
                 }

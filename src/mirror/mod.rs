@@ -24,6 +24,7 @@ pub mod catalog;
 mod error;
 mod evict;
 mod fill;
+mod fills;
 mod flight;
 mod manifest;
 mod outcome;
@@ -71,7 +72,7 @@ struct Shared {
     /// Manifest lookups in progress (single-flight).
     manifest_flights: Arc<manifest::Flights>,
     /// Blob downloads in progress (single-flight, streaming).
-    fills: blob::Fills,
+    fills: Arc<fills::Fills>,
     /// The store's size limit.
     limits: evict::Limits,
     /// Wakes the eviction task (a commit past the high-water mark, a full
@@ -103,6 +104,7 @@ impl Mirror {
         });
         store.report_size_to(metrics.store_bytes.clone());
         metrics.store_max_bytes.set(max as i64);
+        let fills = fills::Fills::new(metrics.inflight_fetches.clone());
         let shared = Arc::new(Shared {
             store,
             upstream,
@@ -112,7 +114,7 @@ impl Mirror {
             hot: manifest::hot_cache(),
             tag_lists: tag_list::cache(),
             manifest_flights: Arc::default(),
-            fills: blob::Fills::default(),
+            fills,
             limits: evict::Limits { max },
             evict_wake: Arc::default(),
         });

@@ -1,26 +1,29 @@
-//! Blob bodies: a task reads the file in large positioned reads on the
-//! blocking pool and hands chunks to the response through a small bounded
-//! channel, so memory per transfer stays at a few chunks whatever the blob
-//! size. A client that goes away closes the channel and stops the task.
+//! Blob bodies: a task reads chunks (a stored blob, a download's window or
+//! temp file, an upstream body) and hands them to the response through a
+//! small bounded channel, so memory per transfer stays at a few chunks
+//! whatever the blob size. A client that goes away closes the channel and
+//! stops the task. This module only sends bytes: what happens when the
+//! local side fails a transfer (a damaged blob, a download that hit a full
+//! disk) is the mirror's decision, handed in as `Follow`.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use prometheus::IntCounter;
-use tokio::sync::mpsc;
-
 use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
 
 use super::error::Error;
 use super::fill::{Fill, Source};
-use super::Shared;
-use crate::reference::{Digest, Repository};
+use crate::reference::Digest;
 use crate::store::BlobReader;
 
 /// Bytes read from a file per chunk.
-const CHUNK: u64 = 256 * 1024;
+pub(super) const CHUNK: u64 = 256 * 1024;
 /// Chunks buffered per transfer.
 const DEPTH: usize = 2;
 
@@ -57,27 +60,80 @@ async fn deliver(tx: &mpsc::Sender<io::Result<Bytes>>, chunk: Bytes) -> bool {
 /// Called when a stored blob turns out shorter than its index says.
 pub(super) type OnDamaged = Box<dyn FnOnce() + Send>;
 
-/// Streams `reader[start..end]`; with `fill`, follows a download in
-/// progress (and `end` may be unknown until it completes). A stored blob
-/// that ends early (changed behind hoard's back) cuts this transfer and
-/// calls `on_damaged`.
+/// Called when a download a transfer follows fails on the local side (disk
+/// full, I/O error), with the transfer to finish: the mirror decides how.
+pub(super) type Resume =
+    Box<dyn FnOnce(Handoff) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// What a transfer reads, and who is told when the local side fails it.
+pub(super) enum Follow {
+    /// A stored blob; a short read (changed behind hoard's back) cuts the
+    /// transfer and calls the callback.
+    Stored(OnDamaged),
+    /// A download in progress, and who finishes the transfer if the
+    /// download fails locally.
+    Fill(Arc<Fill>, Resume),
+}
+
+/// A transfer the local side could not finish, handed over at `pos`.
+pub(super) struct Handoff {
+    /// The failed download's temp file, as far as it got.
+    pub reader: BlobReader,
+    /// The next byte the client needs.
+    pub pos: u64,
+    /// The range the client asked for (`end` unknown for a download of
+    /// unannounced length).
+    pub start: u64,
+    pub end: Option<u64>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    served: IntCounter,
+}
+
+impl Handoff {
+    /// Sends the client `[pos, end)` of `response`, an upstream body whose
+    /// first byte is at `response.offset`; with `hasher` (holding every
+    /// byte before that offset) the whole blob is verified against `digest`
+    /// before the last chunk goes out.
+    pub async fn relay(
+        self,
+        response: crate::upstream::BlobResponse,
+        digest: Digest,
+        hasher: Option<Sha256>,
+    ) {
+        pump(
+            response,
+            digest,
+            self.pos,
+            self.end,
+            hasher,
+            self.tx,
+            self.served,
+        )
+        .await;
+    }
+
+    /// Ends the transfer with an error: the client sees a cut connection.
+    pub async fn fail(self, message: String) {
+        let _ = self.tx.send(Err(io::Error::other(message))).await;
+    }
+}
+
+/// Streams `reader[start..end]` of what `follow` says (a download in
+/// progress may not know `end` until it completes).
 pub(super) fn spawn(
     reader: BlobReader,
     start: u64,
     end: Option<u64>,
-    fill: Option<(Arc<Fill>, Resume)>,
-    on_damaged: Option<OnDamaged>,
+    follow: Follow,
     served: IntCounter,
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel(DEPTH);
     tokio::spawn(async move {
-        let (fill, mut progress, mut resume) = match fill {
-            Some((fill, resume)) => {
-                let progress = fill.subscribe();
-                (Some(fill), Some(progress), Some(resume))
-            }
-            None => (None, None, None),
+        let (fill, mut on_damaged, mut resume) = match follow {
+            Follow::Stored(on_damaged) => (None, Some(on_damaged), None),
+            Follow::Fill(fill, resume) => (Some(fill), None, Some(resume)),
         };
+        let mut progress = fill.as_ref().map(|fill| fill.subscribe());
         let mut pos = start;
         while end.is_none_or(|end| pos < end) {
             let limit = match progress.as_mut() {
@@ -86,7 +142,15 @@ pub(super) fn spawn(
                     Ok(limit) => limit,
                     Err(Error::Store(_)) if resume.is_some() => {
                         let resume = resume.take().expect("checked");
-                        resume_from(reader, pos, start, end, resume, tx, served).await;
+                        let handoff = Handoff {
+                            reader,
+                            pos,
+                            start,
+                            end,
+                            tx,
+                            served,
+                        };
+                        resume(handoff).await;
                         return;
                     }
                     Err(e) => {
@@ -130,8 +194,8 @@ pub(super) fn spawn(
                     pos += n;
                 }
                 Err(e) => {
-                    if e.kind() == io::ErrorKind::UnexpectedEof && fill.is_none() {
-                        if let Some(on_damaged) = on_damaged {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        if let Some(on_damaged) = on_damaged.take() {
                             on_damaged();
                         }
                     }
@@ -216,73 +280,4 @@ async fn pump(
         served.inc_by(last.len() as u64);
         deliver(&tx, last).await;
     }
-}
-
-/// Where a reader of a failed download can get the rest of the blob.
-pub(super) struct Resume {
-    pub shared: Arc<Shared>,
-    pub repo: Repository,
-    pub digest: Digest,
-    pub len: Option<u64>,
-}
-
-/// The download a reader followed failed on the local side (disk full, I/O
-/// error): the reader asks upstream for the rest (`Range` from `pos`) and
-/// relays it, so its client still gets the blob. The bytes already sent are
-/// re-read from the open temp file to verify the whole.
-async fn resume_from(
-    reader: BlobReader,
-    pos: u64,
-    start: u64,
-    end: Option<u64>,
-    resume: Resume,
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    served: IntCounter,
-) {
-    // The reader may have sent bytes from memory that never reached the
-    // file: ask from where the file ends (or `pos`), and hash the rest.
-    let on_disk = reader.file_len().unwrap_or(0);
-    let from = pos.min(on_disk);
-    let response = match resume
-        .shared
-        .upstream
-        .get_blob_from(&resume.repo, &resume.digest, from)
-        .await
-    {
-        Ok(response) => response,
-        Err(e) => {
-            let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-            return;
-        }
-    };
-    let whole = start == 0 && end.is_none_or(|end| Some(end) == resume.len);
-    let hasher = match (whole, response.offset) {
-        (false, _) => None,
-        (true, 0) => Some(Sha256::new()),
-        (true, offset) => {
-            let prefix = hash_prefix(&reader, offset).await;
-            match prefix {
-                Ok(hasher) => Some(hasher),
-                _ => {
-                    let _ = tx
-                        .send(Err(io::Error::other("cannot re-read the partial download")))
-                        .await;
-                    return;
-                }
-            }
-        }
-    };
-    pump(response, resume.digest, pos, end, hasher, tx, served).await;
-}
-
-/// Hashes the first `len` bytes the reader holds.
-async fn hash_prefix(reader: &BlobReader, len: u64) -> io::Result<Sha256> {
-    let mut hasher = Sha256::new();
-    let mut pos = 0;
-    while pos < len {
-        let chunk = reader.read(pos, (len - pos).min(CHUNK) as usize).await?;
-        hasher.update(&chunk);
-        pos += chunk.len() as u64;
-    }
-    Ok(hasher)
 }
