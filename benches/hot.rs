@@ -58,9 +58,9 @@ fn index(c: &mut Criterion) {
         digests.push(digest);
     }
     let record = TagRecord {
-        digest: digests[0].to_string(),
+        digest: digests[0].clone(),
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-        checked_at: 0,
+        checked_at_ms: 0,
     };
     store.put_tag(&repo, "3.19", &record).unwrap();
     let mut i = 0;

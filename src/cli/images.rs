@@ -72,7 +72,7 @@ pub fn ls(target: &Target, registry: Option<String>) -> anyhow::Result<()> {
 /// characters, never by bytes, whatever they hold.
 fn row(image: &CachedImage) -> String {
     let checked = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(image.checked_at),
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(image.checked_at_ms),
     );
     let digest: String = image.digest.chars().take(19).collect();
     format!(
@@ -119,8 +119,8 @@ mod tests {
             digest: "sha256:ééééééééééééééééééééé".into(),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             size: 42,
-            checked_at: 0,
-            last_pulled: 0,
+            checked_at_ms: 0,
+            last_pulled_secs: 0,
             pinned: true,
         };
         let line = row(&image);

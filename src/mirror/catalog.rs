@@ -21,9 +21,11 @@ pub struct CachedImage {
     /// Bytes of everything the image needs that is in the store.
     pub size: u64,
     /// Unix milliseconds of the last time upstream confirmed the tag.
-    pub checked_at: u64,
+    #[serde(rename = "checked_at")]
+    pub checked_at_ms: u64,
     /// Unix seconds of the last time a client read its manifest.
-    pub last_pulled: u64,
+    #[serde(rename = "last_pulled")]
+    pub last_pulled_secs: u64,
     pub pinned: bool,
 }
 
@@ -59,7 +61,7 @@ pub fn resolve(store: &Store, image: &ImageRef) -> Option<Digest> {
             .tag(&image.repository, tag)
             .ok()
             .flatten()
-            .and_then(|r| Digest::parse(&r.digest).ok()),
+            .map(|r| r.digest),
     }
 }
 
@@ -85,10 +87,8 @@ pub fn images(
         if registry.is_some_and(|r| !key.starts_with(&format!("{r}/"))) {
             continue;
         }
-        let Ok(root) = Digest::parse(&record.digest) else {
-            continue;
-        };
-        let last_pulled = store.blob_meta(&root)?.map_or(0, |m| m.last_access);
+        let root = record.digest;
+        let last_pulled_ms = store.blob_meta(&root)?.map_or(0, |m| m.last_access_ms);
         let size = tree(store, &root)
             .iter()
             .filter_map(|d| store.blob_meta(d).ok().flatten())
@@ -97,11 +97,11 @@ pub fn images(
         out.push(CachedImage {
             image: key,
             pinned: protected.contains(&root),
-            digest: record.digest,
+            digest: root.to_string(),
             media_type: record.media_type,
             size,
-            checked_at: record.checked_at,
-            last_pulled,
+            checked_at_ms: record.checked_at_ms,
+            last_pulled_secs: last_pulled_ms / 1000,
         });
     }
     out.sort_by(|a, b| a.image.cmp(&b.image));
@@ -129,16 +129,16 @@ pub fn expire(
     config_pins: &[ImageRef],
     max_age: std::time::Duration,
 ) -> store::Result<Evicted> {
-    let cutoff = crate::clock::unix_secs().saturating_sub(max_age.as_secs());
+    let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    let cutoff_ms = crate::clock::unix_ms().saturating_sub(max_age_ms);
     let protected = pinned(store, config_pins);
     let mut total = Evicted::default();
     for (_, record) in store.all_tags()? {
-        let Ok(root) = Digest::parse(&record.digest) else {
-            continue;
-        };
+        let root = record.digest;
+        // Not pulled for `max_age` or longer.
         let stale = store
             .blob_meta(&root)?
-            .is_some_and(|meta| meta.last_access < cutoff);
+            .is_some_and(|meta| meta.last_access_ms <= cutoff_ms);
         if stale && !protected.contains(&root) {
             let evicted = store.remove_image(&tree(store, &root), &protected)?;
             total.blobs += evicted.blobs;
@@ -180,9 +180,9 @@ mod tests {
             .add_refs(&digest, std::slice::from_ref(&layer_digest))
             .unwrap();
         let record = TagRecord {
-            digest: digest.to_string(),
+            digest: digest.clone(),
             media_type: media_type.into(),
-            checked_at: 0,
+            checked_at_ms: 0,
         };
         store
             .put_tag(&Repository::new("docker.io", name).unwrap(), "1", &record)
@@ -208,7 +208,6 @@ mod tests {
         );
         assert_eq!(images(&store, &[], Some("ghcr.io")).unwrap().len(), 0);
 
-        std::thread::sleep(std::time::Duration::from_millis(1100));
         let evicted = expire(&store, &[], std::time::Duration::ZERO).unwrap();
         assert_eq!(evicted.manifests, vec![old.clone()]);
         assert!(store.blob_meta(&old_layer).unwrap().is_none());

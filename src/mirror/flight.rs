@@ -80,7 +80,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    #[tokio::test]
+    // A paused clock advances only when every task waits: the callers all
+    // get to join before the work's "50 ms" pass, however loaded the machine.
+    #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_one_run() {
         let flights: Arc<Flights<&'static str, usize>> = Arc::default();
         let runs = Arc::new(AtomicUsize::new(0));
@@ -108,7 +110,7 @@ mod tests {
         assert_eq!(flights.len(), 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn work_survives_a_dropped_leader_and_errors_are_not_kept() {
         let flights: Arc<Flights<u8, u8>> = Arc::default();
         let leader = {

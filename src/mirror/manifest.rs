@@ -91,16 +91,13 @@ async fn by_tag(
 ) -> Result<(Arc<Manifest>, Outcome)> {
     let cached = match shared.store.tag(repo, tag)? {
         Some(record) if accept.allows(&record.media_type) => {
-            match Digest::parse(&record.digest).ok() {
-                Some(digest) => load(shared, &digest).await?.map(|m| (record, m)),
-                None => None,
-            }
+            load(shared, &record.digest).await?.map(|m| (record, m))
         }
         _ => None,
     };
     let ttl = shared.tag_ttl.for_registry(repo.registry());
     if let Some((record, manifest)) = &cached {
-        let age = clock::unix_ms().saturating_sub(record.checked_at);
+        let age = clock::unix_ms().saturating_sub(record.checked_at_ms);
         if u128::from(age) < ttl.as_millis() {
             return Ok((manifest.clone(), Outcome::Hit));
         }
@@ -177,7 +174,7 @@ async fn resolve_tag(
         .await;
     let result = match head {
         Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
-            record.checked_at = clock::unix_ms();
+            record.checked_at_ms = clock::unix_ms();
             shared.store.put_tag(repo, tag, &record)?;
             return Ok((manifest, Outcome::Revalidated));
         }
@@ -252,9 +249,9 @@ async fn fetch(
         // manifest: it must not become what the tag means for others.
         if accept.is_complete() {
             let record = TagRecord {
-                digest: manifest.digest.to_string(),
+                digest: manifest.digest.clone(),
                 media_type: manifest.media_type.clone(),
-                checked_at: clock::unix_ms(),
+                checked_at_ms: clock::unix_ms(),
             };
             shared.store.put_tag(repo, tag, &record)?;
         }

@@ -13,7 +13,7 @@ use http::Response;
 use http_body::{Frame, SizeHint};
 use tracing::info;
 
-use crate::mirror::ByteStream;
+use crate::mirror::{ByteStream, Outcome};
 
 /// A JSON answer with its `Content-Type` and `Content-Length`; for a `HEAD`,
 /// the same headers without the body. Every JSON response (the API's, its
@@ -127,7 +127,8 @@ pub struct AccessLog {
     pub path: String,
     pub query: String,
     pub status: u16,
-    pub result: &'static str,
+    /// How the cache answered; `None` for requests it had no part in.
+    pub cache: Option<Outcome>,
     pub started: Instant,
     /// `Content-Length`: hyper stops polling once that much is sent.
     pub expected: Option<u64>,
@@ -143,7 +144,7 @@ impl AccessLog {
         path: String,
         query: String,
         status: u16,
-        result: &'static str,
+        cache: Option<Outcome>,
         started: Instant,
     ) -> AccessLog {
         AccessLog {
@@ -151,7 +152,7 @@ impl AccessLog {
             path,
             query,
             status,
-            result,
+            cache,
             started,
             expected: None,
             bytes: 0,
@@ -176,7 +177,7 @@ impl Drop for AccessLog {
             query = %self.query,
             status = self.status,
             bytes = self.bytes,
-            cache = self.result,
+            cache = self.cache.map_or("-", Outcome::as_str),
             body = end,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "request"

@@ -44,36 +44,36 @@ pub async fn handle<B>(
     };
     let (mut response, result) = match routed {
         Ok(route) => match admit(app, peer, &route, request.headers()).await {
-            Err(refusal) => (refused(app, &refusal), "-"),
+            Err(refusal) => (refused(app, &refusal), None),
             Ok(()) => match route {
-                route @ (Route::Metrics | Route::Healthz) => (meta(app, &method, route), "-"),
+                route @ (Route::Metrics | Route::Healthz) => (meta(app, &method, route), None),
                 _ if surface == Surface::MetricsOnly => (
                     error(&ApiError::new(Code::NotFound, "no such endpoint")),
-                    "-",
+                    None,
                 ),
                 route => dispatch(app, &method, route, &path, request.headers()).await,
             },
         },
         Err(RouteError::NotFound) => (
             error(&ApiError::new(Code::NotFound, "no such endpoint")),
-            "-",
+            None,
         ),
-        Err(RouteError::Invalid(e)) => (error(&ApiError::from(&e)), "-"),
+        Err(RouteError::Invalid(e)) => (error(&ApiError::from(&e)), None),
         Err(RouteError::TooLong) => (
             error(&ApiError::new(Code::UriTooLong, "request target too long")),
-            "-",
+            None,
         ),
     };
     response.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static(API_VERSION),
     );
-    if result != "-" {
+    if let Some(outcome) = result {
         // How the cache answered (hit, miss, revalidated, stale, coalesced),
         // like nginx's X-Cache-Status: for operators and `hoard warm`.
         response
             .headers_mut()
-            .insert("x-hoard-cache", HeaderValue::from_static(result));
+            .insert("x-hoard-cache", HeaderValue::from_static(outcome.as_str()));
     }
     let status = response.status();
     app.metrics
@@ -149,7 +149,7 @@ async fn dispatch(
     route: Route,
     path: &str,
     headers: &http::HeaderMap,
-) -> (Response<Body>, &'static str) {
+) -> (Response<Body>, Option<Outcome>) {
     let head = *method == Method::HEAD;
     if *method != Method::GET && !head {
         // Push, delete and anything else: a pull-through mirror is read-only.
@@ -158,11 +158,11 @@ async fn dispatch(
                 Code::Unsupported,
                 "this registry mirror is read-only",
             )),
-            "-",
+            None,
         );
     }
     let result = match route {
-        Route::Base => Ok((json_response(Bytes::from_static(b"{}"), head), "-")),
+        Route::Base => Ok((json_response(Bytes::from_static(b"{}"), head), None)),
         Route::Manifest { repo, reference } => {
             manifest(app, &repo, &reference, head, headers).await
         }
@@ -175,7 +175,7 @@ async fn dispatch(
         )),
         Route::Metrics | Route::Healthz => unreachable!("handled before dispatch"),
     };
-    result.unwrap_or_else(|e| (error(&e), "-"))
+    result.unwrap_or_else(|e| (error(&e), None))
 }
 
 fn meta(app: &App, method: &Method, route: Route) -> Response<Body> {
@@ -197,7 +197,8 @@ fn meta(app: &App, method: &Method, route: Route) -> Response<Body> {
     response
 }
 
-type Handled = Result<(Response<Body>, &'static str), ApiError>;
+/// A handled request: the response and how the cache answered it.
+type Handled = Result<(Response<Body>, Option<Outcome>), ApiError>;
 
 async fn manifest(
     app: &App,
@@ -246,7 +247,7 @@ async fn manifest(
         .header(header::ETAG, etag)
         .body(body)
         .map_err(|_| ApiError::new(Code::Unknown, "invalid upstream content type"))?;
-    Ok((response, outcome.as_str()))
+    Ok((response, Some(outcome)))
 }
 
 async fn blob_head(app: &App, repo: &Repository, digest: &Digest) -> Handled {
@@ -261,7 +262,7 @@ async fn blob_head(app: &App, repo: &Repository, digest: &Digest) -> Handled {
     }
     Ok((
         response.body(Body::empty()).expect("valid response"),
-        outcome.as_str(),
+        Some(outcome),
     ))
 }
 
@@ -274,7 +275,7 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
         .blob(repo, digest)
         .await
         .map_err(|e| failed(&e))?;
-    let outcome = blob.outcome.as_str();
+    let outcome = Some(blob.outcome);
     let Some(len) = blob.len else {
         // Upstream sent no length: stream it whole, chunked; ranges need a
         // known length.
@@ -338,7 +339,7 @@ async fn tags(app: &App, repo: &Repository, query: &str, path: &str, head: bool)
     let response = response
         .body(body)
         .map_err(|_| ApiError::new(Code::Unavailable, "invalid upstream tag list"))?;
-    Ok((response, outcome.as_str()))
+    Ok((response, Some(outcome)))
 }
 
 fn rewrite_link(link: &str, path: &str) -> Option<String> {

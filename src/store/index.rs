@@ -11,25 +11,54 @@ use crate::reference::{Digest, Repository};
 
 /// What the store knows of one committed blob or manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredMeta")]
 pub struct BlobMeta {
     /// Size in bytes.
     pub size: u64,
     /// Set for manifests (their `Content-Type`), absent for layer blobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
-    /// Unix seconds of the last read, for least-recently-used eviction.
-    pub last_access: u64,
+    /// Unix milliseconds of the last read, for least-recently-used eviction
+    /// (milliseconds: content fetched within one second still has an order).
+    pub last_access_ms: u64,
+}
+
+/// A `BlobMeta` record as any version wrote it: before milliseconds, the
+/// last access was `last_access`, in seconds.
+#[derive(Deserialize)]
+struct StoredMeta {
+    size: u64,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    last_access_ms: Option<u64>,
+    #[serde(default)]
+    last_access: Option<u64>,
+}
+
+impl From<StoredMeta> for BlobMeta {
+    fn from(stored: StoredMeta) -> BlobMeta {
+        BlobMeta {
+            size: stored.size,
+            media_type: stored.media_type,
+            last_access_ms: stored
+                .last_access_ms
+                .or(stored.last_access.map(|secs| secs.saturating_mul(1000)))
+                .unwrap_or(0),
+        }
+    }
 }
 
 /// What a tag resolved to at its last upstream fetch or revalidation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
     /// Digest of the manifest the tag points to.
-    pub digest: String,
+    pub digest: Digest,
     /// Its media type.
     pub media_type: String,
     /// Unix milliseconds of the last time upstream confirmed it.
-    pub checked_at: u64,
+    #[serde(rename = "checked_at")]
+    pub checked_at_ms: u64,
 }
 
 /// The sled trees.
@@ -236,4 +265,36 @@ fn decode<T: for<'de> Deserialize<'de>>(
 ) -> Result<Option<T>> {
     raw.map(|raw| serde_json::from_slice(&raw).map_err(|_| Error::CorruptRecord(key())))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_the_seconds_era_read_as_milliseconds() {
+        let old: BlobMeta = serde_json::from_str(r#"{"size":3,"last_access":1700000000}"#).unwrap();
+        assert_eq!(old.last_access_ms, 1_700_000_000_000);
+        let meta = BlobMeta {
+            size: 3,
+            media_type: None,
+            last_access_ms: 1_700_000_000_123,
+        };
+        let again: BlobMeta = serde_json::from_slice(&encode(&meta)).unwrap();
+        assert_eq!(again, meta);
+    }
+
+    #[test]
+    fn a_tag_record_keeps_its_digest_parsed() {
+        let record = TagRecord {
+            digest: Digest::of(b"m"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_at_ms: 5,
+        };
+        let json = String::from_utf8(encode(&record)).unwrap();
+        assert!(json.contains(r#""checked_at":5"#), "{json}");
+        assert_eq!(serde_json::from_str::<TagRecord>(&json).unwrap(), record);
+        let bad = json.replace(&record.digest.hex(), "zz");
+        assert!(serde_json::from_str::<TagRecord>(&bad).is_err());
+    }
 }

@@ -93,7 +93,7 @@ impl Store {
             let meta = BlobMeta {
                 size,
                 media_type: None,
-                last_access: clock::unix_secs(),
+                last_access_ms: clock::unix_ms(),
             };
             self.index.put_blob(&digest, &meta)?;
             report.adopted += 1;
@@ -115,7 +115,7 @@ impl Store {
         candidates.retain(|(digest, _)| !protected.contains(digest));
         // Oldest access first; layers before manifests on ties, since a
         // manifest goes anyway with the first of its blobs.
-        candidates.sort_by_key(|(_, meta)| (meta.last_access, meta.media_type.is_some()));
+        candidates.sort_by_key(|(_, meta)| (meta.last_access_ms, meta.media_type.is_some()));
         for (digest, _) in candidates {
             if self.size_bytes() <= target {
                 break;
@@ -171,7 +171,7 @@ impl Store {
         if meta.media_type.is_some() {
             evicted.manifests.push(digest.clone());
             for (key, record) in self.index.all_tags()? {
-                if record.digest == digest.to_string() {
+                if record.digest == *digest {
                     self.index.remove_tag_key(&key)?;
                 }
             }
@@ -245,9 +245,9 @@ mod tests {
         digest
     }
 
-    fn age(store: &Store, digest: &Digest, last_access: u64) {
+    fn age(store: &Store, digest: &Digest, last_access_ms: u64) {
         let mut meta = store.index.blob(digest).unwrap().unwrap();
-        meta.last_access = last_access;
+        meta.last_access_ms = last_access_ms;
         store.index.put_blob(digest, &meta).unwrap();
     }
 
@@ -268,9 +268,9 @@ mod tests {
             .unwrap();
         let repo = crate::reference::Repository::new("docker.io", "x").unwrap();
         let record = super::super::TagRecord {
-            digest: manifest.to_string(),
+            digest: manifest.clone(),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            checked_at: 0,
+            checked_at_ms: 0,
         };
         store.put_tag(&repo, "1", &record).unwrap();
         age(&store, &old, 10);

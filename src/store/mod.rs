@@ -30,9 +30,9 @@ use temp::TempFiles;
 use crate::clock;
 use crate::reference::{Digest, Repository};
 
-/// How stale `last_access` may get before a read rewrites it: at most one
-/// index write per blob per second on the hot read path.
-const ACCESS_GRANULARITY_SECS: u64 = 1;
+/// How stale `last_access_ms` may get before a read rewrites it: at most
+/// one index write per blob per second on the hot read path.
+const ACCESS_GRANULARITY_MS: u64 = 1000;
 
 /// A backend's committed content with its index, temp area and size.
 pub struct Store {
@@ -158,9 +158,9 @@ impl Store {
             self.drop_entry(digest, &meta)?;
             return Ok(None);
         };
-        let now = clock::unix_secs();
-        if now.saturating_sub(meta.last_access) >= ACCESS_GRANULARITY_SECS {
-            meta.last_access = now;
+        let now = clock::unix_ms();
+        if now.saturating_sub(meta.last_access_ms) >= ACCESS_GRANULARITY_MS {
+            meta.last_access_ms = now;
             self.index.put_blob(digest, &meta)?;
         }
         Ok(Some(StoredBlob { reader, meta }))
@@ -206,7 +206,7 @@ impl Store {
         let meta = BlobMeta {
             size,
             media_type,
-            last_access: clock::unix_secs(),
+            last_access_ms: clock::unix_ms(),
         };
         let previous = self.index.blob(&digest)?;
         self.index.put_blob(&digest, &meta)?;
@@ -387,9 +387,9 @@ pub(crate) mod tests {
         assert!(store.is_linked(&a, &d).unwrap());
         assert!(!store.is_linked(&b, &d).unwrap());
         let rec = TagRecord {
-            digest: d.to_string(),
+            digest: d.clone(),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            checked_at: 1,
+            checked_at_ms: 1,
         };
         store.put_tag(&a, "1.0", &rec).unwrap();
         store.put_tag(&a, "2.0", &rec).unwrap();

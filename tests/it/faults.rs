@@ -87,11 +87,22 @@ async fn cached_tag_is_served_stale_on_5xx_429_and_outage_but_not_on_404() {
     );
 
     fake.clear_faults();
-    // Let the 429's back-off (Retry-After: 1) pass.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     fake.remove_manifest("library/alpine", "3");
-    past_ttl().await;
-    let r = hoard.get("/v2/alpine/manifests/3").await;
+    // While the 429's back-off (Retry-After: 1) lasts, hoard does not ask
+    // upstream and serves the cached tag; once it has passed, upstream's
+    // 404 is the answer, never the stale tag.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = hoard.get("/v2/alpine/manifests/3").await;
+        if r.status() != 200 {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upstream was never asked again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         r.status(),
         404,

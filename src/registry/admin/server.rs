@@ -41,7 +41,7 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Body> {
         path,
         query,
         response.status().as_u16(),
-        "admin",
+        None,
         started,
     );
     response.map(|body| body.logged(log))
