@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::catalog;
-use super::Shared;
+use super::shared::Shared;
 
 /// Eviction starts above this share of the limit...
 const HIGH_WATER: f64 = 0.95;

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use tracing::warn;
 
 use super::error::{Error, Result};
-use super::{evict, flight, Accept, Outcome, Shared};
+use super::shared::Shared;
+use super::{evict, flight, Accept, Outcome};
 use crate::clock;
 use crate::reference::{Digest, Reference, Repository};
 use crate::store::{self, TagRecord};

@@ -12,11 +12,12 @@
 //! - Content cached for one repository is served to another only after
 //!   upstream confirms that repository has it (no cross-repository leaks).
 //!
-//! This file is the facade the registry calls and the state every part
-//! shares (`Shared`); each policy has its own file: `blob` (blobs, and their
-//! downloads through `fill` and `stream`), `manifest`, `tag_list`; `flight`
-//! is single-flight for small lookups, `evict` keeps the size limit,
-//! `catalog` lists, pins and removes whole images.
+//! This file is the facade the registry calls; `shared` is the state every
+//! part shares. Each policy has its own file: `blob` (blobs, and their
+//! downloads: `fills` is their single-flight, `fill` one download, `stream`
+//! sends the bytes), `manifest`, `tag_list`; `flight` is single-flight for
+//! small lookups, `evict` keeps the size limit, `catalog` lists, pins and
+//! removes whole images.
 
 mod accept;
 mod blob;
@@ -28,6 +29,7 @@ mod fills;
 mod flight;
 mod manifest;
 mod outcome;
+mod shared;
 mod stream;
 mod tag_list;
 
@@ -47,44 +49,12 @@ use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
 use crate::store::{self, Store};
 use crate::upstream;
+use shared::Shared;
 
 /// The mirror, shared by every request (cheap to clone).
 #[derive(Clone)]
 pub struct Mirror {
     shared: Arc<Shared>,
-}
-
-/// What every lookup, download and the eviction task share.
-struct Shared {
-    /// Blobs, manifests, tags, links and pins.
-    store: Arc<Store>,
-    /// The registries hoard mirrors.
-    upstream: upstream::Client,
-    /// The store's settings: size limits, pins, tag expiry.
-    config: StoreConfig,
-    /// How long a tag is served without asking upstream, per registry.
-    tag_ttl: TagTtl,
-    metrics: Arc<Metrics>,
-    /// Manifests recently served, by digest (bounded by bytes).
-    hot: moka::sync::Cache<Digest, Arc<Manifest>>,
-    /// Tag list pages recently proxied, by `repository?query`.
-    tag_lists: moka::sync::Cache<String, TagList>,
-    /// Manifest lookups in progress (single-flight).
-    manifest_flights: Arc<manifest::Flights>,
-    /// Blob downloads in progress (single-flight, streaming).
-    fills: Arc<fills::Fills>,
-    /// The store's size limit.
-    limits: evict::Limits,
-    /// Wakes the eviction task (a commit past the high-water mark, a full
-    /// disk, the mirror dropped).
-    evict_wake: Arc<tokio::sync::Notify>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // Lets the eviction task see the mirror is gone and stop.
-        self.evict_wake.notify_one();
-    }
 }
 
 impl Mirror {
@@ -249,30 +219,5 @@ impl Mirror {
     /// Flushes the index; called on shutdown.
     pub fn flush(&self) -> Result<()> {
         Ok(self.shared.store.flush()?)
-    }
-}
-
-impl Shared {
-    /// Whether the data file system has less free space than
-    /// `store.min_free_space`: then new blobs are relayed, not cached.
-    fn low_on_space(&self) -> bool {
-        self.store
-            .available_space()
-            .is_ok_and(|free| free < self.config.min_free_bytes)
-    }
-
-    fn check_registry(&self, repo: &Repository) -> Result<()> {
-        if self.upstream.serves(repo.registry()) {
-            Ok(())
-        } else {
-            Err(Error::RegistryDenied(repo.registry().to_owned()))
-        }
-    }
-
-    fn count(&self, kind: &str, outcome: Outcome) {
-        self.metrics
-            .cache_requests
-            .with_label_values(&[kind, outcome.as_str()])
-            .inc();
     }
 }

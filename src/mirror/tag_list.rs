@@ -8,7 +8,8 @@ use bytes::Bytes;
 use tracing::warn;
 
 use super::error::{Error, Result};
-use super::{Outcome, Shared};
+use super::shared::Shared;
+use super::Outcome;
 use crate::reference::Repository;
 use crate::upstream;
 
