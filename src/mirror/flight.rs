@@ -1,7 +1,8 @@
 //! Single-flight for small lookups (manifests, tag revalidations): the first
 //! request for a key runs the work in a detached task, so it finishes even if
 //! that client goes away; every request for the same key meanwhile waits for
-//! the same result. Blobs use `fill`, which also streams while it works.
+//! the same result. Blobs use `fills`, whose followers also stream while
+//! the download runs.
 
 use std::collections::HashMap;
 use std::future::Future;

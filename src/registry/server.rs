@@ -1,7 +1,9 @@
 //! The HTTP listener loop (mini-redis style): takes a bound listener and a
 //! shutdown future, caps concurrent connections, and on shutdown stops
 //! accepting and lets requests in flight finish within a grace period.
-//! Over TLS, ALPN decides between HTTP/2 and HTTP/1.1.
+//! Over TLS, ALPN decides between HTTP/2 and HTTP/1.1. Each listener offers
+//! one surface (the registry API, metrics only, or the admin API), and a
+//! handler that panics costs its request a 500, nothing more.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,5 +1,5 @@
-//! The store's error type: file system and index failures, and digest
-//! mismatches found at commit time.
+//! The store's error type: a data dir another process holds, file system
+//! and index failures, and digest mismatches found at commit time.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
-//! The local store: verified blob files plus the sled index that says what
-//! they are and who may see them. Knows nothing of HTTP or upstreams; the
-//! `mirror` decides what goes in and when.
+//! The store: verified content in a backend (`backend`: the seam; `fs`
+//! the filesystem one), the sled index that says what it is and who may see
+//! it, the local temp area downloads are written to, the committed size
+//! (with its gauge, kept here alone) and the data dir's lock. Knows nothing
+//! of HTTP or upstreams; the `mirror` decides what goes in and when.
 
 mod backend;
 mod direct;
