@@ -117,3 +117,44 @@ async fn admin_api_lists_pins_evicts_and_collects() {
         (400, Some("NAME_INVALID"))
     );
 }
+
+#[tokio::test]
+async fn the_admin_client_speaks_the_servers_protocol_and_names_its_failures() {
+    use hoard::registry::admin::{Client, ClientError};
+    let fake = Fake::start().await;
+    fake.put_image("library/alpine", "1", b"layer");
+    let token = "admin-secret";
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        args.admin_token = Some(token.into());
+    })
+    .await;
+    assert_eq!(hoard.status("/v2/alpine/manifests/1").await, 200);
+    let base = format!("http://{}", hoard.admin.unwrap());
+
+    let client = Client::new(&base, token);
+    let images = client.images(Some("docker.io")).await.unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].image, "docker.io/library/alpine:1");
+    assert!(client.images(Some("ghcr.io")).await.unwrap().is_empty());
+    let image = hoard::reference::ImageRef::parse("alpine:1").unwrap();
+    assert!(client.pin(&image).await.unwrap());
+    assert!(!client.pin(&image).await.unwrap(), "pinned already");
+    assert!(client.unpin(&image).await.unwrap());
+
+    // A wrong token: the server's refusal, without the token in it.
+    match Client::new(&base, "wrong-secret").images(None).await {
+        Err(e @ ClientError::Refused { status: 401, .. }) => {
+            assert!(!e.to_string().contains("wrong-secret"), "{e}");
+        }
+        other => panic!("expected a 401 refusal, got {other:?}"),
+    }
+    // Nothing listens on port 0: the cause is named, not "error sending
+    // request".
+    match Client::new("http://127.0.0.1:0", token).images(None).await {
+        Err(e @ ClientError::Unreachable { .. }) => {
+            assert!(e.to_string().contains("refused"), "{e}");
+        }
+        other => panic!("expected an unreachable admin API, got {other:?}"),
+    }
+}
