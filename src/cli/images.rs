@@ -116,7 +116,8 @@ mod tests {
     fn issue_12_a_row_with_non_ascii_text_from_the_daemon_does_not_panic() {
         let image = CachedImage {
             image: "docker.io/library/ünïcödé:1".into(),
-            digest: "sha256:ééééééééééééééééééééé".into(),
+            // Byte 19 falls inside a character: a byte slice there panics.
+            digest: "sha256:aéééééééééééééééééééé".into(),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             size: 42,
             checked_at_ms: 0,
@@ -124,7 +125,7 @@ mod tests {
             pinned: true,
         };
         let line = row(&image);
-        assert!(line.contains("sha256:éééééééééééé "), "{line}");
+        assert!(line.contains("sha256:aééééééééééé "), "{line}");
         assert!(line.ends_with("yes"));
     }
 }

@@ -115,6 +115,12 @@ async fn issue_12_a_blob_truncated_behind_hoards_back_costs_one_request() {
         .unwrap();
     let received = expect_cut(reading, "a truncated blob").await;
     assert!(received < data.len());
+    // Asked for again at once (before or after it is set aside): with the
+    // file mapped, the daemon touched a page past the new end and died of
+    // SIGBUS here; read, it is one more cut or a fresh fetch.
+    if let Ok(again) = client.get(&url).send().await {
+        let _ = again.bytes().await;
+    }
 
     // The daemon lives on, the damaged blob is set aside, and the next
     // request fetches it again.
