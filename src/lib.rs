@@ -36,6 +36,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: store::Error,
     },
+    #[error("cannot use the bucket: {0}")]
+    Bucket(store::Error),
     #[error("cannot build the upstream client: {0}")]
     Upstream(#[from] upstream::Error),
     #[error(transparent)]
@@ -65,14 +67,40 @@ pub struct Daemon {
 
 impl Daemon {
     /// Opens the store under `config.store.data_dir` (removing leftovers of
-    /// interrupted downloads) and builds the upstream client. Blocking.
-    pub fn open(config: config::Config) -> Result<Daemon, StartError> {
+    /// interrupted downloads), connects to the bucket if there is one
+    /// (checking it is there and writable) and builds the upstream client.
+    pub async fn open(config: config::Config) -> Result<Daemon, StartError> {
+        Daemon::open_with(config, None).await
+    }
+
+    /// `open`, with `bucket` as the shared tier instead of the one the
+    /// config names (tests: `object_store`'s in-memory store).
+    pub async fn open_with(
+        config: config::Config,
+        bucket: Option<Arc<store::Bucket>>,
+    ) -> Result<Daemon, StartError> {
         let metrics = Arc::new(metrics::Metrics::new());
-        let store =
-            store::Store::open(&config.store.data_dir).map_err(|source| StartError::Store {
-                path: config.store.data_dir.clone(),
-                source,
-            })?;
+        let data_dir = config.store.data_dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let store = store::Store::open(&data_dir)?;
+            let replica = store.replica_id()?;
+            Ok::<_, store::Error>((store, replica))
+        })
+        .await
+        .expect("the store's open does not panic");
+        let (store, replica) = opened.map_err(|source| StartError::Store {
+            path: config.store.data_dir.clone(),
+            source,
+        })?;
+        let bucket = match (bucket, &config.store.s3) {
+            (Some(bucket), _) => Some(bucket),
+            (None, Some(s3)) => Some(Arc::new(
+                store::Bucket::open(s3, &replica)
+                    .await
+                    .map_err(StartError::Bucket)?,
+            )),
+            (None, None) => None,
+        };
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(registry::Tls::load(files.clone())?)),
             None => None,
@@ -86,6 +114,7 @@ impl Daemon {
             config.store.clone(),
             config.upstream.tag_ttl.clone(),
             Arc::new(store),
+            bucket,
             upstream,
             metrics.clone(),
         );

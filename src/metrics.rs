@@ -47,6 +47,9 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// `hoard_upstream_fetch_duration_seconds`: time to fill a blob.
     pub fetch_duration: Histogram,
+    /// `hoard_bucket_uploads_total{result}`: copies of upstream downloads
+    /// to the shared bucket: ok, abandoned (the download failed), error.
+    pub bucket_uploads: IntCounterVec,
 }
 
 impl Metrics {
@@ -173,6 +176,11 @@ impl Metrics {
         registry
             .register(Box::new(fetch_duration.clone()))
             .expect("unique metric");
+        let bucket_uploads = counter_vec(
+            "hoard_bucket_uploads_total",
+            "Upstream downloads copied to the shared bucket, by result (ok, abandoned, error).",
+            &["result"],
+        );
         // Series that exist from the start, so rates and ratios are defined
         // before the first request.
         for kind in ["manifest", "blob"] {
@@ -202,6 +210,7 @@ impl Metrics {
             http_requests,
             http_duration,
             fetch_duration,
+            bucket_uploads,
         }
     }
 

@@ -37,7 +37,7 @@ pub async fn serve(config: Config, ready_file: Option<PathBuf>) -> anyhow::Resul
         registries = %registries.join(","),
         "hoard starting"
     );
-    let daemon = tokio::task::spawn_blocking(move || hoard::Daemon::open(config)).await??;
+    let daemon = hoard::Daemon::open(config).await?;
     let listeners = hoard::Listeners {
         api: listener,
         metrics: metrics_listener,

@@ -123,6 +123,17 @@ pub struct ServeArgs {
     /// eviction runs [default: 512MiB].
     #[arg(long, env = "HOARD_MIN_FREE_SPACE", value_name = "SIZE")]
     pub min_free_space: Option<String>,
+    /// The S3-compatible endpoint of the shared store, e.g.
+    /// http://garage:3900 [default: AWS S3 of the region].
+    #[arg(long, env = "HOARD_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Keep content in this bucket, shared by every replica (selects the
+    /// s3 store backend; --data-dir stays the local hot tier).
+    #[arg(long, env = "HOARD_S3_BUCKET", value_name = "NAME")]
+    pub s3_bucket: Option<String>,
+    /// The bucket's region [default: AWS_REGION, else us-east-1].
+    #[arg(long, env = "HOARD_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
     /// Upstream blob downloads running at once per registry [default: 32].
     #[arg(long, env = "HOARD_MAX_CONCURRENT_FETCHES", value_name = "N")]
     pub max_concurrent_fetches: Option<usize>,

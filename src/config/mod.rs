@@ -96,6 +96,46 @@ pub struct StoreConfig {
     pub max_tag_age: Option<Duration>,
     /// Images never evicted: `registry/name:tag` or `registry/name@digest`.
     pub pins: Vec<ImageRef>,
+    /// The bucket shared by every replica (`store.backend = "s3"`); `None`:
+    /// the local disk alone (`fs`). With a bucket, `data_dir` and
+    /// `max_bytes` are this replica's hot tier.
+    pub s3: Option<S3Config>,
+}
+
+/// `[store.s3]`: an S3-compatible bucket holding content, manifests, tags
+/// and pins for every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// The endpoint (`http://garage:3900`); `None`: AWS S3 of `region`.
+    pub endpoint: Option<reqwest::Url>,
+    /// The region; `None`: `AWS_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    pub bucket: String,
+    /// Every key hoard writes starts with this (`""` or `team-a/`).
+    pub prefix: String,
+    /// Blob GETs answered with a redirect to a presigned bucket URL.
+    pub redirect: bool,
+    /// How long a presigned URL stays valid.
+    pub redirect_ttl: Duration,
+    /// Most bytes the bucket keeps (fleet-wide); `None`: no limit.
+    pub max_bytes: Option<u64>,
+    /// Where the keys come from.
+    pub credentials: S3Credentials,
+}
+
+/// How hoard signs its requests to the bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum S3Credentials {
+    /// The standard AWS chain: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`
+    /// (and `AWS_SESSION_TOKEN`), web identity (`AWS_WEB_IDENTITY_TOKEN_FILE`
+    /// with `AWS_ROLE_ARN`: Kubernetes service accounts), then the
+    /// container or instance metadata endpoint.
+    Chain,
+    /// `access_key_id` with the secret read from a file at start.
+    Static {
+        access_key_id: String,
+        secret_access_key_file: PathBuf,
+    },
 }
 
 /// The registries mirrored and how they are asked.
@@ -339,6 +379,42 @@ impl fmt::Display for Config {
                 .map(|p| p.to_string())
                 .collect::<Vec<_>>()
         )?;
+        writeln!(
+            f,
+            "  backend = {}",
+            if self.store.s3.is_some() { "s3" } else { "fs" }
+        )?;
+        if let Some(s3) = &self.store.s3 {
+            writeln!(f, "[store.s3]")?;
+            writeln!(
+                f,
+                "  endpoint = {}",
+                opt(s3.endpoint.as_ref().map(|u| u.to_string())).replace("(off)", "AWS S3")
+            )?;
+            writeln!(f, "  region = {}", opt(s3.region.clone()))?;
+            writeln!(f, "  bucket = {:?}", s3.bucket)?;
+            writeln!(f, "  prefix = {:?}", s3.prefix)?;
+            writeln!(f, "  redirect = {}", s3.redirect)?;
+            writeln!(f, "  redirect_ttl = {}", dur(s3.redirect_ttl))?;
+            writeln!(
+                f,
+                "  max_size = {}",
+                opt(s3.max_bytes.map(|b| format!("{b} bytes")))
+            )?;
+            let credentials = match &s3.credentials {
+                S3Credentials::Chain => {
+                    "the AWS chain (environment, web identity, metadata)".to_owned()
+                }
+                S3Credentials::Static {
+                    access_key_id,
+                    secret_access_key_file,
+                } => format!(
+                    "key {access_key_id:?}, secret in {}",
+                    secret_access_key_file.display()
+                ),
+            };
+            writeln!(f, "  credentials = {credentials}")?;
+        }
         writeln!(f, "[upstream]")?;
         writeln!(
             f,

@@ -52,6 +52,25 @@ pub(super) struct RawStore {
     pub min_free_space: Option<Size>,
     pub max_tag_age: Option<String>,
     pub pins: Option<Vec<String>>,
+    /// `fs` or `s3`; unset: `s3` when a bucket is named, else `fs`.
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub s3: RawS3,
+}
+
+/// `[store.s3]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawS3 {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+    pub redirect: Option<bool>,
+    pub redirect_ttl: Option<String>,
+    pub max_size: Option<Size>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key_file: Option<PathBuf>,
 }
 
 /// `[upstream]`.
@@ -116,6 +135,24 @@ pub(super) struct RawAuth {
     pub reload_interval: Option<String>,
 }
 
+impl RawS3 {
+    /// `earlier` with every key `self` sets replaced by `self`'s value.
+    fn merge(self, earlier: RawS3) -> RawS3 {
+        let (l, s) = (self, earlier);
+        RawS3 {
+            endpoint: l.endpoint.or(s.endpoint),
+            region: l.region.or(s.region),
+            bucket: l.bucket.or(s.bucket),
+            prefix: l.prefix.or(s.prefix),
+            redirect: l.redirect.or(s.redirect),
+            redirect_ttl: l.redirect_ttl.or(s.redirect_ttl),
+            max_size: l.max_size.or(s.max_size),
+            access_key_id: l.access_key_id.or(s.access_key_id),
+            secret_access_key_file: l.secret_access_key_file.or(s.secret_access_key_file),
+        }
+    }
+}
+
 impl RawConfig {
     /// The config file.
     pub fn read(path: &Path) -> Result<RawConfig> {
@@ -158,6 +195,9 @@ impl RawConfig {
             max_manifest_size,
             max_size,
             min_free_space,
+            s3_endpoint,
+            s3_bucket,
+            s3_region,
             max_concurrent_fetches,
             rate_limit_floor,
             connect_timeout,
@@ -177,6 +217,12 @@ impl RawConfig {
             store: RawStore {
                 max_size: max_size.map(Size::Text),
                 min_free_space: min_free_space.map(Size::Text),
+                s3: RawS3 {
+                    endpoint: s3_endpoint,
+                    bucket: s3_bucket,
+                    region: s3_region,
+                    ..RawS3::default()
+                },
                 ..RawStore::default()
             },
             upstream: RawUpstream {
@@ -252,6 +298,8 @@ impl RawConfig {
                 min_free_space: l.store.min_free_space.or(s.store.min_free_space),
                 max_tag_age: l.store.max_tag_age.or(s.store.max_tag_age),
                 pins: l.store.pins.or(s.store.pins),
+                backend: l.store.backend.or(s.store.backend),
+                s3: l.store.s3.merge(s.store.s3),
             },
             upstream: RawUpstream {
                 docker_config: l.upstream.docker_config.or(s.upstream.docker_config),

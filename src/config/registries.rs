@@ -235,7 +235,7 @@ fn read_secret(key: &str, path: &Path) -> Result<String> {
     Ok(secret)
 }
 
-fn parse_url(key: &str, text: &str) -> Result<reqwest::Url> {
+pub(super) fn parse_url(key: &str, text: &str) -> Result<reqwest::Url> {
     let url: reqwest::Url = text
         .parse()
         .map_err(|e| invalid(key, format!("{text:?}: {e}")))?;

@@ -8,12 +8,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawAdmin, RawAuth, RawConfig, RawLimits, RawStore, RawTls, RawUpstream, RawWarm};
+use super::raw::{
+    RawAdmin, RawAuth, RawConfig, RawLimits, RawS3, RawStore, RawTls, RawUpstream, RawWarm,
+};
 use super::registries::RawRegistry;
 use super::units::{parse_duration, Size};
 use super::{
     invalid, registries, AdminConfig, AuthConfig, Config, LimitsConfig, LogFormat, Result,
-    StoreConfig, TlsConfig, UpstreamConfig, WarmConfig,
+    S3Config, S3Credentials, StoreConfig, TlsConfig, UpstreamConfig, WarmConfig,
 };
 use crate::reference::ImageRef;
 
@@ -61,12 +63,118 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config> {
 }
 
 fn store_config(data_dir: Option<PathBuf>, raw: RawStore) -> Result<StoreConfig> {
+    let s3 = match raw.backend.as_deref() {
+        Some("fs") if raw.s3.bucket.is_some() => {
+            return Err(invalid(
+                "store.backend",
+                "is \"fs\" but store.s3.bucket (or --s3-bucket) names a bucket: \
+                 set backend = \"s3\" or remove the bucket",
+            ))
+        }
+        Some("fs") | None if raw.s3.bucket.is_none() => {
+            if raw.s3 != RawS3::default() {
+                return Err(invalid(
+                    "store.s3.bucket",
+                    "is missing: the [store.s3] settings need a bucket",
+                ));
+            }
+            None
+        }
+        Some("s3") | None => Some(s3_config(raw.s3)?),
+        Some(other) => {
+            return Err(invalid(
+                "store.backend",
+                format!("{other:?} is not a backend: use \"fs\" or \"s3\""),
+            ))
+        }
+    };
     Ok(StoreConfig {
+        s3,
         data_dir: data_dir.unwrap_or_else(|| PathBuf::from("hoard-data")),
         max_bytes: size("store.max_size", raw.max_size)?,
         min_free_bytes: size("store.min_free_space", raw.min_free_space)?.unwrap_or(512 << 20),
         max_tag_age: duration("store.max_tag_age", raw.max_tag_age)?,
         pins: images("store.pins", raw.pins)?,
+    })
+}
+
+/// `[store.s3]`.
+fn s3_config(raw: RawS3) -> Result<S3Config> {
+    let bucket = raw.bucket.filter(|b| !b.is_empty()).ok_or_else(|| {
+        invalid(
+            "store.s3.bucket",
+            "is missing: store.backend = \"s3\" needs one",
+        )
+    })?;
+    // S3 bucket naming rules, loosely: what every S3-compatible server takes.
+    let valid_name = bucket.len() >= 3
+        && bucket.len() <= 63
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !valid_name {
+        return Err(invalid(
+            "store.s3.bucket",
+            format!("{bucket:?} is not a bucket name (3 to 63 of a-z, 0-9, '-' and '.')"),
+        ));
+    }
+    let endpoint = raw
+        .endpoint
+        .map(|text| registries::parse_url("store.s3.endpoint", &text))
+        .transpose()?;
+    let prefix = raw.prefix.unwrap_or_default();
+    let prefix = prefix.trim_matches('/');
+    if prefix.split('/').any(|part| part == "." || part == "..")
+        || prefix.contains("//")
+        || prefix.chars().any(char::is_control)
+    {
+        return Err(invalid(
+            "store.s3.prefix",
+            format!("{prefix:?} is not a key prefix"),
+        ));
+    }
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    let credentials = match (raw.access_key_id, raw.secret_access_key_file) {
+        (None, None) => S3Credentials::Chain,
+        (Some(access_key_id), Some(secret_access_key_file)) => S3Credentials::Static {
+            access_key_id,
+            secret_access_key_file,
+        },
+        (Some(_), None) => {
+            return Err(invalid(
+                "store.s3.secret_access_key_file",
+                "is missing: store.s3.access_key_id needs its secret",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "store.s3.access_key_id",
+                "is missing: store.s3.secret_access_key_file needs its key id",
+            ))
+        }
+    };
+    let redirect_ttl =
+        duration("store.s3.redirect_ttl", raw.redirect_ttl)?.unwrap_or(Duration::from_secs(600));
+    // SigV4 presigned URLs live at most 7 days.
+    if redirect_ttl.is_zero() || redirect_ttl > Duration::from_secs(7 * 24 * 3600) {
+        return Err(invalid(
+            "store.s3.redirect_ttl",
+            "must be more than 0 and at most 7 days (the longest a presigned URL lives)",
+        ));
+    }
+    Ok(S3Config {
+        endpoint,
+        region: raw.region.filter(|r| !r.is_empty()),
+        bucket,
+        prefix,
+        redirect: raw.redirect.unwrap_or(false),
+        redirect_ttl,
+        max_bytes: size("store.s3.max_size", raw.max_size)?,
+        credentials,
     })
 }
 

@@ -16,6 +16,7 @@ use super::fill::{Fill, FillState};
 use super::fills::Lead;
 use super::shared::Shared;
 use super::stream::{self, ByteStream, Follow, Handoff};
+use super::upload;
 use super::Outcome;
 use crate::reference::{Digest, Repository};
 use crate::store::{self, BlobReader, BlobWriter, StoredBlob, VerifiedBlob};
@@ -79,6 +80,26 @@ impl Blob {
     }
 }
 
+/// Where a download gets the blob from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The registry; with a bucket, the download is copied there too.
+    Upstream,
+    /// The shared bucket: another replica fetched it already.
+    Bucket,
+}
+
+/// What `decide` settled, or what it needs first.
+enum Decision {
+    Step(Step),
+    /// The blob is here (stored or downloading) but not known to be this
+    /// repository's: only upstream (or the fleet's record of what upstream
+    /// said) may say it is.
+    Confirm,
+    /// Nothing here: ask the shared bucket before going upstream.
+    AskBucket,
+}
+
 /// What a request does about a blob.
 enum Step {
     /// Serve it from the store.
@@ -86,32 +107,40 @@ enum Step {
     /// Follow the download another request leads.
     Join(Arc<Fill>),
     /// Follow the download this request just started.
-    Lead(Arc<Fill>),
+    Lead(Arc<Fill>, Origin),
     /// Relay it uncached (the disk is nearly full).
     Passthrough,
 }
 
-/// Finds or fetches `digest` for `repo`.
+/// Finds or fetches `digest` for `repo`: this replica's store, a download
+/// running here, the shared bucket, then upstream.
 pub(super) async fn lookup(
     shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
 ) -> Result<Blob> {
     let mut confirmed = false;
+    // `None`: not asked yet; `Some(found)`: what the bucket said.
+    let mut in_bucket: Option<bool> = None;
     let step = loop {
-        match decide(shared, repo, digest, confirmed)? {
-            Some(step) => break step,
-            None => {
-                // Here (stored or downloading) but not known to be `repo`'s:
-                // only upstream may say it is. A link records what upstream
-                // said, whether or not the bytes are here yet.
-                shared
-                    .upstream
-                    .head_blob(repo, digest)
-                    .await
-                    .map_err(|e| blob_error(e, repo, digest))?;
-                shared.store.link(repo, digest)?;
+        match decide(shared, repo, digest, confirmed, in_bucket)? {
+            Decision::Step(step) => break step,
+            Decision::Confirm => {
+                confirm(shared, repo, digest).await?;
                 confirmed = true;
+            }
+            Decision::AskBucket => {
+                let bucket = shared.bucket.as_ref().expect("asked only with a bucket");
+                let found = bucket.blob_size(digest).await?.is_some();
+                if found && !confirmed && !shared.store.is_linked(repo, digest)? {
+                    if bucket.is_linked(repo, digest).await? {
+                        shared.store.link(repo, digest)?;
+                    } else {
+                        confirm(shared, repo, digest).await?;
+                    }
+                    confirmed = true;
+                }
+                in_bucket = Some(found);
             }
         }
     };
@@ -133,10 +162,15 @@ pub(super) async fn lookup(
             let resume = resume(shared, repo, digest, len);
             (Source::Filling(fill, resume), outcome, len)
         }
-        Step::Lead(fill) => {
+        Step::Lead(fill, origin) => {
             let len = fill.started().await?;
             let resume = resume(shared, repo, digest, len);
-            (Source::Filling(fill, resume), Outcome::Miss, len)
+            // From the bucket: the cache answered, upstream was not asked.
+            let outcome = match origin {
+                Origin::Bucket => Outcome::Hit,
+                Origin::Upstream => Outcome::Miss,
+            };
+            (Source::Filling(fill, resume), outcome, len)
         }
         Step::Passthrough => {
             // Relay without caching, and make room for next time.
@@ -163,38 +197,74 @@ pub(super) async fn lookup(
     })
 }
 
-/// What to do about `digest` for `repo`; `None`: it is here but upstream
-/// must first confirm `repo` has it (unless already `confirmed`). The
-/// download decision is taken under the downloads' lock, re-checking the
-/// store there: a download commits before its lead leaves the map, so there
-/// is no moment when neither shows the blob, and exactly one request leads.
+/// What to do about `digest` for `repo`. The download decision is taken
+/// under the downloads' lock, re-checking the store there: a download
+/// commits before its lead leaves the map, so there is no moment when
+/// neither shows the blob, and exactly one request leads. With a bucket,
+/// a blob found nowhere here is first looked for there (`AskBucket`, then
+/// `decide` again with the answer in `in_bucket`).
 fn decide(
     shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
     confirmed: bool,
-) -> Result<Option<Step>> {
+    in_bucket: Option<bool>,
+) -> Result<Decision> {
     if let Some(stored) = stored(shared, repo, digest, confirmed)? {
         return Ok(stored);
     }
     let mut fills = shared.fills.lock();
     if let Some(fill) = fills.running(digest) {
         let ours = confirmed || fill.repo() == repo || shared.store.is_linked(repo, digest)?;
-        return Ok(ours.then_some(Step::Join(fill)));
+        return Ok(if ours {
+            Decision::Step(Step::Join(fill))
+        } else {
+            Decision::Confirm
+        });
     }
     if let Some(stored) = stored(shared, repo, digest, confirmed)? {
         return Ok(stored);
     }
+    let origin = match (shared.bucket.is_some(), in_bucket) {
+        (true, None) => return Ok(Decision::AskBucket),
+        (true, Some(true)) => Origin::Bucket,
+        _ => Origin::Upstream,
+    };
     if shared.low_on_space() {
-        return Ok(Some(Step::Passthrough));
+        return Ok(Decision::Step(Step::Passthrough));
     }
     let writer = shared.store.create_download()?;
     let fill = Arc::new(Fill::new(repo.clone(), writer.reader()));
     fills.lead(digest, fill.clone(), |lead| {
-        let task = run(shared.clone(), repo.clone(), digest.clone(), lead, writer);
+        let task = run(
+            shared.clone(),
+            repo.clone(),
+            digest.clone(),
+            lead,
+            writer,
+            origin,
+        );
         tokio::spawn(task).abort_handle()
     });
-    Ok(Some(Step::Lead(fill)))
+    Ok(Decision::Step(Step::Lead(fill, origin)))
+}
+
+/// Asks upstream whether `repo` has `digest` (content cached for another
+/// repository is not served before it says so) and records its yes here
+/// and, with a bucket, for the fleet.
+async fn confirm(shared: &Arc<Shared>, repo: &Repository, digest: &Digest) -> Result<()> {
+    shared
+        .upstream
+        .head_blob(repo, digest)
+        .await
+        .map_err(|e| blob_error(e, repo, digest))?;
+    shared.store.link(repo, digest)?;
+    if let Some(bucket) = &shared.bucket {
+        if let Err(e) = bucket.link(repo, std::slice::from_ref(digest)).await {
+            warn!(repository = %repo, %digest, error = %e, "cannot record a link in the bucket");
+        }
+    }
+    Ok(())
 }
 
 /// What to do when a stored blob reads short: it was changed behind hoard's
@@ -294,25 +364,25 @@ pub(super) async fn head(
     }
 }
 
-/// `None` if the blob is not stored; else the stored blob, or `Some(None)`
-/// if it is not known to belong to `repo` (and not `confirmed`).
+/// `None` if the blob is not stored; else the stored blob, or `Confirm` if
+/// it is not known to belong to `repo` (and not `confirmed`).
 fn stored(
     shared: &Shared,
     repo: &Repository,
     digest: &Digest,
     confirmed: bool,
-) -> Result<Option<Option<Step>>> {
+) -> Result<Option<Decision>> {
     if shared.store.blob_meta(digest)?.is_none() {
         return Ok(None);
     }
     if !confirmed && !shared.store.is_linked(repo, digest)? {
-        return Ok(Some(None));
+        return Ok(Some(Decision::Confirm));
     }
     // Gone since (evicted): decide as if it never was.
     Ok(shared
         .store
         .open_blob(digest)?
-        .map(|blob| Some(Step::Stored(blob))))
+        .map(|blob| Decision::Step(Step::Stored(blob))))
 }
 
 /// The download task, holding the lead: fetch and verify (then readers may
@@ -325,10 +395,22 @@ async fn run(
     digest: Digest,
     lead: Lead,
     writer: BlobWriter,
+    origin: Origin,
 ) {
     let fill = lead.fill();
     let started = Instant::now();
-    match download(&shared, &repo, &digest, fill, writer).await {
+    let mut uploading = None;
+    match download(
+        &shared,
+        &repo,
+        &digest,
+        fill,
+        writer,
+        origin,
+        &mut uploading,
+    )
+    .await
+    {
         Ok(verified) => {
             fill.set(FillState::Complete {
                 len: verified.size(),
@@ -369,21 +451,117 @@ async fn run(
             fill.set(FillState::Failed(e));
         }
     }
+    if let Some(uploading) = uploading {
+        // Held until the bucket has it: until then this replica's own
+        // requests join this download rather than ask the bucket.
+        finish_upload(&shared, &repo, &digest, uploading).await;
+    }
 }
 
+/// Waits for the copy to the bucket and records there that `repo` has the
+/// blob; a failure costs the fleet a later fetch, never this client.
+async fn finish_upload(
+    shared: &Shared,
+    repo: &Repository,
+    digest: &Digest,
+    uploading: tokio::task::JoinHandle<store::Result<upload::Uploaded>>,
+) {
+    let result = match uploading.await {
+        Ok(result) => result,
+        Err(e) => Err(store::Error::Bucket {
+            op: "upload",
+            key: digest.to_string(),
+            message: e.to_string(),
+        }),
+    };
+    let label = match &result {
+        Ok(upload::Uploaded::Done) => "ok",
+        Ok(upload::Uploaded::Abandoned) => "abandoned",
+        Err(_) => "error",
+    };
+    shared
+        .metrics
+        .bucket_uploads
+        .with_label_values(&[label])
+        .inc();
+    match result {
+        Ok(upload::Uploaded::Done) => {
+            let bucket = shared.bucket.as_ref().expect("uploads need a bucket");
+            if let Err(e) = bucket.link(repo, std::slice::from_ref(digest)).await {
+                warn!(repository = %repo, %digest, error = %e, "cannot record a link in the bucket");
+            }
+            debug!(repository = %repo, %digest, "blob copied to the bucket");
+        }
+        Ok(upload::Uploaded::Abandoned) => {}
+        Err(e) => {
+            warn!(repository = %repo, %digest, error = %e, "blob not copied to the bucket")
+        }
+    }
+}
+
+/// A download's body: upstream's, or the bucket's copy.
+enum Body {
+    Upstream(upstream::BlobResponse),
+    Bucket(store::BucketBody),
+}
+
+impl Body {
+    fn len(&self) -> Option<u64> {
+        match self {
+            Body::Upstream(response) => response.len,
+            Body::Bucket(body) => Some(body.size),
+        }
+    }
+
+    async fn chunk(&mut self, stall: std::time::Duration) -> Result<Option<bytes::Bytes>> {
+        match self {
+            Body::Upstream(response) => response.chunk().await.map_err(Error::Upstream),
+            Body::Bucket(body) => match tokio::time::timeout(stall, body.chunk()).await {
+                Ok(chunk) => Ok(chunk?),
+                Err(_) => Err(Error::Store(store::Error::Bucket {
+                    op: "read",
+                    key: "blob".into(),
+                    message: format!("no data for {}s", stall.as_secs()),
+                })),
+            },
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn download(
     shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
     fill: &Arc<Fill>,
     mut writer: BlobWriter,
+    origin: Origin,
+    uploading: &mut Option<tokio::task::JoinHandle<store::Result<upload::Uploaded>>>,
 ) -> Result<VerifiedBlob> {
-    let mut response = shared
-        .upstream
-        .get_blob(repo, digest)
-        .await
-        .map_err(|e| blob_error(e, repo, digest))?;
-    let len = response.len;
+    let from_bucket = match (origin, &shared.bucket) {
+        (Origin::Bucket, Some(bucket)) => bucket.get_blob(digest, None).await?,
+        _ => None,
+    };
+    let mut response = match from_bucket {
+        Some(body) => Body::Bucket(body),
+        // Not asked, or gone since it was (removed by the bucket's GC).
+        None => Body::Upstream(
+            shared
+                .upstream
+                .get_blob(repo, digest)
+                .await
+                .map_err(|e| blob_error(e, repo, digest))?,
+        ),
+    };
+    let len = response.len();
+    if let (Body::Upstream(_), Some(bucket)) = (&response, &shared.bucket) {
+        *uploading = Some(upload::spawn(
+            bucket.clone(),
+            digest.clone(),
+            fill.clone(),
+            len,
+        ));
+    }
     fill.set(FillState::Streaming { len, received: 0 });
 
     // Three stages side by side: this task receives, hashes and hands each
@@ -404,8 +582,9 @@ async fn download(
     let mut hasher = Sha256::new();
     let mut received: u64 = 0;
     let mut announced: u64 = 0;
+    let stall = shared.upstream.stall_timeout();
     let network = loop {
-        match response.chunk().await {
+        match response.chunk(stall).await {
             Ok(Some(chunk)) => {
                 received += chunk.len() as u64;
                 if len.is_some_and(|len| received > len) {
@@ -427,7 +606,7 @@ async fn download(
                 }
             }
             Ok(None) => break Ok(()),
-            Err(e) => break Err(Error::Upstream(e)),
+            Err(e) => break Err(e),
         }
     };
     fill.received(received);

@@ -159,6 +159,11 @@ impl Fill {
         Source::File(limit.min(window.start).min(window.in_file))
     }
 
+    /// Bytes of the download already in the temp file.
+    pub(super) fn in_file(&self) -> u64 {
+        self.window.lock().in_file
+    }
+
     /// Whether the content is complete and verified (only the commit to the
     /// store may still be running).
     pub fn is_complete(&self) -> bool {

@@ -90,13 +90,13 @@ async fn by_tag(
     tag: &str,
     accept: &Accept,
 ) -> Result<(Arc<Manifest>, Outcome)> {
-    let cached = match shared.store.tag(repo, tag)? {
+    let ttl = shared.tag_ttl.for_registry(repo.registry());
+    let cached = match fleet_tag(shared, repo, tag, ttl).await? {
         Some(record) if accept.allows(&record.media_type) => {
             load(shared, &record.digest).await?.map(|m| (record, m))
         }
         _ => None,
     };
-    let ttl = shared.tag_ttl.for_registry(repo.registry());
     if let Some((record, manifest)) = &cached {
         let age = clock::unix_ms().saturating_sub(record.checked_at_ms);
         if u128::from(age) < ttl.as_millis() {
@@ -117,6 +117,79 @@ async fn by_tag(
     let (result, joined) = shared.manifest_flights.run(key, work).await;
     result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
 }
+/// What `repo:tag` resolved to: this replica's record, or the fleet's
+/// when that one is newer (another replica fetched or revalidated it), so
+/// a tag is revalidated once per TTL for the whole fleet. The bucket is
+/// asked only when the local record is missing or past its TTL.
+async fn fleet_tag(
+    shared: &Shared,
+    repo: &Repository,
+    tag: &str,
+    ttl: std::time::Duration,
+) -> Result<Option<TagRecord>> {
+    let local = shared.store.tag(repo, tag)?;
+    let Some(bucket) = &shared.bucket else {
+        return Ok(local);
+    };
+    let fresh = |record: &TagRecord| {
+        u128::from(clock::unix_ms().saturating_sub(record.checked_at_ms)) < ttl.as_millis()
+    };
+    if local.as_ref().is_some_and(fresh) {
+        return Ok(local);
+    }
+    let fleet = match bucket.tag(repo, tag).await {
+        Ok(fleet) => fleet,
+        // The bucket is down: what this replica knows is served, stale if
+        // need be; only a missing tag fails.
+        Err(e) if local.is_some() => {
+            warn!(repository = %repo, tag, error = %e, "bucket unavailable, using the local tag record");
+            return Ok(local);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match (local, fleet) {
+        (Some(local), Some(fleet)) if fleet.checked_at_ms <= local.checked_at_ms => Ok(Some(local)),
+        (_, Some(fleet)) => {
+            shared.store.put_tag(repo, tag, &fleet)?;
+            Ok(Some(fleet))
+        }
+        (local, None) => Ok(local),
+    }
+}
+
+/// Records what `repo:tag` resolves to here and, with a bucket, for the
+/// fleet; a bucket failure costs the fleet a revalidation, not the client.
+async fn record_tag(
+    shared: &Shared,
+    repo: &Repository,
+    tag: &str,
+    record: &TagRecord,
+) -> Result<()> {
+    shared.store.put_tag(repo, tag, record)?;
+    if let Some(bucket) = &shared.bucket {
+        if let Err(e) = bucket.put_tag(repo, tag, record).await {
+            warn!(repository = %repo, tag, error = %e, "cannot record the tag in the bucket");
+        }
+    }
+    Ok(())
+}
+
+/// Whether upstream confirmed (to this replica or, with a bucket, to any)
+/// that `repo` has `digest`; a yes from the fleet is recorded here.
+async fn is_linked(shared: &Shared, repo: &Repository, digest: &Digest) -> Result<bool> {
+    if shared.store.is_linked(repo, digest)? {
+        return Ok(true);
+    }
+    let Some(bucket) = &shared.bucket else {
+        return Ok(false);
+    };
+    if bucket.is_linked(repo, digest).await? {
+        shared.store.link(repo, digest)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 async fn by_digest(
     shared: &Arc<Shared>,
     repo: &Repository,
@@ -124,7 +197,7 @@ async fn by_digest(
     accept: &Accept,
 ) -> Result<(Arc<Manifest>, Outcome)> {
     if let Some(manifest) = load(shared, digest).await? {
-        if !shared.store.is_linked(repo, digest)? {
+        if !is_linked(shared, repo, digest).await? {
             // Cached for another repository: only upstream may say this
             // one has it too.
             let reference = Reference::Digest(digest.clone());
@@ -134,6 +207,11 @@ async fn by_digest(
                 .await
                 .map_err(|e| manifest_error(e, repo, &reference))?;
             shared.store.link(repo, digest)?;
+            if let Some(bucket) = &shared.bucket {
+                if let Err(e) = bucket.link(repo, std::slice::from_ref(digest)).await {
+                    warn!(repository = %repo, %digest, error = %e, "cannot record a link in the bucket");
+                }
+            }
         }
         return Ok((manifest, Outcome::Hit));
     }
@@ -176,7 +254,7 @@ async fn resolve_tag(
     let result = match head {
         Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
             record.checked_at_ms = clock::unix_ms();
-            shared.store.put_tag(repo, tag, &record)?;
+            record_tag(shared, repo, tag, &record).await?;
             return Ok((manifest, Outcome::Revalidated));
         }
         Ok(_) => fetch(shared, repo, &reference, accept).await,
@@ -190,6 +268,11 @@ async fn resolve_tag(
         }
         Err(e @ Error::ManifestUnknown { .. }) => {
             shared.store.remove_tag(repo, tag)?;
+            if let Some(bucket) = &shared.bucket {
+                if let Err(e) = bucket.remove_tag(repo, tag).await {
+                    warn!(repository = %repo, tag, error = %e, "cannot remove the tag from the bucket");
+                }
+            }
             Err(e)
         }
         Err(e) => Err(e),
@@ -244,6 +327,29 @@ async fn fetch(
         shared.store.link(repo, child)?;
     }
     shared.store.add_refs(&manifest.digest, &children)?;
+    if let Some(bucket) = &shared.bucket {
+        // For the fleet: the manifest, then what upstream vouched for. A
+        // failure here costs another replica an upstream request later,
+        // never this client its manifest.
+        let shared_copy = bucket
+            .put_verified(
+                &manifest.digest,
+                Some(&manifest.media_type),
+                manifest.bytes.clone(),
+            )
+            .await;
+        let linked = match shared_copy {
+            Ok(()) => {
+                let mut vouched = children.clone();
+                vouched.push(manifest.digest.clone());
+                bucket.link(repo, &vouched).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = linked {
+            warn!(repository = %repo, digest = %manifest.digest, error = %e, "cannot copy the manifest to the bucket");
+        }
+    }
     evict::check(shared);
     if let Reference::Tag(tag) = reference {
         // A client that accepts only some types may get a converted
@@ -254,34 +360,57 @@ async fn fetch(
                 media_type: manifest.media_type.clone(),
                 checked_at_ms: clock::unix_ms(),
             };
-            shared.store.put_tag(repo, tag, &record)?;
+            record_tag(shared, repo, tag, &record).await?;
         }
     }
     shared.hot.insert(manifest.digest.clone(), manifest.clone());
     Ok(manifest)
 }
 
-/// A stored manifest, from memory if hot.
+/// A stored manifest, from memory if hot, else this replica's store, else
+/// (verified, and kept here from then on) the bucket.
 pub(super) async fn load(shared: &Shared, digest: &Digest) -> Result<Option<Arc<Manifest>>> {
     if let Some(manifest) = shared.hot.get(digest) {
         return Ok(Some(manifest));
     }
     let store = shared.store.clone();
     let key = digest.clone();
-    let loaded = tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Bytes)>> {
-        let Some(blob) = store.open_blob(&key)? else {
-            return Ok(None);
-        };
-        let Some(media_type) = blob.meta.media_type.clone() else {
-            return Ok(None);
-        };
-        let bytes = blob
-            .reader
-            .read_all(blob.meta.size)
-            .map_err(|e| store::Error::io(key.hex(), e))?;
-        Ok(Some((media_type, bytes)))
-    })
-    .await??;
+    let mut loaded =
+        tokio::task::spawn_blocking(move || -> store::Result<Option<(String, Bytes)>> {
+            let Some(blob) = store.open_blob(&key)? else {
+                return Ok(None);
+            };
+            let Some(media_type) = blob.meta.media_type.clone() else {
+                return Ok(None);
+            };
+            let bytes = blob
+                .reader
+                .read_all(blob.meta.size)
+                .map_err(|e| store::Error::io(key.hex(), e))?;
+            Ok(Some((media_type, bytes)))
+        })
+        .await??;
+    if loaded.is_none() {
+        if let Some(bucket) = &shared.bucket {
+            // `get_manifest` checks the bytes against the digest.
+            if let Some((media_type, bytes)) = bucket.get_manifest(digest).await? {
+                let children = Manifest {
+                    digest: digest.clone(),
+                    media_type: media_type.clone(),
+                    bytes: bytes.clone(),
+                }
+                .references();
+                let store = shared.store.clone();
+                let (key, kept, media) = (digest.clone(), bytes.clone(), media_type.clone());
+                tokio::task::spawn_blocking(move || {
+                    store.put_bytes(&key, Some(media), &kept)?;
+                    store.add_refs(&key, &children)
+                })
+                .await??;
+                loaded = Some((media_type, bytes));
+            }
+        }
+    }
     Ok(loaded.map(|(media_type, bytes)| {
         let manifest = Arc::new(Manifest {
             digest: digest.clone(),

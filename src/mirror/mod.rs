@@ -32,6 +32,7 @@ mod outcome;
 mod shared;
 mod stream;
 mod tag_list;
+mod upload;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +48,7 @@ pub use tag_list::TagList;
 use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
-use crate::store::{self, Store};
+use crate::store::{self, Bucket, Store};
 use crate::upstream;
 use shared::Shared;
 
@@ -58,12 +59,13 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// A mirror over `store` and `upstream`, with the store's settings and
-    /// the tag TTLs.
+    /// A mirror over `store` (and the shared `bucket`, if any) and
+    /// `upstream`, with the store's settings and the tag TTLs.
     pub fn new(
         config: StoreConfig,
         tag_ttl: TagTtl,
         store: Arc<Store>,
+        bucket: Option<Arc<Bucket>>,
         upstream: upstream::Client,
         metrics: Arc<Metrics>,
     ) -> Mirror {
@@ -74,9 +76,13 @@ impl Mirror {
         });
         store.report_size_to(metrics.store_bytes.clone());
         metrics.store_max_bytes.set(max as i64);
+        if let Some(bucket) = &bucket {
+            upload::spawn_sweeper(Arc::downgrade(bucket));
+        }
         let fills = fills::Fills::new(metrics.inflight_fetches.clone());
         let shared = Arc::new(Shared {
             store,
+            bucket,
             upstream,
             config,
             tag_ttl,

@@ -13,13 +13,16 @@ use super::{evict, fills, Outcome};
 use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Repository};
-use crate::store::Store;
+use crate::store::{Bucket, Store};
 use crate::upstream;
 
 /// What every lookup, download and the eviction task share.
 pub(super) struct Shared {
-    /// Blobs, manifests, tags, links and pins.
+    /// Blobs, manifests, tags, links and pins on this replica's disk (with
+    /// a bucket: its hot tier and a cache of the bucket's records).
     pub(super) store: Arc<Store>,
+    /// The bucket every replica shares (`store.backend = "s3"`).
+    pub(super) bucket: Option<Arc<Bucket>>,
     /// The registries hoard mirrors.
     pub(super) upstream: upstream::Client,
     /// The store's settings: size limits, pins, tag expiry.

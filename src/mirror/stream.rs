@@ -140,7 +140,10 @@ pub(super) fn spawn(
                 None => end.expect("stored blobs have a length"),
                 Some(rx) => match Fill::readable(rx, pos).await {
                     Ok(limit) => limit,
-                    Err(Error::Store(_)) if resume.is_some() => {
+                    // A local failure (disk full, I/O): upstream has the
+                    // rest. A bucket that failed mid-read is not resumed
+                    // upstream: the fleet's copy exists, the client retries.
+                    Err(Error::Store(e)) if resume.is_some() && !e.is_bucket() => {
                         let resume = resume.take().expect("checked");
                         let handoff = Handoff {
                             reader,

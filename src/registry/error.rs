@@ -34,6 +34,8 @@ pub enum Code {
     Unavailable,
     UpstreamTimeout,
     UpstreamDown,
+    /// The shared bucket failed: 503, as the replica itself cannot serve.
+    StoreUnavailable,
     Unknown,
 }
 
@@ -53,7 +55,10 @@ impl Code {
             Code::Denied => "DENIED",
             Code::Unsupported | Code::NotFound | Code::UriTooLong => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
-            Code::Unavailable | Code::UpstreamTimeout | Code::UpstreamDown => "UNAVAILABLE",
+            Code::Unavailable
+            | Code::UpstreamTimeout
+            | Code::UpstreamDown
+            | Code::StoreUnavailable => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -73,7 +78,7 @@ impl Code {
             Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Code::Unavailable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Code::UpstreamDown => StatusCode::SERVICE_UNAVAILABLE,
+            Code::UpstreamDown | Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -157,6 +162,11 @@ impl From<&mirror::Error> for ApiError {
             M::Upstream(_) => e.upstream_failure().map(ApiError::from).unwrap_or_else(|| {
                 ApiError::new(Code::Unavailable, "upstream registry unavailable")
             }),
+            // The bucket is down or slow: like an upstream outage, the
+            // client may come back (its detail names no key or endpoint).
+            M::Store(e) if e.is_bucket() => {
+                ApiError::new(Code::StoreUnavailable, "the shared store is unavailable")
+            }
             M::Store(_) | M::Internal(_) => ApiError::new(Code::Unknown, "internal error"),
         }
     }

@@ -1,5 +1,5 @@
-//! The store's error type: a data dir another process holds, file system
-//! and index failures, and digest mismatches found at commit time.
+//! The store's error type: a data dir another process holds, file system,
+//! index and bucket failures, and digest mismatches found at commit time.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +21,16 @@ pub enum Error {
     Index(Arc<sled::Error>),
     #[error("corrupt index record for {0}")]
     CorruptRecord(String),
+    /// A request to the shared bucket failed (5xx, timeout, refused).
+    #[error("object store {op} of {key} failed: {message}")]
+    Bucket {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// The bucket cannot be used as configured: `key` says what to fix.
+    #[error("invalid value for {key}: {message}")]
+    Config { key: &'static str, message: String },
     #[error("digest mismatch: expected {expected}, got {actual} ({size} bytes)")]
     DigestMismatch {
         expected: Digest,
@@ -39,6 +49,13 @@ impl Error {
             path: path.into(),
             source: Arc::new(source),
         }
+    }
+}
+
+impl Error {
+    /// Whether the shared bucket failed (not this replica's disk).
+    pub fn is_bucket(&self) -> bool {
+        matches!(self, Error::Bucket { .. })
     }
 }
 

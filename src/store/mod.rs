@@ -5,6 +5,7 @@
 //! of HTTP or upstreams; the `mirror` decides what goes in and when.
 
 mod backend;
+pub mod bucket;
 mod direct;
 mod error;
 mod fs;
@@ -19,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 pub use backend::{Backend, Listed};
+pub use bucket::{Bucket, BucketBody, Upload};
 pub use error::{Error, Result};
 pub use index::{BlobMeta, TagRecord};
 pub use maintenance::{Evicted, GcReport, Reconciled, VerifyReport};
@@ -127,6 +129,28 @@ impl Store {
     /// The data directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// This data dir's name for itself among replicas (random, made at its
+    /// first start and kept in `<data>/replica-id`): what names its upload
+    /// markers in a shared bucket, so after a crash it finds its own.
+    /// Blocking.
+    pub fn replica_id(&self) -> Result<String> {
+        let path = self.root.join("replica-id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+        let mut random = [0u8; 8];
+        getrandom(&mut random);
+        let id = hex::encode(random);
+        let temp = self.root.join("replica-id.tmp");
+        std::fs::write(&temp, &id)
+            .and_then(|()| std::fs::rename(&temp, &path))
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(id)
     }
 
     /// Shows the store's size in `gauge` from now on.
@@ -306,6 +330,21 @@ impl Store {
     /// Flushes the index (on shutdown; commits flush on their own).
     pub fn flush(&self) -> Result<()> {
         self.index.flush()
+    }
+}
+
+/// Random bytes from the kernel (identity, not secrets: `/dev/urandom`
+/// is plenty).
+fn getrandom(out: &mut [u8]) {
+    use std::io::Read as _;
+    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(out));
+    if filled.is_err() {
+        // No /dev/urandom (a bare chroot): time and pid are unique enough
+        // for a name.
+        let seed = (clock::unix_ms() as u128) << 32 | u128::from(std::process::id());
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = (seed >> ((i % 16) * 8)) as u8;
+        }
     }
 }
 

@@ -129,6 +129,11 @@ impl Client {
         })
     }
 
+    /// How long a body may send nothing before it is abandoned.
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall_timeout
+    }
+
     /// Whether requests for this registry host may be sent at all.
     pub fn serves(&self, registry: &str) -> bool {
         self.allow_any_upstream || self.registries.contains_key(registry)

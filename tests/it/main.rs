@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod auth;
+mod bucket;
 mod evict;
 mod faults;
 mod hostile;
@@ -59,6 +60,25 @@ impl Hoard {
         extra: &[&str],
         tweak: impl FnOnce(&mut ServeArgs),
     ) -> Hoard {
+        Hoard::start_full(data, upstream, extra, tweak, None).await
+    }
+
+    /// hoard with its own data dir sharing `bucket` with other replicas.
+    pub async fn start_with_bucket(
+        upstream: &str,
+        bucket: std::sync::Arc<hoard::store::Bucket>,
+    ) -> Hoard {
+        let data = tempfile::tempdir().unwrap();
+        Hoard::start_full(data, upstream, &[], |_| {}, Some(bucket)).await
+    }
+
+    async fn start_full(
+        data: tempfile::TempDir,
+        upstream: &str,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut ServeArgs),
+        bucket: Option<std::sync::Arc<hoard::store::Bucket>>,
+    ) -> Hoard {
         let mut upstreams = vec![format!("docker.io={upstream}")];
         upstreams.extend(extra.iter().map(|s| s.to_string()));
         let mut args = ServeArgs {
@@ -75,7 +95,7 @@ impl Hoard {
         let args_admin = args.admin_listen;
         let args_plain = args.plain_listen;
         let config = Config::load(&args, []).unwrap();
-        let daemon = hoard::Daemon::open(config).unwrap();
+        let daemon = hoard::Daemon::open_with(config, bucket).await.unwrap();
         let metrics = daemon.metrics();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,0 +1,591 @@
+//! The shared tier: an S3-compatible bucket (through `object_store`) that
+//! every replica reads and writes, so what one replica fetched from
+//! upstream every other one serves without asking upstream again. Holds:
+//!
+//! - `blobs/sha256/<hex>`: content (layers, configs and manifests alike),
+//!   written only after its sha256 matched: a manifest with one `PUT`, a
+//!   blob with a multipart upload completed after verification (`Upload`),
+//!   so nothing partial or unverified ever exists under a content key;
+//! - `tags/<registry>/<name>/<tag>`: what a tag resolved to and when
+//!   upstream last confirmed it (a `TagRecord`), so a tag is revalidated
+//!   once per TTL for the whole fleet;
+//! - `links/<registry>/<name>/sha256/<hex>`: empty objects saying upstream
+//!   confirmed that repository has that digest (the cross-repository check
+//!   survives a replica with an empty disk);
+//! - `uploads/<replica>/<id>`: one marker per multipart upload in progress,
+//!   so uploads a crash abandoned can be found and aborted
+//!   (`sweep_uploads`): the S3 API lists them, `object_store` does not.
+//!
+//! Every call is async and bounded by the client's timeouts; a failure is
+//! `Error::Bucket`, which the registry answers as `UNAVAILABLE`.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    Attribute, Attributes, BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore,
+    PutOptions, PutPayload, RetryConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+use super::index::TagRecord;
+use crate::clock;
+use crate::config::{S3Config, S3Credentials};
+use crate::reference::{Digest, Repository};
+
+/// Bytes per part of a multipart upload (S3's minimum is 5 MiB, except
+/// the last part).
+pub const PART_SIZE: u64 = 8 << 20;
+/// Parts in flight at once across every upload: bounds the memory uploads
+/// hold (each part is in memory while it is sent).
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// What the bucket needs of an object store: objects and multipart
+/// uploads (S3 in production, `object_store`'s in-memory store in tests).
+pub trait Objects: ObjectStore + MultipartStore {}
+impl<T: ObjectStore + MultipartStore> Objects for T {}
+
+/// The bucket, its key prefix and this replica's name in upload markers.
+#[derive(Debug)]
+pub struct Bucket {
+    s3: Arc<dyn Objects>,
+    /// Presigns redirect URLs (S3 only).
+    signer: Option<Arc<dyn Signer>>,
+    prefix: String,
+    /// `s3://bucket/prefix`, for messages.
+    label: String,
+    /// This replica's identity in upload markers (persistent per data dir).
+    replica: String,
+    parts: tokio::sync::Semaphore,
+}
+
+/// A blob's bytes coming from the bucket.
+pub struct BucketBody {
+    /// The blob's full size.
+    pub size: u64,
+    /// The bytes returned (the whole blob, or the range asked for).
+    pub range: Range<u64>,
+    stream: futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    key: String,
+}
+
+impl BucketBody {
+    /// The next chunk; `None` at the end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        match self.stream.next().await {
+            None => Ok(None),
+            Some(Ok(chunk)) => Ok(Some(chunk)),
+            Some(Err(e)) => Err(Error::bucket("read", &self.key, e)),
+        }
+    }
+}
+
+/// What an upload marker records.
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    key: String,
+    upload_id: String,
+    started_ms: u64,
+}
+
+/// A multipart upload of one blob under its content key, invisible until
+/// `complete`. Dropped without `complete` or `abort`, it stays as a marker
+/// that `sweep_uploads` finds.
+pub struct Upload {
+    bucket: Arc<Bucket>,
+    path: Path,
+    id: String,
+    marker: Path,
+    parts: Vec<PartId>,
+}
+
+impl Bucket {
+    /// Connects to the bucket and checks it is there and writable (a probe
+    /// object written and removed), so a wrong name, wrong credentials or
+    /// an unreachable endpoint stop the start with an error naming the
+    /// key to fix. `replica` names this replica in upload markers.
+    pub async fn open(config: &S3Config, replica: &str) -> Result<Bucket> {
+        let bucket = Bucket::connect(config, replica)?;
+        bucket.check().await?;
+        Ok(bucket)
+    }
+
+    /// The client, without touching the network.
+    pub fn connect(config: &S3Config, replica: &str) -> Result<Bucket> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&config.bucket)
+            .with_client_options(client_options(config))
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(10),
+            });
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder
+                .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+                // Path-style requests: what S3-compatible servers take
+                // without per-bucket DNS names.
+                .with_virtual_hosted_style_request(false);
+        }
+        if let Some(region) = &config.region {
+            builder = builder.with_region(region);
+        }
+        if let S3Credentials::Static {
+            access_key_id,
+            secret_access_key_file,
+        } = &config.credentials
+        {
+            let secret =
+                std::fs::read_to_string(secret_access_key_file).map_err(|e| Error::Config {
+                    key: "store.s3.secret_access_key_file",
+                    message: format!("cannot read {}: {e}", secret_access_key_file.display()),
+                })?;
+            let secret = secret.trim();
+            if secret.is_empty() {
+                return Err(Error::Config {
+                    key: "store.s3.secret_access_key_file",
+                    message: format!("{} is empty", secret_access_key_file.display()),
+                });
+            }
+            builder = builder
+                .with_access_key_id(access_key_id)
+                .with_secret_access_key(secret);
+        }
+        let s3: Arc<AmazonS3> = Arc::new(builder.build().map_err(|e| Error::Config {
+            key: "store.s3",
+            message: e.to_string(),
+        })?);
+        let label = format!("s3://{}/{}", config.bucket, config.prefix);
+        Ok(Bucket::new(
+            s3.clone(),
+            Some(s3),
+            &config.prefix,
+            label,
+            replica,
+        ))
+    }
+
+    /// A bucket over any object store (`signer`: for redirects); `prefix`
+    /// is empty or ends with `/`.
+    pub fn new(
+        objects: Arc<dyn Objects>,
+        signer: Option<Arc<dyn Signer>>,
+        prefix: &str,
+        label: String,
+        replica: &str,
+    ) -> Bucket {
+        Bucket {
+            s3: objects,
+            signer,
+            prefix: prefix.to_owned(),
+            label,
+            replica: replica.to_owned(),
+            parts: tokio::sync::Semaphore::new(PARTS_IN_FLIGHT),
+        }
+    }
+
+    /// Lists, writes and removes a probe object: the bucket exists, the
+    /// credentials sign, and they may write.
+    pub async fn check(&self) -> Result<()> {
+        let listing = self.s3.list_with_delimiter(Some(&self.path("blobs"))).await;
+        if let Err(e) = listing {
+            let key = match &e {
+                object_store::Error::NotFound { .. } => "store.s3.bucket",
+                _ => "store.s3",
+            };
+            return Err(Error::Config {
+                key,
+                message: format!("cannot list {}: {}", self.label, describe(&e)),
+            });
+        }
+        let probe = self.path(&format!("uploads/{}/probe", self.replica));
+        let written = self.s3.put(&probe, PutPayload::from_static(b"probe")).await;
+        if let Err(e) = written {
+            return Err(Error::Config {
+                key: "store.s3",
+                message: format!("cannot write to {}: {}", self.label, describe(&e)),
+            });
+        }
+        self.s3
+            .delete(&probe)
+            .await
+            .map_err(|e| Error::bucket("delete", probe.as_ref(), e))?;
+        Ok(())
+    }
+
+    /// `s3://bucket/prefix`.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn path(&self, key: &str) -> Path {
+        Path::from(format!("{}{key}", self.prefix))
+    }
+
+    fn blob_path(&self, digest: &Digest) -> Path {
+        self.path(&format!("blobs/sha256/{}", digest.hex()))
+    }
+
+    fn tag_path(&self, repo: &Repository, tag: &str) -> Path {
+        self.path(&format!("tags/{repo}/{tag}"))
+    }
+
+    fn link_path(&self, repo: &Repository, digest: &Digest) -> Path {
+        self.path(&format!("links/{repo}/sha256/{}", digest.hex()))
+    }
+
+    /// The size of a stored blob, `None` if it is not there.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        let path = self.blob_path(digest);
+        match self.s3.head(&path).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::bucket("head", path.as_ref(), e)),
+        }
+    }
+
+    /// A stored blob's bytes (`range` of them), streamed; `None` if it is
+    /// not there.
+    pub async fn get_blob(
+        &self,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<Option<BucketBody>> {
+        let path = self.blob_path(digest);
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..GetOptions::default()
+        };
+        match self.s3.get_opts(&path, options).await {
+            Ok(result) => Ok(Some(BucketBody {
+                size: result.meta.size,
+                range: result.range.clone(),
+                key: path.to_string(),
+                stream: result.into_stream(),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::bucket("get", path.as_ref(), e)),
+        }
+    }
+
+    /// A stored manifest: its media type and bytes, checked against its
+    /// digest (the bucket is trusted no more than upstream).
+    pub async fn get_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>> {
+        let path = self.blob_path(digest);
+        let result = match self.s3.get(&path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::bucket("get", path.as_ref(), e)),
+        };
+        let media_type = result
+            .attributes
+            .get(&Attribute::ContentType)
+            .map(|v| v.to_string());
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|e| Error::bucket("get", path.as_ref(), e))?;
+        let actual = Digest::of(&bytes);
+        if actual != *digest {
+            return Err(Error::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+                size: bytes.len() as u64,
+            });
+        }
+        // Content without a manifest media type is a layer, not a manifest.
+        Ok(media_type.map(|media_type| (media_type, bytes)))
+    }
+
+    /// Stores verified content small enough for one request (a manifest,
+    /// a small blob): a single `PUT` is atomic, so the object is whole or
+    /// absent. `media_type` is set for manifests.
+    pub async fn put_verified(
+        &self,
+        digest: &Digest,
+        media_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<()> {
+        debug_assert_eq!(Digest::of(&bytes), *digest);
+        let path = self.blob_path(digest);
+        let mut attributes = Attributes::new();
+        attributes.insert(
+            Attribute::ContentType,
+            media_type
+                .unwrap_or("application/octet-stream")
+                .to_owned()
+                .into(),
+        );
+        let options = PutOptions {
+            attributes,
+            ..PutOptions::default()
+        };
+        self.s3
+            .put_opts(&path, bytes.into(), options)
+            .await
+            .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
+        Ok(())
+    }
+
+    /// Starts the multipart upload of `digest`, leaving a marker first
+    /// found by `sweep_uploads` if this replica dies before it ends.
+    pub async fn start_upload(self: &Arc<Self>, digest: &Digest) -> Result<Upload> {
+        let path = self.blob_path(digest);
+        let id = self
+            .s3
+            .create_multipart(&path)
+            .await
+            .map_err(|e| Error::bucket("create upload", path.as_ref(), e))?;
+        let marker_path = self.path(&format!(
+            "uploads/{}/{}-{}",
+            self.replica,
+            digest.hex(),
+            clock::unix_ms()
+        ));
+        let marker = Marker {
+            key: path.to_string(),
+            upload_id: id.clone(),
+            started_ms: clock::unix_ms(),
+        };
+        let body = serde_json::to_vec(&marker).expect("markers serialize");
+        if let Err(e) = self.s3.put(&marker_path, body.into()).await {
+            let _ = self.s3.abort_multipart(&path, &id).await;
+            return Err(Error::bucket("put", marker_path.as_ref(), e));
+        }
+        Ok(Upload {
+            bucket: self.clone(),
+            path,
+            id,
+            marker: marker_path,
+            parts: Vec::new(),
+        })
+    }
+
+    /// Aborts uploads whose marker is older than `older_than`, and the ones
+    /// this replica started before `own_before` (unix ms: when this process
+    /// started, so what it finds of its own was left by a crash). Returns
+    /// how many it aborted.
+    pub async fn sweep_uploads(&self, older_than: Duration, own_before: u64) -> Result<usize> {
+        let prefix = self.path("uploads");
+        let mine = format!("{}uploads/{}/", self.prefix, self.replica);
+        let listed: Vec<_> = self
+            .s3
+            .list(Some(&prefix))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<object_store::Result<_>>()
+            .map_err(|e| Error::bucket("list", prefix.as_ref(), e))?;
+        let now = clock::unix_ms();
+        let mut aborted = 0;
+        for meta in listed {
+            let written = meta.last_modified.timestamp_millis().max(0) as u64;
+            let old = u128::from(now.saturating_sub(written)) >= older_than.as_millis();
+            let own = meta.location.as_ref().starts_with(&mine);
+            if !old && !own {
+                continue;
+            }
+            let body = match self.s3.get(&meta.location).await {
+                Ok(result) => result.bytes().await.ok(),
+                Err(_) => None,
+            };
+            let marker = body.and_then(|b| serde_json::from_slice::<Marker>(&b).ok());
+            // Our own clock decides for our own markers (the server's may
+            // differ); what is not a marker (a probe) goes too.
+            let left_by_crash = own && marker.as_ref().is_none_or(|m| m.started_ms < own_before);
+            if !old && !left_by_crash {
+                continue;
+            }
+            if let Some(marker) = marker {
+                let path = Path::from(marker.key);
+                // Already completed or aborted: S3 answers 404, fine.
+                let _ = self.s3.abort_multipart(&path, &marker.upload_id).await;
+            }
+            self.s3
+                .delete(&meta.location)
+                .await
+                .map_err(|e| Error::bucket("delete", meta.location.as_ref(), e))?;
+            aborted += 1;
+        }
+        Ok(aborted)
+    }
+
+    /// What `repo:tag` resolved to, as the fleet last recorded it.
+    pub async fn tag(&self, repo: &Repository, tag: &str) -> Result<Option<TagRecord>> {
+        let path = self.tag_path(repo, tag);
+        let bytes = match self.s3.get(&path).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map_err(|e| Error::bucket("get", path.as_ref(), e))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::bucket("get", path.as_ref(), e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|_| Error::CorruptRecord(path.to_string()))
+    }
+
+    /// Records what `repo:tag` resolves to now.
+    pub async fn put_tag(&self, repo: &Repository, tag: &str, record: &TagRecord) -> Result<()> {
+        let path = self.tag_path(repo, tag);
+        let body = serde_json::to_vec(record).expect("tag records serialize");
+        self.s3
+            .put(&path, body.into())
+            .await
+            .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
+        Ok(())
+    }
+
+    /// Forgets a tag upstream no longer has.
+    pub async fn remove_tag(&self, repo: &Repository, tag: &str) -> Result<()> {
+        let path = self.tag_path(repo, tag);
+        match self.s3.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::bucket("delete", path.as_ref(), e)),
+        }
+    }
+
+    /// Whether upstream was seen to confirm `repo` has `digest`.
+    pub async fn is_linked(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
+        let path = self.link_path(repo, digest);
+        match self.s3.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::bucket("head", path.as_ref(), e)),
+        }
+    }
+
+    /// Records that upstream confirmed `repo` has each of `digests`.
+    pub async fn link(&self, repo: &Repository, digests: &[Digest]) -> Result<()> {
+        let mut writes = tokio::task::JoinSet::new();
+        for digest in digests {
+            let (s3, path) = (self.s3.clone(), self.link_path(repo, digest));
+            writes.spawn(async move {
+                s3.put(&path, PutPayload::new())
+                    .await
+                    .map_err(|e| Error::bucket("put", path.as_ref(), e))
+            });
+        }
+        while let Some(done) = writes.join_next().await {
+            done.map_err(|e| Error::Bucket {
+                op: "put",
+                key: "links".into(),
+                message: e.to_string(),
+            })??;
+        }
+        Ok(())
+    }
+
+    /// A URL that lets its holder `GET` a blob for `ttl`, signed with the
+    /// bucket's credentials (which the URL carries only as a signature).
+    pub async fn signed_blob_url(&self, digest: &Digest, ttl: Duration) -> Result<reqwest::Url> {
+        let path = self.blob_path(digest);
+        let signer = self.signer.as_ref().ok_or_else(|| Error::Config {
+            key: "store.s3.redirect",
+            message: "this object store cannot presign URLs".into(),
+        })?;
+        let url = signer
+            .signed_url(http::Method::GET, &path, ttl)
+            .await
+            .map_err(|e| Error::bucket("sign", path.as_ref(), e))?;
+        url.as_str().parse().map_err(|e| Error::Bucket {
+            op: "sign",
+            key: path.to_string(),
+            message: format!("{e}"),
+        })
+    }
+}
+
+impl Upload {
+    /// Sends the next part (every part but the last at least 5 MiB).
+    pub async fn put_part(&mut self, bytes: Bytes) -> Result<()> {
+        let _permit = self.bucket.parts.acquire().await.expect("never closed");
+        let part = self
+            .bucket
+            .s3
+            .put_part(&self.path, &self.id, self.parts.len(), bytes.into())
+            .await
+            .map_err(|e| Error::bucket("put part", self.path.as_ref(), e))?;
+        self.parts.push(part);
+        Ok(())
+    }
+
+    /// Makes the uploaded parts visible as the blob: call only once the
+    /// bytes are verified.
+    pub async fn complete(self) -> Result<()> {
+        let result = self
+            .bucket
+            .s3
+            .complete_multipart(&self.path, &self.id, self.parts.clone())
+            .await;
+        if let Err(e) = result {
+            let e = Error::bucket("complete upload", self.path.as_ref(), e);
+            self.abort().await;
+            return Err(e);
+        }
+        let _ = self.bucket.s3.delete(&self.marker).await;
+        Ok(())
+    }
+
+    /// Throws the parts away; nothing becomes visible.
+    pub async fn abort(self) {
+        let _ = self.bucket.s3.abort_multipart(&self.path, &self.id).await;
+        let _ = self.bucket.s3.delete(&self.marker).await;
+    }
+}
+
+fn client_options(config: &S3Config) -> ClientOptions {
+    let mut options = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        // Whole requests, bodies included: a blob GET streams while its
+        // client reads, so the limit is generous; a stalled one is caught
+        // by the reader's own idle timeout.
+        .with_timeout(Duration::from_secs(3600))
+        .with_pool_idle_timeout(Duration::from_secs(60));
+    if config
+        .endpoint
+        .as_ref()
+        .is_some_and(|url| url.scheme() == "http")
+    {
+        options = options.with_allow_http(true);
+    }
+    options
+}
+
+/// An object-store error in a sentence: what the server or the network
+/// said, without the request's signed URL or headers.
+fn describe(e: &object_store::Error) -> String {
+    match e {
+        object_store::Error::NotFound { .. } => "the bucket does not exist".to_owned(),
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => {
+            "the credentials were refused (check the key id and secret)".to_owned()
+        }
+        other => {
+            // object_store's messages name the URL (bucket and key) and
+            // the server's reply; neither holds a credential.
+            let text = other.to_string();
+            text.chars().take(400).collect()
+        }
+    }
+}
+
+impl Error {
+    /// A bucket request that failed.
+    pub(crate) fn bucket(op: &'static str, key: &str, e: object_store::Error) -> Error {
+        Error::Bucket {
+            op,
+            key: key.to_owned(),
+            message: describe(&e),
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Issue 13: replicas sharing a bucket, against `object_store`'s in-memory
+//! store wrapped in `Faulty` (uploads that fail halfway, a store that goes
+//! down). The real S3 server (Garage) is in tests/e2e_replicas.rs.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{
+    GetOptions, GetResult, ListResult, MultipartId, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+use crate::fake::{digest_of, Fake, Fault};
+use crate::{error_code, eventually_async, Hoard};
+
+/// The in-memory store with switches: fail every request (`down`), or fail
+/// multipart parts after the first `parts_ok`.
+#[derive(Debug, Default)]
+struct Faulty {
+    inner: InMemory,
+    down: AtomicBool,
+    parts_ok: AtomicUsize,
+    fail_parts: AtomicBool,
+    parts_sent: AtomicUsize,
+    aborted: AtomicUsize,
+}
+
+impl std::fmt::Display for Faulty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Faulty")
+    }
+}
+
+fn down() -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faulty",
+        source: "503 Service Unavailable (injected)".into(),
+    }
+}
+
+impl Faulty {
+    fn check(&self) -> object_store::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(down())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Keys under `prefix` (a test's view of the bucket).
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        use futures_util::StreamExt;
+        let prefix = Path::from(prefix);
+        self.inner
+            .list(Some(&prefix))
+            .map(|m| m.unwrap().location.to_string())
+            .collect()
+            .await
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.check()?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.check()?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.check()?;
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn delete(&self, location: &Path) -> object_store::Result<()> {
+        self.check()?;
+        self.inner.delete(location).await
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(futures_util::stream::once(async { Err(down()) }));
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.check()?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.check()?;
+        self.inner.copy(from, to).await
+    }
+
+    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.check()?;
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+#[async_trait]
+impl MultipartStore for Faulty {
+    async fn create_multipart(&self, path: &Path) -> object_store::Result<MultipartId> {
+        self.check()?;
+        self.inner.create_multipart(path).await
+    }
+
+    async fn put_part(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> object_store::Result<PartId> {
+        self.check()?;
+        let sent = self.parts_sent.fetch_add(1, Ordering::SeqCst);
+        if self.fail_parts.load(Ordering::SeqCst) && sent >= self.parts_ok.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.put_part(path, id, part_idx, data).await
+    }
+
+    async fn complete_multipart(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        parts: Vec<PartId>,
+    ) -> object_store::Result<PutResult> {
+        self.check()?;
+        self.inner.complete_multipart(path, id, parts).await
+    }
+
+    async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
+        self.aborted.fetch_add(1, Ordering::SeqCst);
+        self.inner.abort_multipart(path, id).await
+    }
+}
+
+fn bucket(objects: &Arc<Faulty>, replica: &str) -> Arc<hoard::store::Bucket> {
+    Arc::new(hoard::store::Bucket::new(
+        objects.clone(),
+        None,
+        "fleet/",
+        "memory://fleet/".into(),
+        replica,
+    ))
+}
+
+/// Every upstream request the fake saw.
+fn upstream_requests(fake: &Fake) -> usize {
+    fake.all_hits().len()
+}
+
+/// A layer of `len` pseudo-random bytes (not compressible, not repeating).
+fn layer(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = u64::from(seed) | 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn in_bucket(objects: &Faulty, digest: &str) -> bool {
+    let hex = digest.trim_start_matches("sha256:");
+    objects
+        .keys("fleet/blobs")
+        .await
+        .iter()
+        .any(|k| k.ends_with(hex))
+}
+
+#[tokio::test]
+async fn issue_13_a_replica_with_an_empty_disk_serves_from_the_bucket_without_upstream() {
+    let fake = Fake::start().await;
+    // 20 MiB: three parts of a multipart upload.
+    let big = layer(20 << 20, 1);
+    let (manifest, layer_digest) = fake.put_image("library/app", "1.0", &big);
+    let objects = Arc::new(Faulty::default());
+
+    let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let r = first.get("/v2/library/app/manifests/1.0").await;
+    assert_eq!(r.status(), 200);
+    let image: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let config_digest = image["config"]["digest"].as_str().unwrap().to_owned();
+    for digest in [&config_digest, &layer_digest] {
+        let body = first.get(&format!("/v2/library/app/blobs/{digest}")).await;
+        assert_eq!(body.status(), 200);
+        assert_eq!(digest_of(&body.bytes().await.unwrap()), *digest);
+        assert!(
+            eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await,
+            "{digest} never reached the bucket"
+        );
+    }
+    // One multipart upload (the layer), one single PUT (the config).
+    let uploaded = || async { first.metric("hoard_bucket_uploads_total{result=\"ok\"}") == 2.0 };
+    assert!(eventually_async(Duration::from_secs(20), uploaded).await);
+    let before = upstream_requests(&fake);
+
+    // Another replica, empty disk, same bucket: everything without upstream.
+    let second = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "b")).await;
+    let r = second.get("/v2/library/app/manifests/1.0").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], manifest.as_str());
+    let config: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    for digest in [
+        config["config"]["digest"].as_str().unwrap(),
+        layer_digest.as_str(),
+    ] {
+        let r = second.get(&format!("/v2/library/app/blobs/{digest}")).await;
+        assert_eq!(r.status(), 200, "{digest}");
+        assert_eq!(digest_of(&r.bytes().await.unwrap()), digest);
+    }
+    assert_eq!(
+        upstream_requests(&fake),
+        before,
+        "the second replica asked upstream: {:?}",
+        &fake.all_hits()[before..]
+    );
+    assert_eq!(
+        second.metric("hoard_cache_requests_total{kind=\"blob\",result=\"hit\"}"),
+        2.0
+    );
+    // Kept on its own disk: the next pull does not read the bucket.
+    objects.down.store(true, Ordering::SeqCst);
+    let r = second
+        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+}
+
+#[tokio::test]
+async fn issue_13_a_repository_not_vouched_for_in_the_bucket_is_asked_upstream() {
+    let fake = Fake::start().await;
+    let data = layer(1000, 2);
+    let (_, layer_digest) = fake.put_image("library/app", "1.0", &data);
+    let objects = Arc::new(Faulty::default());
+    let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let r = first
+        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+    assert!(
+        eventually_async(Duration::from_secs(20), || in_bucket(
+            &objects,
+            &layer_digest
+        ))
+        .await
+    );
+
+    // The bytes are in the bucket, but upstream never said `other/repo`
+    // has them: a replica asks before serving, and refuses on its 404.
+    let second = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "b")).await;
+    let r = second
+        .get(&format!("/v2/other/repo/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    assert_eq!(
+        fake.hits("HEAD", &format!("/v2/other/repo/blobs/{layer_digest}")),
+        1
+    );
+}
+
+#[tokio::test]
+async fn issue_13_an_upload_that_fails_halfway_leaves_nothing_in_the_bucket() {
+    let fake = Fake::start().await;
+    let big = layer(20 << 20, 3);
+    let (_, layer_digest) = fake.put_image("library/app", "1.0", &big);
+    let objects = Arc::new(Faulty::default());
+    objects.parts_ok.store(1, Ordering::SeqCst);
+    objects.fail_parts.store(true, Ordering::SeqCst);
+
+    let hoard = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let r = hoard
+        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        digest_of(&r.bytes().await.unwrap()),
+        layer_digest,
+        "the client is served whatever the bucket does"
+    );
+    let failed = || async { hoard.metric("hoard_bucket_uploads_total{result=\"error\"}") == 1.0 };
+    assert!(eventually_async(Duration::from_secs(20), failed).await);
+    assert!(!in_bucket(&objects, &layer_digest).await);
+    assert!(
+        objects.aborted.load(Ordering::SeqCst) >= 1,
+        "the upload was not aborted"
+    );
+    assert_eq!(
+        objects.keys("fleet/uploads").await,
+        Vec::<String>::new(),
+        "the upload's marker stayed"
+    );
+    // Still cached on this replica's disk.
+    let r = hoard
+        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        fake.hits("GET", &format!("/v2/library/app/blobs/{layer_digest}")),
+        1
+    );
+}
+
+#[tokio::test]
+async fn issue_13_a_download_cut_upstream_is_never_completed_in_the_bucket() {
+    let fake = Fake::start().await;
+    let big = layer(20 << 20, 4);
+    let (_, layer_digest) = fake.put_image("library/app", "1.0", &big);
+    fake.fault(&format!("/blobs/{layer_digest}"), Fault::CutBody);
+    let objects = Arc::new(Faulty::default());
+    let hoard = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let r = hoard
+        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    let _ = r.bytes().await;
+    let abandoned =
+        || async { hoard.metric("hoard_bucket_uploads_total{result=\"abandoned\"}") == 1.0 };
+    assert!(eventually_async(Duration::from_secs(20), abandoned).await);
+    assert!(!in_bucket(&objects, &layer_digest).await);
+    assert_eq!(objects.keys("fleet/uploads").await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn issue_13_a_bucket_that_is_down_fails_misses_with_unavailable_and_serves_local_hits() {
+    let fake = Fake::start().await;
+    let (_, cached) = fake.put_image("library/app", "1.0", b"cached layer");
+    let (_, missing) = fake.put_image("library/other", "1.0", b"never fetched");
+    let objects = Arc::new(Faulty::default());
+    let hoard = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let r = hoard.get(&format!("/v2/library/app/blobs/{cached}")).await;
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), cached);
+
+    objects.down.store(true, Ordering::SeqCst);
+    let r = hoard
+        .get(&format!("/v2/library/other/blobs/{missing}"))
+        .await;
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("UNAVAILABLE"), "{body}");
+    assert!(
+        !body.contains("fleet"),
+        "the error names a bucket key: {body}"
+    );
+    assert_eq!(
+        fake.hits("GET", &format!("/v2/library/other/blobs/{missing}")),
+        0,
+        "a bucket outage must not turn into upstream pulls"
+    );
+    let r = hoard.get(&format!("/v2/library/app/blobs/{cached}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), cached);
+
+    // Back up: the miss is served (and fetched once).
+    objects.down.store(false, Ordering::SeqCst);
+    let r = hoard
+        .get(&format!("/v2/library/other/blobs/{missing}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), missing);
+}
+
+/// Leftover uploads: a marker this replica left before it restarted is
+/// aborted at start; another replica's recent one is left alone.
+#[tokio::test]
+async fn issue_13_uploads_left_by_a_crash_are_swept_at_start() {
+    let objects = Arc::new(Faulty::default());
+    let digest = hoard::reference::Digest::parse(&digest_of(b"x")).unwrap();
+    let mine = bucket(&objects, "a");
+    let theirs = bucket(&objects, "b");
+    let left = mine.start_upload(&digest).await.unwrap();
+    let running = theirs.start_upload(&digest).await.unwrap();
+    std::mem::forget(left); // a crash: neither completed nor aborted
+    let later = hoard::clock::unix_ms() + 1;
+    let restarted = bucket(&objects, "a");
+    let swept = restarted
+        .sweep_uploads(Duration::from_secs(3600), later)
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    let markers = objects.keys("fleet/uploads").await;
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert!(markers[0].starts_with("fleet/uploads/b/"), "{markers:?}");
+    running.abort().await;
+    assert_eq!(objects.keys("fleet/uploads").await, Vec::<String>::new());
+}
