@@ -13,6 +13,7 @@ pub const VERSION: &str = concat!(
 );
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod mirror;
@@ -110,11 +111,20 @@ impl Daemon {
             None => None,
         };
         let upstream = upstream::Client::new(&config.upstream, metrics.clone())?;
+        let cluster = config.cluster.as_ref().map(|cluster_config| {
+            let cluster = Arc::new(cluster::Cluster::new(
+                cluster_config,
+                metrics.peer_requests.clone(),
+            ));
+            cluster.spawn_dns_refresh(cluster_config);
+            cluster
+        });
         let mirror = mirror::Mirror::new(
             config.store.clone(),
             config.upstream.tag_ttl.clone(),
             Arc::new(store),
             bucket,
+            cluster,
             upstream,
             metrics.clone(),
         );

@@ -50,6 +50,9 @@ pub struct Metrics {
     /// `hoard_bucket_uploads_total{result}`: copies of upstream downloads
     /// to the shared bucket: ok, abandoned (the download failed), error.
     pub bucket_uploads: IntCounterVec,
+    /// `hoard_peer_requests_total{result}`: misses forwarded to the replica
+    /// that owns them: ok, error (it answered an error), unreachable.
+    pub peer_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -181,6 +184,11 @@ impl Metrics {
             "Upstream downloads copied to the shared bucket, by result (ok, abandoned, error).",
             &["result"],
         );
+        let peer_requests = counter_vec(
+            "hoard_peer_requests_total",
+            "Misses forwarded to the replica that owns them, by result (ok, error, unreachable).",
+            &["result"],
+        );
         // Series that exist from the start, so rates and ratios are defined
         // before the first request.
         for kind in ["manifest", "blob"] {
@@ -211,6 +219,7 @@ impl Metrics {
             http_duration,
             fetch_duration,
             bucket_uploads,
+            peer_requests,
         }
     }
 

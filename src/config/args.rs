@@ -134,6 +134,23 @@ pub struct ServeArgs {
     /// The bucket's region [default: AWS_REGION, else us-east-1].
     #[arg(long, env = "HOARD_S3_REGION", value_name = "REGION")]
     pub s3_region: Option<String>,
+    /// Another replica sharing the bucket, as http(s)://HOST:PORT
+    /// (repeatable; this replica may be among them). Each object is fetched
+    /// upstream by one replica, which the others stream from.
+    #[arg(
+        long = "peer",
+        env = "HOARD_PEERS",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub peers: Vec<String>,
+    /// This replica's URL as the other replicas reach it (one of --peer).
+    #[arg(long, env = "HOARD_ADVERTISE", value_name = "URL")]
+    pub advertise: Option<String>,
+    /// A DNS name:port resolving to every replica (a Kubernetes headless
+    /// Service), instead of --peer.
+    #[arg(long, env = "HOARD_PEERS_DNS", value_name = "NAME:PORT")]
+    pub peers_dns: Option<String>,
     /// Upstream blob downloads running at once per registry [default: 32].
     #[arg(long, env = "HOARD_MAX_CONCURRENT_FETCHES", value_name = "N")]
     pub max_concurrent_fetches: Option<usize>,

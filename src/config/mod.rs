@@ -79,6 +79,28 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Client authentication; `None`: every client may pull everything.
     pub auth: Option<AuthConfig>,
+    /// The other replicas; `None`: this one alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the replicas sharing a bucket, so that each object is
+/// fetched upstream by one of them (its owner) and streamed by the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This replica's URL as the others reach it.
+    pub advertise: reqwest::Url,
+    /// Who the replicas are.
+    pub peers: Peers,
+}
+
+/// Where the replica list comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peers {
+    /// Listed (`peers`); includes `advertise`.
+    Static(Vec<reqwest::Url>),
+    /// Every address a name resolves to (`peers_dns = "NAME:PORT"`),
+    /// looked up again every few seconds; the scheme is `advertise`'s.
+    Dns { name: String, port: u16 },
 }
 
 /// Where content is kept, and how much of it.
@@ -414,6 +436,21 @@ impl fmt::Display for Config {
                 ),
             };
             writeln!(f, "  credentials = {credentials}")?;
+        }
+        writeln!(f, "[cluster]")?;
+        match &self.cluster {
+            None => writeln!(f, "  (off: this replica alone)")?,
+            Some(cluster) => {
+                writeln!(f, "  advertise = {}", cluster.advertise)?;
+                match &cluster.peers {
+                    Peers::Static(urls) => writeln!(
+                        f,
+                        "  peers = {:?}",
+                        urls.iter().map(|u| u.as_str()).collect::<Vec<_>>()
+                    )?,
+                    Peers::Dns { name, port } => writeln!(f, "  peers_dns = {name}:{port}")?,
+                }
+            }
         }
         writeln!(f, "[upstream]")?;
         writeln!(

@@ -41,7 +41,18 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub auth: RawAuth,
     #[serde(default)]
+    pub cluster: RawCluster,
+    #[serde(default)]
     pub registries: BTreeMap<String, RawRegistry>,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub peers: Option<Vec<String>>,
+    pub advertise: Option<String>,
+    pub peers_dns: Option<String>,
 }
 
 /// `[store]`.
@@ -198,6 +209,9 @@ impl RawConfig {
             s3_endpoint,
             s3_bucket,
             s3_region,
+            peers,
+            advertise,
+            peers_dns,
             max_concurrent_fetches,
             rate_limit_floor,
             connect_timeout,
@@ -253,6 +267,11 @@ impl RawConfig {
                 htpasswd,
                 reload_interval: auth_reload_interval,
                 ..RawAuth::default()
+            },
+            cluster: RawCluster {
+                peers: (!peers.is_empty()).then_some(peers),
+                advertise,
+                peers_dns,
             },
             registries: registries::from_upstream_flags(&upstream)?,
         })
@@ -339,6 +358,11 @@ impl RawConfig {
                 access: l.auth.access.or(s.auth.access),
                 groups: l.auth.groups.or(s.auth.groups),
                 reload_interval: l.auth.reload_interval.or(s.auth.reload_interval),
+            },
+            cluster: RawCluster {
+                peers: l.cluster.peers.or(s.cluster.peers),
+                advertise: l.cluster.advertise.or(s.cluster.advertise),
+                peers_dns: l.cluster.peers_dns.or(s.cluster.peers_dns),
             },
             registries: registries::merge(s.registries, l.registries),
         }

@@ -320,6 +320,58 @@ fn every_setting(dir: &Path) -> Vec<Setting> {
             Some(&["--min-free-space", "1024"]),
         ),
         setting(
+            "[store.s3]\nbucket = \"hoard\"",
+            &[("HOARD_S3_BUCKET", "hoard")],
+            Some(&["--s3-bucket", "hoard"]),
+        ),
+        setting(
+            "[store.s3]\nbucket = \"hoard\"\nendpoint = \"http://127.0.0.1:3900\"",
+            &[
+                ("HOARD_S3_BUCKET", "hoard"),
+                ("HOARD_S3_ENDPOINT", "http://127.0.0.1:3900"),
+            ],
+            Some(&["--s3-bucket", "hoard", "--s3-endpoint", "http://127.0.0.1:3900"]),
+        ),
+        setting(
+            "[store.s3]\nbucket = \"hoard\"\n[cluster]\nadvertise = \"http://127.0.0.1:5001\"\npeers = [\"http://127.0.0.1:5001\", \"http://127.0.0.1:5002\"]",
+            &[
+                ("HOARD_S3_BUCKET", "hoard"),
+                ("HOARD_ADVERTISE", "http://127.0.0.1:5001"),
+                ("HOARD_PEERS", "http://127.0.0.1:5001,http://127.0.0.1:5002"),
+            ],
+            Some(&[
+                "--s3-bucket",
+                "hoard",
+                "--advertise",
+                "http://127.0.0.1:5001",
+                "--peer",
+                "http://127.0.0.1:5001",
+                "--peer",
+                "http://127.0.0.1:5002",
+            ]),
+        ),
+        setting(
+            "[store.s3]\nbucket = \"hoard\"\n[cluster]\nadvertise = \"http://127.0.0.1:5001\"\npeers_dns = \"localhost:5001\"",
+            &[
+                ("HOARD_S3_BUCKET", "hoard"),
+                ("HOARD_ADVERTISE", "http://127.0.0.1:5001"),
+                ("HOARD_PEERS_DNS", "localhost:5001"),
+            ],
+            Some(&[
+                "--s3-bucket",
+                "hoard",
+                "--advertise",
+                "http://127.0.0.1:5001",
+                "--peers-dns",
+                "localhost:5001",
+            ]),
+        ),
+        setting(
+            "[store.s3]\nbucket = \"hoard\"\nregion = \"garage\"",
+            &[("HOARD_S3_BUCKET", "hoard"), ("HOARD_S3_REGION", "garage")],
+            Some(&["--s3-bucket", "hoard", "--s3-region", "garage"]),
+        ),
+        setting(
             &format!("[upstream]\ndocker_config = {docker:?}"),
             &[("HOARD_DOCKER_CONFIG", docker)],
             Some(&["--docker-config", docker]),
@@ -766,4 +818,90 @@ fn reload_intervals_default_to_5s_and_alone_turn_nothing_on() {
     assert_eq!(c.auth.unwrap().reload_interval, Duration::from_secs(5));
     let c = from_file("[tls]\nreload_interval = \"1s\"\n[auth]\nreload_interval = \"1s\"").unwrap();
     assert_eq!((c.tls, c.auth), (None, None));
+}
+
+#[test]
+fn issue_13_a_bucket_selects_the_s3_backend_and_its_settings_are_checked() {
+    let config = from_file("[store.s3]\nbucket = \"hoard\"\nprefix = \"/team-a/\"").unwrap();
+    let s3 = config.store.s3.expect("a bucket selects s3");
+    assert_eq!(s3.prefix, "team-a/");
+    assert_eq!(s3.credentials, S3Credentials::Chain);
+    assert!(!s3.redirect);
+    assert_eq!(s3.redirect_ttl, Duration::from_secs(600));
+    assert_eq!(from_file("").unwrap().store.s3, None);
+    let refused = [
+        ("[store]\nbackend = \"s3\"", "store.s3.bucket"),
+        ("[store]\nbackend = \"tape\"", "store.backend"),
+        (
+            "[store]\nbackend = \"fs\"\n[store.s3]\nbucket = \"hoard\"",
+            "store.backend",
+        ),
+        (
+            "[store.s3]\nendpoint = \"http://127.0.0.1:1\"",
+            "store.s3.bucket",
+        ),
+        ("[store.s3]\nbucket = \"No_Such\"", "store.s3.bucket"),
+        (
+            "[store.s3]\nbucket = \"hoard\"\nendpoint = \"ftp://x\"",
+            "store.s3.endpoint",
+        ),
+        (
+            "[store.s3]\nbucket = \"hoard\"\naccess_key_id = \"GK1\"",
+            "store.s3.secret_access_key_file",
+        ),
+        (
+            "[store.s3]\nbucket = \"hoard\"\nredirect_ttl = \"30d\"",
+            "store.s3.redirect_ttl",
+        ),
+        (
+            "[store.s3]\nbucket = \"hoard\"\nprefix = \"a/../b\"",
+            "store.s3.prefix",
+        ),
+    ];
+    for (text, key) in refused {
+        match from_file(text) {
+            Err(ConfigError::Invalid { key: named, .. }) => assert_eq!(named, key, "{text}"),
+            other => panic!("{text}: expected an error naming {key}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn issue_13_peers_need_a_bucket_and_this_replica_s_url() {
+    let config = from_file(
+        "[store.s3]\nbucket = \"hoard\"\n[cluster]\nadvertise = \"http://127.0.0.1:5002/\"\npeers = [\"http://127.0.0.1:5001\"]",
+    )
+    .unwrap();
+    let cluster = config.cluster.expect("peers make a cluster");
+    match cluster.peers {
+        Peers::Static(urls) => assert_eq!(
+            urls.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+            ["http://127.0.0.1:5001/", "http://127.0.0.1:5002/"],
+            "advertise is one of the replicas"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let refused = [
+        ("[cluster]\nadvertise = \"http://a:1\"\npeers = [\"http://b:1\"]", "cluster.peers"),
+        ("[store.s3]\nbucket = \"hoard\"\n[cluster]\npeers = [\"http://b:1\"]", "cluster.advertise"),
+        ("[store.s3]\nbucket = \"hoard\"\n[cluster]\nadvertise = \"http://a:1\"", "cluster.advertise"),
+        (
+            "[store.s3]\nbucket = \"hoard\"\n[cluster]\nadvertise = \"http://a:1\"\npeers = [\"http://b:1/v2\"]",
+            "cluster.peers",
+        ),
+        (
+            "[store.s3]\nbucket = \"hoard\"\n[cluster]\nadvertise = \"http://a:1\"\npeers_dns = \"hoard\"",
+            "cluster.peers_dns",
+        ),
+        (
+            "[store.s3]\nbucket = \"hoard\"\n[cluster]\nadvertise = \"http://a:1\"\npeers_dns = \"h:1\"\npeers = [\"http://b:1\"]",
+            "cluster.peers_dns",
+        ),
+    ];
+    for (text, key) in refused {
+        match from_file(text) {
+            Err(ConfigError::Invalid { key: named, .. }) => assert_eq!(named, key, "{text}"),
+            other => panic!("{text}: expected an error naming {key}, got {other:?}"),
+        }
+    }
 }

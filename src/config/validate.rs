@@ -9,13 +9,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw::{
-    RawAdmin, RawAuth, RawConfig, RawLimits, RawS3, RawStore, RawTls, RawUpstream, RawWarm,
+    RawAdmin, RawAuth, RawCluster, RawConfig, RawLimits, RawS3, RawStore, RawTls, RawUpstream,
+    RawWarm,
 };
 use super::registries::RawRegistry;
 use super::units::{parse_duration, Size};
 use super::{
-    invalid, registries, AdminConfig, AuthConfig, Config, LimitsConfig, LogFormat, Result,
-    S3Config, S3Credentials, StoreConfig, TlsConfig, UpstreamConfig, WarmConfig,
+    invalid, registries, AdminConfig, AuthConfig, ClusterConfig, Config, LimitsConfig, LogFormat,
+    Peers, Result, S3Config, S3Credentials, StoreConfig, TlsConfig, UpstreamConfig, WarmConfig,
 };
 use crate::reference::ImageRef;
 
@@ -38,15 +39,24 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config> {
         admin,
         tls,
         auth,
+        cluster,
         registries,
     } = raw;
+    let store = store_config(data_dir, store)?;
+    let cluster = cluster_config(cluster)?;
+    if cluster.is_some() && store.s3.is_none() {
+        return Err(invalid(
+            "cluster.peers",
+            "replicas share content through a bucket: set store.s3.bucket (or --s3-bucket)",
+        ));
+    }
     Ok(Config {
         listen: listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 5000))),
         metrics_listen,
         log_format: log_format.unwrap_or(LogFormat::Text),
         shutdown_timeout: duration("shutdown_timeout", shutdown_timeout)?
             .unwrap_or(Duration::from_secs(30)),
-        store: store_config(data_dir, store)?,
+        store,
         upstream: upstream_config(
             upstream,
             registries,
@@ -59,6 +69,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config> {
         admin: admin_config(admin)?,
         tls: tls_config(tls)?,
         auth: auth_config(auth)?,
+        cluster,
     })
 }
 
@@ -96,6 +107,80 @@ fn store_config(data_dir: Option<PathBuf>, raw: RawStore) -> Result<StoreConfig>
         max_tag_age: duration("store.max_tag_age", raw.max_tag_age)?,
         pins: images("store.pins", raw.pins)?,
     })
+}
+
+/// `[cluster]`. Replicas without a shared bucket would each fetch and keep
+/// their own copy: peers are refused then (checked in `validate`'s caller
+/// through `store.s3`).
+fn cluster_config(raw: RawCluster) -> Result<Option<ClusterConfig>> {
+    let RawCluster {
+        peers,
+        advertise,
+        peers_dns,
+    } = raw;
+    let peers = peers.filter(|p| !p.is_empty());
+    if peers.is_none() && peers_dns.is_none() {
+        if advertise.is_some() {
+            return Err(invalid(
+                "cluster.advertise",
+                "names this replica, but there is no cluster.peers or cluster.peers_dns",
+            ));
+        }
+        return Ok(None);
+    }
+    let advertise = advertise.ok_or_else(|| {
+        invalid(
+            "cluster.advertise",
+            "is missing: the replicas need this one's URL (e.g. http://10.0.0.1:5000)",
+        )
+    })?;
+    let advertise = peer_url("cluster.advertise", &advertise)?;
+    let peers = match (peers, peers_dns) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "cluster.peers_dns",
+                "and cluster.peers both list the replicas: keep one",
+            ))
+        }
+        (Some(list), None) => {
+            let mut urls = list
+                .iter()
+                .map(|p| peer_url("cluster.peers", p))
+                .collect::<Result<Vec<_>>>()?;
+            if !urls.contains(&advertise) {
+                urls.push(advertise.clone());
+            }
+            urls.sort();
+            urls.dedup();
+            Peers::Static(urls)
+        }
+        (None, Some(dns)) => {
+            let (name, port) = dns
+                .rsplit_once(':')
+                .and_then(|(name, port)| Some((name, port.parse::<u16>().ok()?)))
+                .filter(|(name, port)| !name.is_empty() && *port != 0)
+                .ok_or_else(|| invalid("cluster.peers_dns", format!("{dns:?} is not NAME:PORT")))?;
+            Peers::Dns {
+                name: name.to_owned(),
+                port,
+            }
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    Ok(Some(ClusterConfig { advertise, peers }))
+}
+
+/// A replica's URL: scheme, host and port, nothing else (the same replica
+/// must be written the same way everywhere: it is hashed).
+fn peer_url(key: &str, text: &str) -> Result<reqwest::Url> {
+    let url = registries::parse_url(key, text)?;
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+        return Err(invalid(
+            key,
+            format!("{text:?}: a replica is http(s)://HOST:PORT, without a path"),
+        ));
+    }
+    Ok(url)
 }
 
 /// `[store.s3]`.

@@ -17,7 +17,9 @@ use super::fills::Lead;
 use super::shared::Shared;
 use super::stream::{self, ByteStream, Follow, Handoff};
 use super::upload;
+use super::Caller;
 use super::Outcome;
+use crate::cluster::{self, Owner};
 use crate::reference::{Digest, Repository};
 use crate::store::{self, BlobReader, BlobWriter, StoredBlob, VerifiedBlob};
 use crate::upstream;
@@ -118,12 +120,13 @@ pub(super) async fn lookup(
     shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
+    caller: &Caller,
 ) -> Result<Blob> {
     let mut confirmed = false;
     // `None`: not asked yet; `Some(found)`: what the bucket said.
     let mut in_bucket: Option<bool> = None;
     let step = loop {
-        match decide(shared, repo, digest, confirmed, in_bucket)? {
+        match decide(shared, repo, digest, confirmed, in_bucket, caller)? {
             Decision::Step(step) => break step,
             Decision::Confirm => {
                 confirm(shared, repo, digest).await?;
@@ -209,6 +212,7 @@ fn decide(
     digest: &Digest,
     confirmed: bool,
     in_bucket: Option<bool>,
+    caller: &Caller,
 ) -> Result<Decision> {
     if let Some(stored) = stored(shared, repo, digest, confirmed)? {
         return Ok(stored);
@@ -243,6 +247,7 @@ fn decide(
             lead,
             writer,
             origin,
+            caller.clone(),
         );
         tokio::spawn(task).abort_handle()
     });
@@ -396,21 +401,22 @@ async fn run(
     lead: Lead,
     writer: BlobWriter,
     origin: Origin,
+    caller: Caller,
 ) {
     let fill = lead.fill();
     let started = Instant::now();
     let mut uploading = None;
-    match download(
+    let downloaded = download(
         &shared,
         &repo,
         &digest,
         fill,
         writer,
-        origin,
+        (origin, &caller),
         &mut uploading,
     )
-    .await
-    {
+    .await;
+    match downloaded {
         Ok(verified) => {
             fill.set(FillState::Complete {
                 len: verified.size(),
@@ -499,10 +505,12 @@ async fn finish_upload(
     }
 }
 
-/// A download's body: upstream's, or the bucket's copy.
+/// A download's body: upstream's, the bucket's copy, or the stream of the
+/// replica that owns the fetch.
 enum Body {
     Upstream(upstream::BlobResponse),
     Bucket(store::BucketBody),
+    Peer(String, reqwest::Response),
 }
 
 impl Body {
@@ -510,6 +518,7 @@ impl Body {
         match self {
             Body::Upstream(response) => response.len,
             Body::Bucket(body) => Some(body.size),
+            Body::Peer(_, response) => response.content_length(),
         }
     }
 
@@ -524,27 +533,75 @@ impl Body {
                     message: format!("no data for {}s", stall.as_secs()),
                 })),
             },
+            Body::Peer(peer, response) => {
+                let broken = |message: String| {
+                    Error::Peer(cluster::Error::Body {
+                        peer: peer.clone(),
+                        message,
+                    })
+                };
+                match tokio::time::timeout(stall, response.chunk()).await {
+                    Ok(Ok(chunk)) => Ok(chunk),
+                    Ok(Err(e)) => Err(broken(e.to_string())),
+                    Err(_) => Err(broken(format!("no data for {}s", stall.as_secs()))),
+                }
+            }
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The body of the first replica above this one (for `digest`) that
+/// answers; `None`: this replica owns the fetch (or every one above it is
+/// down), so it asks upstream itself.
+async fn from_owner(
+    shared: &Shared,
+    repo: &Repository,
+    digest: &Digest,
+    caller: &Caller,
+) -> Result<Option<Body>> {
+    let Some(cluster) = shared.cluster.as_ref().filter(|_| !caller.from_peer) else {
+        return Ok(None);
+    };
+    let path = format!("/v2/{}/blobs/{digest}?ns={}", repo.name(), repo.registry());
+    for owner in cluster.owners(digest.as_bytes()) {
+        let Owner::Peer(peer) = owner else {
+            return Ok(None);
+        };
+        match cluster.get(&peer, &path, &caller.headers()).await {
+            Ok(response) => return Ok(Some(Body::Peer(peer, response))),
+            Err(cluster::Error::Unreachable { .. }) => continue,
+            Err(cluster::Error::Status { status: 404, .. }) => {
+                return Err(Error::BlobUnknown {
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
 async fn download(
     shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,
     fill: &Arc<Fill>,
     mut writer: BlobWriter,
-    origin: Origin,
+    (origin, caller): (Origin, &Caller),
     uploading: &mut Option<tokio::task::JoinHandle<store::Result<upload::Uploaded>>>,
 ) -> Result<VerifiedBlob> {
     let from_bucket = match (origin, &shared.bucket) {
         (Origin::Bucket, Some(bucket)) => bucket.get_blob(digest, None).await?,
         _ => None,
     };
-    let mut response = match from_bucket {
-        Some(body) => Body::Bucket(body),
-        // Not asked, or gone since it was (removed by the bucket's GC).
+    let from_owner = match from_bucket {
+        Some(body) => Some(Body::Bucket(body)),
+        // Not in the bucket (or gone since: removed by its GC).
+        None => from_owner(shared, repo, digest, caller).await?,
+    };
+    let mut response = match from_owner {
+        Some(body) => body,
         None => Body::Upstream(
             shared
                 .upstream

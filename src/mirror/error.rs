@@ -2,7 +2,7 @@
 //! layer turns it into a spec error code and status.
 
 use crate::reference::{Digest, Repository};
-use crate::{store, upstream};
+use crate::{cluster, store, upstream};
 
 /// Why a manifest, blob or tag list could not be served.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -25,6 +25,9 @@ pub enum Error {
     Upstream(#[from] upstream::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// The replica that owns the object could not serve it.
+    #[error(transparent)]
+    Peer(#[from] cluster::Error),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -15,8 +15,9 @@ use tracing::warn;
 
 use super::error::{Error, Result};
 use super::shared::Shared;
-use super::{evict, flight, Accept, Outcome};
+use super::{evict, flight, Accept, Caller, Outcome};
 use crate::clock;
+use crate::cluster::{self, Owner};
 use crate::reference::{Digest, Reference, Repository};
 use crate::store::{self, TagRecord};
 use crate::upstream;
@@ -77,10 +78,11 @@ pub(super) async fn lookup(
     repo: &Repository,
     reference: &Reference,
     accept: &Accept,
+    caller: &Caller,
 ) -> Result<(Arc<Manifest>, Outcome)> {
     match reference {
-        Reference::Digest(digest) => by_digest(shared, repo, digest, accept).await,
-        Reference::Tag(tag) => by_tag(shared, repo, tag, accept).await,
+        Reference::Digest(digest) => by_digest(shared, repo, digest, accept, caller).await,
+        Reference::Tag(tag) => by_tag(shared, repo, tag, accept, caller).await,
     }
 }
 
@@ -89,6 +91,7 @@ async fn by_tag(
     repo: &Repository,
     tag: &str,
     accept: &Accept,
+    caller: &Caller,
 ) -> Result<(Arc<Manifest>, Outcome)> {
     let ttl = shared.tag_ttl.for_registry(repo.registry());
     let cached = match fleet_tag(shared, repo, tag, ttl).await? {
@@ -111,8 +114,23 @@ async fn by_tag(
     let key = (repo.clone(), Reference::Tag(tag.to_owned()));
     let work = {
         let shared = shared.clone();
-        let (repo, tag, accept) = (repo.clone(), tag.to_owned(), accept.clone());
-        async move { resolve_tag(&shared, &repo, &tag, &accept, cached).await }
+        let (repo, tag, accept, caller) =
+            (repo.clone(), tag.to_owned(), accept.clone(), caller.clone());
+        async move {
+            let reference = Reference::Tag(tag.clone());
+            match from_owner(&shared, &repo, &reference, &accept, &caller).await {
+                Ok(Some(answer)) => Ok(answer),
+                Ok(None) => resolve_tag(&shared, &repo, &tag, &accept, cached).await,
+                // The owner failed (its upstream is down, or it died): a
+                // cached tag is served stale, as for an upstream outage.
+                Err(Error::Peer(e)) if cached.is_some() => {
+                    warn!(repository = %repo, tag, error = %e, "owning replica failed, serving stale tag");
+                    let (_, manifest) = cached.expect("checked");
+                    Ok((manifest, Outcome::Stale))
+                }
+                Err(e) => Err(e),
+            }
+        }
     };
     let (result, joined) = shared.manifest_flights.run(key, work).await;
     result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
@@ -195,6 +213,7 @@ async fn by_digest(
     repo: &Repository,
     digest: &Digest,
     accept: &Accept,
+    caller: &Caller,
 ) -> Result<(Arc<Manifest>, Outcome)> {
     if let Some(manifest) = load(shared, digest).await? {
         if !is_linked(shared, repo, digest).await? {
@@ -218,8 +237,16 @@ async fn by_digest(
     let reference = Reference::Digest(digest.clone());
     let work = {
         let shared = shared.clone();
-        let (repo, reference, accept) = (repo.clone(), reference.clone(), accept.clone());
+        let (repo, reference, accept, caller) = (
+            repo.clone(),
+            reference.clone(),
+            accept.clone(),
+            caller.clone(),
+        );
         async move {
+            if let Some(answer) = from_owner(&shared, &repo, &reference, &accept, &caller).await? {
+                return Ok(answer);
+            }
             let manifest = fetch(&shared, &repo, &reference, &accept).await?;
             Ok((manifest, Outcome::Miss))
         }
@@ -229,6 +256,134 @@ async fn by_digest(
         .run((repo.clone(), reference), work)
         .await;
     result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
+}
+
+/// The manifest from the first replica above this one (for `repo` and
+/// `reference`) that answers, verified and kept here; `None`: this replica
+/// owns the lookup (or every one above it is down). The owner fetches or
+/// revalidates once for the fleet and records it in the bucket; a tag's
+/// answer says when upstream last confirmed it (`x-hoard-checked-at`), so
+/// the tag's TTL here runs from then, not from now.
+async fn from_owner(
+    shared: &Shared,
+    repo: &Repository,
+    reference: &Reference,
+    accept: &Accept,
+    caller: &Caller,
+) -> Result<Option<(Arc<Manifest>, Outcome)>> {
+    let Some(cluster) = shared.cluster.as_ref().filter(|_| !caller.from_peer) else {
+        return Ok(None);
+    };
+    let key = format!("{repo}:{reference}");
+    let path = format!(
+        "/v2/{}/manifests/{reference}?ns={}",
+        repo.name(),
+        repo.registry()
+    );
+    let mut headers = caller.headers();
+    if let Ok(value) = http::HeaderValue::from_str(&accept.upstream_header()) {
+        headers.insert(http::header::ACCEPT, value);
+    }
+    for owner in cluster.owners(key.as_bytes()) {
+        let Owner::Peer(peer) = owner else {
+            return Ok(None);
+        };
+        let response = match cluster.get(&peer, &path, &headers).await {
+            Ok(response) => response,
+            Err(cluster::Error::Unreachable { .. }) => continue,
+            Err(cluster::Error::Status { status: 404, .. }) => {
+                return Err(Error::ManifestUnknown {
+                    repo: repo.clone(),
+                    reference: reference.to_string(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let manifest = peer_manifest(shared, &peer, repo, reference, accept, response).await?;
+        return Ok(Some(manifest));
+    }
+    Ok(None)
+}
+
+/// A replica's manifest answer, checked like upstream's and kept here.
+async fn peer_manifest(
+    shared: &Shared,
+    peer: &str,
+    repo: &Repository,
+    reference: &Reference,
+    accept: &Accept,
+    response: reqwest::Response,
+) -> Result<(Arc<Manifest>, Outcome)> {
+    let broken = |message: String| {
+        Error::Peer(cluster::Error::Body {
+            peer: peer.to_owned(),
+            message,
+        })
+    };
+    let headers = response.headers().clone();
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let media_type = text("content-type").ok_or_else(|| broken("no content type".into()))?;
+    let outcome = text("x-hoard-cache")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(Outcome::Miss);
+    let checked_at = cluster::checked_at(&headers).unwrap_or_else(clock::unix_ms);
+    let limit = shared.upstream.max_manifest_bytes();
+    if response.content_length().is_some_and(|len| len > limit) {
+        return Err(broken("manifest too large".into()));
+    }
+    let bytes = response.bytes().await.map_err(|e| broken(e.to_string()))?;
+    if bytes.len() as u64 > limit {
+        return Err(broken("manifest too large".into()));
+    }
+    let actual = Digest::of(&bytes);
+    let expected = match reference {
+        Reference::Digest(d) => Some(d.clone()),
+        Reference::Tag(_) => text("docker-content-digest").and_then(|d| Digest::parse(&d).ok()),
+    };
+    if expected.as_ref() != Some(&actual) {
+        shared.metrics.digest_mismatches.inc();
+        return Err(Error::DigestMismatch {
+            repo: repo.clone(),
+            expected: expected.unwrap_or_else(|| actual.clone()),
+            actual,
+        });
+    }
+    let manifest = Arc::new(Manifest {
+        digest: actual,
+        media_type,
+        bytes,
+    });
+    let children = manifest.references();
+    let store = shared.store.clone();
+    let (kept, repo_kept) = (manifest.clone(), repo.clone());
+    tokio::task::spawn_blocking(move || -> store::Result<()> {
+        store.put_bytes(&kept.digest, Some(kept.media_type.clone()), &kept.bytes)?;
+        store.add_refs(&kept.digest, &children)?;
+        // The owner checked upstream vouches for `repo` (or the fleet's
+        // record of it did).
+        store.link(&repo_kept, &kept.digest)?;
+        for child in &children {
+            store.link(&repo_kept, child)?;
+        }
+        Ok(())
+    })
+    .await??;
+    if let (Reference::Tag(tag), true) = (reference, accept.is_complete()) {
+        let record = TagRecord {
+            digest: manifest.digest.clone(),
+            media_type: manifest.media_type.clone(),
+            checked_at_ms: checked_at,
+        };
+        shared.store.put_tag(repo, tag, &record)?;
+    }
+    evict::check(shared);
+    shared.hot.insert(manifest.digest.clone(), manifest.clone());
+    Ok((manifest, outcome))
 }
 
 /// A tag past its TTL (or not cached): `HEAD` upstream, re-fetch only if

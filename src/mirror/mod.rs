@@ -21,6 +21,7 @@
 
 mod accept;
 mod blob;
+mod caller;
 pub mod catalog;
 mod error;
 mod evict;
@@ -39,12 +40,14 @@ use std::time::Duration;
 
 pub use accept::Accept;
 pub use blob::Blob;
+pub use caller::Caller;
 pub use error::{Error, Result, UpstreamFailure};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
 pub use stream::ByteStream;
 pub use tag_list::TagList;
 
+use crate::cluster::Cluster;
 use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
@@ -66,6 +69,7 @@ impl Mirror {
         tag_ttl: TagTtl,
         store: Arc<Store>,
         bucket: Option<Arc<Bucket>>,
+        cluster: Option<Arc<Cluster>>,
         upstream: upstream::Client,
         metrics: Arc<Metrics>,
     ) -> Mirror {
@@ -83,6 +87,7 @@ impl Mirror {
         let shared = Arc::new(Shared {
             store,
             bucket,
+            cluster,
             upstream,
             config,
             tag_ttl,
@@ -164,9 +169,10 @@ impl Mirror {
         repo: &Repository,
         reference: &Reference,
         accept: &Accept,
+        caller: &Caller,
     ) -> Result<(Arc<Manifest>, Outcome)> {
         self.shared.check_registry(repo)?;
-        let result = manifest::lookup(&self.shared, repo, reference, accept).await;
+        let result = manifest::lookup(&self.shared, repo, reference, accept, caller).await;
         if let Ok((_, outcome)) = &result {
             self.shared.count("manifest", *outcome);
         }
@@ -174,9 +180,9 @@ impl Mirror {
     }
 
     /// A blob of `repo`, from the store or streaming in from upstream.
-    pub async fn blob(&self, repo: &Repository, digest: &Digest) -> Result<Blob> {
+    pub async fn blob(&self, repo: &Repository, digest: &Digest, caller: &Caller) -> Result<Blob> {
         self.shared.check_registry(repo)?;
-        let blob = blob::lookup(&self.shared, repo, digest).await?;
+        let blob = blob::lookup(&self.shared, repo, digest, caller).await?;
         self.shared.count("blob", blob.outcome);
         Ok(blob)
     }
@@ -191,6 +197,17 @@ impl Mirror {
         let (len, outcome) = blob::head(&self.shared, repo, digest).await?;
         self.shared.count("blob", outcome);
         Ok((len, outcome))
+    }
+
+    /// When upstream last confirmed `repo:tag` (unix ms), as recorded here:
+    /// what a replica tells the replica it served the tag to.
+    pub fn tag_checked_at(&self, repo: &Repository, tag: &str) -> Option<u64> {
+        self.shared
+            .store
+            .tag(repo, tag)
+            .ok()
+            .flatten()
+            .map(|record| record.checked_at_ms)
     }
 
     /// A tag list page of `repo` (`query` is the client's `n`/`last`),

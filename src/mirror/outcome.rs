@@ -27,3 +27,21 @@ impl Outcome {
         }
     }
 }
+
+impl std::str::FromStr for Outcome {
+    type Err = ();
+
+    /// An `x-hoard-cache` value (another replica's answer).
+    fn from_str(text: &str) -> Result<Outcome, ()> {
+        [
+            Outcome::Hit,
+            Outcome::Miss,
+            Outcome::Revalidated,
+            Outcome::Stale,
+            Outcome::Coalesced,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == text)
+        .ok_or(())
+    }
+}

@@ -10,6 +10,7 @@ use super::error::{Error, Result};
 use super::manifest::{self, Manifest};
 use super::tag_list::TagList;
 use super::{evict, fills, Outcome};
+use crate::cluster::Cluster;
 use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Repository};
@@ -23,6 +24,8 @@ pub(super) struct Shared {
     pub(super) store: Arc<Store>,
     /// The bucket every replica shares (`store.backend = "s3"`).
     pub(super) bucket: Option<Arc<Bucket>>,
+    /// The other replicas, which own some objects' upstream fetches.
+    pub(super) cluster: Option<Arc<Cluster>>,
     /// The registries hoard mirrors.
     pub(super) upstream: upstream::Client,
     /// The store's settings: size limits, pins, tag expiry.

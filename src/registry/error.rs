@@ -164,6 +164,9 @@ impl From<&mirror::Error> for ApiError {
             }),
             // The bucket is down or slow: like an upstream outage, the
             // client may come back (its detail names no key or endpoint).
+            // The owning replica failed (its upstream is down, it died
+            // mid-body): like an upstream failure, worth a retry.
+            M::Peer(_) => ApiError::new(Code::Unavailable, "the replica fetching it failed"),
             M::Store(e) if e.is_bucket() => {
                 ApiError::new(Code::StoreUnavailable, "the shared store is unavailable")
             }

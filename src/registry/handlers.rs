@@ -11,7 +11,8 @@ use super::body::{json_response, AccessLog, Body};
 use super::error::{failed, response as error, ApiError, Code};
 use super::range::{self, RangeError};
 use super::routes::{self, Route, RouteError};
-use crate::mirror::{Accept, Outcome};
+use crate::cluster;
+use crate::mirror::{Accept, Caller, Outcome};
 use crate::reference::{Digest, Reference, Repository};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -213,9 +214,10 @@ async fn manifest(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
+    let caller = caller(headers);
     let (manifest, outcome) = app
         .mirror
-        .manifest(repo, reference, &accept)
+        .manifest(repo, reference, &accept, &caller)
         .await
         .map_err(|e| failed(&e))?;
     let etag = format!("\"{}\"", manifest.digest);
@@ -239,7 +241,15 @@ async fn manifest(
             .inc_by(len as u64);
         (StatusCode::OK, Body::full(manifest.bytes.clone()))
     };
-    let response = Response::builder()
+    let mut response = Response::builder();
+    if let (true, Reference::Tag(tag)) = (caller.from_peer, reference) {
+        // The replica that asked runs the tag's TTL from when upstream
+        // last confirmed it, not from now.
+        if let Some(checked_at) = app.mirror.tag_checked_at(repo, tag) {
+            response = response.header("x-hoard-checked-at", checked_at);
+        }
+    }
+    let response = response
         .status(status)
         .header(header::CONTENT_TYPE, &manifest.media_type)
         .header(header::CONTENT_LENGTH, len)
@@ -272,7 +282,7 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
         .map(|v| v.to_str().unwrap_or("invalid"));
     let blob = app
         .mirror
-        .blob(repo, digest)
+        .blob(repo, digest, &caller(headers))
         .await
         .map_err(|e| failed(&e))?;
     let outcome = Some(blob.outcome);
@@ -310,6 +320,15 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
             .body(Body::stream(blob.stream(None))),
     };
     Ok((response.expect("valid response"), outcome))
+}
+
+/// Who asks: another replica (`x-hoard-peer`), or a client whose
+/// credentials go along if its miss is forwarded to the owning replica.
+fn caller(headers: &http::HeaderMap) -> Caller {
+    Caller {
+        from_peer: cluster::from_peer(headers),
+        credentials: headers.get(header::AUTHORIZATION).cloned(),
+    }
 }
 
 fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder {

@@ -129,6 +129,11 @@ impl Client {
         })
     }
 
+    /// The largest manifest accepted.
+    pub fn max_manifest_bytes(&self) -> u64 {
+        self.max_manifest_bytes
+    }
+
     /// How long a body may send nothing before it is abandoned.
     pub fn stall_timeout(&self) -> Duration {
         self.stall_timeout

@@ -415,3 +415,115 @@ async fn issue_13_uploads_left_by_a_crash_are_swept_at_start() {
     running.abort().await;
     assert_eq!(objects.keys("fleet/uploads").await, Vec::<String>::new());
 }
+
+/// The sum of one series over every replica.
+fn fleet_metric(replicas: &[Hoard], series: &str) -> f64 {
+    replicas.iter().map(|r| r.metric(series)).sum()
+}
+
+#[tokio::test]
+async fn issue_13_thirty_clients_on_three_replicas_make_one_upstream_fetch_of_each_object() {
+    let fake = Fake::start().await;
+    let big = layer(20 << 20, 5);
+    let (manifest, layer_digest) = fake.put_image("library/app", "1.0", &big);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    // Upstream sends half the layer, then holds the rest until every
+    // client is waiting on the download.
+    fake.fault(&format!("/blobs/{layer_digest}"), Fault::Gate(gate.clone()));
+    let objects = Arc::new(Faulty::default());
+    let replicas =
+        Hoard::start_cluster(&fake.url(), 3, |i| bucket(&objects, &format!("r{i}"))).await;
+
+    let mut manifests = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let (client, url) = (
+            replicas[i % 3].client.clone(),
+            replicas[i % 3].url("/v2/library/app/manifests/1.0"),
+        );
+        manifests.spawn(async move { client.get(url).send().await.unwrap() });
+    }
+    while let Some(r) = manifests.join_next().await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], manifest.as_str());
+    }
+    assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1.0"), 1);
+    assert_eq!(fake.hits("HEAD", "/v2/library/app/manifests/"), 0);
+
+    let mut blobs = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let (client, url) = (
+            replicas[i % 3].client.clone(),
+            replicas[i % 3].url(&format!("/v2/library/app/blobs/{layer_digest}")),
+        );
+        blobs.spawn(async move { client.get(url).send().await.unwrap().bytes().await });
+    }
+    // Every client has its answer's head (the lookups are counted then),
+    // while upstream still holds half the layer back: 30 lookups, plus the
+    // owner's lookups for the two replicas that stream from it.
+    let waiting = || async {
+        fleet_metric(
+            &replicas,
+            "hoard_cache_requests_total{kind=\"blob\",result=\"miss\"}",
+        ) + fleet_metric(
+            &replicas,
+            "hoard_cache_requests_total{kind=\"blob\",result=\"coalesced\"}",
+        ) + fleet_metric(
+            &replicas,
+            "hoard_cache_requests_total{kind=\"blob\",result=\"hit\"}",
+        ) == 32.0
+    };
+    assert!(eventually_async(Duration::from_secs(20), waiting).await);
+    gate.notify_one();
+    while let Some(body) = blobs.join_next().await {
+        let body = body.unwrap().expect("a whole body");
+        assert_eq!(digest_of(&body), layer_digest);
+    }
+    assert_eq!(
+        fake.hits("GET", &format!("/v2/library/app/blobs/{layer_digest}")),
+        1,
+        "{:?}",
+        fake.all_hits()
+    );
+    // Two replicas asked the owner of the tag, two the owner of the layer.
+    assert_eq!(
+        fleet_metric(&replicas, "hoard_peer_requests_total{result=\"ok\"}"),
+        4.0
+    );
+    assert!(
+        eventually_async(Duration::from_secs(20), || in_bucket(
+            &objects,
+            &layer_digest
+        ))
+        .await
+    );
+}
+
+#[tokio::test]
+async fn issue_13_a_replica_that_is_gone_is_skipped_and_its_objects_fetched_by_the_next() {
+    let fake = Fake::start().await;
+    let objects = Arc::new(Faulty::default());
+    let mut replicas =
+        Hoard::start_cluster(&fake.url(), 2, |i| bucket(&objects, &format!("r{i}"))).await;
+    let gone = replicas.pop().unwrap();
+    let gone_url = gone.url("");
+    gone.stop().await;
+    let survivor = &replicas[0];
+    // Some images are owned by the stopped replica: each still pulls, once.
+    for i in 0..6 {
+        let name = format!("library/app{i}");
+        let (_, layer_digest) = fake.put_image(&name, "1.0", format!("layer {i}").as_bytes());
+        let r = survivor.get(&format!("/v2/{name}/manifests/1.0")).await;
+        assert_eq!(r.status(), 200, "{name}");
+        let r = survivor
+            .get(&format!("/v2/{name}/blobs/{layer_digest}"))
+            .await;
+        assert_eq!(r.status(), 200, "{name}");
+        assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+        assert_eq!(fake.hits("GET", &format!("/v2/{name}/blobs/")), 1);
+    }
+    assert!(
+        survivor.metric("hoard_peer_requests_total{result=\"unreachable\"}") >= 1.0,
+        "no request went to {gone_url}"
+    );
+}

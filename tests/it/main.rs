@@ -60,7 +60,7 @@ impl Hoard {
         extra: &[&str],
         tweak: impl FnOnce(&mut ServeArgs),
     ) -> Hoard {
-        Hoard::start_full(data, upstream, extra, tweak, None).await
+        Hoard::start_full(data, upstream, extra, tweak, None, None).await
     }
 
     /// hoard with its own data dir sharing `bucket` with other replicas.
@@ -69,7 +69,39 @@ impl Hoard {
         bucket: std::sync::Arc<hoard::store::Bucket>,
     ) -> Hoard {
         let data = tempfile::tempdir().unwrap();
-        Hoard::start_full(data, upstream, &[], |_| {}, Some(bucket)).await
+        Hoard::start_full(data, upstream, &[], |_| {}, Some(bucket), None).await
+    }
+
+    /// `n` replicas sharing `bucket`, each listing all as peers.
+    pub async fn start_cluster(
+        upstream: &str,
+        n: usize,
+        bucket: impl Fn(usize) -> std::sync::Arc<hoard::store::Bucket>,
+    ) -> Vec<Hoard> {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let urls: Vec<String> = listeners
+            .iter()
+            .map(|l| format!("http://{}", l.local_addr().unwrap()))
+            .collect();
+        let mut replicas = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let data = tempfile::tempdir().unwrap();
+            let (peers, me) = (urls.clone(), urls[i].clone());
+            let tweak = move |args: &mut ServeArgs| {
+                args.peers = peers;
+                args.advertise = Some(me);
+                // The bucket is injected; the config must still say s3.
+                args.s3_bucket = Some("fleet".into());
+            };
+            replicas.push(
+                Hoard::start_full(data, upstream, &[], tweak, Some(bucket(i)), Some(listener))
+                    .await,
+            );
+        }
+        replicas
     }
 
     async fn start_full(
@@ -78,6 +110,7 @@ impl Hoard {
         extra: &[&str],
         tweak: impl FnOnce(&mut ServeArgs),
         bucket: Option<std::sync::Arc<hoard::store::Bucket>>,
+        listener: Option<tokio::net::TcpListener>,
     ) -> Hoard {
         let mut upstreams = vec![format!("docker.io={upstream}")];
         upstreams.extend(extra.iter().map(|s| s.to_string()));
@@ -97,7 +130,10 @@ impl Hoard {
         let config = Config::load(&args, []).unwrap();
         let daemon = hoard::Daemon::open_with(config, bucket).await.unwrap();
         let metrics = daemon.metrics();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = match listener {
+            Some(listener) => listener,
+            None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let listeners = hoard::Listeners {
