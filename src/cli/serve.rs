@@ -17,9 +17,12 @@ pub async fn serve(config: Config, ready_file: Option<PathBuf>) -> anyhow::Resul
         // A file from an earlier run must not announce this one.
         let _ = std::fs::remove_file(path);
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = match activated_listener()? {
+        Some(listener) => listener,
+        None => tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
     let metrics_listener = bind_optional(config.metrics_listen).await?;
     let admin_listener = bind_optional(config.admin.listen).await?;
     let plain_listener = bind_optional(config.tls.as_ref().and_then(|t| t.plain_listen)).await?;
@@ -60,6 +63,41 @@ pub async fn serve(config: Config, ready_file: Option<PathBuf>) -> anyhow::Resul
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// The API listener handed over by whoever started hoard (systemd socket
+/// activation: `LISTEN_PID` is this process, `LISTEN_FDS` >= 1, the first
+/// socket is fd 3), used instead of binding `listen`. A replica started this
+/// way has its address fixed before it runs, which a fleet's peer list needs.
+fn activated_listener() -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    const FIRST_FD: i32 = 3;
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| pid == std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !for_us || count < 1 {
+        return Ok(None);
+    }
+    // The variables stay: a child process would see a LISTEN_PID that is
+    // not its own, which the protocol says to ignore.
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: the protocol hands this process fd 3 as an open socket it now
+    // owns; nothing else in hoard opened or uses fd 3 before this point
+    // (it is called first thing in `serve`).
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(FIRST_FD) };
+    // A handed-over fd that is not a bound socket fails here, by name.
+    std_listener
+        .local_addr()
+        .and_then(|_| std_listener.set_nonblocking(true))
+        .context("fd 3, handed over in LISTEN_FDS, is not a listening socket")?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)
+        .context("the socket handed over in LISTEN_FDS is not a TCP listener")?;
+    info!(listen = %listener.local_addr()?, "listening on the socket handed over (LISTEN_FDS)");
+    Ok(Some(listener))
 }
 
 /// What `--ready-file` holds: where each listener really is (port 0 in the

@@ -56,7 +56,13 @@ impl<T: ObjectStore + MultipartStore> Objects for T {}
 /// The bucket, its key prefix and this replica's name in upload markers.
 #[derive(Debug)]
 pub struct Bucket {
+    /// Small requests (HEAD, records, listing), with a short timeout: a
+    /// bucket that hangs fails them in seconds.
     s3: Arc<dyn Objects>,
+    /// Blob bodies (GETs that stream to clients, upload parts), whose
+    /// requests last as long as the transfer; a stalled body is caught by
+    /// its reader's idle timeout.
+    data: Arc<dyn Objects>,
     /// Presigns redirect URLs (S3 only).
     signer: Option<Arc<dyn Signer>>,
     prefix: String,
@@ -120,57 +126,18 @@ impl Bucket {
 
     /// The client, without touching the network.
     pub fn connect(config: &S3Config, replica: &str) -> Result<Bucket> {
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(&config.bucket)
-            .with_client_options(client_options(config))
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig::default(),
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(10),
-            });
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder
-                .with_endpoint(endpoint.as_str().trim_end_matches('/'))
-                // Path-style requests: what S3-compatible servers take
-                // without per-bucket DNS names.
-                .with_virtual_hosted_style_request(false);
-        }
-        if let Some(region) = &config.region {
-            builder = builder.with_region(region);
-        }
-        if let S3Credentials::Static {
-            access_key_id,
-            secret_access_key_file,
-        } = &config.credentials
-        {
-            let secret =
-                std::fs::read_to_string(secret_access_key_file).map_err(|e| Error::Config {
-                    key: "store.s3.secret_access_key_file",
-                    message: format!("cannot read {}: {e}", secret_access_key_file.display()),
-                })?;
-            let secret = secret.trim();
-            if secret.is_empty() {
-                return Err(Error::Config {
-                    key: "store.s3.secret_access_key_file",
-                    message: format!("{} is empty", secret_access_key_file.display()),
-                });
-            }
-            builder = builder
-                .with_access_key_id(access_key_id)
-                .with_secret_access_key(secret);
-        }
-        let s3: Arc<AmazonS3> = Arc::new(builder.build().map_err(|e| Error::Config {
-            key: "store.s3",
-            message: e.to_string(),
-        })?);
+        let control = Arc::new(s3_client(config, CONTROL_TIMEOUT)?);
+        let data = Arc::new(s3_client(config, DATA_TIMEOUT)?);
         let label = format!("s3://{}/{}", config.bucket, config.prefix);
-        Ok(Bucket::new(
-            s3.clone(),
-            Some(s3),
+        let mut bucket = Bucket::new(
+            control.clone(),
+            Some(control),
             &config.prefix,
             label,
             replica,
-        ))
+        );
+        bucket.data = data;
+        Ok(bucket)
     }
 
     /// A bucket over any object store (`signer`: for redirects); `prefix`
@@ -183,7 +150,8 @@ impl Bucket {
         replica: &str,
     ) -> Bucket {
         Bucket {
-            s3: objects,
+            s3: objects.clone(),
+            data: objects,
             signer,
             prefix: prefix.to_owned(),
             label,
@@ -264,7 +232,7 @@ impl Bucket {
             range: range.map(GetRange::Bounded),
             ..GetOptions::default()
         };
-        match self.s3.get_opts(&path, options).await {
+        match self.data.get_opts(&path, options).await {
             Ok(result) => Ok(Some(BucketBody {
                 size: result.meta.size,
                 range: result.range.clone(),
@@ -328,7 +296,7 @@ impl Bucket {
             attributes,
             ..PutOptions::default()
         };
-        self.s3
+        self.data
             .put_opts(&path, bytes.into(), options)
             .await
             .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
@@ -511,7 +479,7 @@ impl Upload {
         let _permit = self.bucket.parts.acquire().await.expect("never closed");
         let part = self
             .bucket
-            .s3
+            .data
             .put_part(&self.path, &self.id, self.parts.len(), bytes.into())
             .await
             .map_err(|e| Error::bucket("put part", self.path.as_ref(), e))?;
@@ -543,13 +511,62 @@ impl Upload {
     }
 }
 
-fn client_options(config: &S3Config) -> ClientOptions {
+/// Whole-request limit of small requests.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Whole-request limit of blob transfers (bodies included).
+const DATA_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// An S3 client for `config` whose requests end after `timeout`.
+fn s3_client(config: &S3Config, timeout: Duration) -> Result<AmazonS3> {
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&config.bucket)
+        .with_client_options(client_options(config, timeout))
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 2,
+            retry_timeout: CONTROL_TIMEOUT,
+        });
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder
+            .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+            // Path-style requests: what S3-compatible servers take
+            // without per-bucket DNS names.
+            .with_virtual_hosted_style_request(false);
+    }
+    if let Some(region) = &config.region {
+        builder = builder.with_region(region);
+    }
+    if let S3Credentials::Static {
+        access_key_id,
+        secret_access_key_file,
+    } = &config.credentials
+    {
+        let secret =
+            std::fs::read_to_string(secret_access_key_file).map_err(|e| Error::Config {
+                key: "store.s3.secret_access_key_file",
+                message: format!("cannot read {}: {e}", secret_access_key_file.display()),
+            })?;
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err(Error::Config {
+                key: "store.s3.secret_access_key_file",
+                message: format!("{} is empty", secret_access_key_file.display()),
+            });
+        }
+        builder = builder
+            .with_access_key_id(access_key_id)
+            .with_secret_access_key(secret);
+    }
+    builder.build().map_err(|e| Error::Config {
+        key: "store.s3",
+        message: e.to_string(),
+    })
+}
+
+fn client_options(config: &S3Config, timeout: Duration) -> ClientOptions {
     let mut options = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
-        // Whole requests, bodies included: a blob GET streams while its
-        // client reads, so the limit is generous; a stalled one is caught
-        // by the reader's own idle timeout.
-        .with_timeout(Duration::from_secs(3600))
+        .with_timeout(timeout)
         .with_pool_idle_timeout(Duration::from_secs(60));
     if config
         .endpoint

@@ -11,6 +11,7 @@
 //! are on conditions with deadlines, never on time alone.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod pki;
 
 use std::io::Write;
@@ -530,6 +531,13 @@ impl Distribution {
                     .map(|(_, rest)| rest.split('"').next().unwrap_or("").to_owned())
             })
             .collect()
+    }
+
+    /// Every request so far, once the access log has caught up (the marker
+    /// request this sends is counted).
+    pub fn total(&self) -> usize {
+        self.sync_log();
+        self.requests().len()
     }
 
     /// How many requests with `method` had a path containing `path`, once
