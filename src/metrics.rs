@@ -53,6 +53,9 @@ pub struct Metrics {
     /// `hoard_peer_requests_total{result}`: misses forwarded to the replica
     /// that owns them: ok, error (it answered an error), unreachable.
     pub peer_requests: IntCounterVec,
+    /// `hoard_bucket_redirects_total`: blob GETs answered with a redirect
+    /// to the bucket (`store.s3.redirect`).
+    pub bucket_redirects: IntCounter,
 }
 
 impl Metrics {
@@ -189,6 +192,10 @@ impl Metrics {
             "Misses forwarded to the replica that owns them, by result (ok, error, unreachable).",
             &["result"],
         );
+        let bucket_redirects = counter(
+            "hoard_bucket_redirects_total",
+            "Blob GETs answered with a redirect to a presigned bucket URL.",
+        );
         // Series that exist from the start, so rates and ratios are defined
         // before the first request.
         for kind in ["manifest", "blob"] {
@@ -220,6 +227,7 @@ impl Metrics {
             fetch_duration,
             bucket_uploads,
             peer_requests,
+            bucket_redirects,
         }
     }
 

@@ -97,6 +97,17 @@ fn get(url: &str) -> (u16, Vec<u8>) {
     (status, r.bytes().unwrap().to_vec())
 }
 
+/// Every replica's log, for a failure message.
+fn logs(fleet: &Fleet) -> String {
+    fleet
+        .replicas
+        .iter()
+        .flatten()
+        .map(|r| r.daemon.log_text())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
 /// The sum of one series over every live replica.
 fn fleet_metric(fleet: &Fleet, series: &str) -> f64 {
     fleet
@@ -192,19 +203,19 @@ fn a_fleet_fetches_each_object_once_and_serves_it_from_the_bucket_whatever_fails
         "herd: 30 clients x 64 MiB through nginx over 3 replicas in {:.2}s",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(upstream.count("GET", "/v2/library/big/manifests/1"), 1);
+    assert_eq!(
+        upstream.count("GET", "/v2/library/big/manifests/1"),
+        1,
+        "the fleet fetched the tag more than once: {:?}\n{}",
+        upstream.requests(),
+        logs(&fleet)
+    );
     assert_eq!(
         upstream.count("GET", &format!("/blobs/{}", layer.digest())),
         1,
         "the fleet fetched the layer more than once: {:?}\n{}",
         upstream.requests(),
-        fleet
-            .replicas
-            .iter()
-            .flatten()
-            .map(|r| r.daemon.log_text())
-            .collect::<Vec<_>>()
-            .join("\n---\n")
+        logs(&fleet)
     );
     wait_for("the layer in the bucket", Duration::from_secs(60), || {
         in_bucket(&garage, &layer.digest())
@@ -273,6 +284,71 @@ fn a_fleet_fetches_each_object_once_and_serves_it_from_the_bucket_whatever_fails
         before + 1,
         "the fresh replica asked upstream: {:?}",
         upstream.requests()
+    );
+
+    // Redirect mode: the replica sends clients to the bucket with a
+    // presigned URL, and the bytes come from Garage.
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_file = config_dir.path().join("hoard.toml");
+    std::fs::write(
+        &config_file,
+        "[store.s3]\nredirect = true\nredirect_ttl = \"2m\"\n",
+    )
+    .unwrap();
+    let redirecting = replica(
+        tempfile::tempdir().unwrap(),
+        &bound(),
+        &{
+            let mut args = garage.hoard_args();
+            args.extend([
+                "--upstream".into(),
+                format!("docker.io={}", upstream.url()),
+                "--config".into(),
+                config_file.display().to_string(),
+            ]);
+            args
+        },
+        &garage.hoard_env(),
+    );
+    let no_follow = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let blob_url = format!(
+        "http://{}/v2/library/big/blobs/{}",
+        redirecting.addr(),
+        layer.digest()
+    );
+    let r = no_follow.get(&blob_url).send().unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&garage.endpoint), "{location}");
+    assert!(location.contains("X-Amz-Signature="), "{location}");
+    assert!(
+        !location.contains(&garage.secret),
+        "the secret is in the URL"
+    );
+    let (status, body) = get(&blob_url);
+    assert_eq!((status, digest_of(&body)), (200, layer.digest()));
+    let out3 = tempfile::tempdir().unwrap();
+    run(Command::new(require_tool("skopeo"))
+        .arg("--insecure-policy")
+        .arg("copy")
+        .arg("--src-tls-verify=false")
+        .arg(format!(
+            "docker://{}/library/alpine-like:3",
+            redirecting.addr()
+        ))
+        .arg(format!("dir:{}", out3.path().display())));
+    assert_eq!(
+        redirecting.metric("hoard_bucket_redirects_total"),
+        // Ours, twice; skopeo's layers and config.
+        2.0 + seeded.docker.layers.len() as f64 + 1.0,
+        "every blob GET was redirected"
+    );
+    assert!(
+        !redirecting.daemon.log_text().contains("X-Amz-Signature"),
+        "a presigned URL reached the log"
     );
 
     // Upstream down: every live replica serves the cached images.

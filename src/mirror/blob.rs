@@ -272,6 +272,33 @@ async fn confirm(shared: &Arc<Shared>, repo: &Repository, digest: &Digest) -> Re
     Ok(())
 }
 
+/// Redirect mode (`store.s3.redirect`): where a client may `GET` the blob
+/// straight from the bucket (a presigned URL valid for `redirect_ttl`), so
+/// its bytes do not pass through this replica; `None` when the bucket does
+/// not have it yet (it is then served, and copied there, as usual) or the
+/// asker is another replica, which wants the bytes.
+pub(super) async fn redirect(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    digest: &Digest,
+    caller: &Caller,
+) -> Result<Option<reqwest::Url>> {
+    let (Some(bucket), Some(s3)) = (&shared.bucket, &shared.config.s3) else {
+        return Ok(None);
+    };
+    if !s3.redirect || caller.from_peer || bucket.blob_size(digest).await?.is_none() {
+        return Ok(None);
+    }
+    if !shared.store.is_linked(repo, digest)? {
+        if bucket.is_linked(repo, digest).await? {
+            shared.store.link(repo, digest)?;
+        } else {
+            confirm(shared, repo, digest).await?;
+        }
+    }
+    Ok(Some(bucket.signed_blob_url(digest, s3.redirect_ttl).await?))
+}
+
 /// What to do when a stored blob reads short: it was changed behind hoard's
 /// back, so it leaves the store (quarantined) and the next request fetches
 /// it again; only the transfer that found it is cut.

@@ -117,6 +117,12 @@ async fn by_tag(
         let (repo, tag, accept, caller) =
             (repo.clone(), tag.to_owned(), accept.clone(), caller.clone());
         async move {
+            // A lookup that finished between this request's check and its
+            // flight (the bucket read above widens that moment) left a
+            // fresh record: use it rather than fetch again.
+            if let Some(fresh) = fresh_tag(&shared, &repo, &tag, &accept, ttl).await? {
+                return Ok((fresh, Outcome::Hit));
+            }
             let reference = Reference::Tag(tag.clone());
             match from_owner(&shared, &repo, &reference, &accept, &caller).await {
                 Ok(Some(answer)) => Ok(answer),
@@ -135,6 +141,25 @@ async fn by_tag(
     let (result, joined) = shared.manifest_flights.run(key, work).await;
     result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
 }
+/// The manifest `repo:tag` points to if this replica's record of it is
+/// inside the TTL and the client accepts its type.
+async fn fresh_tag(
+    shared: &Shared,
+    repo: &Repository,
+    tag: &str,
+    accept: &Accept,
+    ttl: std::time::Duration,
+) -> Result<Option<Arc<Manifest>>> {
+    let Some(record) = shared.store.tag(repo, tag)? else {
+        return Ok(None);
+    };
+    let age = clock::unix_ms().saturating_sub(record.checked_at_ms);
+    if u128::from(age) >= ttl.as_millis() || !accept.allows(&record.media_type) {
+        return Ok(None);
+    }
+    load(shared, &record.digest).await
+}
+
 /// What `repo:tag` resolved to: this replica's record, or the fleet's
 /// when that one is newer (another replica fetched or revalidated it), so
 /// a tag is revalidated once per TTL for the whole fleet. The bucket is
@@ -244,6 +269,12 @@ async fn by_digest(
             caller.clone(),
         );
         async move {
+            // Stored by a lookup that ended since this request looked.
+            if let Reference::Digest(digest) = &reference {
+                if let Some(manifest) = load(&shared, digest).await? {
+                    return Ok((manifest, Outcome::Hit));
+                }
+            }
             if let Some(answer) = from_owner(&shared, &repo, &reference, &accept, &caller).await? {
                 return Ok(answer);
             }

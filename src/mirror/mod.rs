@@ -187,6 +187,23 @@ impl Mirror {
         Ok(blob)
     }
 
+    /// With `store.s3.redirect`, a presigned bucket URL to send the client
+    /// to instead of the bytes (`None`: serve them, see `blob`).
+    pub async fn blob_redirect(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        caller: &Caller,
+    ) -> Result<Option<reqwest::Url>> {
+        self.shared.check_registry(repo)?;
+        let url = blob::redirect(&self.shared, repo, digest, caller).await?;
+        if url.is_some() {
+            self.shared.count("blob", Outcome::Hit);
+            self.shared.metrics.bucket_redirects.inc();
+        }
+        Ok(url)
+    }
+
     /// A blob's length for a `HEAD`, without downloading it.
     pub async fn blob_head(
         &self,

@@ -280,9 +280,25 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
     let range_header = headers
         .get(header::RANGE)
         .map(|v| v.to_str().unwrap_or("invalid"));
+    let caller = caller(headers);
+    let redirect = app
+        .mirror
+        .blob_redirect(repo, digest, &caller)
+        .await
+        .map_err(|e| failed(&e))?;
+    if let Some(url) = redirect {
+        // 307 keeps the method and the client's Range; the URL carries a
+        // signature, never the secret (OCI distribution spec: "the registry
+        // MAY redirect" blob GETs). Not logged: the access log has the path.
+        let response = blob_headers(digest, StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, url.as_str())
+            .body(Body::empty())
+            .expect("valid response");
+        return Ok((response, Some(Outcome::Hit)));
+    }
     let blob = app
         .mirror
-        .blob(repo, digest, &caller(headers))
+        .blob(repo, digest, &caller)
         .await
         .map_err(|e| failed(&e))?;
     let outcome = Some(blob.outcome);

@@ -29,6 +29,8 @@ struct Faulty {
     fail_parts: AtomicBool,
     parts_sent: AtomicUsize,
     aborted: AtomicUsize,
+    /// Reads of tag records take this long (ms).
+    slow_tags_ms: AtomicUsize,
 }
 
 impl std::fmt::Display for Faulty {
@@ -92,6 +94,14 @@ impl ObjectStore for Faulty {
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
         self.check()?;
+        let slow = self.slow_tags_ms.load(Ordering::SeqCst);
+        if slow > 0 && location.as_ref().contains("/tags/") {
+            // Read now, answer late: the answer is already old when it
+            // arrives, as over a slow link.
+            let result = self.inner.get_opts(location, options).await;
+            tokio::time::sleep(Duration::from_millis(slow as u64)).await;
+            return result;
+        }
         self.inner.get_opts(location, options).await
     }
 
@@ -526,4 +536,30 @@ async fn issue_13_a_replica_that_is_gone_is_skipped_and_its_objects_fetched_by_t
         survivor.metric("hoard_peer_requests_total{result=\"unreachable\"}") >= 1.0,
         "no request went to {gone_url}"
     );
+}
+
+/// A request that looked for the tag before a lookup finished, and starts
+/// its own after, finds the record that lookup left instead of fetching
+/// again (the bucket's read between the two widens that moment).
+#[tokio::test]
+async fn issue_13_a_slow_bucket_read_does_not_let_a_tag_be_fetched_twice() {
+    let fake = Fake::start().await;
+    fake.put_image("library/app", "1.0", b"layer");
+    fake.fault("/manifests/", Fault::Delay(Duration::from_millis(50)));
+    let objects = Arc::new(Faulty::default());
+    objects.slow_tags_ms.store(150, Ordering::SeqCst);
+    let hoard = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (client, url) = (
+            hoard.client.clone(),
+            hoard.url("/v2/library/app/manifests/1.0"),
+        );
+        requests.spawn(async move { client.get(url).send().await.unwrap().status() });
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1.0"), 1);
 }
