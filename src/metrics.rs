@@ -56,6 +56,17 @@ pub struct Metrics {
     /// `hoard_bucket_redirects_total`: blob GETs answered with a redirect
     /// to the bucket (`store.s3.redirect`).
     pub bucket_redirects: IntCounter,
+    /// `hoard_bucket_bytes`: bytes in the shared bucket, as the last GC
+    /// pass listed them (set by the replica that holds the GC lease).
+    pub bucket_bytes: IntGauge,
+    /// `hoard_bucket_gc_leader`: 1 on the replica holding the bucket's GC
+    /// lease, 0 on the others.
+    pub bucket_gc_leader: IntGauge,
+    /// `hoard_bucket_request_duration_seconds{op}` and
+    /// `hoard_bucket_errors_total{op}`: the object store's latency and
+    /// failures, by operation.
+    pub bucket_duration: HistogramVec,
+    pub bucket_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -196,6 +207,33 @@ impl Metrics {
             "hoard_bucket_redirects_total",
             "Blob GETs answered with a redirect to a presigned bucket URL.",
         );
+        let bucket_bytes = gauge(
+            "hoard_bucket_bytes",
+            "Bytes in the shared bucket at the last GC pass (on the replica holding the GC lease).",
+        );
+        let bucket_gc_leader = gauge(
+            "hoard_bucket_gc_leader",
+            "1 on the replica that holds the shared bucket's GC lease, 0 on the others.",
+        );
+        let bucket_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "hoard_bucket_request_duration_seconds",
+                "Object store requests by operation, time to the answer's head.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["op"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bucket_duration.clone()))
+            .expect("unique metric");
+        let bucket_errors = counter_vec(
+            "hoard_bucket_errors_total",
+            "Object store requests that failed (5xx, timeouts, refused), by operation.",
+            &["op"],
+        );
         // Series that exist from the start, so rates and ratios are defined
         // before the first request.
         for kind in ["manifest", "blob"] {
@@ -228,6 +266,10 @@ impl Metrics {
             bucket_uploads,
             peer_requests,
             bucket_redirects,
+            bucket_bytes,
+            bucket_gc_leader,
+            bucket_duration,
+            bucket_errors,
         }
     }
 

@@ -141,6 +141,9 @@ pub struct S3Config {
     pub redirect_ttl: Duration,
     /// Most bytes the bucket keeps (fleet-wide); `None`: no limit.
     pub max_bytes: Option<u64>,
+    /// Content younger than this is never collected from the bucket (a
+    /// pull may be storing an image's parts before its manifest).
+    pub gc_grace: Duration,
     /// Where the keys come from.
     pub credentials: S3Credentials,
 }
@@ -418,6 +421,7 @@ impl fmt::Display for Config {
             writeln!(f, "  prefix = {:?}", s3.prefix)?;
             writeln!(f, "  redirect = {}", s3.redirect)?;
             writeln!(f, "  redirect_ttl = {}", dur(s3.redirect_ttl))?;
+            writeln!(f, "  gc_grace = {}", dur(s3.gc_grace))?;
             writeln!(
                 f,
                 "  max_size = {}",

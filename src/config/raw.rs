@@ -80,6 +80,7 @@ pub(super) struct RawS3 {
     pub redirect: Option<bool>,
     pub redirect_ttl: Option<String>,
     pub max_size: Option<Size>,
+    pub gc_grace: Option<String>,
     pub access_key_id: Option<String>,
     pub secret_access_key_file: Option<PathBuf>,
 }
@@ -158,6 +159,7 @@ impl RawS3 {
             redirect: l.redirect.or(s.redirect),
             redirect_ttl: l.redirect_ttl.or(s.redirect_ttl),
             max_size: l.max_size.or(s.max_size),
+            gc_grace: l.gc_grace.or(s.gc_grace),
             access_key_id: l.access_key_id.or(s.access_key_id),
             secret_access_key_file: l.secret_access_key_file.or(s.secret_access_key_file),
         }

@@ -259,6 +259,7 @@ fn s3_config(raw: RawS3) -> Result<S3Config> {
         redirect: raw.redirect.unwrap_or(false),
         redirect_ttl,
         max_bytes: size("store.s3.max_size", raw.max_size)?,
+        gc_grace: duration("store.s3.gc_grace", raw.gc_grace)?.unwrap_or(Duration::from_secs(3600)),
         credentials,
     })
 }

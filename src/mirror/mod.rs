@@ -27,6 +27,7 @@ mod error;
 mod evict;
 mod fill;
 mod fills;
+mod fleet;
 mod flight;
 mod manifest;
 mod outcome;
@@ -81,6 +82,10 @@ impl Mirror {
         store.report_size_to(metrics.store_bytes.clone());
         metrics.store_max_bytes.set(max as i64);
         if let Some(bucket) = &bucket {
+            bucket.report_to(
+                metrics.bucket_duration.clone(),
+                metrics.bucket_errors.clone(),
+            );
             upload::spawn_sweeper(Arc::downgrade(bucket));
         }
         let fills = fills::Fills::new(metrics.inflight_fetches.clone());
@@ -101,11 +106,16 @@ impl Mirror {
         });
         evict::spawn(&shared);
         evict::check(&shared);
+        fleet::spawn_gc(&shared);
         Mirror { shared }
     }
 
     /// Cached tags (the admin API's list), optionally of one registry.
     pub async fn images(&self, registry: Option<String>) -> Result<Vec<catalog::CachedImage>> {
+        if self.shared.bucket.is_some() {
+            // The fleet's images: what any replica cached.
+            return fleet::images(&self.shared, registry.as_deref()).await;
+        }
         let shared = self.shared.clone();
         let images = tokio::task::spawn_blocking(move || {
             catalog::images(&shared.store, &shared.config.pins, registry.as_deref())
@@ -124,12 +134,19 @@ impl Mirror {
 
     /// Pins an image (durable); true if it was not pinned yet.
     pub async fn pin(&self, image: &crate::reference::ImageRef) -> Result<bool> {
+        if let Some(bucket) = &self.shared.bucket {
+            // For the fleet: the bucket's GC keeps what any replica pinned.
+            bucket.add_pin(&image.to_string()).await?;
+        }
         Ok(self.shared.store.add_pin(&image.to_string())?)
     }
 
     /// Removes a run-time pin; true if there was one. Pins from the config
     /// file stay until the file changes.
     pub async fn unpin(&self, image: &crate::reference::ImageRef) -> Result<bool> {
+        if let Some(bucket) = &self.shared.bucket {
+            bucket.remove_pin(&image.to_string()).await?;
+        }
         Ok(self.shared.store.remove_pin(&image.to_string())?)
     }
 
@@ -149,17 +166,30 @@ impl Mirror {
     /// from the index (a reader that has one open finishes its transfer).
     pub async fn verify(&self) -> Result<store::VerifyReport> {
         let store = self.shared.store.clone();
-        let report = tokio::task::spawn_blocking(move || store.verify(|_, _| {})).await??;
+        let mut report = tokio::task::spawn_blocking(move || store.verify(|_, _| {})).await??;
         for digest in &report.quarantined {
             self.shared.hot.invalidate(digest);
+        }
+        if self.shared.bucket.is_some() {
+            let fleet = fleet::verify(&self.shared).await?;
+            report.checked += fleet.checked;
+            report.bytes += fleet.bytes;
+            report.quarantined.extend(fleet.quarantined);
         }
         Ok(report)
     }
 
-    /// Removes blobs no manifest names.
+    /// Removes blobs no manifest names; with a bucket, also runs a pass of
+    /// the bucket's GC (whoever holds its lease: a pass is safe to run
+    /// twice, the lease only saves the work).
     pub async fn gc(&self) -> Result<store::GcReport> {
         let store = self.shared.store.clone();
-        let report = tokio::task::spawn_blocking(move || store.gc()).await??;
+        let mut report = tokio::task::spawn_blocking(move || store.gc()).await??;
+        if self.shared.bucket.is_some() {
+            let fleet = fleet::pass(&self.shared).await?;
+            report.blobs += fleet.blobs;
+            report.bytes += fleet.bytes;
+        }
         Ok(report)
     }
 

@@ -71,6 +71,9 @@ pub struct Bucket {
     /// This replica's identity in upload markers (persistent per data dir).
     replica: String,
     parts: tokio::sync::Semaphore,
+    /// Request latency and failures by operation, once `report_to` says
+    /// where.
+    observed: std::sync::OnceLock<(prometheus::HistogramVec, prometheus::IntCounterVec)>,
 }
 
 /// A blob's bytes coming from the bucket.
@@ -157,7 +160,34 @@ impl Bucket {
             label,
             replica: replica.to_owned(),
             parts: tokio::sync::Semaphore::new(PARTS_IN_FLIGHT),
+            observed: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records each request's latency in `duration` and its failures in
+    /// `errors` (both by operation) from now on.
+    pub fn report_to(&self, duration: prometheus::HistogramVec, errors: prometheus::IntCounterVec) {
+        let _ = self.observed.set((duration, errors));
+    }
+
+    /// `request`, timed and its failure counted (a missing object is an
+    /// answer, not a failure).
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        request: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        let started = std::time::Instant::now();
+        let result = request.await;
+        if let Some((duration, errors)) = self.observed.get() {
+            duration
+                .with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
+            if matches!(&result, Err(e) if !matches!(e, object_store::Error::NotFound { .. })) {
+                errors.with_label_values(&[op]).inc();
+            }
+        }
+        result
     }
 
     /// Lists, writes and removes a probe object: the bucket exists, the
@@ -213,7 +243,7 @@ impl Bucket {
     /// The size of a stored blob, `None` if it is not there.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
         let path = self.blob_path(digest);
-        match self.s3.head(&path).await {
+        match self.timed("head", self.s3.head(&path)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::bucket("head", path.as_ref(), e)),
@@ -232,7 +262,7 @@ impl Bucket {
             range: range.map(GetRange::Bounded),
             ..GetOptions::default()
         };
-        match self.data.get_opts(&path, options).await {
+        match self.timed("get", self.data.get_opts(&path, options)).await {
             Ok(result) => Ok(Some(BucketBody {
                 size: result.meta.size,
                 range: result.range.clone(),
@@ -248,7 +278,7 @@ impl Bucket {
     /// digest (the bucket is trusted no more than upstream).
     pub async fn get_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>> {
         let path = self.blob_path(digest);
-        let result = match self.s3.get(&path).await {
+        let result = match self.timed("get", self.s3.get(&path)).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(Error::bucket("get", path.as_ref(), e)),
@@ -296,8 +326,7 @@ impl Bucket {
             attributes,
             ..PutOptions::default()
         };
-        self.data
-            .put_opts(&path, bytes.into(), options)
+        self.timed("put", self.data.put_opts(&path, bytes.into(), options))
             .await
             .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
         Ok(())
@@ -389,7 +418,7 @@ impl Bucket {
     /// What `repo:tag` resolved to, as the fleet last recorded it.
     pub async fn tag(&self, repo: &Repository, tag: &str) -> Result<Option<TagRecord>> {
         let path = self.tag_path(repo, tag);
-        let bytes = match self.s3.get(&path).await {
+        let bytes = match self.timed("get", self.s3.get(&path)).await {
             Ok(result) => result
                 .bytes()
                 .await
@@ -406,8 +435,7 @@ impl Bucket {
     pub async fn put_tag(&self, repo: &Repository, tag: &str, record: &TagRecord) -> Result<()> {
         let path = self.tag_path(repo, tag);
         let body = serde_json::to_vec(record).expect("tag records serialize");
-        self.s3
-            .put(&path, body.into())
+        self.timed("put", self.s3.put(&path, body.into()))
             .await
             .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
         Ok(())
@@ -425,7 +453,7 @@ impl Bucket {
     /// Whether upstream was seen to confirm `repo` has `digest`.
     pub async fn is_linked(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
         let path = self.link_path(repo, digest);
-        match self.s3.head(&path).await {
+        match self.timed("head", self.s3.head(&path)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(Error::bucket("head", path.as_ref(), e)),
@@ -473,14 +501,205 @@ impl Bucket {
     }
 }
 
+/// A lease record: who runs a fleet-wide job, until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub holder: String,
+    pub until_ms: u64,
+}
+
+/// One object under `blobs/`, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// Unix ms of its upload.
+    pub written_ms: u64,
+}
+
+impl Bucket {
+    /// This replica's name in markers and leases.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Every key under `prefix` (relative to the bucket's prefix), with its
+    /// size and upload time.
+    async fn list_under(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>> {
+        let path = self.path(prefix);
+        let listed: Vec<_> = self
+            .s3
+            .list(Some(&path))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<object_store::Result<_>>()
+            .map_err(|e| Error::bucket("list", path.as_ref(), e))?;
+        Ok(listed
+            .into_iter()
+            .map(|meta| {
+                let key = meta
+                    .location
+                    .as_ref()
+                    .strip_prefix(&self.prefix)
+                    .unwrap_or(meta.location.as_ref())
+                    .to_owned();
+                let written = meta.last_modified.timestamp_millis().max(0) as u64;
+                (key, meta.size, written)
+            })
+            .collect())
+    }
+
+    /// Every blob and manifest in the bucket.
+    pub async fn list_blobs(&self) -> Result<Vec<ListedBlob>> {
+        Ok(self
+            .list_under("blobs/sha256")
+            .await?
+            .into_iter()
+            .filter_map(|(key, size, written_ms)| {
+                let hex = key.rsplit('/').next()?;
+                let digest = Digest::parse(&format!("sha256:{hex}")).ok()?;
+                Some(ListedBlob {
+                    digest,
+                    size,
+                    written_ms,
+                })
+            })
+            .collect())
+    }
+
+    /// Every tag record: `registry/name:tag` and what it points to.
+    pub async fn list_tags(&self) -> Result<Vec<(Repository, String, TagRecord)>> {
+        let mut out = Vec::new();
+        for (key, _, _) in self.list_under("tags").await? {
+            let Some(rest) = key.strip_prefix("tags/") else {
+                continue;
+            };
+            let Some((repo, tag)) = rest.rsplit_once('/') else {
+                continue;
+            };
+            let Some((registry, name)) = repo.split_once('/') else {
+                continue;
+            };
+            let Ok(repo) = Repository::new(registry, name) else {
+                continue;
+            };
+            // Removed since it was listed: skip it.
+            if let Some(record) = self.tag(&repo, tag).await? {
+                out.push((repo, tag.to_owned(), record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a blob or manifest (the fleet's GC: only what no kept
+    /// manifest names).
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
+        let path = self.blob_path(digest);
+        match self.s3.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::bucket("delete", path.as_ref(), e)),
+        }
+    }
+
+    /// Images pinned on any replica (`registry/name:tag` or `@digest`).
+    pub async fn pins(&self) -> Result<Vec<String>> {
+        Ok(self
+            .list_under("pins")
+            .await?
+            .into_iter()
+            .filter_map(|(key, _, _)| {
+                let encoded = key.strip_prefix("pins/")?;
+                String::from_utf8(hex::decode(encoded).ok()?).ok()
+            })
+            .collect())
+    }
+
+    /// Pins an image for the fleet.
+    pub async fn add_pin(&self, image: &str) -> Result<()> {
+        let path = self.pin_path(image);
+        self.s3
+            .put(&path, PutPayload::new())
+            .await
+            .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
+        Ok(())
+    }
+
+    /// Unpins an image for the fleet.
+    pub async fn remove_pin(&self, image: &str) -> Result<()> {
+        let path = self.pin_path(image);
+        match self.s3.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::bucket("delete", path.as_ref(), e)),
+        }
+    }
+
+    /// Pins are keyed by their name in hex: names hold `/`, `:` and `@`.
+    fn pin_path(&self, image: &str) -> Path {
+        self.path(&format!("pins/{}", hex::encode(image)))
+    }
+
+    /// Takes (or renews) the lease `name` for `ttl` unless another replica
+    /// holds it. S3-compatible servers differ on conditional writes (Garage
+    /// 2.5 accepts `If-None-Match: *` on an existing key and overwrites), so
+    /// the lease is written, then read back a moment later: of two
+    /// replicas racing, the last writer holds it and the other sees so. The
+    /// jobs run under a lease are safe to run twice; the lease only keeps
+    /// the fleet from doing the work once per replica.
+    pub async fn take_lease(&self, name: &str, ttl: Duration) -> Result<bool> {
+        let path = self.path(&format!("leases/{name}"));
+        let now = clock::unix_ms();
+        if let Some(lease) = self.read_lease(&path).await? {
+            if lease.holder != self.replica && lease.until_ms > now {
+                return Ok(false);
+            }
+        }
+        let lease = Lease {
+            holder: self.replica.clone(),
+            until_ms: now + ttl.as_millis() as u64,
+        };
+        let body = serde_json::to_vec(&lease).expect("leases serialize");
+        self.s3
+            .put(&path, body.into())
+            .await
+            .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(self.read_lease(&path).await?.as_ref() == Some(&lease))
+    }
+
+    /// Who holds the lease `name` now, if anyone.
+    pub async fn lease_holder(&self, name: &str) -> Result<Option<Lease>> {
+        let path = self.path(&format!("leases/{name}"));
+        let lease = self.read_lease(&path).await?;
+        Ok(lease.filter(|l| l.until_ms > clock::unix_ms()))
+    }
+
+    async fn read_lease(&self, path: &Path) -> Result<Option<Lease>> {
+        match self.s3.get(path).await {
+            Ok(result) => {
+                let bytes = result
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::bucket("get", path.as_ref(), e))?;
+                Ok(serde_json::from_slice(&bytes).ok())
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::bucket("get", path.as_ref(), e)),
+        }
+    }
+}
+
 impl Upload {
     /// Sends the next part (every part but the last at least 5 MiB).
     pub async fn put_part(&mut self, bytes: Bytes) -> Result<()> {
         let _permit = self.bucket.parts.acquire().await.expect("never closed");
+        let sending =
+            self.bucket
+                .data
+                .put_part(&self.path, &self.id, self.parts.len(), bytes.into());
         let part = self
             .bucket
-            .data
-            .put_part(&self.path, &self.id, self.parts.len(), bytes.into())
+            .timed("put part", sending)
             .await
             .map_err(|e| Error::bucket("put part", self.path.as_ref(), e))?;
         self.parts.push(part);
@@ -490,11 +709,11 @@ impl Upload {
     /// Makes the uploaded parts visible as the blob: call only once the
     /// bytes are verified.
     pub async fn complete(self) -> Result<()> {
-        let result = self
-            .bucket
-            .s3
-            .complete_multipart(&self.path, &self.id, self.parts.clone())
-            .await;
+        let completing =
+            self.bucket
+                .s3
+                .complete_multipart(&self.path, &self.id, self.parts.clone());
+        let result = self.bucket.timed("complete upload", completing).await;
         if let Err(e) = result {
             let e = Error::bucket("complete upload", self.path.as_ref(), e);
             self.abort().await;

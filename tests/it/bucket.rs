@@ -188,7 +188,8 @@ fn upstream_requests(fake: &Fake) -> usize {
 
 /// A layer of `len` pseudo-random bytes (not compressible, not repeating).
 fn layer(len: usize, seed: u8) -> Vec<u8> {
-    let mut x = u64::from(seed) | 0x9e37_79b9_7f4a_7c15;
+    // Distinct seeds give distinct streams (xorshift needs a non-zero state).
+    let mut x = 0x9e37_79b9_7f4a_7c15 ^ (u64::from(seed) << 40 | u64::from(seed));
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -562,4 +563,192 @@ async fn issue_13_a_slow_bucket_read_does_not_let_a_tag_be_fetched_twice() {
         assert_eq!(status.unwrap(), 200);
     }
     assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1.0"), 1);
+}
+
+/// An image of `layers` tagged `1` in the fake (its config names them).
+fn put_layered(fake: &Fake, name: &str, layers: &[&[u8]]) {
+    let digests: Vec<String> = layers
+        .iter()
+        .map(|l| fake.put_blob(name, l.to_vec()))
+        .collect();
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": digests}})
+    .to_string();
+    let config_digest = fake.put_blob(name, config.clone().into_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": digests.iter().zip(layers).map(|(d, l)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": l.len()})).collect::<Vec<_>>(),
+    });
+    fake.put_manifest(
+        name,
+        Some("1"),
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.to_string().into_bytes(),
+    );
+}
+
+/// Makes `repo:tag`'s record in the bucket look confirmed `age` ago.
+async fn age_tag(bucket: &hoard::store::Bucket, name: &str, tag: &str, age: Duration) {
+    let repo = hoard::reference::Repository::new("docker.io", name).unwrap();
+    let mut record = bucket.tag(&repo, tag).await.unwrap().expect("a tag record");
+    record.checked_at_ms -= age.as_millis() as u64;
+    bucket.put_tag(&repo, tag, &record).await.unwrap();
+}
+
+/// Every digest an image of the fake needs: manifest, config, layer.
+async fn image_digests(hoard: &Hoard, name: &str) -> Vec<String> {
+    let r = hoard.get(&format!("/v2/{name}/manifests/1")).await;
+    let manifest = r.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let mut digests = vec![
+        manifest,
+        body["config"]["digest"].as_str().unwrap().to_owned(),
+    ];
+    for layer in body["layers"].as_array().unwrap() {
+        digests.push(layer["digest"].as_str().unwrap().to_owned());
+    }
+    for digest in &digests[1..] {
+        let r = hoard.get(&format!("/v2/{name}/blobs/{digest}")).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    digests
+}
+
+async fn gc_hoard(fake: &Fake, objects: &Arc<Faulty>, config: &str) -> (Hoard, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hoard.toml");
+    std::fs::write(&file, config).unwrap();
+    let hoard = Hoard::start_with_bucket_and(&fake.url(), bucket(objects, "a"), |args| {
+        args.config = Some(file);
+        args.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        args.admin_token = Some("t".into());
+    })
+    .await;
+    (hoard, dir)
+}
+
+async fn collect(hoard: &Hoard) {
+    let url = format!("http://{}/admin/gc", hoard.admin.unwrap());
+    let r = hoard
+        .client
+        .post(url)
+        .bearer_auth("t")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn issue_13_the_bucket_gc_keeps_pinned_recent_and_shared_content_and_removes_the_rest() {
+    let fake = Fake::start().await;
+    // old and kept share a layer: collecting old must leave it to kept.
+    let shared = layer(3000, 9);
+    put_layered(&fake, "library/old", &[&shared, &layer(2000, 10)]);
+    put_layered(&fake, "library/kept", &[&shared, &layer(2000, 11)]);
+    fake.put_image("library/pinned", "1", &layer(2000, 12));
+    let shared_layer = digest_of(&shared);
+    let objects = Arc::new(Faulty::default());
+    let (hoard, _dir) = gc_hoard(
+        &fake,
+        &objects,
+        "[store]\nmax_tag_age = \"1h\"\n[store.s3]\nbucket = \"fleet\"\ngc_grace = \"0s\"\n",
+    )
+    .await;
+    let old = image_digests(&hoard, "library/old").await;
+    let kept = image_digests(&hoard, "library/kept").await;
+    let pinned = image_digests(&hoard, "library/pinned").await;
+    for digest in old
+        .iter()
+        .chain(&kept)
+        .chain(&pinned)
+        .chain([&shared_layer])
+    {
+        assert!(
+            eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await,
+            "{digest} never reached the bucket"
+        );
+    }
+    let fleet = bucket(&objects, "test");
+    age_tag(&fleet, "library/old", "1", Duration::from_secs(7200)).await;
+    age_tag(&fleet, "library/pinned", "1", Duration::from_secs(7200)).await;
+    fleet.add_pin("docker.io/library/pinned:1").await.unwrap();
+
+    collect(&hoard).await;
+    for digest in kept.iter().chain(&pinned).chain([&shared_layer]) {
+        assert!(in_bucket(&objects, digest).await, "{digest} was collected");
+    }
+    for digest in old.iter().filter(|d| **d != shared_layer) {
+        assert!(!in_bucket(&objects, digest).await, "{digest} was kept");
+    }
+    let repo = |name: &str| hoard::reference::Repository::new("docker.io", name).unwrap();
+    assert!(fleet
+        .tag(&repo("library/old"), "1")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(fleet
+        .tag(&repo("library/pinned"), "1")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(hoard.metric("hoard_bucket_bytes") > 0.0);
+}
+
+#[tokio::test]
+async fn issue_13_over_the_bucket_s_size_limit_the_least_recently_confirmed_tags_go_first() {
+    let fake = Fake::start().await;
+    for (i, name) in ["library/a", "library/b", "library/c"].iter().enumerate() {
+        fake.put_image(name, "1", &layer(100_000, 20 + i as u8));
+    }
+    let objects = Arc::new(Faulty::default());
+    // Room for two of the three images.
+    let (hoard, _dir) = gc_hoard(
+        &fake,
+        &objects,
+        "[store.s3]\nbucket = \"fleet\"\ngc_grace = \"0s\"\nmax_size = 250000\n",
+    )
+    .await;
+    let mut images = Vec::new();
+    for name in ["library/a", "library/b", "library/c"] {
+        images.push(image_digests(&hoard, name).await);
+    }
+    for digest in images.iter().flatten() {
+        assert!(eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await);
+    }
+    let fleet = bucket(&objects, "test");
+    // b was confirmed longest ago, then a; c just now.
+    age_tag(&fleet, "library/b", "1", Duration::from_secs(300)).await;
+    age_tag(&fleet, "library/a", "1", Duration::from_secs(200)).await;
+    collect(&hoard).await;
+    for digest in &images[1] {
+        assert!(!in_bucket(&objects, digest).await, "b's {digest} was kept");
+    }
+    for digest in images[0].iter().chain(&images[2]) {
+        assert!(in_bucket(&objects, digest).await, "{digest} was collected");
+    }
+}
+
+#[tokio::test]
+async fn issue_13_one_replica_at_a_time_holds_the_gc_lease() {
+    let objects = Arc::new(Faulty::default());
+    let (a, b) = (bucket(&objects, "a"), bucket(&objects, "b"));
+    assert!(a.take_lease("gc", Duration::from_secs(60)).await.unwrap());
+    assert!(!b.take_lease("gc", Duration::from_secs(60)).await.unwrap());
+    // The holder renews its own.
+    assert!(a
+        .take_lease("gc", Duration::from_millis(100))
+        .await
+        .unwrap());
+    assert_eq!(b.lease_holder("gc").await.unwrap(), None, "expired");
+    // Expired: the other may take it.
+    assert!(b.take_lease("gc", Duration::from_secs(60)).await.unwrap());
+    assert_eq!(a.lease_holder("gc").await.unwrap().unwrap().holder, "b");
 }

@@ -72,6 +72,16 @@ impl Hoard {
         Hoard::start_full(data, upstream, &[], |_| {}, Some(bucket), None).await
     }
 
+    /// `start_with_bucket`, with `tweak` applied to the arguments.
+    pub async fn start_with_bucket_and(
+        upstream: &str,
+        bucket: std::sync::Arc<hoard::store::Bucket>,
+        tweak: impl FnOnce(&mut ServeArgs),
+    ) -> Hoard {
+        let data = tempfile::tempdir().unwrap();
+        Hoard::start_full(data, upstream, &[], tweak, Some(bucket), None).await
+    }
+
     /// `n` replicas sharing `bucket`, each listing all as peers.
     pub async fn start_cluster(
         upstream: &str,

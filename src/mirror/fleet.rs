@@ -1,0 +1,398 @@
+//! The shared bucket as a whole: its garbage collection (the bucket-wide
+//! size limit `store.s3.max_size` and `store.max_tag_age`), the images it
+//! holds, and its verification. One replica at a time collects (the `gc`
+//! lease); a pass is mark and sweep:
+//!
+//! - roots: tag records not past `max_tag_age` (by when upstream last
+//!   confirmed them: every pull after the tag's TTL revalidates, so an old
+//!   `checked_at` means nobody pulled it since) and pins (the config's and
+//!   those added on any replica), which never expire;
+//! - over the size limit, the least recently confirmed unpinned tags are
+//!   dropped until what the rest need fits;
+//! - marked: every manifest, config and layer a root needs;
+//! - swept: unmarked content older than `store.s3.gc_grace` (1 h), and
+//!   the dropped tags.
+//!
+//! Content a fill is writing is invisible until verified, and content just
+//! written is younger than the grace (its manifest may not be recorded yet),
+//! so a pass never takes a blob from under a pull (the bug of distribution's
+//! shared-storage GC, distribution#2367, and Harbor's, Harbor#22747).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use tracing::{info, warn};
+
+use super::catalog::CachedImage;
+use super::error::Result;
+use super::shared::Shared;
+use crate::clock;
+use crate::reference::{Digest, ImageRef, Reference, Repository};
+use crate::store::{bucket::ListedBlob, Bucket, GcReport, TagRecord, VerifyReport};
+
+/// How often the lease holder collects.
+const GC_EVERY: Duration = Duration::from_secs(600);
+/// The lease's name in the bucket.
+const GC_LEASE: &str = "gc";
+
+/// Runs the fleet's GC every `GC_EVERY` on whichever replica holds the
+/// lease, while the mirror lives; only when a limit is set.
+pub(super) fn spawn_gc(shared: &Arc<Shared>) {
+    let limited = shared.config.max_tag_age.is_some()
+        || shared
+            .config
+            .s3
+            .as_ref()
+            .is_some_and(|s3| s3.max_bytes.is_some());
+    if shared.bucket.is_none() || !limited {
+        return;
+    }
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(GC_EVERY).await;
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            if let Err(e) = leased_pass(&shared).await {
+                warn!(error = %e, "the bucket's GC pass failed");
+            }
+        }
+    });
+}
+
+/// One pass if this replica holds (or takes) the lease.
+pub(super) async fn leased_pass(shared: &Shared) -> Result<Option<GcReport>> {
+    let bucket = shared.bucket.as_ref().expect("only with a bucket");
+    let leader = bucket.take_lease(GC_LEASE, GC_EVERY * 3).await?;
+    shared.metrics.bucket_gc_leader.set(i64::from(leader));
+    if !leader {
+        return Ok(None);
+    }
+    let report = pass(shared).await?;
+    if report.blobs > 0 {
+        info!(
+            blobs = report.blobs,
+            bytes = report.bytes,
+            "removed content no kept image needs from the bucket"
+        );
+    }
+    Ok(Some(report))
+}
+
+/// The digests a manifest names, split by whether they are manifests.
+#[derive(Debug, Clone, Default)]
+struct Children {
+    manifests: Vec<Digest>,
+    blobs: Vec<Digest>,
+}
+
+/// Reads manifests from the bucket once per pass.
+struct Trees<'a> {
+    bucket: &'a Bucket,
+    listed: &'a HashMap<Digest, ListedBlob>,
+    children: HashMap<Digest, Children>,
+    max_manifest: u64,
+}
+
+impl Trees<'_> {
+    /// `root` and everything it needs that the bucket holds.
+    async fn of(&mut self, root: &Digest) -> Result<HashSet<Digest>> {
+        let mut seen = HashSet::new();
+        let mut stack = vec![root.clone()];
+        while let Some(digest) = stack.pop() {
+            if !self.listed.contains_key(&digest) || !seen.insert(digest.clone()) {
+                continue;
+            }
+            let children = self.children(&digest).await?;
+            stack.extend(children.manifests.iter().cloned());
+            seen.extend(
+                children
+                    .blobs
+                    .iter()
+                    .filter(|d| self.listed.contains_key(d))
+                    .cloned(),
+            );
+        }
+        Ok(seen)
+    }
+
+    async fn children(&mut self, manifest: &Digest) -> Result<Children> {
+        if let Some(children) = self.children.get(manifest) {
+            return Ok(children.clone());
+        }
+        let small = self
+            .listed
+            .get(manifest)
+            .is_some_and(|b| b.size <= self.max_manifest);
+        let children = match small {
+            true => match self.bucket.get_manifest(manifest).await? {
+                Some((_, bytes)) => parse_children(&bytes),
+                None => Children::default(),
+            },
+            false => Children::default(),
+        };
+        self.children.insert(manifest.clone(), children.clone());
+        Ok(children)
+    }
+}
+
+fn parse_children(bytes: &[u8]) -> Children {
+    #[derive(Deserialize)]
+    struct Descriptor {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        config: Option<Descriptor>,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+    }
+    let Ok(body) = serde_json::from_slice::<Body>(bytes) else {
+        return Children::default();
+    };
+    let parse = |d: Descriptor| Digest::parse(&d.digest).ok();
+    Children {
+        manifests: body.manifests.into_iter().filter_map(parse).collect(),
+        blobs: body
+            .config
+            .into_iter()
+            .chain(body.layers)
+            .filter_map(parse)
+            .collect(),
+    }
+}
+
+/// A tag in the bucket, its root and whether a pin keeps it.
+struct Root {
+    repo: Repository,
+    tag: String,
+    record: TagRecord,
+    pinned: bool,
+}
+
+/// One mark-and-sweep pass over the bucket (see the module comment).
+pub(super) async fn pass(shared: &Shared) -> Result<GcReport> {
+    let bucket = shared.bucket.as_ref().expect("only with a bucket");
+    let now = clock::unix_ms();
+    let listed: HashMap<Digest, ListedBlob> = bucket
+        .list_blobs()
+        .await?
+        .into_iter()
+        .map(|b| (b.digest.clone(), b))
+        .collect();
+    let total: u64 = listed.values().map(|b| b.size).sum();
+    shared.metrics.bucket_bytes.set(total as i64);
+    let pins = pins(shared).await?;
+    let mut roots: Vec<Root> = bucket
+        .list_tags()
+        .await?
+        .into_iter()
+        .map(|(repo, tag, record)| {
+            let pinned = pins.iter().any(|pin| {
+                pin.repository == repo
+                    && match &pin.reference {
+                        Reference::Tag(t) => *t == tag,
+                        Reference::Digest(d) => *d == record.digest,
+                    }
+            });
+            Root {
+                repo,
+                tag,
+                record,
+                pinned,
+            }
+        })
+        .collect();
+    let pinned_digests: Vec<Digest> = pins
+        .iter()
+        .filter_map(|pin| match &pin.reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => None,
+        })
+        .collect();
+    let mut dropped: Vec<Root> = Vec::new();
+    if let Some(max_age) = shared.config.max_tag_age {
+        let (old, kept): (Vec<Root>, Vec<Root>) = roots.into_iter().partition(|root| {
+            !root.pinned
+                && u128::from(now.saturating_sub(root.record.checked_at_ms)) > max_age.as_millis()
+        });
+        dropped.extend(old);
+        roots = kept;
+    }
+    let mut trees = Trees {
+        bucket,
+        listed: &listed,
+        children: HashMap::new(),
+        max_manifest: shared.upstream.max_manifest_bytes(),
+    };
+    let mut live_by_root = Vec::new();
+    for root in &roots {
+        live_by_root.push(trees.of(&root.record.digest).await?);
+    }
+    let mut pinned_live = HashSet::new();
+    for digest in &pinned_digests {
+        pinned_live.extend(trees.of(digest).await?);
+    }
+    let bytes_of = |live: &HashSet<Digest>| -> u64 {
+        live.iter()
+            .filter_map(|d| listed.get(d))
+            .map(|b| b.size)
+            .sum()
+    };
+    let union = |live_by_root: &[HashSet<Digest>]| -> HashSet<Digest> {
+        live_by_root
+            .iter()
+            .flatten()
+            .chain(&pinned_live)
+            .cloned()
+            .collect()
+    };
+    let mut live = union(&live_by_root);
+    if let Some(max) = shared.config.s3.as_ref().and_then(|s3| s3.max_bytes) {
+        // Least recently confirmed first.
+        let mut order: Vec<usize> = (0..roots.len()).filter(|&i| !roots[i].pinned).collect();
+        order.sort_by_key(|&i| roots[i].record.checked_at_ms);
+        let mut gone = HashSet::new();
+        for i in order {
+            if bytes_of(&live) <= max {
+                break;
+            }
+            gone.insert(i);
+            let rest: Vec<HashSet<Digest>> = live_by_root
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !gone.contains(j))
+                .map(|(_, l)| l.clone())
+                .collect();
+            live = union(&rest);
+        }
+        for (i, root) in roots.into_iter().enumerate() {
+            if gone.contains(&i) {
+                dropped.push(root);
+            }
+        }
+    }
+    let grace = shared
+        .config
+        .s3
+        .as_ref()
+        .map_or(Duration::ZERO, |s3| s3.gc_grace);
+    let mut report = GcReport::default();
+    // A tag confirmed again since the listing loses its record and is
+    // revalidated at its next pull: harmless.
+    for root in &dropped {
+        bucket.remove_tag(&root.repo, &root.tag).await?;
+    }
+    for blob in listed.values() {
+        let young = u128::from(now.saturating_sub(blob.written_ms)) < grace.as_millis();
+        if live.contains(&blob.digest) || young {
+            continue;
+        }
+        bucket.delete_blob(&blob.digest).await?;
+        report.blobs += 1;
+        report.bytes += blob.size;
+    }
+    shared
+        .metrics
+        .bucket_bytes
+        .set(total.saturating_sub(report.bytes) as i64);
+    Ok(report)
+}
+
+/// Every pin: the config's and those added on any replica.
+async fn pins(shared: &Shared) -> Result<Vec<ImageRef>> {
+    let bucket = shared.bucket.as_ref().expect("only with a bucket");
+    let mut pins = shared.config.pins.clone();
+    pins.extend(
+        bucket
+            .pins()
+            .await?
+            .iter()
+            .filter_map(|p| ImageRef::parse(p).ok()),
+    );
+    Ok(pins)
+}
+
+/// The images the bucket holds, optionally of one registry.
+pub(super) async fn images(shared: &Shared, registry: Option<&str>) -> Result<Vec<CachedImage>> {
+    let bucket = shared.bucket.as_ref().expect("only with a bucket");
+    let listed: HashMap<Digest, ListedBlob> = bucket
+        .list_blobs()
+        .await?
+        .into_iter()
+        .map(|b| (b.digest.clone(), b))
+        .collect();
+    let pins = pins(shared).await?;
+    let mut trees = Trees {
+        bucket,
+        listed: &listed,
+        children: HashMap::new(),
+        max_manifest: shared.upstream.max_manifest_bytes(),
+    };
+    let mut out = Vec::new();
+    for (repo, tag, record) in bucket.list_tags().await? {
+        if registry.is_some_and(|r| r != repo.registry()) {
+            continue;
+        }
+        let size = trees
+            .of(&record.digest)
+            .await?
+            .iter()
+            .filter_map(|d| listed.get(d))
+            .map(|b| b.size)
+            .sum();
+        let pinned = pins.iter().any(|pin| {
+            pin.repository == repo
+                && match &pin.reference {
+                    Reference::Tag(t) => *t == tag,
+                    Reference::Digest(d) => *d == record.digest,
+                }
+        });
+        out.push(CachedImage {
+            image: format!("{repo}:{tag}"),
+            digest: record.digest.to_string(),
+            media_type: record.media_type,
+            size,
+            checked_at_ms: record.checked_at_ms,
+            // Pulls are not recorded fleet-wide; the last confirmation is
+            // the last pull after the tag's TTL.
+            last_pulled_secs: record.checked_at_ms / 1000,
+            pinned,
+        });
+    }
+    out.sort_by(|a, b| a.image.cmp(&b.image));
+    Ok(out)
+}
+
+/// Hashes every object in the bucket again; one that does not match its
+/// key is removed (the next pull fetches it again).
+pub(super) async fn verify(shared: &Shared) -> Result<VerifyReport> {
+    let bucket = shared.bucket.as_ref().expect("only with a bucket");
+    let mut report = VerifyReport::default();
+    for blob in bucket.list_blobs().await? {
+        let Some(mut body) = bucket.get_blob(&blob.digest, None).await? else {
+            continue;
+        };
+        let mut hasher = Sha256::new();
+        let mut bytes = 0;
+        while let Some(chunk) = body.chunk().await? {
+            bytes += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        report.checked += 1;
+        report.bytes += bytes;
+        if Digest::from_hasher(hasher) != blob.digest {
+            warn!(digest = %blob.digest, "bucket object does not match its digest: removed");
+            bucket.delete_blob(&blob.digest).await?;
+            shared.hot.invalidate(&blob.digest);
+            report.quarantined.push(blob.digest);
+        }
+    }
+    Ok(report)
+}
