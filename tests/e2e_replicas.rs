@@ -536,3 +536,67 @@ async fn kill_9_of_the_replica_leading_a_download_loses_nothing() {
         .await
         .unwrap();
 }
+
+/// `hoard serve` with `args` must exit non-zero, saying `expected`.
+fn refused_start(args: &[String], env: &[(&'static str, String)], expected: &str) -> Duration {
+    let data = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let output = hoard_command()
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "hoard started with {args:?}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    started.elapsed()
+}
+
+#[test]
+fn a_bucket_that_is_missing_refused_or_unreachable_stops_the_start_naming_the_key() {
+    let garage = Garage::start();
+    let mut wrong_bucket = garage.hoard_args();
+    wrong_bucket[3] = "no-such-bucket".into();
+    refused_start(&wrong_bucket, &garage.hoard_env(), "store.s3.bucket");
+    let mut wrong_secret = garage.hoard_env();
+    wrong_secret[1].1 = "0".repeat(64);
+    refused_start(
+        &garage.hoard_args(),
+        &wrong_secret,
+        "credentials were refused",
+    );
+    // A port on 127.0.0.1 bound here and never listening: refused.
+    let (_held, port) = support::fleet::refusing_port();
+    let mut unreachable = garage.hoard_args();
+    unreachable[1] = format!("http://127.0.0.1:{port}");
+    let took = refused_start(&unreachable, &garage.hoard_env(), "store.s3");
+    eprintln!("an unreachable endpoint stopped the start after {took:?}");
+    // `hoard config check` makes the same check.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hoard.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[store.s3]\nendpoint = \"{}\"\nregion = \"garage\"\nbucket = \"no-such-bucket\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+            garage.endpoint,
+            garage.key_id,
+            garage.secret_file.display()
+        ),
+    )
+    .unwrap();
+    let output = hoard_command()
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("store.s3.bucket"), "{stderr}");
+    assert!(
+        !stderr.contains(&garage.secret),
+        "the secret reached the output"
+    );
+}

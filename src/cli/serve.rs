@@ -193,6 +193,16 @@ pub fn config_check(file: std::path::PathBuf) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!(e))
             .context("auth")?;
     }
+    if let Some(s3) = &config.store.s3 {
+        // The same check a start makes: the bucket is there, the keys sign
+        // and may write.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime
+            .block_on(hoard::store::Bucket::open(s3, "config-check"))
+            .context("the bucket")?;
+    }
     print!("{config}");
     eprintln!("{}: ok", file.display());
     Ok(())

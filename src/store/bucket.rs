@@ -195,8 +195,8 @@ impl Bucket {
     pub async fn check(&self) -> Result<()> {
         let listing = self.s3.list_with_delimiter(Some(&self.path("blobs"))).await;
         if let Err(e) = listing {
-            let key = match &e {
-                object_store::Error::NotFound { .. } => "store.s3.bucket",
+            let key = match Refusal::of(&e) {
+                Some(Refusal::NoBucket) => "store.s3.bucket",
                 _ => "store.s3",
             };
             return Err(Error::Config {
@@ -797,20 +797,52 @@ fn client_options(config: &S3Config, timeout: Duration) -> ClientOptions {
     options
 }
 
+/// How a server refused a request, from its S3 error code (object_store
+/// reports most of them as generic errors carrying the server's reply).
+enum Refusal {
+    NoBucket,
+    Credentials,
+}
+
+impl Refusal {
+    fn of(e: &object_store::Error) -> Option<Refusal> {
+        if let object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } = e
+        {
+            return Some(Refusal::Credentials);
+        }
+        let text = e.to_string();
+        if text.contains("NoSuchBucket") {
+            Some(Refusal::NoBucket)
+        } else if [
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "403 Forbidden",
+        ]
+        .iter()
+        .any(|code| text.contains(code))
+        {
+            Some(Refusal::Credentials)
+        } else {
+            None
+        }
+    }
+}
+
 /// An object-store error in a sentence: what the server or the network
 /// said, without the request's signed URL or headers.
 fn describe(e: &object_store::Error) -> String {
-    match e {
-        object_store::Error::NotFound { .. } => "the bucket does not exist".to_owned(),
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => {
+    match (e, Refusal::of(e)) {
+        (_, Some(Refusal::NoBucket)) => "the bucket does not exist".to_owned(),
+        (_, Some(Refusal::Credentials)) => {
             "the credentials were refused (check the key id and secret)".to_owned()
         }
-        other => {
+        (object_store::Error::NotFound { .. }, None) => "not found".to_owned(),
+        (other, None) => {
             // object_store's messages name the URL (bucket and key) and
             // the server's reply; neither holds a credential.
-            let text = other.to_string();
-            text.chars().take(400).collect()
+            other.to_string().chars().take(400).collect()
         }
     }
 }

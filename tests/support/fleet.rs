@@ -266,6 +266,29 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
     ports
 }
 
+/// A TCP port on 127.0.0.1 that refuses connections: bound here (port 0)
+/// and never listening, for as long as the returned socket lives.
+pub fn refusing_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket calls on a fresh fd that the OwnedFd then owns;
+    // the address structs are fully initialised before use.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut got: libc::sockaddr_in = std::mem::zeroed();
+        let mut got_len = len;
+        libc::getsockname(fd, &mut got as *mut _ as *mut libc::sockaddr, &mut got_len);
+        (owned, u16::from_be(got.sin_port))
+    }
+}
+
 /// A socket bound on 127.0.0.1 port 0, to hand to a process it starts.
 pub fn bound() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").unwrap()
