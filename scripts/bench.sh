@@ -14,6 +14,10 @@
 # 4. thundering herd: HERD clients on one cold blob: upstream GETs and time,
 #    hoard vs distribution proxy
 # 5. peak RSS (VmHWM) of every server
+# 6. the shared bucket (issue 13; needs `garage`, which scripts/test.sh builds):
+#    a cached blob through a replica from the bucket and then from its local
+#    tier vs the fs backend, a herd spread over three replicas (upstream GETs,
+#    seconds), and redirect mode (bytes straight from Garage)
 # Writes target/bench/results.json. --quick (CI) uses small sizes and fails
 # only if hoard's herd made more than one upstream GET.
 set -euo pipefail
@@ -90,7 +94,7 @@ push_blob() { # file -> digest
 }
 # Blobs: one cached everywhere, one cold per run for hoard and for the proxy,
 # one for each herd.
-count=$((1 + 2 * runs + 2))
+count=$((1 + 2 * runs + 2 + 1))
 echo "bench: pushing $count blobs of $size_mib MiB"
 digests=()
 for _ in $(seq "$count"); do
@@ -269,6 +273,93 @@ for name in hoard proxy; do
 done
 
 # 5. peak RSS.
+# 6. The shared bucket: Garage, three replicas, a fresh one, a redirecting one.
+fleet_ran=false
+export PATH="$HOME/.cargo/bin:$PATH"
+if command -v garage >/dev/null; then
+  fleet_ran=true
+  g_rpc=$(free_port); g_s3=$(free_port); g_admin=$(free_port)
+  mkdir -p "$work/garage"
+  cat >"$work/garage/garage.toml" <<GARAGE
+metadata_dir = "$work/garage/meta"
+data_dir = "$work/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$g_rpc"
+rpc_public_addr = "127.0.0.1:$g_rpc"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$g_s3"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$g_admin"
+admin_token = "bench"
+GARAGE
+  garage -c "$work/garage/garage.toml" server >"$work/garage.log" 2>&1 &
+  pids+=($!)
+  admin="http://127.0.0.1:$g_admin/v2"
+  wait_http "$admin/GetClusterHealth"
+  gcall() { curl -s -f -H 'Authorization: Bearer bench' -H 'Content-Type: application/json' -X POST -d "$2" "$admin/$1"; }
+  json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+  node=$(curl -s -f -H 'Authorization: Bearer bench' "$admin/GetClusterStatus" | json '["nodes"][0]["id"]')
+  gcall UpdateClusterLayout "{\"roles\":[{\"id\":\"$node\",\"zone\":\"dc1\",\"capacity\":100000000000,\"tags\":[]}]}" >/dev/null
+  gcall ApplyClusterLayout '{"version":1}' >/dev/null
+  bucket_id=$(gcall CreateBucket '{"globalAlias":"hoard"}' | json '["id"]')
+  gcall CreateKey '{"name":"hoard"}' >"$work/key.json"
+  export AWS_ACCESS_KEY_ID=$(json '["accessKeyId"]' <"$work/key.json")
+  export AWS_SECRET_ACCESS_KEY=$(json '["secretAccessKey"]' <"$work/key.json")
+  gcall AllowBucketKey "{\"bucketId\":\"$bucket_id\",\"accessKeyId\":\"$AWS_ACCESS_KEY_ID\",\"permissions\":{\"read\":true,\"write\":true,\"owner\":true}}" >/dev/null
+  s3_args=(--s3-endpoint "http://127.0.0.1:$g_s3" --s3-bucket hoard --s3-region garage --upstream "docker.io=$upstream")
+  r_ports=($(free_port) $(free_port) $(free_port))
+  peers=()
+  for p in "${r_ports[@]}"; do peers+=(--peer "http://127.0.0.1:$p"); done
+  for i in 0 1 2; do
+    HOARD_LOG=warn ./target/release/hoard serve --listen "127.0.0.1:${r_ports[$i]}" --data-dir "$work/replica$i" \
+      "${s3_args[@]}" "${peers[@]}" --advertise "http://127.0.0.1:${r_ports[$i]}" >"$work/replica$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${r_ports[@]}"; do wait_http "http://127.0.0.1:$p/healthz"; done
+  # The cached blob into the bucket through the fleet, then a replica with
+  # an empty disk reads it: first from the bucket, then from its own disk.
+  fetch "http://127.0.0.1:${r_ports[0]}$path/$cached" >/dev/null
+  for _ in $(seq 600); do
+    curl -s "http://127.0.0.1:${r_ports[0]}/metrics" "http://127.0.0.1:${r_ports[1]}/metrics" "http://127.0.0.1:${r_ports[2]}/metrics" \
+      | grep -q '^hoard_bucket_uploads_total{result="ok"} [1-9]' && break
+    sleep 0.1
+  done
+  fresh_port=$(free_port)
+  HOARD_LOG=warn ./target/release/hoard serve --listen "127.0.0.1:$fresh_port" --data-dir "$work/fresh" \
+    "${s3_args[@]}" >"$work/fresh.log" 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$fresh_port/healthz"
+  t=$(fetch "http://127.0.0.1:$fresh_port$path/$cached" | cut -d' ' -f1)
+  from_bucket=$(mibps "$bytes" "$t")
+  settle "$work/fresh/blobs/sha256/${cached:7:2}/${cached:7}"
+  t=$(for _ in $(seq "$runs"); do fetch "http://127.0.0.1:$fresh_port$path/$cached"; done | cut -d' ' -f1 | median)
+  local_tier=$(mibps "$bytes" "$t")
+  # Redirect mode: the bytes come from Garage.
+  printf '[store.s3]\nredirect = true\n' >"$work/redirect.toml"
+  rd_port=$(free_port)
+  HOARD_LOG=warn ./target/release/hoard serve --config "$work/redirect.toml" --listen "127.0.0.1:$rd_port" \
+    --data-dir "$work/redirect" "${s3_args[@]}" >"$work/redirect.log" 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$rd_port/healthz"
+  t=$(for _ in $(seq "$runs"); do curl -s -f -L -o /dev/null --max-time 300 -w '%{time_total}\n' "http://127.0.0.1:$rd_port$path/$cached"; done | median)
+  redirect_mibps=$(mibps "$bytes" "$t")
+  # A herd on a cold blob, spread round-robin over the three replicas.
+  fleet_blob=${digests[$((2 * runs + 3))]}
+  start=$(date +%s.%N)
+  hpids=()
+  for i in $(seq "$herd"); do
+    curl -s -o /dev/null --max-time 300 "http://127.0.0.1:${r_ports[$((i % 3))]}$path/$fleet_blob" &
+    hpids+=($!)
+  done
+  wait "${hpids[@]}" || true
+  fleet_herd_secs=$(echo "$(date +%s.%N) - $start" | bc)
+  fleet_herd_gets=$(upstream_gets "$fleet_blob")
+fi
+
 rss() { awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
 nginx_rss=0
 for pid in $(pgrep -P "$(cat "$work/nginx.pid")") "$(cat "$work/nginx.pid")"; do
@@ -300,6 +391,18 @@ done
 printf '\n5. peak RSS MiB: hoard %s, distribution %s, distribution proxy %s, nginx (largest process) %s\n' \
   "$rss_hoard" "$rss_up" "$rss_proxy" "$nginx_rss"
 
+if $fleet_ran; then
+  printf '\n6. shared bucket (Garage on this machine)        MiB/s   vs fs backend\n'
+  printf '   %-44s %6s %15s\n' "fs backend (1. hoard, 1 client)" "${one[hoard]}" "1.00"
+  printf '   %-44s %6s %15s\n' "empty replica, first read (from the bucket)" "$from_bucket" "$(ratio "$from_bucket" "${one[hoard]}")"
+  printf '   %-44s %6s %15s\n' "same replica, next reads (local tier)" "$local_tier" "$(ratio "$local_tier" "${one[hoard]}")"
+  printf '   %-44s %6s %15s\n' "redirect mode (client reads Garage)" "$redirect_mibps" "$(ratio "$redirect_mibps" "${one[hoard]}")"
+  printf '   herd of %d over 3 replicas on a cold blob: %s upstream GETs, %.2f s\n' "$herd" "$fleet_herd_gets" "$fleet_herd_secs"
+else
+  printf '\n6. shared bucket: skipped (garage not installed: scripts/test.sh builds it)\n'
+  from_bucket=0; local_tier=0; redirect_mibps=0; fleet_herd_gets=0; fleet_herd_secs=0
+fi
+
 mkdir -p target/bench
 cat > target/bench/results.json <<JSON
 {"size_mib": $size_mib, "runs": $runs, "clients": $clients, "herd": $herd,
@@ -310,10 +413,16 @@ cat > target/bench/results.json <<JSON
  "manifest_rps": {"hoard": ${rps[hoard]:-0}, "distribution": ${rps[distribution]:-0}},
  "manifest_p99": {"hoard": "${p99[hoard]}", "distribution": "${p99[distribution]}"},
  "herd_upstream_gets": {"hoard": ${herd_gets[hoard]}, "proxy": ${herd_gets[proxy]}},
- "peak_rss_mib": {"hoard": $rss_hoard, "distribution": $rss_up, "proxy": $rss_proxy, "nginx": $nginx_rss}}
+ "peak_rss_mib": {"hoard": $rss_hoard, "distribution": $rss_up, "proxy": $rss_proxy, "nginx": $nginx_rss},
+ "bucket_mibps": {"from_bucket": $from_bucket, "local_tier": $local_tier, "redirect": $redirect_mibps},
+ "fleet_herd": {"upstream_gets": $fleet_herd_gets, "seconds": $fleet_herd_secs}}
 JSON
 echo "wrote target/bench/results.json"
 if [ "${herd_gets[hoard]}" != 1 ]; then
   echo "bench.sh: hoard's herd made ${herd_gets[hoard]} upstream GETs, expected 1" >&2
+  exit 1
+fi
+if $fleet_ran && [ "$fleet_herd_gets" != 1 ]; then
+  echo "bench.sh: the fleet's herd made $fleet_herd_gets upstream GETs, expected 1" >&2
   exit 1
 fi

@@ -484,9 +484,11 @@ async fn run(
             fill.set(FillState::Failed(e));
         }
     }
+    // Committed here (or failed): this replica's requests no longer need
+    // the download, so it leaves the map before the copy to the bucket
+    // ends (the copy reads the committed file, still open in the fill).
+    drop(lead);
     if let Some(uploading) = uploading {
-        // Held until the bucket has it: until then this replica's own
-        // requests join this download rather than ask the bucket.
         finish_upload(&shared, &repo, &digest, uploading).await;
     }
 }
