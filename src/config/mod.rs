@@ -153,8 +153,9 @@ pub struct S3Config {
 pub enum S3Credentials {
     /// The standard AWS chain: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`
     /// (and `AWS_SESSION_TOKEN`), web identity (`AWS_WEB_IDENTITY_TOKEN_FILE`
-    /// with `AWS_ROLE_ARN`: Kubernetes service accounts), then the
-    /// container or instance metadata endpoint.
+    /// with `AWS_ROLE_ARN`: Kubernetes service accounts), the `AWS_PROFILE`
+    /// profile of the shared credentials file, then the container or
+    /// instance metadata endpoint.
     Chain,
     /// `access_key_id` with the secret read from a file at start.
     Static {

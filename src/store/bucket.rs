@@ -755,6 +755,16 @@ fn s3_client(config: &S3Config, timeout: Duration) -> Result<AmazonS3> {
     if let Some(region) = &config.region {
         builder = builder.with_region(region);
     }
+    if config.credentials == S3Credentials::Chain {
+        if let Some(keys) = profile_keys() {
+            builder = builder
+                .with_access_key_id(keys.access_key_id)
+                .with_secret_access_key(keys.secret_access_key);
+            if let Some(token) = keys.session_token {
+                builder = builder.with_token(token);
+            }
+        }
+    }
     if let S3Credentials::Static {
         access_key_id,
         secret_access_key_file,
@@ -779,6 +789,67 @@ fn s3_client(config: &S3Config, timeout: Duration) -> Result<AmazonS3> {
     builder.build().map_err(|e| Error::Config {
         key: "store.s3",
         message: e.to_string(),
+    })
+}
+
+/// Keys from a profile of the AWS shared credentials file.
+#[derive(Debug, PartialEq, Eq)]
+struct ProfileKeys {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+/// The AWS chain's profile step, which object_store leaves out: when the
+/// environment names no keys and no web identity, the keys of `AWS_PROFILE`
+/// (else `default`) in `AWS_SHARED_CREDENTIALS_FILE` (else
+/// `~/.aws/credentials`). Without them, object_store goes on to the
+/// container and instance metadata endpoints.
+fn profile_keys() -> Option<ProfileKeys> {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    if set("AWS_ACCESS_KEY_ID") || set("AWS_WEB_IDENTITY_TOKEN_FILE") {
+        return None;
+    }
+    let file = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| std::path::Path::new(&home).join(".aws/credentials"))
+        })?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".to_owned());
+    parse_profile(&text, &profile)
+}
+
+/// `profile`'s keys in the INI text of a shared credentials file.
+fn parse_profile(text: &str, profile: &str) -> Option<ProfileKeys> {
+    let mut in_profile = false;
+    let (mut id, mut secret, mut token) = (None, None, None);
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_profile = section.trim() == profile;
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((key, value)) = line.split_once('=') {
+            let value = value.trim().to_owned();
+            match key.trim() {
+                "aws_access_key_id" => id = Some(value),
+                "aws_secret_access_key" => secret = Some(value),
+                "aws_session_token" => token = Some(value),
+                _ => {}
+            }
+        }
+    }
+    Some(ProfileKeys {
+        access_key_id: id?,
+        secret_access_key: secret?,
+        session_token: token,
     })
 }
 
@@ -855,5 +926,30 @@ impl Error {
             key: key.to_owned(),
             message: describe(&e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_of_the_shared_credentials_file_gives_its_keys() {
+        let text = "[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = s1\n\n\
+                    # CI's keys\n[ci]\naws_access_key_id=AKIACI\naws_secret_access_key=s2\naws_session_token = t\n";
+        assert_eq!(
+            parse_profile(text, "ci"),
+            Some(ProfileKeys {
+                access_key_id: "AKIACI".into(),
+                secret_access_key: "s2".into(),
+                session_token: Some("t".into()),
+            })
+        );
+        assert_eq!(
+            parse_profile(text, "default").unwrap().access_key_id,
+            "AKIADEFAULT"
+        );
+        assert_eq!(parse_profile(text, "missing"), None);
+        assert_eq!(parse_profile("[x]\naws_access_key_id = only\n", "x"), None);
     }
 }

@@ -752,3 +752,80 @@ async fn issue_13_one_replica_at_a_time_holds_the_gc_lease() {
     assert!(b.take_lease("gc", Duration::from_secs(60)).await.unwrap());
     assert_eq!(a.lease_holder("gc").await.unwrap().unwrap().holder, "b");
 }
+
+/// With logins on, a replica forwards a miss to the owner with the
+/// client's own credentials (the owner checks them), and the mark of a
+/// replica's request grants a client nothing.
+#[tokio::test]
+async fn issue_13_logins_hold_between_replicas() {
+    use base64::Engine as _;
+    let fake = Fake::start().await;
+    let (_, layer_digest) = fake.put_image("library/private", "1", &layer(5000, 30));
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("runner:{hash}\n")).unwrap();
+    let config = dir.path().join("hoard.toml");
+    std::fs::write(&config, "[auth.access]\n\"runner\" = [\"docker.io/*\"]\n").unwrap();
+    let objects = Arc::new(Faulty::default());
+    let replicas = Hoard::start_cluster_with(
+        &fake.url(),
+        2,
+        |i| bucket(&objects, &format!("r{i}")),
+        |args| {
+            args.config = Some(config.clone());
+            args.htpasswd = Some(htpasswd.clone());
+        },
+    )
+    .await;
+    let login = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("runner:pw")
+    );
+    let path = format!("/v2/library/private/blobs/{layer_digest}");
+    // A forged replica mark without a login: refused like any request.
+    for replica in &replicas {
+        let r = replica
+            .client
+            .get(replica.url(&path))
+            .header("x-hoard-peer", "http://127.0.0.1:1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // With the login, through both replicas at once while upstream holds
+    // the layer back: the one that is not the owner forwards, with the
+    // login, to the one that is (a refused login would fail it).
+    let gate = Arc::new(tokio::sync::Notify::new());
+    fake.fault("/blobs/", Fault::Gate(gate.clone()));
+    let mut pulls = tokio::task::JoinSet::new();
+    for replica in &replicas {
+        let request = replica
+            .client
+            .get(replica.url(&path))
+            .header("authorization", &login);
+        pulls.spawn(async move { request.send().await.unwrap() });
+    }
+    let forwarded = || async {
+        fleet_metric(&replicas, "hoard_peer_requests_total{result=\"ok\"}")
+            + fleet_metric(&replicas, "hoard_peer_requests_total{result=\"error\"}")
+            >= 1.0
+    };
+    assert!(eventually_async(Duration::from_secs(20), forwarded).await);
+    gate.notify_waiters();
+    while let Some(r) = pulls.join_next().await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+    }
+    assert_eq!(
+        fleet_metric(&replicas, "hoard_peer_requests_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        fleet_metric(&replicas, "hoard_peer_requests_total{result=\"error\"}"),
+        0.0
+    );
+    assert_eq!(fake.hits("GET", &path), 1);
+}

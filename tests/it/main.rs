@@ -88,6 +88,16 @@ impl Hoard {
         n: usize,
         bucket: impl Fn(usize) -> std::sync::Arc<hoard::store::Bucket>,
     ) -> Vec<Hoard> {
+        Hoard::start_cluster_with(upstream, n, bucket, |_| {}).await
+    }
+
+    /// `start_cluster`, with `tweak` applied to each replica's arguments.
+    pub async fn start_cluster_with(
+        upstream: &str,
+        n: usize,
+        bucket: impl Fn(usize) -> std::sync::Arc<hoard::store::Bucket>,
+        tweak: impl Fn(&mut ServeArgs),
+    ) -> Vec<Hoard> {
         let mut listeners = Vec::new();
         for _ in 0..n {
             listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -100,7 +110,8 @@ impl Hoard {
         for (i, listener) in listeners.into_iter().enumerate() {
             let data = tempfile::tempdir().unwrap();
             let (peers, me) = (urls.clone(), urls[i].clone());
-            let tweak = move |args: &mut ServeArgs| {
+            let tweak = |args: &mut ServeArgs| {
+                tweak(args);
                 args.peers = peers;
                 args.advertise = Some(me);
                 // The bucket is injected; the config must still say s3.
