@@ -17,7 +17,7 @@ use object_store::{
 };
 
 use crate::fake::{digest_of, Fake, Fault};
-use crate::{error_code, eventually_async, Hoard};
+use crate::{error_code, eventually, eventually_async, Hoard};
 
 /// The in-memory store with switches: fail every request (`down`), or fail
 /// multipart parts after the first `parts_ok`.
@@ -828,4 +828,40 @@ async fn issue_13_logins_hold_between_replicas() {
         0.0
     );
     assert_eq!(fake.hits("GET", &path), 1);
+}
+
+/// A tag past its TTL is revalidated once for the fleet, not once per
+/// replica: the owner asks upstream, the others take its answer.
+#[tokio::test]
+async fn issue_13_a_tag_is_revalidated_once_per_ttl_for_the_fleet() {
+    let fake = Fake::start().await;
+    let (manifest, _) = fake.put_image("library/app", "1.0", b"layer");
+    let objects = Arc::new(Faulty::default());
+    let replicas = Hoard::start_cluster_with(
+        &fake.url(),
+        3,
+        |i| bucket(&objects, &format!("r{i}")),
+        |args| args.tag_ttl = Some("1s".into()),
+    )
+    .await;
+    for replica in &replicas {
+        let r = replica.get("/v2/library/app/manifests/1.0").await;
+        assert_eq!(r.headers()["docker-content-digest"], manifest.as_str());
+    }
+    assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1.0"), 1);
+    // Until every record is past its TTL (a clock condition, checked).
+    let expired_at = std::time::Instant::now() + Duration::from_millis(1100);
+    assert!(eventually(Duration::from_secs(5), || std::time::Instant::now() >= expired_at).await);
+    for replica in &replicas {
+        let r = replica.get("/v2/library/app/manifests/1.0").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], manifest.as_str());
+    }
+    assert_eq!(
+        fake.hits("HEAD", "/v2/library/app/manifests/1.0"),
+        1,
+        "{:?}",
+        fake.all_hits()
+    );
+    assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1.0"), 1);
 }
