@@ -13,6 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use yaml_rust2::parser::Parser;
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+use yaml_rust2::Event;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -263,324 +266,111 @@ fn configmap_toml(relative: &str) -> String {
         .to_owned()
 }
 
-// A reader for the YAML the replicated deployment files are written in, as
-// serde_json values (no YAML crate among the dependencies): block maps and
-// lists, `|` block scalars, quoted and plain scalars (all kept as strings),
-// flow lists of scalars, comments. Anything else (anchors, flow maps, tags,
-// folded scalars, tabs) is refused with its line, never misread.
-
-/// The documents of the YAML file `relative`.
-fn yaml_documents(relative: &str) -> Vec<Value> {
+/// The one YAML document of `relative`, parsed by yaml-rust2, as serde_json
+/// values under YAML's failsafe schema, as the checks compare them: every
+/// scalar is its text as written (a quoted "5000" and a plain 5000 alike;
+/// `0400` stays `0400`), only a plain empty, `~` or `null` being null.
+/// Aliases are expanded; a key given twice, a key that is not text, and a
+/// merge key (`<<`, not expanded here) are refused.
+fn only_document(relative: &str) -> Value {
     let text = read(relative);
+    let mut file = YamlFile {
+        name: relative,
+        parser: Parser::new_from_str(&text),
+        anchors: BTreeMap::new(),
+    };
     let mut documents = Vec::new();
-    let mut lines = Vec::new();
-    for (number, line) in text.lines().enumerate().chain([(usize::MAX, "---")]) {
-        if line.trim_end() == "---" {
-            let mut reader = YamlReader {
-                file: relative,
-                lines: std::mem::take(&mut lines),
-                at: 0,
-            };
-            if reader.peek().is_some() {
-                let value = reader.node(0);
-                if let Some((number, _, text)) = reader.peek() {
-                    panic!("{relative}:{number}: unexpected {text:?}");
-                }
-                documents.push(value);
-            }
-        } else {
-            assert!(!line.contains('\t'), "{relative}:{}: a tab", number + 1);
-            lines.push((number + 1, line.to_owned()));
+    loop {
+        match file.next() {
+            (Event::StreamStart | Event::DocumentEnd, _) => {}
+            (Event::DocumentStart, _) => documents.push(file.node()),
+            (Event::StreamEnd, _) => break,
+            (event, mark) => file.fail(mark, &format!("unexpected {event:?}")),
         }
     }
-    documents
-}
-
-/// The one document of `relative`.
-fn only_document(relative: &str) -> Value {
-    let mut documents = yaml_documents(relative);
     assert_eq!(documents.len(), 1, "{relative}: one document expected");
     documents.pop().unwrap()
 }
 
-struct YamlReader<'a> {
-    file: &'a str,
-    /// (line number, text) of the document.
-    lines: Vec<(usize, String)>,
-    at: usize,
+/// yaml-rust2's events for one file, made into serde_json values (its own
+/// `Yaml` resolves plain scalars by the core schema: `0400` would be 400).
+struct YamlFile<'a> {
+    name: &'a str,
+    parser: Parser<std::str::Chars<'a>>,
+    anchors: BTreeMap<usize, Value>,
 }
 
-impl YamlReader<'_> {
-    /// The next line with content: its number, indentation and text
-    /// without the comment.
-    fn peek(&mut self) -> Option<(usize, usize, String)> {
-        while let Some((number, line)) = self.lines.get(self.at) {
-            let content = strip_comment(line).trim_end();
-            if content.trim_start().is_empty() {
-                self.at += 1;
-                continue;
-            }
-            let indent = content.len() - content.trim_start().len();
-            return Some((*number, indent, content.trim_start().to_owned()));
-        }
-        None
+impl YamlFile<'_> {
+    fn next(&mut self) -> (Event, Marker) {
+        let name = self.name;
+        self.parser
+            .next_token()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
-    fn fail(&self, number: usize, message: &str) -> ! {
-        panic!("{}:{number}: {message}", self.file)
+    /// Whether the next event is `end` (consumed if so), and where it is.
+    fn at(&mut self, end: &Event) -> (bool, Marker) {
+        let name = self.name;
+        let (event, mark) = self.parser.peek().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (found, mark) = (event == end, *mark);
+        if found {
+            self.next();
+        }
+        (found, mark)
     }
 
-    /// The map or list starting at the next line, indented by `indent`.
-    fn node(&mut self, indent: usize) -> Value {
-        match self.peek() {
-            Some((_, at, text)) if at == indent && is_list_item(&text) => self.list(indent),
-            Some((_, at, _)) if at == indent => self.map(indent),
-            Some((number, _, _)) => self.fail(number, "unexpected indentation"),
-            None => Value::Null,
-        }
+    fn fail(&self, mark: Marker, message: &str) -> ! {
+        panic!("{}:{}: {message}", self.name, mark.line())
     }
 
-    fn list(&mut self, indent: usize) -> Value {
-        let mut items = Vec::new();
-        while let Some((number, at, text)) = self.peek() {
-            if at < indent || !is_list_item(&text) {
-                break;
-            }
-            if at > indent {
-                self.fail(number, "unexpected indentation");
-            }
-            let rest = text[1..].trim_start();
-            if rest.is_empty() || is_list_item(rest) {
-                self.fail(number, "an empty or nested list item");
-            }
-            if split_key(rest).is_some() {
-                // "- key: value" opens a map indented as far as `key`.
-                let column = indent + (text.len() - rest.len());
-                self.lines[self.at].1 = format!("{}{rest}", " ".repeat(column));
-                items.push(self.map(column));
-            } else {
-                self.at += 1;
-                items.push(self.scalar(number, rest));
-            }
-        }
-        Value::Array(items)
-    }
-
-    fn map(&mut self, indent: usize) -> Value {
-        let mut map = serde_json::Map::new();
-        while let Some((number, at, text)) = self.peek() {
-            if at < indent || (at == indent && is_list_item(&text)) {
-                break;
-            }
-            if at > indent {
-                self.fail(number, "unexpected indentation");
-            }
-            let Some((key, rest)) = split_key(&text) else {
-                self.fail(number, "expected `key: value`");
-            };
-            self.at += 1;
-            let value = match rest.as_str() {
-                "|" | "|-" => self.block_scalar(indent, rest == "|"),
-                "" => match self.peek() {
-                    Some((_, next, _)) if next > indent => self.node(next),
-                    // A list may sit at its key's indentation.
-                    Some((_, next, text)) if next == indent && is_list_item(&text) => {
-                        self.list(indent)
-                    }
-                    _ => Value::Null,
-                },
-                rest => self.scalar(number, rest),
-            };
-            if map.insert(key.clone(), value).is_some() {
-                self.fail(number, &format!("{key} given twice"));
-            }
-        }
-        Value::Object(map)
-    }
-
-    /// The lines indented more than `indent` (comments included: they are
-    /// the text's), less their common indentation.
-    fn block_scalar(&mut self, indent: usize, keep_newline: bool) -> Value {
-        let mut lines = Vec::new();
-        while let Some((_, line)) = self.lines.get(self.at) {
-            let depth = line.len() - line.trim_start().len();
-            if !line.trim().is_empty() && depth <= indent {
-                break;
-            }
-            lines.push(line.clone());
-            self.at += 1;
-        }
-        while lines.last().is_some_and(|l| l.trim().is_empty()) {
-            lines.pop();
-        }
-        let common = lines
-            .iter()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| l.len() - l.trim_start().len())
-            .min()
-            .unwrap_or(0);
-        let mut text = lines
-            .iter()
-            .map(|l| l.get(common..).unwrap_or(""))
-            .collect::<Vec<_>>()
-            .join("\n");
-        if keep_newline {
-            text.push('\n');
-        }
-        Value::String(text)
-    }
-
-    fn scalar(&self, number: usize, text: &str) -> Value {
-        if let Some(inner) = text.strip_prefix('[') {
-            let Some(inner) = inner.strip_suffix(']') else {
-                self.fail(number, "a flow list on more than one line");
-            };
-            let items = split_outside_quotes(inner, ',')
-                .iter()
-                .map(|item| item.trim())
-                .filter(|item| !item.is_empty())
-                .map(|item| self.scalar(number, item))
-                .collect();
-            return Value::Array(items);
-        }
-        if text == "{}" {
-            return Value::Object(serde_json::Map::new());
-        }
-        if text.starts_with(['{', '&', '*', '!', '>', '|', '%', '@', '`']) {
-            self.fail(number, &format!("{text:?} is outside the YAML read here"));
-        }
-        match unquote(text) {
-            Some(Ok(value)) => Value::String(value),
-            Some(Err(())) => self.fail(number, &format!("{text:?}: bad quoting")),
-            None => Value::String(text.to_owned()),
-        }
-    }
-}
-
-fn is_list_item(text: &str) -> bool {
-    text == "-" || text.starts_with("- ")
-}
-
-/// `text` up to a `#` that starts a comment (outside quotes, at the start
-/// or after a space).
-fn strip_comment(text: &str) -> &str {
-    let mut quote = None;
-    let mut previous = ' ';
-    for (i, c) in text.char_indices() {
-        match (quote, c) {
-            (None, '#') if previous == ' ' => return &text[..i],
-            (None, '"' | '\'') if previous == ' ' || i == 0 || "[,:".contains(previous) => {
-                quote = Some(c)
-            }
-            (Some(q), c) if c == q && previous != '\\' => quote = None,
-            _ => {}
-        }
-        previous = c;
-    }
-    text
-}
-
-/// `text` split at each `separator` outside quotes.
-fn split_outside_quotes(text: &str, separator: char) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut quote = None;
-    let mut start = 0;
-    for (i, c) in text.char_indices() {
-        match (quote, c) {
-            (None, '"' | '\'') => quote = Some(c),
-            (Some(q), c) if c == q => quote = None,
-            (None, c) if c == separator => {
-                parts.push(&text[start..i]);
-                start = i + c.len_utf8();
-            }
-            _ => {}
-        }
-    }
-    parts.push(&text[start..]);
-    parts
-}
-
-/// `key: rest` (the key unquoted), if `text` is a map entry: a colon
-/// outside quotes followed by a space or the end of the line.
-fn split_key(text: &str) -> Option<(String, String)> {
-    let mut quote = None;
-    for (i, c) in text.char_indices() {
-        match (quote, c) {
-            (None, '"' | '\'') if i == 0 => quote = Some(c),
-            (Some(q), c) if c == q => quote = None,
-            (None, ':') if text[i + 1..].is_empty() || text[i + 1..].starts_with(' ') => {
-                let key = &text[..i];
-                let key = match unquote(key) {
-                    Some(Ok(key)) => key,
-                    Some(Err(())) => return None,
-                    None => key.to_owned(),
+    fn node(&mut self) -> Value {
+        let (event, mark) = self.next();
+        let (value, anchor) = match event {
+            Event::Scalar(text, style, anchor, _) => {
+                let null = style == TScalarStyle::Plain
+                    && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL");
+                let value = if null {
+                    Value::Null
+                } else {
+                    Value::String(text)
                 };
-                return Some((key, text[i + 1..].trim().to_owned()));
+                (value, anchor)
             }
-            _ => {}
-        }
-    }
-    None
-}
-
-/// A quoted scalar's value; `None` if `text` is not quoted.
-fn unquote(text: &str) -> Option<Result<String, ()>> {
-    let quote = text.chars().next().filter(|c| *c == '"' || *c == '\'')?;
-    let Some(inner) = text[1..].strip_suffix(quote) else {
-        return Some(Err(()));
-    };
-    if quote == '\'' {
-        return Some(Ok(inner.replace("''", "'")));
-    }
-    let mut out = String::new();
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => match chars.next() {
-                Some('"') => out.push('"'),
-                Some('\\') => out.push('\\'),
-                Some('n') => out.push('\n'),
-                _ => return Some(Err(())),
+            Event::SequenceStart(anchor, _) => {
+                let mut items = Vec::new();
+                while !self.at(&Event::SequenceEnd).0 {
+                    items.push(self.node());
+                }
+                (Value::Array(items), anchor)
+            }
+            Event::MappingStart(anchor, _) => {
+                let mut map = serde_json::Map::new();
+                loop {
+                    let (end, mark) = self.at(&Event::MappingEnd);
+                    if end {
+                        break;
+                    }
+                    let key = match self.node() {
+                        Value::String(key) if key != "<<" => key,
+                        key => self.fail(mark, &format!("the key {key} is not read here")),
+                    };
+                    let value = self.node();
+                    if map.insert(key.clone(), value).is_some() {
+                        self.fail(mark, &format!("{key} given twice"));
+                    }
+                }
+                (Value::Object(map), anchor)
+            }
+            Event::Alias(id) => match self.anchors.get(&id) {
+                Some(value) => return value.clone(),
+                None => self.fail(mark, "an alias to no anchor"),
             },
-            '"' => return Some(Err(())),
-            c => out.push(c),
+            other => self.fail(mark, &format!("unexpected {other:?}")),
+        };
+        if anchor > 0 {
+            self.anchors.insert(anchor, value.clone());
         }
-    }
-    Some(Ok(out))
-}
-
-#[test]
-fn the_yaml_reader_reads_what_the_files_use_and_refuses_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        std::fs::write(dir.path().join(name), text).unwrap();
-        dir.path().join(name).to_str().unwrap().to_owned()
-    };
-    // read() joins onto the crate root; an absolute path replaces it.
-    let file = write(
-        "ok.yaml",
-        "a: 1 # note\nb:\n  - name: x\n    value: \"http://$(IP):5000\"\n  - plain\nc: [\"CMD\", 'q''s']\nd: |\n  x = 1\n  # kept\ne:\n- k: v\n---\nf: {}\n",
-    );
-    let documents = yaml_documents(&file);
-    assert_eq!(documents.len(), 2);
-    let first = &documents[0];
-    assert_eq!(first["a"], "1");
-    assert_eq!(first["b"][0]["value"], "http://$(IP):5000");
-    assert_eq!(first["b"][1], "plain");
-    assert_eq!(first["c"], serde_json::json!(["CMD", "q's"]));
-    assert_eq!(first["d"], "x = 1\n# kept\n");
-    assert_eq!(first["e"][0]["k"], "v");
-    assert_eq!(documents[1]["f"], serde_json::json!({}));
-    for bad in [
-        "a: &anchor 1\n",
-        "a: {b: 1}\n",
-        "a: 1\n b: 2\n",
-        "a: 1\na: 2\n",
-        "a: \"open\n",
-    ] {
-        let file = write("bad.yaml", bad);
-        let refused = std::panic::catch_unwind(|| yaml_documents(&file)).is_err();
-        assert!(refused, "{bad:?} was read");
+        value
     }
 }
 
