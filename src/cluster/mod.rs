@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
@@ -28,6 +28,13 @@ use crate::config::{ClusterConfig, Peers};
 /// The header that marks a request from another replica; its value is the
 /// sender's URL (for logs).
 pub const PEER_HEADER: &str = "x-hoard-peer";
+/// The header of a replica's answer to a tag: when upstream last confirmed
+/// the tag (unix ms), so the asker's TTL runs from then.
+pub const CHECKED_AT_HEADER: &str = "x-hoard-checked-at";
+/// The status a replica answers a request it sent itself (two names for
+/// one replica in the list): the sender skips that name like a replica
+/// that is down.
+pub const LOOP_STATUS: u16 = 508;
 /// How long an owner may take to answer (it may be waiting on upstream).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time to connect to a replica before it counts as down.
@@ -46,12 +53,7 @@ pub enum Error {
     Unreachable { peer: String, message: String },
     /// The replica answered with an error status.
     #[error("replica {peer} answered {status}")]
-    Status {
-        peer: String,
-        status: u16,
-        /// Its registry error code (`BLOB_UNKNOWN`), if it sent one.
-        code: Option<String>,
-    },
+    Status { peer: String, status: u16 },
     /// The body broke off.
     #[error("replica {peer}: {message}")]
     Body { peer: String, message: String },
@@ -141,11 +143,6 @@ impl Cluster {
         &self.me
     }
 
-    /// Every replica, this one included.
-    pub fn members(&self) -> Vec<String> {
-        self.members.read().clone()
-    }
-
     /// Who should fetch the object `key`: the replicas that outrank this
     /// one and are not known to be down, best first, then `Me`.
     pub fn owners(&self, key: &[u8]) -> Vec<Owner> {
@@ -187,7 +184,7 @@ impl Cluster {
         let sent = tokio::time::timeout(ANSWER_TIMEOUT, request.send()).await;
         let response = match sent {
             Ok(Ok(response)) => response,
-            Ok(Err(e)) => return Err(self.unreachable(peer, without_url(&e))),
+            Ok(Err(e)) => return Err(self.unreachable(peer, with_causes(&e))),
             Err(_) => return Err(self.unreachable(peer, "no answer in time".into())),
         };
         let status = response.status();
@@ -195,15 +192,13 @@ impl Cluster {
             self.count("ok");
             return Ok(response);
         }
+        if status.as_u16() == LOOP_STATUS {
+            return Err(self.unreachable(peer, "it is this replica under another name".into()));
+        }
         self.count("error");
-        let body = response.bytes().await.unwrap_or_default();
-        let code = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_owned));
         Err(Error::Status {
             peer: peer.to_owned(),
             status: status.as_u16(),
-            code,
         })
     }
 
@@ -227,23 +222,19 @@ impl Cluster {
     }
 }
 
-/// Whether a request came from another replica (`PEER_HEADER`).
-pub fn from_peer(headers: &HeaderMap) -> bool {
-    headers.contains_key(PEER_HEADER)
+/// The replica that sent a request (`PEER_HEADER`), if one did.
+pub fn sender(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(PEER_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
-/// The value for `PEER_HEADER`-marked answers' `x-hoard-checked-at`: when
-/// upstream last confirmed the tag the answer resolved.
+/// When upstream last confirmed the tag a replica's answer resolved.
 pub fn checked_at(headers: &reqwest::header::HeaderMap) -> Option<u64> {
     headers
-        .get("x-hoard-checked-at")
+        .get(CHECKED_AT_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-}
-
-/// `checked_at_ms` as a header value.
-pub fn checked_at_value(checked_at_ms: u64) -> HeaderValue {
-    HeaderValue::from(checked_at_ms)
 }
 
 /// A URL as the replicas compare it: no trailing slash.
@@ -252,7 +243,7 @@ fn url_text(url: &reqwest::Url) -> String {
 }
 
 /// A client error with its causes (the cause says "connection refused").
-fn without_url(e: &reqwest::Error) -> String {
+fn with_causes(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {

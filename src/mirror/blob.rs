@@ -21,7 +21,7 @@ use super::Caller;
 use super::Outcome;
 use crate::cluster::{self, Owner};
 use crate::reference::{Digest, Repository};
-use crate::store::{self, BlobReader, BlobWriter, StoredBlob, VerifiedBlob};
+use crate::store::{self, BlobReader, BlobWriter, Bucket, StoredBlob, VerifiedBlob};
 use crate::upstream;
 
 /// Chunks queued between the network and the writer thread.
@@ -135,12 +135,8 @@ pub(super) async fn lookup(
             Decision::AskBucket => {
                 let bucket = shared.bucket.as_ref().expect("asked only with a bucket");
                 let found = bucket.blob_size(digest).await?.is_some();
-                if found && !confirmed && !shared.store.is_linked(repo, digest)? {
-                    if bucket.is_linked(repo, digest).await? {
-                        shared.store.link(repo, digest)?;
-                    } else {
-                        confirm(shared, repo, digest).await?;
-                    }
+                if found && !confirmed {
+                    vouch(shared, bucket, repo, digest).await?;
                     confirmed = true;
                 }
                 in_bucket = Some(found);
@@ -286,17 +282,43 @@ pub(super) async fn redirect(
     let (Some(bucket), Some(s3)) = (&shared.bucket, &shared.config.s3) else {
         return Ok(None);
     };
-    if !s3.redirect || caller.from_peer || bucket.blob_size(digest).await?.is_none() {
+    if !s3.redirect || caller.from_peer {
         return Ok(None);
     }
-    if !shared.store.is_linked(repo, digest)? {
-        if bucket.is_linked(repo, digest).await? {
-            shared.store.link(repo, digest)?;
-        } else {
-            confirm(shared, repo, digest).await?;
+    let signed = async {
+        if bucket.blob_size(digest).await?.is_none() {
+            return Ok(None);
         }
+        vouch(shared, bucket, repo, digest).await?;
+        Ok(Some(bucket.signed_blob_url(digest, s3.redirect_ttl).await?))
+    };
+    match signed.await {
+        // The bucket failed: the bytes may still be here (or upstream's).
+        Err(Error::Store(e)) if e.is_bucket() => {
+            warn!(%digest, error = %e, "bucket unavailable, serving instead of redirecting");
+            Ok(None)
+        }
+        other => other,
     }
-    Ok(Some(bucket.signed_blob_url(digest, s3.redirect_ttl).await?))
+}
+
+/// Makes sure `repo` may see `digest`, which the bucket has: this
+/// replica's record, the fleet's (a link another replica wrote when
+/// upstream vouched), or upstream's word now; recorded here afterwards.
+async fn vouch(
+    shared: &Arc<Shared>,
+    bucket: &Bucket,
+    repo: &Repository,
+    digest: &Digest,
+) -> Result<()> {
+    if shared.store.is_linked(repo, digest)? {
+        return Ok(());
+    }
+    if bucket.is_linked(repo, digest).await? {
+        shared.store.link(repo, digest)?;
+        return Ok(());
+    }
+    confirm(shared, repo, digest).await
 }
 
 /// What to do when a stored blob reads short: it was changed behind hoard's
@@ -383,6 +405,14 @@ pub(super) async fn head(
     let fill = shared.fills.running(digest);
     if let Some(fill) = fill.filter(|f| f.repo() == repo) {
         return Ok((fill.started().await?, Outcome::Coalesced));
+    }
+    if let Some(bucket) = &shared.bucket {
+        // The fleet has it, and upstream vouched (to some replica) that
+        // `repo` does: no upstream request.
+        if let Some(size) = bucket.blob_size(digest).await? {
+            vouch(shared, bucket, repo, digest).await?;
+            return Ok((Some(size), Outcome::Hit));
+        }
     }
     let len = shared
         .upstream
@@ -472,7 +502,7 @@ async fn run(
         Err(e) => {
             match &e {
                 Error::DigestMismatch { .. } => shared.metrics.digest_mismatches.inc(),
-                Error::Store(_) => {
+                Error::Store(e) if !e.is_bucket() => {
                     // Disk full or failing: readers fetch the rest from
                     // upstream themselves (`resume`); make room.
                     shared.metrics.store_write_errors.inc();
@@ -646,6 +676,7 @@ async fn download(
             digest.clone(),
             fill.clone(),
             len,
+            shared.uploads.clone(),
         ));
     }
     fill.set(FillState::Streaming { len, received: 0 });

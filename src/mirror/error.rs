@@ -25,6 +25,10 @@ pub enum Error {
     Upstream(#[from] upstream::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// A replica's request came back to it (it is in the replica list
+    /// under a second name).
+    #[error("a request from this replica came back to it")]
+    Loop,
     /// The replica that owns the object could not serve it.
     #[error(transparent)]
     Peer(#[from] cluster::Error),

@@ -129,7 +129,11 @@ impl Trees<'_> {
             .get(manifest)
             .is_some_and(|b| b.size <= self.max_manifest);
         let children = match small {
-            true => match self.bucket.get_manifest(manifest).await? {
+            true => match self
+                .bucket
+                .get_manifest(manifest, self.max_manifest)
+                .await?
+            {
                 Some((_, bytes)) => parse_children(&bytes),
                 None => Children::default(),
             },

@@ -579,7 +579,8 @@ pub(super) async fn load(shared: &Shared, digest: &Digest) -> Result<Option<Arc<
     if loaded.is_none() {
         if let Some(bucket) = &shared.bucket {
             // `get_manifest` checks the bytes against the digest.
-            if let Some((media_type, bytes)) = bucket.get_manifest(digest).await? {
+            let limit = shared.upstream.max_manifest_bytes();
+            if let Some((media_type, bytes)) = bucket.get_manifest(digest, limit).await? {
                 let children = Manifest {
                     digest: digest.clone(),
                     media_type: media_type.clone(),

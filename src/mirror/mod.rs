@@ -41,7 +41,7 @@ use std::time::Duration;
 
 pub use accept::Accept;
 pub use blob::Blob;
-pub use caller::Caller;
+pub use caller::{Caller, CHECKED_AT_HEADER};
 pub use error::{Error, Result, UpstreamFailure};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
@@ -101,6 +101,7 @@ impl Mirror {
             tag_lists: tag_list::cache(),
             manifest_flights: Arc::default(),
             fills,
+            uploads: Arc::default(),
             limits: evict::Limits { max },
             evict_wake: Arc::default(),
         });
@@ -202,6 +203,7 @@ impl Mirror {
         caller: &Caller,
     ) -> Result<(Arc<Manifest>, Outcome)> {
         self.shared.check_registry(repo)?;
+        self.shared.check_loop(caller)?;
         let result = manifest::lookup(&self.shared, repo, reference, accept, caller).await;
         if let Ok((_, outcome)) = &result {
             self.shared.count("manifest", *outcome);
@@ -212,6 +214,7 @@ impl Mirror {
     /// A blob of `repo`, from the store or streaming in from upstream.
     pub async fn blob(&self, repo: &Repository, digest: &Digest, caller: &Caller) -> Result<Blob> {
         self.shared.check_registry(repo)?;
+        self.shared.check_loop(caller)?;
         let blob = blob::lookup(&self.shared, repo, digest, caller).await?;
         self.shared.count("blob", blob.outcome);
         Ok(blob)
@@ -264,12 +267,19 @@ impl Mirror {
         tag_list::lookup(&self.shared, repo, query).await
     }
 
-    /// Waits (at most `limit`) for blob downloads in progress to end, so a
-    /// shutdown does not throw away work a moment from done; cancels the
-    /// rest (their temp files are deleted, never promoted).
+    /// Waits (at most `limit`) for blob downloads in progress, and their
+    /// copies to the bucket, to end, so a shutdown does not throw away work
+    /// a moment from done; cancels the rest (their temp files are deleted,
+    /// never promoted; an unfinished upload is swept when this replica
+    /// starts again, or after a day by another).
     pub async fn drain(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while !self.shared.fills.is_empty() {
+        let uploads = || {
+            self.shared
+                .uploads
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        while !self.shared.fills.is_empty() || uploads() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 self.shared.fills.abort_all();
                 // The writers notice on their blocking threads and delete

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::error::{Error, Result};
 use super::manifest::{self, Manifest};
 use super::tag_list::TagList;
-use super::{evict, fills, Outcome};
+use super::{evict, fills, Caller, Outcome};
 use crate::cluster::Cluster;
 use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
@@ -42,6 +42,9 @@ pub(super) struct Shared {
     pub(super) manifest_flights: Arc<manifest::Flights>,
     /// Blob downloads in progress (single-flight, streaming).
     pub(super) fills: Arc<fills::Fills>,
+    /// Copies of downloads to the bucket in progress (a shutdown waits for
+    /// them as for the downloads).
+    pub(super) uploads: Arc<std::sync::atomic::AtomicUsize>,
     /// The store's size limit.
     pub(super) limits: evict::Limits,
     /// Wakes the eviction task (a commit past the high-water mark, a full
@@ -71,6 +74,15 @@ impl Shared {
             Ok(())
         } else {
             Err(Error::RegistryDenied(repo.registry().to_owned()))
+        }
+    }
+
+    /// Refuses a replica's request that this replica sent itself: it would
+    /// wait on its own download (see `cluster::LOOP_STATUS`).
+    pub(super) fn check_loop(&self, caller: &Caller) -> Result<()> {
+        match (&self.cluster, &caller.sender) {
+            (Some(cluster), Some(sender)) if sender == cluster.me() => Err(Error::Loop),
+            _ => Ok(()),
         }
     }
 

@@ -6,9 +6,11 @@
 //! only after the download is verified. A download that fails aborts the
 //! upload: nothing partial or unverified becomes visible in the bucket.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use sha2::{Digest as _, Sha256};
 use tokio::task::JoinHandle;
 
 use super::fill::{Fill, FillState};
@@ -27,13 +29,20 @@ pub(super) enum Uploaded {
 
 /// Starts copying `fill` (a download of `digest` of `len` bytes, if known)
 /// to `bucket`.
+/// `running` counts the copies in progress (a shutdown waits for them).
 pub(super) fn spawn(
     bucket: Arc<Bucket>,
     digest: Digest,
     fill: Arc<Fill>,
     len: Option<u64>,
+    running: Arc<AtomicUsize>,
 ) -> JoinHandle<store::Result<Uploaded>> {
-    tokio::spawn(async move { follow(&bucket, &digest, &fill, len).await })
+    running.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        let result = follow(&bucket, &digest, &fill, len).await;
+        running.fetch_sub(1, Ordering::SeqCst);
+        result
+    })
 }
 
 async fn follow(
@@ -42,85 +51,120 @@ async fn follow(
     fill: &Fill,
     len: Option<u64>,
 ) -> store::Result<Uploaded> {
-    let reader = fill.reader();
     let mut state = fill.subscribe();
     // A blob smaller than a part goes in one PUT once verified.
     let single = len.is_some_and(|len| len < PART_SIZE);
-    let mut upload: Option<store::Upload> = None;
-    let mut sent = 0;
+    let mut copy = Copy {
+        bucket,
+        digest,
+        reader: fill.reader(),
+        upload: None,
+        sent: 0,
+        hasher: Sha256::new(),
+    };
     loop {
         let current = state.borrow_and_update().clone();
-        match current {
+        let step = match current {
             FillState::Failed(_) => {
-                if let Some(upload) = upload {
-                    upload.abort().await;
-                }
+                copy.abort().await;
                 return Ok(Uploaded::Abandoned);
             }
-            FillState::Complete { len } => {
-                if upload.is_none() && len < PART_SIZE {
-                    let bytes = read(&reader, 0, len).await?;
-                    bucket.put_verified(digest, None, bytes).await?;
-                    return Ok(Uploaded::Done);
-                }
-                let mut upload = match upload {
-                    Some(upload) => upload,
-                    None => bucket.start_upload(digest).await?,
-                };
-                if let Err(e) = send_parts(&mut upload, &reader, &mut sent, len, 1).await {
-                    upload.abort().await;
-                    return Err(e);
-                }
-                upload.complete().await?;
-                return Ok(Uploaded::Done);
-            }
+            FillState::Complete { len } => return copy.finish(len).await.map(|()| Uploaded::Done),
             FillState::Connecting | FillState::Streaming { .. } if !single => {
-                let on_disk = fill.in_file();
-                if on_disk >= sent + PART_SIZE {
-                    if upload.is_none() {
-                        upload = Some(bucket.start_upload(digest).await?);
-                    }
-                    let current = upload.as_mut().expect("just started");
-                    let sending = send_parts(current, &reader, &mut sent, on_disk, PART_SIZE).await;
-                    if let Err(e) = sending {
-                        if let Some(upload) = upload.take() {
-                            upload.abort().await;
-                        }
-                        return Err(e);
-                    }
-                }
+                // Whole parts of what is on disk so far.
+                copy.parts_until(fill.in_file(), PART_SIZE).await
             }
-            FillState::Connecting | FillState::Streaming { .. } => {}
+            FillState::Connecting | FillState::Streaming { .. } => Ok(()),
+        };
+        if let Err(e) = step {
+            copy.abort().await;
+            return Err(e);
         }
         if state.changed().await.is_err() {
             // The download task is gone without a result (cancelled).
-            if let Some(upload) = upload {
-                upload.abort().await;
-            }
+            copy.abort().await;
             return Ok(Uploaded::Abandoned);
         }
     }
 }
 
-/// Sends `sent..until` as parts of `PART_SIZE` (the last one shorter),
-/// stopping short of a final piece smaller than `min_last`.
-async fn send_parts(
-    upload: &mut store::Upload,
-    reader: &BlobReader,
-    sent: &mut u64,
-    until: u64,
-    min_last: u64,
-) -> store::Result<()> {
-    while *sent < until {
-        let n = (until - *sent).min(PART_SIZE);
-        if n < min_last {
-            break;
+/// One copy in progress: what was sent, and the hash of exactly the bytes
+/// sent, so the object is completed only if they are the verified blob
+/// (the download's hash covered the network's bytes, not the file's).
+struct Copy<'a> {
+    bucket: &'a Arc<Bucket>,
+    digest: &'a Digest,
+    reader: BlobReader,
+    upload: Option<store::Upload>,
+    sent: u64,
+    hasher: Sha256,
+}
+
+impl Copy<'_> {
+    /// Sends `sent..until` as parts of `PART_SIZE`, the last one shorter
+    /// only if it is at least `min_last` (1 at the end: everything).
+    async fn parts_until(&mut self, until: u64, min_last: u64) -> store::Result<()> {
+        while self.sent < until {
+            let n = (until - self.sent).min(PART_SIZE);
+            if n < min_last {
+                break;
+            }
+            // The permit first: it bounds the parts held in memory.
+            let _permit = self.bucket.part_permit().await;
+            let bytes = read(&self.reader, self.sent, n).await?;
+            self.hasher.update(&bytes);
+            if self.upload.is_none() {
+                self.upload = Some(self.bucket.start_upload(self.digest).await?);
+            }
+            let upload = self.upload.as_mut().expect("just started");
+            upload.put_part(bytes).await?;
+            self.sent += n;
         }
-        let bytes = read(reader, *sent, n).await?;
-        upload.put_part(bytes).await?;
-        *sent += n;
+        Ok(())
     }
-    Ok(())
+
+    /// The download is verified and `len` long: sends the rest and makes
+    /// the object visible, if what was sent hashes to the digest.
+    async fn finish(mut self, len: u64) -> store::Result<()> {
+        if self.upload.is_none() && len < PART_SIZE {
+            let _permit = self.bucket.part_permit().await;
+            let bytes = read(&self.reader, 0, len).await?;
+            self.hasher.update(&bytes);
+            self.check()?;
+            return self.bucket.put_verified(self.digest, None, bytes).await;
+        }
+        if let Err(e) = self.parts_until(len, 1).await {
+            self.abort().await;
+            return Err(e);
+        }
+        if let Err(e) = self.check() {
+            self.abort().await;
+            return Err(e);
+        }
+        match self.upload.take() {
+            Some(upload) => upload.complete().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the bytes sent are the blob.
+    fn check(&self) -> store::Result<()> {
+        let actual = Digest::from_hasher(self.hasher.clone());
+        if actual == *self.digest {
+            return Ok(());
+        }
+        Err(store::Error::DigestMismatch {
+            expected: self.digest.clone(),
+            actual,
+            size: self.sent,
+        })
+    }
+
+    async fn abort(mut self) {
+        if let Some(upload) = self.upload.take() {
+            upload.abort().await;
+        }
+    }
 }
 
 /// `n` bytes of the temp file at `pos`.

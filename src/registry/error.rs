@@ -36,6 +36,8 @@ pub enum Code {
     UpstreamDown,
     /// The shared bucket failed: 503, as the replica itself cannot serve.
     StoreUnavailable,
+    /// A replica's request came back to it (508).
+    LoopDetected,
     Unknown,
 }
 
@@ -58,7 +60,8 @@ impl Code {
             Code::Unavailable
             | Code::UpstreamTimeout
             | Code::UpstreamDown
-            | Code::StoreUnavailable => "UNAVAILABLE",
+            | Code::StoreUnavailable
+            | Code::LoopDetected => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -79,6 +82,7 @@ impl Code {
             Code::Unavailable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::UpstreamDown | Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::LoopDetected => StatusCode::LOOP_DETECTED,
             Code::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -167,6 +171,10 @@ impl From<&mirror::Error> for ApiError {
             // The owning replica failed (its upstream is down, it died
             // mid-body): like an upstream failure, worth a retry.
             M::Peer(_) => ApiError::new(Code::Unavailable, "the replica fetching it failed"),
+            M::Loop => ApiError::new(
+                Code::LoopDetected,
+                "this replica is in the replica list under two names",
+            ),
             M::Store(e) if e.is_bucket() => {
                 ApiError::new(Code::StoreUnavailable, "the shared store is unavailable")
             }
@@ -302,6 +310,28 @@ mod tests {
                 mirror::Error::Store(crate::store::Error::CorruptRecord("k".into())),
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
+            ),
+            (
+                mirror::Error::Store(crate::store::Error::Bucket {
+                    op: "get",
+                    key: "fleet/blobs/sha256/ab".into(),
+                    message: "503".into(),
+                }),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+            ),
+            (
+                mirror::Error::Peer(crate::cluster::Error::Status {
+                    peer: "http://10.0.0.2:5000".into(),
+                    status: 500,
+                }),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
+            (
+                mirror::Error::Loop,
+                StatusCode::LOOP_DETECTED,
+                "UNAVAILABLE",
             ),
         ];
         for (err, status, code) in cases {

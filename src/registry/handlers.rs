@@ -11,8 +11,7 @@ use super::body::{json_response, AccessLog, Body};
 use super::error::{failed, response as error, ApiError, Code};
 use super::range::{self, RangeError};
 use super::routes::{self, Route, RouteError};
-use crate::cluster;
-use crate::mirror::{Accept, Caller, Outcome};
+use crate::mirror::{Accept, Caller, Outcome, CHECKED_AT_HEADER};
 use crate::reference::{Digest, Reference, Repository};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -214,7 +213,7 @@ async fn manifest(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
-    let caller = caller(headers);
+    let caller = Caller::from_headers(headers);
     let (manifest, outcome) = app
         .mirror
         .manifest(repo, reference, &accept, &caller)
@@ -246,7 +245,7 @@ async fn manifest(
         // The replica that asked runs the tag's TTL from when upstream
         // last confirmed it, not from now.
         if let Some(checked_at) = app.mirror.tag_checked_at(repo, tag) {
-            response = response.header("x-hoard-checked-at", checked_at);
+            response = response.header(CHECKED_AT_HEADER, checked_at);
         }
     }
     let response = response
@@ -280,7 +279,7 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
     let range_header = headers
         .get(header::RANGE)
         .map(|v| v.to_str().unwrap_or("invalid"));
-    let caller = caller(headers);
+    let caller = Caller::from_headers(headers);
     let redirect = app
         .mirror
         .blob_redirect(repo, digest, &caller)
@@ -336,15 +335,6 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
             .body(Body::stream(blob.stream(None))),
     };
     Ok((response.expect("valid response"), outcome))
-}
-
-/// Who asks: another replica (`x-hoard-peer`), or a client whose
-/// credentials go along if its miss is forwarded to the owning replica.
-fn caller(headers: &http::HeaderMap) -> Caller {
-    Caller {
-        from_peer: cluster::from_peer(headers),
-        credentials: headers.get(header::AUTHORIZATION).cloned(),
-    }
 }
 
 fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder {

@@ -39,11 +39,14 @@ use super::error::{Error, Result};
 use super::index::TagRecord;
 use crate::clock;
 use crate::config::{S3Config, S3Credentials};
-use crate::reference::{Digest, Repository};
+use crate::reference::{Digest, Repository, MANIFEST_MEDIA_TYPES};
 
 /// Bytes per part of a multipart upload (S3's minimum is 5 MiB, except
 /// the last part).
 pub const PART_SIZE: u64 = 8 << 20;
+/// The content type of everything that is not a manifest (layers,
+/// configs): what tells the two apart in the bucket.
+const BLOB_TYPE: &str = "application/octet-stream";
 /// Parts in flight at once across every upload: bounds the memory uploads
 /// hold (each part is in memory while it is sent).
 const PARTS_IN_FLIGHT: usize = 4;
@@ -275,8 +278,15 @@ impl Bucket {
     }
 
     /// A stored manifest: its media type and bytes, checked against its
-    /// digest (the bucket is trusted no more than upstream).
-    pub async fn get_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>> {
+    /// digest (the bucket is trusted no more than upstream). `None` if the
+    /// object is not there, is not a manifest (its type is no manifest
+    /// type: blobs are stored as `BLOB_TYPE`), or
+    /// is larger than `limit` (its body is then never read).
+    pub async fn get_manifest(
+        &self,
+        digest: &Digest,
+        limit: u64,
+    ) -> Result<Option<(String, Bytes)>> {
         let path = self.blob_path(digest);
         let result = match self.timed("get", self.s3.get(&path)).await {
             Ok(result) => result,
@@ -286,7 +296,12 @@ impl Bucket {
         let media_type = result
             .attributes
             .get(&Attribute::ContentType)
-            .map(|v| v.to_string());
+            .map(|v| v.to_string())
+            // Multipart uploads (large blobs) get the server's default type.
+            .filter(|t| t.contains("manifest") || MANIFEST_MEDIA_TYPES.contains(&t.as_str()));
+        let Some(media_type) = media_type.filter(|_| result.meta.size <= limit) else {
+            return Ok(None);
+        };
         let bytes = result
             .bytes()
             .await
@@ -299,8 +314,7 @@ impl Bucket {
                 size: bytes.len() as u64,
             });
         }
-        // Content without a manifest media type is a layer, not a manifest.
-        Ok(media_type.map(|media_type| (media_type, bytes)))
+        Ok(Some((media_type, bytes)))
     }
 
     /// Stores verified content small enough for one request (a manifest,
@@ -317,10 +331,7 @@ impl Bucket {
         let mut attributes = Attributes::new();
         attributes.insert(
             Attribute::ContentType,
-            media_type
-                .unwrap_or("application/octet-stream")
-                .to_owned()
-                .into(),
+            media_type.unwrap_or(BLOB_TYPE).to_owned().into(),
         );
         let options = PutOptions {
             attributes,
@@ -330,6 +341,12 @@ impl Bucket {
             .await
             .map_err(|e| Error::bucket("put", path.as_ref(), e))?;
         Ok(())
+    }
+
+    /// A permit to hold one part (or one small blob) in memory: at most
+    /// `PARTS_IN_FLIGHT` at once across every upload.
+    pub async fn part_permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.parts.acquire().await.expect("never closed")
     }
 
     /// Starts the multipart upload of `digest`, leaving a marker first
@@ -403,8 +420,12 @@ impl Bucket {
             }
             if let Some(marker) = marker {
                 let path = Path::from(marker.key);
-                // Already completed or aborted: S3 answers 404, fine.
-                let _ = self.s3.abort_multipart(&path, &marker.upload_id).await;
+                // Already completed or aborted: S3 answers 404, fine. Any
+                // other failure keeps the marker for the next sweep.
+                match self.s3.abort_multipart(&path, &marker.upload_id).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(_) => continue,
+                }
             }
             self.s3
                 .delete(&meta.location)
@@ -690,9 +711,9 @@ impl Bucket {
 }
 
 impl Upload {
-    /// Sends the next part (every part but the last at least 5 MiB).
+    /// Sends the next part (every part but the last at least 5 MiB);
+    /// the caller holds a `part_permit` while the part is in memory.
     pub async fn put_part(&mut self, bytes: Bytes) -> Result<()> {
-        let _permit = self.bucket.parts.acquire().await.expect("never closed");
         let sending =
             self.bucket
                 .data
@@ -723,10 +744,18 @@ impl Upload {
         Ok(())
     }
 
-    /// Throws the parts away; nothing becomes visible.
+    /// Throws the parts away; nothing becomes visible. The marker goes
+    /// only once the server let go of the parts: if the abort fails, the
+    /// sweeper finds the marker and tries again.
     pub async fn abort(self) {
-        let _ = self.bucket.s3.abort_multipart(&self.path, &self.id).await;
-        let _ = self.bucket.s3.delete(&self.marker).await;
+        match self.bucket.s3.abort_multipart(&self.path, &self.id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                let _ = self.bucket.s3.delete(&self.marker).await;
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.path, error = %describe(&e), "cannot abort an upload: the sweeper will")
+            }
+        }
     }
 }
 

@@ -851,7 +851,11 @@ async fn issue_13_a_tag_is_revalidated_once_per_ttl_for_the_fleet() {
     assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1.0"), 1);
     // Until every record is past its TTL (a clock condition, checked).
     let expired_at = std::time::Instant::now() + Duration::from_millis(1100);
-    assert!(eventually(Duration::from_secs(5), || std::time::Instant::now() >= expired_at).await);
+    assert!(
+        eventually(Duration::from_secs(5), || std::time::Instant::now()
+            >= expired_at)
+        .await
+    );
     for replica in &replicas {
         let r = replica.get("/v2/library/app/manifests/1.0").await;
         assert_eq!(r.status(), 200);
@@ -864,4 +868,62 @@ async fn issue_13_a_tag_is_revalidated_once_per_ttl_for_the_fleet() {
         fake.all_hits()
     );
     assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1.0"), 1);
+}
+
+#[tokio::test]
+async fn issue_13_a_blob_head_on_an_empty_replica_is_answered_from_the_bucket() {
+    let fake = Fake::start().await;
+    let data = layer(4000, 40);
+    let (_, layer_digest) = fake.put_image("library/app", "1.0", &data);
+    let objects = Arc::new(Faulty::default());
+    let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let r = first
+        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+    // In the bucket, with upstream's word that library/app has it.
+    let hex = layer_digest.trim_start_matches("sha256:").to_owned();
+    let linked = || async {
+        objects
+            .keys("fleet/links")
+            .await
+            .iter()
+            .any(|k| k.ends_with(&hex))
+    };
+    assert!(eventually_async(Duration::from_secs(20), linked).await);
+    assert!(in_bucket(&objects, &layer_digest).await);
+    let before = upstream_requests(&fake);
+    let second = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "b")).await;
+    let r = second
+        .head(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert_eq!(upstream_requests(&fake), before, "{:?}", fake.all_hits());
+}
+
+/// A replica listed under a second name would send requests to itself and
+/// wait on its own download: it answers them 508 at once, and the sender
+/// skips that name.
+#[tokio::test]
+async fn issue_13_a_request_a_replica_sent_itself_is_answered_508() {
+    let fake = Fake::start().await;
+    let (_, layer_digest) = fake.put_image("library/app", "1.0", b"layer");
+    let objects = Arc::new(Faulty::default());
+    let replicas =
+        Hoard::start_cluster(&fake.url(), 2, |i| bucket(&objects, &format!("r{i}"))).await;
+    let me = replicas[0].url("");
+    let r = replicas[0]
+        .client
+        .get(replicas[0].url(&format!("/v2/library/app/blobs/{layer_digest}")))
+        .header("x-hoard-peer", me.trim_end_matches('/'))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 508);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(fake.hits("GET", "/blobs/"), 0);
 }
