@@ -89,6 +89,11 @@ fn activated_listener() -> anyhow::Result<Option<tokio::net::TcpListener>> {
     // owns; nothing else in hoard opened or uses fd 3 before this point
     // (it is called first thing in `serve`).
     let std_listener = unsafe { std::net::TcpListener::from_raw_fd(FIRST_FD) };
+    // Not inherited by anything hoard starts (credential helpers).
+    // SAFETY: fcntl on fd 3, which this process owns from here on.
+    unsafe {
+        libc::fcntl(FIRST_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
     // A handed-over fd that is not a bound socket fails here, by name.
     std_listener
         .local_addr()

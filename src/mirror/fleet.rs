@@ -13,10 +13,14 @@
 //! - swept: unmarked content older than `store.s3.gc_grace` (1 h), and
 //!   the dropped tags.
 //!
-//! Content a fill is writing is invisible until verified, and content just
-//! written is younger than the grace (its manifest may not be recorded yet),
-//! so a pass never takes a blob from under a pull (the bug of distribution's
-//! shared-storage GC, distribution#2367, and Harbor's, Harbor#22747).
+//! Content a fill is writing is invisible until verified, content just
+//! written is younger than the grace (its manifest may not be recorded
+//! yet), and tags written or moved during a pass are listed again before
+//! anything is removed and their trees marked (a dropped tag whose record
+//! changed meanwhile is kept): a pass does not take a blob from under a
+//! pull (the bug of distribution's shared-storage GC, distribution#2367,
+//! and Harbor's, Harbor#22747). Content pulled only by digest (no tag
+//! names it) is collected once older than the grace, when a limit is set.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -104,7 +108,9 @@ impl Trees<'_> {
         let mut seen = HashSet::new();
         let mut stack = vec![root.clone()];
         while let Some(digest) = stack.pop() {
-            if !self.listed.contains_key(&digest) || !seen.insert(digest.clone()) {
+            // Manifests written since the listing are read too: a tag that
+            // moved during the pass may name old, listed layers.
+            if !seen.insert(digest.clone()) {
                 continue;
             }
             let children = self.children(&digest).await?;
@@ -127,7 +133,7 @@ impl Trees<'_> {
         let small = self
             .listed
             .get(manifest)
-            .is_some_and(|b| b.size <= self.max_manifest);
+            .is_none_or(|b| b.size <= self.max_manifest);
         let children = match small {
             true => match self
                 .bucket
@@ -288,10 +294,27 @@ pub(super) async fn pass(shared: &Shared) -> Result<GcReport> {
         .as_ref()
         .map_or(Duration::ZERO, |s3| s3.gc_grace);
     let mut report = GcReport::default();
-    // A tag confirmed again since the listing loses its record and is
-    // revalidated at its next pull: harmless.
+    // Tags written or moved while this pass marked (a pull in progress, a
+    // revalidation) are roots too: listed again, their trees marked, and
+    // a dropped tag whose record changed since is kept.
+    let listed_first: HashMap<(Repository, String), TagRecord> = dropped
+        .iter()
+        .map(|root| ((root.repo.clone(), root.tag.clone()), root.record.clone()))
+        .collect();
+    let mut changed = HashSet::new();
+    for (repo, tag, record) in bucket.list_tags().await? {
+        let key = (repo, tag);
+        let dropped_unchanged = listed_first.get(&key) == Some(&record);
+        if !dropped_unchanged {
+            live.extend(trees.of(&record.digest).await?);
+            changed.insert(key);
+        }
+    }
     for root in &dropped {
-        bucket.remove_tag(&root.repo, &root.tag).await?;
+        let key = (root.repo.clone(), root.tag.clone());
+        if !changed.contains(&key) {
+            bucket.remove_tag(&root.repo, &root.tag).await?;
+        }
     }
     for blob in listed.values() {
         let young = u128::from(now.saturating_sub(blob.written_ms)) < grace.as_millis();

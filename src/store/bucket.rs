@@ -83,8 +83,6 @@ pub struct Bucket {
 pub struct BucketBody {
     /// The blob's full size.
     pub size: u64,
-    /// The bytes returned (the whole blob, or the range asked for).
-    pub range: Range<u64>,
     stream: futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
     key: String,
 }
@@ -222,11 +220,6 @@ impl Bucket {
         Ok(())
     }
 
-    /// `s3://bucket/prefix`.
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
     fn path(&self, key: &str) -> Path {
         Path::from(format!("{}{key}", self.prefix))
     }
@@ -268,7 +261,6 @@ impl Bucket {
         match self.timed("get", self.data.get_opts(&path, options)).await {
             Ok(result) => Ok(Some(BucketBody {
                 size: result.meta.size,
-                range: result.range.clone(),
                 key: path.to_string(),
                 stream: result.into_stream(),
             })),
@@ -539,11 +531,6 @@ pub struct ListedBlob {
 }
 
 impl Bucket {
-    /// This replica's name in markers and leases.
-    pub fn replica(&self) -> &str {
-        &self.replica
-    }
-
     /// Every key under `prefix` (relative to the bucket's prefix), with its
     /// size and upload time.
     async fn list_under(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>> {

@@ -927,3 +927,55 @@ async fn issue_13_a_request_a_replica_sent_itself_is_answered_508() {
     assert_eq!(error_code(r).await, "UNAVAILABLE");
     assert_eq!(fake.hits("GET", "/blobs/"), 0);
 }
+
+#[tokio::test]
+async fn issue_13_a_layer_asked_for_as_a_manifest_is_never_read_from_the_bucket() {
+    let fake = Fake::start().await;
+    let data = layer(4000, 50);
+    let (_, layer_digest) = fake.put_image("library/app", "1.0", &data);
+    let objects = Arc::new(Faulty::default());
+    let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    let r = first
+        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
+        .await;
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+    assert!(
+        eventually_async(Duration::from_secs(20), || in_bucket(
+            &objects,
+            &layer_digest
+        ))
+        .await
+    );
+    let second = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "b")).await;
+    let r = second
+        .get(&format!("/v2/library/app/manifests/{layer_digest}"))
+        .await;
+    assert_eq!(r.status(), 404, "a layer was served as a manifest");
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+}
+
+#[tokio::test]
+async fn issue_13_blobs_of_no_bytes_and_of_whole_parts_reach_the_bucket_whole() {
+    let fake = Fake::start().await;
+    let empty = fake.put_blob("library/app", Vec::new());
+    // Exactly two parts: nothing left for a last, shorter one.
+    let two_parts = fake.put_blob("library/app", layer(16 << 20, 51));
+    let objects = Arc::new(Faulty::default());
+    let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    for digest in [&empty, &two_parts] {
+        let r = first.get(&format!("/v2/library/app/blobs/{digest}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(digest_of(&r.bytes().await.unwrap()), *digest);
+    }
+    let uploaded = || async { first.metric("hoard_bucket_uploads_total{result=\"ok\"}") == 2.0 };
+    assert!(eventually_async(Duration::from_secs(20), uploaded).await);
+    let before = upstream_requests(&fake);
+    let second = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "b")).await;
+    for digest in [&empty, &two_parts] {
+        // Linked in the bucket when the upload ended: no upstream HEAD.
+        let r = second.get(&format!("/v2/library/app/blobs/{digest}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(digest_of(&r.bytes().await.unwrap()), *digest);
+    }
+    assert_eq!(upstream_requests(&fake), before, "{:?}", fake.all_hits());
+}
