@@ -3,7 +3,8 @@
 //! holds, and its verification. One replica at a time collects (the `gc`
 //! lease); a pass is mark and sweep:
 //!
-//! - roots: tag records not past `max_tag_age` (by when upstream last
+//! - roots: tag records (and records of images pulled by digest) not past
+//!   `max_tag_age` (by when upstream last
 //!   confirmed them: every pull after the tag's TTL revalidates, so an old
 //!   `checked_at` means nobody pulled it since) and pins (the config's and
 //!   those added on any replica), which never expire;
@@ -19,8 +20,7 @@
 //! anything is removed and their trees marked (a dropped tag whose record
 //! changed meanwhile is kept): a pass does not take a blob from under a
 //! pull (the bug of distribution's shared-storage GC, distribution#2367,
-//! and Harbor's, Harbor#22747). Content pulled only by digest (no tag
-//! names it) is collected once older than the grace, when a limit is set.
+//! and Harbor's, Harbor#22747).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -32,10 +32,52 @@ use tracing::{info, warn};
 
 use super::catalog::CachedImage;
 use super::error::Result;
+use super::manifest::Manifest;
 use super::shared::Shared;
 use crate::clock;
 use crate::reference::{Digest, ImageRef, Reference, Repository};
 use crate::store::{bucket::ListedBlob, Bucket, GcReport, TagRecord, VerifyReport};
+
+/// Images pulled by digest (`image@sha256:...`, as Kubernetes pins them)
+/// have no tag to keep them: each gets a record of its own in `tags/`,
+/// named `@<hex>` (no tag can start with `@`), refreshed when a replica
+/// serves it (at most once per `DIGEST_REFRESH` each), so the GC keeps them
+/// as roots and ages them like tags.
+const DIGEST_ROOT_PREFIX: &str = "@";
+const DIGEST_REFRESH: Duration = Duration::from_secs(300);
+
+/// The in-memory note of digest roots refreshed lately, per replica.
+pub(super) fn digest_pulls() -> moka::sync::Cache<(Repository, Digest), ()> {
+    moka::sync::Cache::builder()
+        .max_capacity(100_000)
+        .time_to_live(DIGEST_REFRESH)
+        .build()
+}
+
+/// Records for the GC that `repo@digest` (a manifest) was pulled by
+/// digest now; in the background, and not again soon.
+pub(super) fn note_digest_pull(shared: &Shared, repo: &Repository, manifest: &Manifest) {
+    let Some(bucket) = shared.bucket.clone() else {
+        return;
+    };
+    let key = (repo.clone(), manifest.digest.clone());
+    if shared.digest_pulls.contains_key(&key) {
+        return;
+    }
+    shared.digest_pulls.insert(key, ());
+    let record = TagRecord {
+        digest: manifest.digest.clone(),
+        media_type: manifest.media_type.clone(),
+        checked_at_ms: clock::unix_ms(),
+    };
+    let repo = repo.clone();
+    tokio::spawn(async move {
+        let name = format!("{DIGEST_ROOT_PREFIX}{}", record.digest.hex());
+        if let Err(e) = bucket.put_tag(&repo, &name, &record).await {
+            warn!(repository = %repo, digest = %record.digest, error = %e, "cannot record a pull by digest");
+        }
+    });
+}
 
 /// How often the lease holder collects.
 const GC_EVERY: Duration = Duration::from_secs(600);
@@ -381,8 +423,12 @@ pub(super) async fn images(shared: &Shared, registry: Option<&str>) -> Result<Ve
                     Reference::Digest(d) => *d == record.digest,
                 }
         });
+        let image = match tag.strip_prefix(DIGEST_ROOT_PREFIX) {
+            Some(_) => format!("{repo}@{}", record.digest),
+            None => format!("{repo}:{tag}"),
+        };
         out.push(CachedImage {
-            image: format!("{repo}:{tag}"),
+            image,
             digest: record.digest.to_string(),
             media_type: record.media_type,
             size,

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::error::{Error, Result};
 use super::shared::Shared;
-use super::{evict, flight, Accept, Caller, Outcome};
+use super::{evict, fleet, flight, Accept, Caller, Outcome};
 use crate::clock;
 use crate::cluster::{self, Owner};
 use crate::reference::{Digest, Reference, Repository};
@@ -234,6 +234,20 @@ async fn is_linked(shared: &Shared, repo: &Repository, digest: &Digest) -> Resul
 }
 
 async fn by_digest(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    digest: &Digest,
+    accept: &Accept,
+    caller: &Caller,
+) -> Result<(Arc<Manifest>, Outcome)> {
+    let found = digest_lookup(shared, repo, digest, accept, caller).await;
+    if let Ok((manifest, _)) = &found {
+        fleet::note_digest_pull(shared, repo, manifest);
+    }
+    found
+}
+
+async fn digest_lookup(
     shared: &Arc<Shared>,
     repo: &Repository,
     digest: &Digest,

@@ -99,6 +99,7 @@ impl Mirror {
             metrics,
             hot: manifest::hot_cache(),
             tag_lists: tag_list::cache(),
+            digest_pulls: fleet::digest_pulls(),
             manifest_flights: Arc::default(),
             fills,
             uploads: Arc::default(),

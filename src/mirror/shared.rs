@@ -36,6 +36,9 @@ pub(super) struct Shared {
     pub(super) metrics: Arc<Metrics>,
     /// Manifests recently served, by digest (bounded by bytes).
     pub(super) hot: moka::sync::Cache<Digest, Arc<Manifest>>,
+    /// Images pulled by digest whose record in the bucket was refreshed
+    /// lately (see `fleet::note_digest_pull`).
+    pub(super) digest_pulls: moka::sync::Cache<(Repository, Digest), ()>,
     /// Tag list pages recently proxied, by `repository?query`.
     pub(super) tag_lists: moka::sync::Cache<String, TagList>,
     /// Manifest lookups in progress (single-flight).

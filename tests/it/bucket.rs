@@ -986,3 +986,58 @@ async fn issue_13_blobs_of_no_bytes_and_of_whole_parts_reach_the_bucket_whole() 
     }
     assert_eq!(upstream_requests(&fake), before, "{:?}", fake.all_hits());
 }
+
+/// An image pulled only by digest (as Kubernetes pins them) is a root of
+/// the bucket's GC like a tag, and ages like one.
+#[tokio::test]
+async fn issue_13_an_image_pulled_by_digest_is_kept_by_the_gc_until_it_ages() {
+    let fake = Fake::start().await;
+    let (manifest, layer_digest) =
+        fake.put_image("library/pinned-by-digest", "1", &layer(3000, 60));
+    let objects = Arc::new(Faulty::default());
+    let (hoard, _dir) = gc_hoard(
+        &fake,
+        &objects,
+        "[store]\nmax_tag_age = \"1h\"\n[store.s3]\nbucket = \"fleet\"\ngc_grace = \"0s\"\n",
+    )
+    .await;
+    let r = hoard
+        .get(&format!(
+            "/v2/library/pinned-by-digest/manifests/{manifest}"
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let r = hoard
+        .get(&format!(
+            "/v2/library/pinned-by-digest/blobs/{layer_digest}"
+        ))
+        .await;
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
+    let fleet = bucket(&objects, "test");
+    let repo = hoard::reference::Repository::new("docker.io", "library/pinned-by-digest").unwrap();
+    let root = format!("@{}", manifest.trim_start_matches("sha256:"));
+    let recorded = || async { fleet.tag(&repo, &root).await.unwrap().is_some() };
+    assert!(eventually_async(Duration::from_secs(20), recorded).await);
+    for digest in [&manifest, &layer_digest] {
+        assert!(eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await);
+    }
+    collect(&hoard).await;
+    for digest in [&manifest, &layer_digest] {
+        assert!(in_bucket(&objects, digest).await, "{digest} was collected");
+    }
+    age_tag(
+        &fleet,
+        "library/pinned-by-digest",
+        &root,
+        Duration::from_secs(7200),
+    )
+    .await;
+    collect(&hoard).await;
+    for digest in [&manifest, &layer_digest] {
+        assert!(
+            !in_bucket(&objects, digest).await,
+            "{digest} outlived max_tag_age"
+        );
+    }
+}
