@@ -26,13 +26,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 
 use super::catalog::CachedImage;
 use super::error::Result;
-use super::manifest::Manifest;
+use super::manifest::{Children, Manifest};
 use super::shared::Shared;
 use crate::clock;
 use crate::reference::{Digest, ImageRef, Reference, Repository};
@@ -129,13 +128,6 @@ pub(super) async fn leased_pass(shared: &Shared) -> Result<Option<GcReport>> {
     Ok(Some(report))
 }
 
-/// The digests a manifest names, split by whether they are manifests.
-#[derive(Debug, Clone, Default)]
-struct Children {
-    manifests: Vec<Digest>,
-    blobs: Vec<Digest>,
-}
-
 /// Reads manifests from the bucket once per pass.
 struct Trees<'a> {
     bucket: &'a Bucket,
@@ -144,7 +136,16 @@ struct Trees<'a> {
     max_manifest: u64,
 }
 
-impl Trees<'_> {
+impl<'a> Trees<'a> {
+    fn new(shared: &Shared, bucket: &'a Bucket, listed: &'a HashMap<Digest, ListedBlob>) -> Self {
+        Trees {
+            bucket,
+            listed,
+            children: HashMap::new(),
+            max_manifest: shared.upstream.max_manifest_bytes(),
+        }
+    }
+
     /// `root` and everything it needs that the bucket holds.
     async fn of(&mut self, root: &Digest) -> Result<HashSet<Digest>> {
         let mut seen = HashSet::new();
@@ -182,41 +183,13 @@ impl Trees<'_> {
                 .get_manifest(manifest, self.max_manifest)
                 .await?
             {
-                Some((_, bytes)) => parse_children(&bytes),
+                Some((_, bytes)) => Children::of(&bytes),
                 None => Children::default(),
             },
             false => Children::default(),
         };
         self.children.insert(manifest.clone(), children.clone());
         Ok(children)
-    }
-}
-
-fn parse_children(bytes: &[u8]) -> Children {
-    #[derive(Deserialize)]
-    struct Descriptor {
-        digest: String,
-    }
-    #[derive(Deserialize)]
-    struct Body {
-        config: Option<Descriptor>,
-        #[serde(default)]
-        layers: Vec<Descriptor>,
-        #[serde(default)]
-        manifests: Vec<Descriptor>,
-    }
-    let Ok(body) = serde_json::from_slice::<Body>(bytes) else {
-        return Children::default();
-    };
-    let parse = |d: Descriptor| Digest::parse(&d.digest).ok();
-    Children {
-        manifests: body.manifests.into_iter().filter_map(parse).collect(),
-        blobs: body
-            .config
-            .into_iter()
-            .chain(body.layers)
-            .filter_map(parse)
-            .collect(),
     }
 }
 
@@ -232,12 +205,7 @@ struct Root {
 pub(super) async fn pass(shared: &Shared) -> Result<GcReport> {
     let bucket = shared.bucket.as_ref().expect("only with a bucket");
     let now = clock::unix_ms();
-    let listed: HashMap<Digest, ListedBlob> = bucket
-        .list_blobs()
-        .await?
-        .into_iter()
-        .map(|b| (b.digest.clone(), b))
-        .collect();
+    let listed = listing(bucket).await?;
     let total: u64 = listed.values().map(|b| b.size).sum();
     shared.metrics.bucket_bytes.set(total as i64);
     let pins = pins(shared).await?;
@@ -246,13 +214,7 @@ pub(super) async fn pass(shared: &Shared) -> Result<GcReport> {
         .await?
         .into_iter()
         .map(|(repo, tag, record)| {
-            let pinned = pins.iter().any(|pin| {
-                pin.repository == repo
-                    && match &pin.reference {
-                        Reference::Tag(t) => *t == tag,
-                        Reference::Digest(d) => *d == record.digest,
-                    }
-            });
+            let pinned = pinned(&pins, &repo, &tag, &record.digest);
             Root {
                 repo,
                 tag,
@@ -277,12 +239,7 @@ pub(super) async fn pass(shared: &Shared) -> Result<GcReport> {
         dropped.extend(old);
         roots = kept;
     }
-    let mut trees = Trees {
-        bucket,
-        listed: &listed,
-        children: HashMap::new(),
-        max_manifest: shared.upstream.max_manifest_bytes(),
-    };
+    let mut trees = Trees::new(shared, bucket, &listed);
     let mut live_by_root = Vec::new();
     for root in &roots {
         live_by_root.push(trees.of(&root.record.digest).await?);
@@ -374,6 +331,27 @@ pub(super) async fn pass(shared: &Shared) -> Result<GcReport> {
     Ok(report)
 }
 
+/// Every blob and manifest in the bucket, by digest.
+async fn listing(bucket: &Bucket) -> Result<HashMap<Digest, ListedBlob>> {
+    Ok(bucket
+        .list_blobs()
+        .await?
+        .into_iter()
+        .map(|b| (b.digest.clone(), b))
+        .collect())
+}
+
+/// Whether one of `pins` names `repo:tag` or the manifest it points to.
+fn pinned(pins: &[ImageRef], repo: &Repository, tag: &str, digest: &Digest) -> bool {
+    pins.iter().any(|pin| {
+        pin.repository == *repo
+            && match &pin.reference {
+                Reference::Tag(t) => t == tag,
+                Reference::Digest(d) => d == digest,
+            }
+    })
+}
+
 /// Every pin: the config's and those added on any replica.
 async fn pins(shared: &Shared) -> Result<Vec<ImageRef>> {
     let bucket = shared.bucket.as_ref().expect("only with a bucket");
@@ -391,19 +369,9 @@ async fn pins(shared: &Shared) -> Result<Vec<ImageRef>> {
 /// The images the bucket holds, optionally of one registry.
 pub(super) async fn images(shared: &Shared, registry: Option<&str>) -> Result<Vec<CachedImage>> {
     let bucket = shared.bucket.as_ref().expect("only with a bucket");
-    let listed: HashMap<Digest, ListedBlob> = bucket
-        .list_blobs()
-        .await?
-        .into_iter()
-        .map(|b| (b.digest.clone(), b))
-        .collect();
+    let listed = listing(bucket).await?;
     let pins = pins(shared).await?;
-    let mut trees = Trees {
-        bucket,
-        listed: &listed,
-        children: HashMap::new(),
-        max_manifest: shared.upstream.max_manifest_bytes(),
-    };
+    let mut trees = Trees::new(shared, bucket, &listed);
     let mut out = Vec::new();
     for (repo, tag, record) in bucket.list_tags().await? {
         if registry.is_some_and(|r| r != repo.registry()) {
@@ -416,13 +384,7 @@ pub(super) async fn images(shared: &Shared, registry: Option<&str>) -> Result<Ve
             .filter_map(|d| listed.get(d))
             .map(|b| b.size)
             .sum();
-        let pinned = pins.iter().any(|pin| {
-            pin.repository == repo
-                && match &pin.reference {
-                    Reference::Tag(t) => *t == tag,
-                    Reference::Digest(d) => *d == record.digest,
-                }
-        });
+        let pinned = pinned(&pins, &repo, &tag, &record.digest);
         let image = match tag.strip_prefix(DIGEST_ROOT_PREFIX) {
             Some(_) => format!("{repo}@{}", record.digest),
             None => format!("{repo}:{tag}"),

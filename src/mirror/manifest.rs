@@ -44,10 +44,18 @@ pub struct Manifest {
     pub bytes: Bytes,
 }
 
-impl Manifest {
-    /// Config, layer and child-manifest digests named by this manifest.
-    /// Unparseable manifests reference nothing.
-    pub fn references(&self) -> Vec<Digest> {
+/// What a manifest names, split by whether it is a manifest too (an
+/// index's platforms) or a blob (config, layers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Children {
+    pub(super) manifests: Vec<Digest>,
+    pub(super) blobs: Vec<Digest>,
+}
+
+impl Children {
+    /// The children named in manifest `bytes`; unparseable manifests name
+    /// nothing.
+    pub(super) fn of(bytes: &[u8]) -> Children {
         #[derive(Deserialize)]
         struct Descriptor {
             digest: String,
@@ -60,15 +68,28 @@ impl Manifest {
             #[serde(default)]
             manifests: Vec<Descriptor>,
         }
-        let Ok(body) = serde_json::from_slice::<Body>(&self.bytes) else {
-            return Vec::new();
+        let Ok(body) = serde_json::from_slice::<Body>(bytes) else {
+            return Children::default();
         };
-        body.config
-            .into_iter()
-            .chain(body.layers)
-            .chain(body.manifests)
-            .filter_map(|d| Digest::parse(&d.digest).ok())
-            .collect()
+        let parse = |d: Descriptor| Digest::parse(&d.digest).ok();
+        Children {
+            manifests: body.manifests.into_iter().filter_map(parse).collect(),
+            blobs: body
+                .config
+                .into_iter()
+                .chain(body.layers)
+                .filter_map(parse)
+                .collect(),
+        }
+    }
+}
+
+impl Manifest {
+    /// Config, layer and child-manifest digests named by this manifest.
+    /// Unparseable manifests reference nothing.
+    pub fn references(&self) -> Vec<Digest> {
+        let Children { manifests, blobs } = Children::of(&self.bytes);
+        blobs.into_iter().chain(manifests).collect()
     }
 }
 
@@ -403,21 +424,9 @@ async fn peer_manifest(
         media_type,
         bytes,
     });
-    let children = manifest.references();
-    let store = shared.store.clone();
-    let (kept, repo_kept) = (manifest.clone(), repo.clone());
-    tokio::task::spawn_blocking(move || -> store::Result<()> {
-        store.put_bytes(&kept.digest, Some(kept.media_type.clone()), &kept.bytes)?;
-        store.add_refs(&kept.digest, &children)?;
-        // The owner checked upstream vouches for `repo` (or the fleet's
-        // record of it did).
-        store.link(&repo_kept, &kept.digest)?;
-        for child in &children {
-            store.link(&repo_kept, child)?;
-        }
-        Ok(())
-    })
-    .await??;
+    // The owner checked that upstream vouches for `repo` (or the fleet's
+    // record of it did).
+    keep(shared, Some(repo), manifest.clone()).await?;
     if let (Reference::Tag(tag), true) = (reference, accept.is_complete()) {
         let record = TagRecord {
             digest: manifest.digest.clone(),
@@ -509,24 +518,9 @@ async fn fetch(
         media_type: response.media_type,
         bytes: response.bytes,
     });
-    let store = shared.store.clone();
-    let stored = manifest.clone();
-    tokio::task::spawn_blocking(move || {
-        store.put_bytes(
-            &stored.digest,
-            Some(stored.media_type.clone()),
-            &stored.bytes,
-        )
-    })
-    .await??;
     // Upstream serving this manifest for `repo` vouches that `repo` has
     // everything it names (registries refuse manifests otherwise).
-    shared.store.link(repo, &manifest.digest)?;
-    let children = manifest.references();
-    for child in &children {
-        shared.store.link(repo, child)?;
-    }
-    shared.store.add_refs(&manifest.digest, &children)?;
+    let children = keep(shared, Some(repo), manifest.clone()).await?;
     if let Some(bucket) = &shared.bucket {
         // For the fleet: the manifest, then what upstream vouched for. A
         // failure here costs another replica an upstream request later,
@@ -567,6 +561,36 @@ async fn fetch(
     Ok(manifest)
 }
 
+/// Stores a verified manifest here with what it names (for eviction), and
+/// with `vouched_for`, links it and its children to that repository.
+/// Returns the children. Blocking work on the blocking pool.
+async fn keep(
+    shared: &Shared,
+    vouched_for: Option<&Repository>,
+    manifest: Arc<Manifest>,
+) -> Result<Vec<Digest>> {
+    let store = shared.store.clone();
+    let repo = vouched_for.cloned();
+    let children = tokio::task::spawn_blocking(move || -> store::Result<Vec<Digest>> {
+        store.put_bytes(
+            &manifest.digest,
+            Some(manifest.media_type.clone()),
+            &manifest.bytes,
+        )?;
+        let children = manifest.references();
+        if let Some(repo) = &repo {
+            store.link(repo, &manifest.digest)?;
+            for child in &children {
+                store.link(repo, child)?;
+            }
+        }
+        store.add_refs(&manifest.digest, &children)?;
+        Ok(children)
+    })
+    .await??;
+    Ok(children)
+}
+
 /// A stored manifest, from memory if hot, else this replica's store, else
 /// (verified, and kept here from then on) the bucket.
 pub(super) async fn load(shared: &Shared, digest: &Digest) -> Result<Option<Arc<Manifest>>> {
@@ -595,19 +619,14 @@ pub(super) async fn load(shared: &Shared, digest: &Digest) -> Result<Option<Arc<
             // `get_manifest` checks the bytes against the digest.
             let limit = shared.upstream.max_manifest_bytes();
             if let Some((media_type, bytes)) = bucket.get_manifest(digest, limit).await? {
-                let children = Manifest {
+                let manifest = Manifest {
                     digest: digest.clone(),
                     media_type: media_type.clone(),
                     bytes: bytes.clone(),
-                }
-                .references();
-                let store = shared.store.clone();
-                let (key, kept, media) = (digest.clone(), bytes.clone(), media_type.clone());
-                tokio::task::spawn_blocking(move || {
-                    store.put_bytes(&key, Some(media), &kept)?;
-                    store.add_refs(&key, &children)
-                })
-                .await??;
+                };
+                // Not linked: which repository may see it is the caller's
+                // check.
+                keep(shared, None, Arc::new(manifest)).await?;
                 loaded = Some((media_type, bytes));
             }
         }
