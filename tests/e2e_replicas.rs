@@ -61,8 +61,7 @@ fn fleet(garage: &Garage, upstream: &str, extra: &[&str]) -> Fleet {
         .iter()
         .zip(&urls)
         .map(|(socket, me)| {
-            let mut args = garage.hoard_args();
-            args.extend(["--upstream".into(), format!("docker.io={upstream}")]);
+            let mut args = garage.hoard_args_to(upstream);
             for peer in &urls {
                 args.extend(["--peer".into(), peer.clone()]);
             }
@@ -256,11 +255,7 @@ fn a_fleet_fetches_each_object_once_and_serves_it_from_the_bucket_whatever_fails
     let fresh = replica(
         tempfile::tempdir().unwrap(),
         &bound(),
-        &{
-            let mut args = garage.hoard_args();
-            args.extend(["--upstream".into(), format!("docker.io={}", upstream.url())]);
-            args
-        },
+        &garage.hoard_args_to(&upstream.url()),
         &garage.hoard_env(),
     );
     let fresh_url = format!("http://{}", fresh.addr());
@@ -299,13 +294,8 @@ fn a_fleet_fetches_each_object_once_and_serves_it_from_the_bucket_whatever_fails
         tempfile::tempdir().unwrap(),
         &bound(),
         &{
-            let mut args = garage.hoard_args();
-            args.extend([
-                "--upstream".into(),
-                format!("docker.io={}", upstream.url()),
-                "--config".into(),
-                config_file.display().to_string(),
-            ]);
+            let mut args = garage.hoard_args_to(&upstream.url());
+            args.extend(["--config".into(), config_file.display().to_string()]);
             args
         },
         &garage.hoard_env(),
@@ -406,6 +396,26 @@ fn a_fleet_fetches_each_object_once_and_serves_it_from_the_bucket_whatever_fails
     fleet.replicas.clear();
 }
 
+/// Waits (60 s at most) until `check`, run on the blocking pool, is `Ok`;
+/// fails with `what` and the last `Err` it said.
+async fn wait_blocking(
+    what: &str,
+    check: impl Fn() -> Result<(), String> + Clone + Send + 'static,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = tokio::task::spawn_blocking(check.clone()).await.unwrap();
+        match last {
+            Ok(()) => return,
+            Err(state) => assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {state}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_replica_leading_a_download_loses_nothing() {
     let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap();
@@ -483,47 +493,32 @@ async fn kill_9_of_the_replica_leading_a_download_loses_nothing() {
         .unwrap();
     assert_eq!(body.status(), 200);
     assert_eq!(digest_of(&body.bytes().await.unwrap()), layer);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !tokio::task::spawn_blocking(layer_in_bucket.clone())
-        .await
-        .unwrap()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the retry's layer never reached the bucket"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_blocking("the retry's layer in the bucket", {
+        let layer_in_bucket = layer_in_bucket.clone();
+        move || layer_in_bucket().then_some(()).ok_or_else(String::new)
+    })
+    .await;
     // The killed replica comes back on its own disk and aborts the upload
     // it left: no unfinished upload stays in the bucket.
     let restarted = {
         let garage = garage.clone();
         let upstream = fake.url();
         tokio::task::spawn_blocking(move || {
-            let mut args = garage.hoard_args();
-            args.extend(["--upstream".into(), format!("docker.io={upstream}")]);
+            let args = garage.hoard_args_to(&upstream);
             replica(killed_data, &bound(), &args, &garage.hoard_env())
         })
         .await
         .unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let info = {
-            let garage = garage.clone();
-            tokio::task::spawn_blocking(move || garage.bucket_info())
-                .await
-                .unwrap()
-        };
-        if info["unfinishedMultipartUploads"].as_u64() == Some(0) {
-            break;
+    wait_blocking("no abandoned upload in the bucket", {
+        let garage = garage.clone();
+        move || {
+            let info = garage.bucket_info();
+            let none = info["unfinishedMultipartUploads"].as_u64() == Some(0);
+            none.then_some(()).ok_or_else(|| info.to_string())
         }
-        assert!(
-            Instant::now() < deadline,
-            "an abandoned upload stayed: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let leftovers = {
         let garage = garage.clone();
         tokio::task::spawn_blocking(move || bucket_keys(&garage, "uploads"))

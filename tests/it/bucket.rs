@@ -200,6 +200,21 @@ fn layer(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Waits (20 s at most) until `digest` is in the bucket.
+async fn reaches_bucket(objects: &Faulty, digest: &str) {
+    assert!(
+        eventually_async(Duration::from_secs(20), || in_bucket(objects, digest)).await,
+        "{digest} never reached the bucket"
+    );
+}
+
+/// `hoard` serves blob `digest` of `name` whole, and it reaches the bucket.
+async fn pull_into_bucket(hoard: &Hoard, objects: &Faulty, name: &str, digest: &str) {
+    let r = hoard.get(&format!("/v2/{name}/blobs/{digest}")).await;
+    assert_eq!(digest_of(&r.bytes().await.unwrap()), digest);
+    reaches_bucket(objects, digest).await;
+}
+
 async fn in_bucket(objects: &Faulty, digest: &str) -> bool {
     let hex = digest.trim_start_matches("sha256:");
     objects
@@ -223,13 +238,7 @@ async fn issue_13_a_replica_with_an_empty_disk_serves_from_the_bucket_without_up
     let image: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     let config_digest = image["config"]["digest"].as_str().unwrap().to_owned();
     for digest in [&config_digest, &layer_digest] {
-        let body = first.get(&format!("/v2/library/app/blobs/{digest}")).await;
-        assert_eq!(body.status(), 200);
-        assert_eq!(digest_of(&body.bytes().await.unwrap()), *digest);
-        assert!(
-            eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await,
-            "{digest} never reached the bucket"
-        );
+        pull_into_bucket(&first, &objects, "library/app", digest).await;
     }
     // One multipart upload (the layer), one single PUT (the config).
     let uploaded = || async { first.metric("hoard_bucket_uploads_total{result=\"ok\"}") == 2.0 };
@@ -276,17 +285,7 @@ async fn issue_13_a_repository_not_vouched_for_in_the_bucket_is_asked_upstream()
     let (_, layer_digest) = fake.put_image("library/app", "1.0", &data);
     let objects = Arc::new(Faulty::default());
     let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
-    let r = first
-        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
-        .await;
-    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
-    assert!(
-        eventually_async(Duration::from_secs(20), || in_bucket(
-            &objects,
-            &layer_digest
-        ))
-        .await
-    );
+    pull_into_bucket(&first, &objects, "library/app", &layer_digest).await;
 
     // The bytes are in the bucket, but upstream never said `other/repo`
     // has them: a replica asks before serving, and refuses on its 404.
@@ -508,13 +507,7 @@ async fn issue_13_thirty_clients_on_three_replicas_make_one_upstream_fetch_of_ea
         fleet_metric(&replicas, "hoard_peer_requests_total{result=\"ok\"}"),
         4.0
     );
-    assert!(
-        eventually_async(Duration::from_secs(20), || in_bucket(
-            &objects,
-            &layer_digest
-        ))
-        .await
-    );
+    reaches_bucket(&objects, &layer_digest).await;
 }
 
 #[tokio::test]
@@ -678,10 +671,7 @@ async fn issue_13_the_bucket_gc_keeps_pinned_recent_and_shared_content_and_remov
         .chain(&pinned)
         .chain([&shared_layer])
     {
-        assert!(
-            eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await,
-            "{digest} never reached the bucket"
-        );
+        reaches_bucket(&objects, digest).await;
     }
     let fleet = bucket(&objects, "test");
     age_tag(&fleet, "library/old", "1", Duration::from_secs(7200)).await;
@@ -728,7 +718,7 @@ async fn issue_13_over_the_bucket_s_size_limit_the_least_recently_confirmed_tags
         images.push(image_digests(&hoard, name).await);
     }
     for digest in images.iter().flatten() {
-        assert!(eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await);
+        reaches_bucket(&objects, digest).await;
     }
     let fleet = bucket(&objects, "test");
     // b was confirmed longest ago, then a; c just now.
@@ -942,17 +932,7 @@ async fn issue_13_a_layer_asked_for_as_a_manifest_is_never_read_from_the_bucket(
     let (_, layer_digest) = fake.put_image("library/app", "1.0", &data);
     let objects = Arc::new(Faulty::default());
     let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
-    let r = first
-        .get(&format!("/v2/library/app/blobs/{layer_digest}"))
-        .await;
-    assert_eq!(digest_of(&r.bytes().await.unwrap()), layer_digest);
-    assert!(
-        eventually_async(Duration::from_secs(20), || in_bucket(
-            &objects,
-            &layer_digest
-        ))
-        .await
-    );
+    pull_into_bucket(&first, &objects, "library/app", &layer_digest).await;
     let second = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "b")).await;
     let r = second
         .get(&format!("/v2/library/app/manifests/{layer_digest}"))
@@ -1020,7 +1000,7 @@ async fn issue_13_an_image_pulled_by_digest_is_kept_by_the_gc_until_it_ages() {
     let recorded = || async { fleet.tag(&repo, &root).await.unwrap().is_some() };
     assert!(eventually_async(Duration::from_secs(20), recorded).await);
     for digest in [&manifest, &layer_digest] {
-        assert!(eventually_async(Duration::from_secs(20), || in_bucket(&objects, digest)).await);
+        reaches_bucket(&objects, digest).await;
     }
     collect(&hoard).await;
     for digest in [&manifest, &layer_digest] {

@@ -182,6 +182,13 @@ admin_token = "{token}"
         ]
     }
 
+    /// `hoard_args`, and `upstream` as Docker Hub.
+    pub fn hoard_args_to(&self, upstream: &str) -> Vec<String> {
+        let mut args = self.hoard_args();
+        args.extend(["--upstream".into(), format!("docker.io={upstream}")]);
+        args
+    }
+
     /// hoard's environment for this bucket's key (the AWS chain).
     pub fn hoard_env(&self) -> Vec<(&'static str, String)> {
         vec![
