@@ -121,7 +121,7 @@ impl Daemon {
         });
         let mirror = mirror::Mirror::new(
             config.store.clone(),
-            config.upstream.tag_ttl.clone(),
+            &config.upstream,
             Arc::new(store),
             bucket,
             cluster,

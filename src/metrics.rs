@@ -67,6 +67,16 @@ pub struct Metrics {
     /// failures, by operation.
     pub bucket_duration: HistogramVec,
     pub bucket_errors: IntCounterVec,
+    /// `hoard_blob_ranges_total{source}`: `Range` requests on blobs by where
+    /// the bytes came from: cache (stored), download (a download running
+    /// here had or soon had them), upstream (forwarded as a range).
+    pub blob_ranges: IntCounterVec,
+    /// `hoard_upstream_resumes_total{result}`: attempts to resume a cut or
+    /// stalled upstream blob body: resumed (`206` from the next byte),
+    /// reread (upstream sent it all again, the repeated bytes matched),
+    /// changed (the repeated bytes differed: the download failed), failed
+    /// (the attempt got no body).
+    pub upstream_resumes: IntCounterVec,
 }
 
 impl Metrics {
@@ -234,6 +244,22 @@ impl Metrics {
             "Object store requests that failed (5xx, timeouts, refused), by operation.",
             &["op"],
         );
+        let blob_ranges = counter_vec(
+            "hoard_blob_ranges_total",
+            "Range requests on blobs by where the bytes came from (cache, download, upstream).",
+            &["source"],
+        );
+        let upstream_resumes = counter_vec(
+            "hoard_upstream_resumes_total",
+            "Attempts to resume a cut upstream blob body, by result (resumed, reread, changed, failed).",
+            &["result"],
+        );
+        for source in ["cache", "download", "upstream"] {
+            blob_ranges.with_label_values(&[source]);
+        }
+        for result in ["resumed", "reread", "changed", "failed"] {
+            upstream_resumes.with_label_values(&[result]);
+        }
         // Series that exist from the start, so rates and ratios are defined
         // before the first request.
         for kind in ["manifest", "blob"] {
@@ -270,6 +296,8 @@ impl Metrics {
             bucket_gc_leader,
             bucket_duration,
             bucket_errors,
+            blob_ranges,
+            upstream_resumes,
         }
     }
 

@@ -167,6 +167,14 @@ pub struct ServeArgs {
     /// Give up on an upstream body that sends nothing for this long [default: 30s].
     #[arg(long, env = "HOARD_STALL_TIMEOUT", value_name = "DURATION")]
     pub stall_timeout: Option<String>,
+    /// Times a cut or stalled upstream blob body is resumed from where it
+    /// broke before the download fails [default: 3].
+    #[arg(long, env = "HOARD_RESUME_ATTEMPTS", value_name = "N")]
+    pub resume_attempts: Option<u32>,
+    /// Whether a Range on a blob not cached also downloads the whole blob
+    /// in the background [default: true].
+    #[arg(long, env = "HOARD_RANGE_FILL", value_name = "BOOL")]
+    pub range_fill: Option<bool>,
     /// How long shutdown waits for transfers in progress [default: 30s].
     #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,

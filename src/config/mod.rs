@@ -186,6 +186,12 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// A body that sends nothing for this long is abandoned.
     pub stall_timeout: Duration,
+    /// Times a cut or stalled blob body is resumed (`Range` from the byte
+    /// after the last one received) before the download fails.
+    pub resume_attempts: u32,
+    /// Whether a `Range` on a blob not cached also starts the download of
+    /// the whole blob in the background, so later requests are hits.
+    pub range_fill: bool,
 }
 
 /// Tag TTLs: one for every registry, and the registries' own.
@@ -475,6 +481,8 @@ impl fmt::Display for Config {
             dur(self.upstream.response_timeout)
         )?;
         writeln!(f, "  stall_timeout = {}", dur(self.upstream.stall_timeout))?;
+        writeln!(f, "  resume_attempts = {}", self.upstream.resume_attempts)?;
+        writeln!(f, "  range_fill = {}", self.upstream.range_fill)?;
         writeln!(f, "[admin]")?;
         writeln!(
             f,

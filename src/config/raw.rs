@@ -97,6 +97,8 @@ pub(super) struct RawUpstream {
     pub connect_timeout: Option<String>,
     pub response_timeout: Option<String>,
     pub stall_timeout: Option<String>,
+    pub resume_attempts: Option<u32>,
+    pub range_fill: Option<bool>,
 }
 
 /// `[limits]`.
@@ -219,6 +221,8 @@ impl RawConfig {
             connect_timeout,
             response_timeout,
             stall_timeout,
+            resume_attempts,
+            range_fill,
             shutdown_timeout,
         } = args.clone();
         Ok(RawConfig {
@@ -248,6 +252,8 @@ impl RawConfig {
                 connect_timeout,
                 response_timeout,
                 stall_timeout,
+                resume_attempts,
+                range_fill,
             },
             limits: RawLimits {
                 max_connections_per_client,
@@ -330,6 +336,8 @@ impl RawConfig {
                 connect_timeout: l.upstream.connect_timeout.or(s.upstream.connect_timeout),
                 response_timeout: l.upstream.response_timeout.or(s.upstream.response_timeout),
                 stall_timeout: l.upstream.stall_timeout.or(s.upstream.stall_timeout),
+                resume_attempts: l.upstream.resume_attempts.or(s.upstream.resume_attempts),
+                range_fill: l.upstream.range_fill.or(s.upstream.range_fill),
             },
             limits: RawLimits {
                 max_connections_per_client: (l.limits.max_connections_per_client)

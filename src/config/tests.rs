@@ -402,6 +402,16 @@ fn every_setting(dir: &Path) -> Vec<Setting> {
             Some(&["--stall-timeout", "3s"]),
         ),
         setting(
+            "[upstream]\nresume_attempts = 5",
+            &[("HOARD_RESUME_ATTEMPTS", "5")],
+            Some(&["--resume-attempts", "5"]),
+        ),
+        setting(
+            "[upstream]\nrange_fill = false",
+            &[("HOARD_RANGE_FILL", "false")],
+            Some(&["--range-fill", "false"]),
+        ),
+        setting(
             "[limits]\nmax_connections_per_client = 3",
             &[("HOARD_MAX_CONNECTIONS_PER_CLIENT", "3")],
             Some(&["--max-connections-per-client", "3"]),

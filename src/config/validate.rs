@@ -293,6 +293,8 @@ fn upstream_config(
             .unwrap_or(Duration::from_secs(30)),
         stall_timeout: duration("upstream.stall_timeout", raw.stall_timeout)?
             .unwrap_or(Duration::from_secs(30)),
+        resume_attempts: raw.resume_attempts.unwrap_or(3),
+        range_fill: raw.range_fill.unwrap_or(true),
     })
 }
 

@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 use super::error::{Error, Result};
 use super::fill::{Fill, FillState};
 use super::fills::Lead;
+use super::resume::Resumer;
 use super::shared::Shared;
 use super::stream::{self, ByteStream, Follow, Handoff};
 use super::upload;
@@ -48,7 +49,7 @@ enum Source {
     Filling(Arc<Fill>, stream::Resume),
     /// Not cached (the disk is nearly full): upstream's body relayed to
     /// this one client, still verified.
-    Passthrough(upstream::BlobResponse, Digest),
+    Passthrough(Box<upstream::BlobResponse>, Digest),
 }
 
 impl Blob {
@@ -76,7 +77,7 @@ impl Blob {
                 served,
             ),
             Source::Passthrough(response, digest) => {
-                stream::relay(response, digest, start, end, served)
+                stream::relay(*response, digest, start, end, served)
             }
         }
     }
@@ -182,7 +183,7 @@ pub(super) async fn lookup(
                 .map_err(|e| blob_error(e, repo, digest))?;
             let len = response.len;
             (
-                Source::Passthrough(response, digest.clone()),
+                Source::Passthrough(Box::new(response), digest.clone()),
                 Outcome::Miss,
                 len,
             )
@@ -700,9 +701,23 @@ async fn download(
     let mut received: u64 = 0;
     let mut announced: u64 = 0;
     let stall = shared.upstream.stall_timeout();
+    // Upstream's bodies are resumed where they broke; the bucket's and a
+    // peer's are not (the client retries, and the fleet's copy is there).
+    let mut resumer = match &response {
+        Body::Upstream(first) => Some(Resumer::new(shared, repo, digest, first)),
+        _ => None,
+    };
     let network = loop {
-        match response.chunk(stall).await {
+        let cut = match response.chunk(stall).await {
             Ok(Some(chunk)) => {
+                let chunk = match resumer.as_mut().map(|r| r.fresh(chunk.clone())) {
+                    None => chunk,
+                    Some(Ok(fresh)) => fresh,
+                    Some(Err(e)) => break Err(e),
+                };
+                if chunk.is_empty() {
+                    continue;
+                }
                 received += chunk.len() as u64;
                 if len.is_some_and(|len| received > len) {
                     break Err(Error::Upstream(upstream::Error::Body {
@@ -721,8 +736,24 @@ async fn download(
                 if tx.send(chunk).await.is_err() {
                     break Ok(()); // the writer failed; its error is below
                 }
+                continue;
             }
-            Ok(None) => break Ok(()),
+            Ok(None) if len.is_none_or(|len| received >= len) => break Ok(()),
+            Ok(None) => Error::Upstream(upstream::Error::Body {
+                registry: repo.registry().to_owned(),
+                message: format!("body ended after {received} bytes"),
+            }),
+            Err(e) => e,
+        };
+        // Cut or stalled: resume an upstream body while attempts remain.
+        let Some(resumer) = resumer.as_mut() else {
+            break Err(cut);
+        };
+        let Body::Upstream(broken) = response else {
+            unreachable!("only upstream bodies have a resumer")
+        };
+        match resumer.reopen(broken, received, &hasher, len, cut).await {
+            Ok(body) => response = Body::Upstream(body),
             Err(e) => break Err(e),
         }
     };

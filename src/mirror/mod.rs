@@ -31,6 +31,7 @@ mod fleet;
 mod flight;
 mod manifest;
 mod outcome;
+mod resume;
 mod shared;
 mod stream;
 mod tag_list;
@@ -49,7 +50,7 @@ pub use stream::ByteStream;
 pub use tag_list::TagList;
 
 use crate::cluster::Cluster;
-use crate::config::{StoreConfig, TagTtl};
+use crate::config::{StoreConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, Repository};
 use crate::store::{self, Bucket, Store};
@@ -67,7 +68,7 @@ impl Mirror {
     /// `upstream`, with the store's settings and the tag TTLs.
     pub fn new(
         config: StoreConfig,
-        tag_ttl: TagTtl,
+        upstream_config: &UpstreamConfig,
         store: Arc<Store>,
         bucket: Option<Arc<Bucket>>,
         cluster: Option<Arc<Cluster>>,
@@ -95,7 +96,9 @@ impl Mirror {
             cluster,
             upstream,
             config,
-            tag_ttl,
+            tag_ttl: upstream_config.tag_ttl.clone(),
+            resume_attempts: upstream_config.resume_attempts,
+            range_fill: upstream_config.range_fill,
             metrics,
             hot: manifest::hot_cache(),
             tag_lists: tag_list::cache(),

@@ -32,6 +32,11 @@ pub(super) struct Shared {
     pub(super) config: StoreConfig,
     /// How long a tag is served without asking upstream, per registry.
     pub(super) tag_ttl: TagTtl,
+    /// `upstream.resume_attempts`: resumes of a cut upstream body.
+    pub(super) resume_attempts: u32,
+    /// `upstream.range_fill`: a range on a blob not cached also starts
+    /// the download of the whole blob.
+    pub(super) range_fill: bool,
     /// Cache outcomes, downloads, evictions, mismatches.
     pub(super) metrics: Arc<Metrics>,
     /// Manifests recently served, by digest (bounded by bytes).

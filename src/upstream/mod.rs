@@ -8,6 +8,7 @@
 mod auth;
 mod error;
 mod health;
+mod partial;
 mod ratelimit;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 
 pub use auth::Challenge;
 pub use error::{Envelope, Error, Result};
+pub use partial::ContentRange;
 
 use crate::config::{Credentials, RegistryConfig, UpstreamConfig};
 use crate::metrics::Metrics;
@@ -58,16 +60,27 @@ pub struct TagsResponse {
 pub struct BlobResponse {
     response: reqwest::Response,
     /// Held while the body streams: caps concurrent downloads per registry.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     registry: String,
     stall_timeout: Duration,
     /// `Content-Length`, when upstream sent it.
     pub len: Option<u64>,
     /// Position in the blob of the first body byte (non-zero for a 206).
     pub offset: u64,
+    /// A strong `ETag`, to guard a resume with `If-Range`.
+    pub etag: Option<String>,
 }
 
+/// The right to run one blob download against a registry.
+pub type FetchPermit = tokio::sync::OwnedSemaphorePermit;
+
 impl BlobResponse {
+    /// Drops the body (its connection) and keeps its download permit, for
+    /// the request that resumes it.
+    pub fn into_permit(self) -> Option<FetchPermit> {
+        self.permit
+    }
+
     /// The next chunk, `None` at the end; fails if nothing arrives within the
     /// stall timeout or the connection breaks.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
@@ -83,6 +96,17 @@ impl BlobResponse {
             }),
         }
     }
+}
+
+/// Upstream's answer to a client's own `Range`.
+pub struct RangeResponse {
+    /// `206`: upstream honoured the range (else it sent all of the blob).
+    pub partial: bool,
+    /// `Content-Type`: `multipart/byteranges; boundary=…` for several ranges.
+    pub content_type: Option<String>,
+    /// `Content-Range` of a single-range answer.
+    pub content_range: Option<String>,
+    pub body: BlobResponse,
 }
 
 /// Client for all upstream registries.
@@ -153,7 +177,7 @@ impl Client {
     ) -> Result<ManifestResponse> {
         let path = format!("manifests/{reference}");
         let response = self
-            .send(repo, Method::GET, &path, Some((header::ACCEPT, accept)))
+            .send(repo, Method::GET, &path, &[(header::ACCEPT, accept)])
             .await?;
         let registry = repo.registry();
         let limit = self.max_manifest_bytes;
@@ -199,7 +223,7 @@ impl Client {
     ) -> Result<ManifestHead> {
         let path = format!("manifests/{reference}");
         let response = self
-            .send(repo, Method::HEAD, &path, Some((header::ACCEPT, accept)))
+            .send(repo, Method::HEAD, &path, &[(header::ACCEPT, accept)])
             .await?;
         Ok(ManifestHead {
             digest: content_digest(response.headers()),
@@ -227,37 +251,109 @@ impl Client {
         digest: &Digest,
         offset: u64,
     ) -> Result<BlobResponse> {
-        let semaphore = self
-            .fetch_permits
-            .lock()
-            .entry(repo.registry().to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_fetches)))
-            .clone();
-        let permit = semaphore
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let range = (offset > 0).then(|| format!("bytes={offset}-"));
+        self.resume_blob(repo, digest, offset, None, None).await
+    }
+
+    /// `get_blob_from` guarded by `if_range` (the `ETag` of an earlier
+    /// answer): a registry whose blob changed since answers `200` with all
+    /// of it rather than splicing two versions (RFC 9110 §13.1.5). A `206`
+    /// whose `Content-Range` does not start at `offset` is refused. With
+    /// the `permit` of the body being resumed, no new one is waited for.
+    pub async fn resume_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+        if_range: Option<&str>,
+        permit: Option<FetchPermit>,
+    ) -> Result<BlobResponse> {
+        let permit = match permit {
+            Some(permit) => permit,
+            None => {
+                let semaphore = self
+                    .fetch_permits
+                    .lock()
+                    .entry(repo.registry().to_owned())
+                    .or_insert_with(|| {
+                        Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_fetches))
+                    })
+                    .clone();
+                semaphore
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed")
+            }
+        };
+        let range = format!("bytes={offset}-");
+        let mut headers = Vec::new();
+        if offset > 0 {
+            headers.push((header::RANGE, range.as_str()));
+            if let Some(etag) = if_range {
+                headers.push((header::IF_RANGE, etag));
+            }
+        }
         let response = self
-            .send(
-                repo,
-                Method::GET,
-                &format!("blobs/{digest}"),
-                range.as_deref().map(|r| (header::RANGE, r)),
-            )
+            .send(repo, Method::GET, &format!("blobs/{digest}"), &headers)
             .await?;
         let offset = if response.status() == StatusCode::PARTIAL_CONTENT {
-            offset
+            match ContentRange::of(response.headers()) {
+                Some(range) if range.start == offset => offset,
+                _ => {
+                    return Err(Error::BadResponse {
+                        registry: repo.registry().to_owned(),
+                        message: format!("206 without a content-range starting at {offset}"),
+                    })
+                }
+            }
         } else {
             0
         };
         Ok(BlobResponse {
             offset,
-            _permit: permit,
+            permit: Some(permit),
             len: response.content_length(),
+            etag: partial::strong_etag(response.headers()),
             response,
             registry: repo.registry().to_owned(),
             stall_timeout: self.stall_timeout,
+        })
+    }
+
+    /// `GET` with the client's own `Range` header (one range or several),
+    /// for a blob not cached: the answer is relayed as upstream gave it. No
+    /// download permit is taken: a range is one short request, like a
+    /// manifest, and must not queue behind whole-blob downloads (a lazy
+    /// puller reads ranges while the layer downloads).
+    pub async fn get_blob_range(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: &str,
+    ) -> Result<RangeResponse> {
+        let response = self
+            .send(
+                repo,
+                Method::GET,
+                &format!("blobs/{digest}"),
+                &[(header::RANGE, range)],
+            )
+            .await?;
+        let partial = response.status() == StatusCode::PARTIAL_CONTENT;
+        let content_type = header_string(response.headers(), header::CONTENT_TYPE);
+        let content_range = header_string(response.headers(), header::CONTENT_RANGE);
+        Ok(RangeResponse {
+            partial,
+            content_type,
+            content_range,
+            body: BlobResponse {
+                offset: 0,
+                permit: None,
+                len: response.content_length(),
+                etag: None,
+                response,
+                registry: repo.registry().to_owned(),
+                stall_timeout: self.stall_timeout,
+            },
         })
     }
 
@@ -265,7 +361,7 @@ impl Client {
     /// cached for another repository) and returns its length if given.
     pub async fn head_blob(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
         let response = self
-            .send(repo, Method::HEAD, &format!("blobs/{digest}"), None)
+            .send(repo, Method::HEAD, &format!("blobs/{digest}"), &[])
             .await?;
         Ok(header_string(response.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()))
     }
@@ -282,7 +378,7 @@ impl Client {
                 repo,
                 Method::GET,
                 &path,
-                Some((header::ACCEPT, "application/json")),
+                &[(header::ACCEPT, "application/json")],
             )
             .await?;
         let content_type = header_string(response.headers(), header::CONTENT_TYPE);
@@ -315,7 +411,7 @@ impl Client {
         repo: &Repository,
         method: Method,
         tail: &str,
-        extra: Option<(header::HeaderName, &str)>,
+        extra: &[(header::HeaderName, &str)],
     ) -> Result<reqwest::Response> {
         let registry = repo.registry();
         let (base, credentials) = self.endpoint(registry)?;
@@ -338,7 +434,7 @@ impl Client {
                     registry,
                     &method,
                     url.clone(),
-                    extra.clone(),
+                    extra,
                     authorization.as_ref(),
                 )
                 .await;
@@ -376,13 +472,13 @@ impl Client {
         registry: &str,
         method: &Method,
         mut url: reqwest::Url,
-        extra: Option<(header::HeaderName, &str)>,
+        extra: &[(header::HeaderName, &str)],
         authorization: Option<&auth::Authorization>,
     ) -> Result<reqwest::Response> {
         let origin = url.origin();
         for hop in 0..=MAX_REDIRECTS {
             let mut request = self.http.request(method.clone(), url.clone());
-            if let Some((name, value)) = &extra {
+            for (name, value) in extra {
                 request = request.header(name.clone(), *value);
             }
             if let (Some(auth), true) = (authorization, url.origin() == origin) {

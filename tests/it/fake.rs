@@ -44,6 +44,23 @@ pub enum Fault {
     /// pseudo-random sequence). Used by tests/e2e_load.rs.
     #[allow(dead_code)]
     Random(u32),
+    /// Cut the body after this many bytes, for as many responses as the
+    /// counter says (each matching GET takes one), then behave.
+    CutAfter(usize, Arc<std::sync::atomic::AtomicUsize>),
+    /// Ignore `Range` headers: always the whole blob with 200.
+    IgnoreRange,
+    /// The first GET serves these bytes instead (under another `ETag`), cut
+    /// after half of them; later requests get the real blob.
+    ChangedOnce(Bytes, Arc<std::sync::atomic::AtomicBool>),
+}
+
+impl Fault {
+    fn is_spent(&self) -> bool {
+        match self {
+            Fault::CutAfter(_, left) => left.load(std::sync::atomic::Ordering::SeqCst) == 0,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -62,6 +79,10 @@ pub struct State {
     redirect: Mutex<Option<String>>,
     /// Failures injected by `Fault::Random`.
     pub injected: std::sync::atomic::AtomicU64,
+    /// Request lines that carried a `Range` header.
+    ranges: Mutex<Vec<String>>,
+    /// Answer several ranges with 416 instead of `multipart/byteranges`.
+    single_range_only: std::sync::atomic::AtomicBool,
 }
 
 fn next_random() -> u64 {
@@ -265,6 +286,20 @@ impl Fake {
             .count()
     }
 
+    /// How many requests with a `Range` header matched `path`.
+    pub fn range_hits(&self, path: &str) -> usize {
+        let ranges = self.state.ranges.lock().unwrap();
+        ranges.iter().filter(|line| line.contains(path)).count()
+    }
+
+    /// Makes the fake refuse requests for several ranges (416), as many
+    /// registries do.
+    pub fn single_range_only(&self) {
+        self.state
+            .single_range_only
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn all_hits(&self) -> Vec<String> {
         self.state.hits.lock().unwrap().clone()
     }
@@ -293,6 +328,22 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
         .headers()
         .get("authorization")
         .map(|v| v.to_str().unwrap_or("?").to_owned());
+    let ranges = Ranges {
+        range: req
+            .headers()
+            .get("range")
+            .map(|v| v.to_str().unwrap_or("?").to_owned()),
+        if_range: req
+            .headers()
+            .get("if-range")
+            .map(|v| v.to_str().unwrap_or("?").to_owned()),
+        single_only: state
+            .single_range_only
+            .load(std::sync::atomic::Ordering::SeqCst),
+    };
+    if ranges.range.is_some() {
+        state.ranges.lock().unwrap().push(line.clone());
+    }
     state
         .authorizations
         .lock()
@@ -304,7 +355,9 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
         .lock()
         .unwrap()
         .iter()
-        .find(|(p, _)| path.contains(p.as_str()))
+        // A spent `CutAfter` no longer matches: the next fault for the
+        // path (if any) does.
+        .find(|(p, f)| path.contains(p.as_str()) && !f.is_spent())
         .map(|(_, f)| f.clone());
     if let Some(Fault::Delay(d)) = &fault {
         tokio::time::sleep(*d).await;
@@ -373,7 +426,7 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
             .find(|((_, d), _)| d == digest)
             .map(|(_, v)| v.clone());
         return match data {
-            Some(data) => body_response(data, fault, &method).await,
+            Some(data) => blob_response(data, digest, fault, &method, &ranges).await,
             None => full(StatusCode::NOT_FOUND, ""),
         };
     }
@@ -435,7 +488,7 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
                 r
             }
             (Some(data), _) => {
-                let mut r = body_response(data, fault, &method).await;
+                let mut r = blob_response(data, digest, fault, &method, &ranges).await;
                 r.headers_mut()
                     .insert("docker-content-digest", digest.parse().unwrap());
                 r
@@ -457,6 +510,119 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
         .insert("ratelimit-limit", "100;w=21600".parse().unwrap());
     r.headers_mut()
         .insert("ratelimit-remaining", "42;w=21600".parse().unwrap());
+    r
+}
+
+/// The `Range` and `If-Range` headers of a request.
+struct Ranges {
+    range: Option<String>,
+    if_range: Option<String>,
+    /// Refuse several ranges.
+    single_only: bool,
+}
+
+/// `[start, end)` ranges of a `bytes=` header for a blob of `len` bytes, as
+/// the spec reads them (an independent reading, not hoard's parser).
+fn parse_ranges(header: &str, len: usize) -> Option<Vec<(usize, usize)>> {
+    let spec = header.strip_prefix("bytes=")?;
+    let mut out = Vec::new();
+    for part in spec.split(',') {
+        let (a, b) = part.trim().split_once('-')?;
+        let range = if a.is_empty() {
+            let n: usize = b.parse().ok()?;
+            (len.saturating_sub(n), len)
+        } else {
+            let a: usize = a.parse().ok()?;
+            let b = if b.is_empty() { len - 1 } else { b.parse().ok()? };
+            (a, (b + 1).min(len))
+        };
+        if range.0 >= range.1 {
+            return None;
+        }
+        out.push(range);
+    }
+    Some(out)
+}
+
+/// A blob, whole or the ranges asked (`ETag` is its digest), then the
+/// fault applied to that body.
+async fn blob_response(
+    data: Bytes,
+    digest: &str,
+    fault: Option<Fault>,
+    method: &str,
+    ranges: &Ranges,
+) -> Response<BoxBody> {
+    use std::sync::atomic::Ordering;
+    let etag = format!("\"{digest}\"");
+    if let Some(Fault::ChangedOnce(other, used)) = &fault {
+        if method == "GET" && !used.swap(true, Ordering::SeqCst) {
+            let mut r = body_response(
+                other.clone(),
+                Some(Fault::CutAfter(
+                    other.len() / 2,
+                    Arc::new(std::sync::atomic::AtomicUsize::new(1)),
+                )),
+                method,
+            )
+            .await;
+            r.headers_mut()
+                .insert("etag", "\"other-version\"".parse().unwrap());
+            return r;
+        }
+    }
+    let validator_ok = ranges.if_range.as_deref().is_none_or(|v| v == etag);
+    let honour = !matches!(fault, Some(Fault::IgnoreRange)) && validator_ok;
+    let asked = match (&ranges.range, honour) {
+        (Some(header), true) => parse_ranges(header, data.len()),
+        _ => None,
+    };
+    let len = data.len();
+    let mut r = match asked.as_deref() {
+        None => body_response(data, fault, method).await,
+        Some([(start, end)]) => {
+            let mut r = body_response(data.slice(*start..*end), fault, method).await;
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r.headers_mut().insert(
+                "content-range",
+                format!("bytes {start}-{}/{len}", end - 1).parse().unwrap(),
+            );
+            r
+        }
+        Some(_) if ranges.single_only => {
+            let mut r = full(StatusCode::RANGE_NOT_SATISFIABLE, "");
+            r.headers_mut()
+                .insert("content-range", format!("bytes */{len}").parse().unwrap());
+            r
+        }
+        Some(parts) => {
+            let boundary = "fake-boundary";
+            let mut body = Vec::new();
+            for (start, end) in parts {
+                body.extend_from_slice(
+                    format!(
+                        "--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {start}-{}/{len}\r\n\r\n",
+                        end - 1
+                    )
+                    .as_bytes(),
+                );
+                body.extend_from_slice(&data[*start..*end]);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+            let mut r = body_response(body.into(), fault, method).await;
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r.headers_mut().insert(
+                "content-type",
+                format!("multipart/byteranges; boundary={boundary}")
+                    .parse()
+                    .unwrap(),
+            );
+            r
+        }
+    };
+    r.headers_mut().insert("etag", etag.parse().unwrap());
+    r.headers_mut().insert("accept-ranges", "bytes".parse().unwrap());
     r
 }
 
@@ -485,6 +651,25 @@ async fn body_response(data: Bytes, fault: Option<Fault>, method: &str) -> Respo
         Some(Fault::Gate(gate)) => {
             let chunks = vec![Ok(data.slice(..len / 2)), Ok(data.slice(len / 2..))];
             StreamBody::new(futures_stream(chunks, Some((1, gate)), None)).boxed()
+        }
+        Some(Fault::CutAfter(at, left))
+            if left
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok() =>
+        {
+            let stream = futures_stream(
+                vec![
+                    Ok(data.slice(..at.min(len))),
+                    Err(std::io::Error::other("cut")),
+                ],
+                None,
+                None,
+            );
+            StreamBody::new(stream).boxed()
         }
         Some(Fault::Slow(pause)) => {
             let chunks = (0..len)

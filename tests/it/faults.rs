@@ -199,7 +199,11 @@ async fn cut_body_leaves_nothing_and_the_next_request_refetches() {
     let data = vec![3u8; 1 << 20];
     let digest = fake.put_blob("library/x", data.clone());
     fake.fault("/blobs/", Fault::CutBody);
-    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    // No resume: what a download does once its attempts are spent.
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.resume_attempts = Some(0);
+    })
+    .await;
     let path = format!("/v2/x/blobs/{digest}");
     let r = hoard.get(&path).await;
     assert!(r.bytes().await.is_err());
@@ -216,7 +220,8 @@ async fn stalled_body_is_abandoned_after_the_stall_timeout() {
     let digest = fake.put_blob("library/x", vec![1u8; 256 * 1024]);
     fake.fault("/blobs/", Fault::Slow(Duration::from_secs(3)));
     let hoard = Hoard::start(&fake.url(), &[], |args| {
-        args.stall_timeout = Some("300ms".into())
+        args.stall_timeout = Some("300ms".into());
+        args.resume_attempts = Some(0);
     })
     .await;
     let r = hoard.get(&format!("/v2/x/blobs/{digest}")).await;

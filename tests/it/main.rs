@@ -15,6 +15,7 @@ mod leaks;
 mod login;
 mod pull;
 mod regression;
+mod resume;
 mod single_flight;
 mod tls;
 mod warm;
