@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod mirror;
+pub mod ranges;
 pub mod reference;
 pub mod registry;
 pub mod store;

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use hoard::mirror::Manifest;
 use hoard::reference::{Digest, Reference, Repository};
-use hoard::registry::range;
+use hoard::ranges::Ranges;
 use hoard::registry::{route, Route};
 use hoard::upstream::Challenge;
 use proptest::prelude::*;
@@ -78,9 +78,15 @@ proptest! {
     }
 
     #[test]
-    fn range_never_panics_and_stays_inside_the_blob(header in ".{0,60}", len in 0u64..u64::MAX) {
-        if let Ok((start, end)) = range::parse(&header, len) {
-            prop_assert!(start < end && end <= len, "{} of {} -> {}..{}", header, len, start, end);
+    fn ranges_never_panic_and_stay_inside_the_blob(header in "bytes=[0-9, -]{0,60}|.{0,60}", len in 0u64..u64::MAX) {
+        if let Ok(parts) = Ranges::parse(&header).and_then(|r| r.resolve(len)) {
+            prop_assert!(!parts.is_empty() && parts.len() <= hoard::ranges::MAX_RANGES);
+            for (start, end) in &parts {
+                prop_assert!(start < end && *end <= len, "{} of {} -> {}..{}", header, len, start, end);
+            }
+            if parts.len() > 1 {
+                prop_assert!(parts.iter().map(|(s, e)| e - s).sum::<u64>() <= len);
+            }
         }
     }
 
@@ -88,7 +94,8 @@ proptest! {
     fn well_formed_ranges_parse(len in 1u64..1 << 40, a in 0u64..1 << 40, b in 0u64..1 << 40) {
         let (first, last) = (a.min(b) % len, a.max(b));
         let header = format!("bytes={first}-{last}");
-        prop_assert_eq!(range::parse(&header, len), Ok((first, last.min(len - 1) + 1)));
+        let parts = Ranges::parse(&header).and_then(|r| r.resolve(len));
+        prop_assert_eq!(parts, Ok(vec![(first, last.min(len - 1) + 1)]));
     }
 
     #[test]

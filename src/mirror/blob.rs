@@ -16,7 +16,7 @@ use super::fill::{Fill, FillState};
 use super::fills::Lead;
 use super::resume::Resumer;
 use super::shared::Shared;
-use super::stream::{self, ByteStream, Follow, Handoff};
+use super::stream::{self, ByteStream, Follow, Handoff, Piece};
 use super::upload;
 use super::Caller;
 use super::Outcome;
@@ -55,10 +55,22 @@ enum Source {
 impl Blob {
     /// Streams `start..end` (the whole blob with `None`).
     pub fn stream(self, range: Option<(u64, u64)>) -> ByteStream {
-        let (start, end) = match range {
-            Some((start, end)) => (start, Some(end)),
-            None => (0, self.len),
+        let piece = match range {
+            Some((start, end)) => Piece::Range(start, Some(end)),
+            None => Piece::Range(0, self.len),
         };
+        self.stream_pieces(vec![piece])
+    }
+
+    /// Whether `stream_pieces` can send several ranges: not for a blob
+    /// relayed uncached, whose upstream body only goes forward once.
+    pub fn serves_parts(&self) -> bool {
+        !matches!(self.source, Source::Passthrough(..))
+    }
+
+    /// Streams ranges of the blob with the caller's bytes between them (a
+    /// `multipart/byteranges` answer), in order.
+    pub fn stream_pieces(self, pieces: Vec<Piece>) -> ByteStream {
         let source = if self.outcome == Outcome::Hit {
             "cache"
         } else {
@@ -67,16 +79,24 @@ impl Blob {
         let served = self.served.with_label_values(&[source]);
         match self.source {
             Source::Stored(blob, on_damaged) => {
-                stream::spawn(blob.reader, start, end, Follow::Stored(on_damaged), served)
+                stream::spawn(blob.reader, pieces, Follow::Stored(on_damaged), served)
             }
-            Source::Filling(fill, resume) => stream::spawn(
-                fill.reader(),
-                start,
-                end,
-                Follow::Fill(fill, resume),
-                served,
-            ),
+            Source::Filling(fill, resume) => {
+                stream::spawn(fill.reader(), pieces, Follow::Fill(fill, resume), served)
+            }
             Source::Passthrough(response, digest) => {
+                let (start, end) = match pieces.as_slice() {
+                    [Piece::Range(start, end)] => (*start, *end),
+                    // `serves_parts` said no; a caller that asked anyway
+                    // gets the first range.
+                    _ => pieces
+                        .iter()
+                        .find_map(|p| match p {
+                            Piece::Range(start, end) => Some((*start, *end)),
+                            Piece::Literal(_) => None,
+                        })
+                        .unwrap_or((0, Some(0))),
+                };
                 stream::relay(*response, digest, start, end, served)
             }
         }
@@ -781,7 +801,7 @@ async fn download(
     })
 }
 
-fn blob_error(e: upstream::Error, repo: &Repository, digest: &Digest) -> Error {
+pub(super) fn blob_error(e: upstream::Error, repo: &Repository, digest: &Digest) -> Error {
     match e {
         upstream::Error::NotFound { .. } => Error::BlobUnknown {
             repo: repo.clone(),

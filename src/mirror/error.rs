@@ -32,6 +32,10 @@ pub enum Error {
     /// The replica that owns the object could not serve it.
     #[error(transparent)]
     Peer(#[from] cluster::Error),
+    /// Several ranges of a blob not cached, which upstream would only
+    /// answer whole: refused rather than sent whole as a silent `200`.
+    #[error("upstream cannot serve several ranges of a blob not cached")]
+    RangesRefused,
     #[error("internal error: {0}")]
     Internal(String),
 }

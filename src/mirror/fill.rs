@@ -57,6 +57,8 @@ struct Window {
 pub struct Fill {
     repo: Repository,
     reader: BlobReader,
+    /// When the download started, for its rate.
+    created: std::time::Instant,
     state: watch::Sender<FillState>,
     window: Mutex<Window>,
 }
@@ -67,6 +69,7 @@ impl Fill {
         Fill {
             repo,
             reader,
+            created: std::time::Instant::now(),
             state: watch::Sender::new(FillState::Connecting),
             window: Mutex::default(),
         }
@@ -168,6 +171,32 @@ impl Fill {
     /// store may still be running).
     pub fn is_complete(&self) -> bool {
         matches!(*self.state.borrow(), FillState::Complete { .. })
+    }
+
+    /// The blob's length (when announced) and the bytes received so far,
+    /// once upstream answered and until the fill fails.
+    pub fn progress(&self) -> Option<(Option<u64>, u64)> {
+        match *self.state.borrow() {
+            FillState::Streaming { len, received } => Some((len, received)),
+            FillState::Complete { len } => Some((Some(len), len)),
+            FillState::Connecting | FillState::Failed(_) => None,
+        }
+    }
+
+    /// Whether the bytes before `end` arrived or, at the rate they have
+    /// been arriving since the download started, will within `within`.
+    pub fn due_within(&self, end: u64, within: std::time::Duration) -> bool {
+        let Some((_, received)) = self.progress() else {
+            return false;
+        };
+        if end <= received {
+            return true;
+        }
+        // Over at least a quarter second: the first chunks arrive in a
+        // burst that says nothing of the link's rate.
+        let elapsed = self.created.elapsed().max(std::time::Duration::from_millis(250));
+        let rate = received as f64 / elapsed.as_secs_f64();
+        rate > 0.0 && (end - received) as f64 / rate <= within.as_secs_f64()
     }
 
     /// Whether the fill reached its end, good or bad.
@@ -300,6 +329,21 @@ mod tests {
         fill.push(Bytes::from_static(b"def"));
         fill.set(FillState::Complete { len: 6 });
         assert!(matches!(fill.source(0, 6), Source::File(6)));
+    }
+
+    #[test]
+    fn bytes_are_due_when_arrived_or_close_at_the_observed_rate() {
+        use std::time::Duration;
+        let fill = fill();
+        assert!(!fill.due_within(1, Duration::from_secs(1)));
+        fill.received(1000);
+        assert!(fill.due_within(1000, Duration::ZERO));
+        // 1000 bytes in a quarter second (or more): a few more are due
+        // within a second, a terabyte is not.
+        assert!(fill.due_within(1001, Duration::from_secs(1)));
+        assert!(!fill.due_within(1 << 40, Duration::from_secs(1)));
+        fill.set(FillState::Failed(Error::Internal("x".into())));
+        assert!(!fill.due_within(10, Duration::from_secs(1)));
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod fill;
 mod fills;
 mod fleet;
 mod flight;
+mod lazy;
 mod manifest;
 mod outcome;
 mod resume;
@@ -44,14 +45,16 @@ pub use accept::Accept;
 pub use blob::Blob;
 pub use caller::{Caller, CHECKED_AT_HEADER};
 pub use error::{Error, Result, UpstreamFailure};
+pub use lazy::{Ranged, Relayed};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
-pub use stream::ByteStream;
+pub use stream::{ByteStream, Piece};
 pub use tag_list::TagList;
 
 use crate::cluster::Cluster;
 use crate::config::{StoreConfig, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::ranges::Ranges;
 use crate::reference::{Digest, Reference, Repository};
 use crate::store::{self, Bucket, Store};
 use crate::upstream;
@@ -222,6 +225,28 @@ impl Mirror {
         let blob = blob::lookup(&self.shared, repo, digest, caller).await?;
         self.shared.count("blob", blob.outcome);
         Ok(blob)
+    }
+
+    /// A blob asked for by `Range` (`header` as the client sent it): served
+    /// from here when the bytes are here or due soon, else upstream's
+    /// partial answer relayed while the whole blob downloads (see `lazy`).
+    pub async fn blob_range(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        caller: &Caller,
+        ranges: &Ranges,
+        header: &str,
+    ) -> Result<Ranged> {
+        self.shared.check_registry(repo)?;
+        self.shared.check_loop(caller)?;
+        let ranged = lazy::lookup(&self.shared, repo, digest, caller, ranges, header).await?;
+        let outcome = match &ranged {
+            Ranged::Here(blob) => blob.outcome,
+            Ranged::Relayed(_) => Outcome::Miss,
+        };
+        self.shared.count("blob", outcome);
+        Ok(ranged)
     }
 
     /// With `store.s3.redirect`, a presigned bucket URL to send the client

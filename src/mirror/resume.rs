@@ -184,8 +184,7 @@ impl<'a> Resumer<'a> {
             if !same {
                 return Err(Error::Upstream(upstream::Error::Body {
                     registry: self.repo.registry().to_owned(),
-                    message: "upstream sent different bytes when asked again; nothing kept"
-                        .into(),
+                    message: "upstream sent different bytes when asked again; nothing kept".into(),
                 }));
             }
         }

@@ -100,16 +100,8 @@ impl Handoff {
         digest: Digest,
         hasher: Option<Sha256>,
     ) {
-        pump(
-            response,
-            digest,
-            self.pos,
-            self.end,
-            hasher,
-            self.tx,
-            self.served,
-        )
-        .await;
+        let verify = hasher.map(|hasher| (hasher, digest));
+        pump(response, self.pos, self.end, verify, self.tx, self.served).await;
     }
 
     /// Ends the transfer with an error: the client sees a cut connection.
@@ -118,65 +110,128 @@ impl Handoff {
     }
 }
 
-/// Streams `reader[start..end]` of what `follow` says (a download in
-/// progress may not know `end` until it completes).
+/// What a transfer sends, in order: ranges of the blob (`end` unknown for
+/// a download of unannounced length) and bytes of the caller's own between
+/// them (the part headers of a `multipart/byteranges` answer).
+pub enum Piece {
+    Range(u64, Option<u64>),
+    Literal(Bytes),
+}
+
+/// Streams `pieces` of what `follow` says.
 pub(super) fn spawn(
     reader: BlobReader,
-    start: u64,
-    end: Option<u64>,
+    pieces: Vec<Piece>,
     follow: Follow,
     served: IntCounter,
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel(DEPTH);
     tokio::spawn(async move {
-        let (fill, mut on_damaged, mut resume) = match follow {
+        let (fill, on_damaged, resume) = match follow {
             Follow::Stored(on_damaged) => (None, Some(on_damaged), None),
             Follow::Fill(fill, resume) => (Some(fill), None, Some(resume)),
         };
-        let mut progress = fill.as_ref().map(|fill| fill.subscribe());
+        let mut transfer = Transfer {
+            progress: fill.as_ref().map(|fill| fill.subscribe()),
+            fill,
+            reader,
+            on_damaged,
+            // Upstream can finish one range for the client, not a
+            // multipart answer.
+            resume: resume.filter(|_| pieces.len() == 1),
+            tx,
+            served,
+        };
+        for piece in pieces {
+            let (start, end) = match piece {
+                Piece::Literal(bytes) => {
+                    if !deliver(&transfer.tx, bytes).await {
+                        return;
+                    }
+                    continue;
+                }
+                Piece::Range(start, end) => (start, end),
+            };
+            match transfer.send(start, end).await {
+                Sent::All => {}
+                Sent::Stopped => return,
+                Sent::HandOff(pos) => {
+                    let resume = transfer.resume.take().expect("only with a resume");
+                    let handoff = Handoff {
+                        reader: transfer.reader,
+                        pos,
+                        start,
+                        end,
+                        tx: transfer.tx,
+                        served: transfer.served,
+                    };
+                    resume(handoff).await;
+                    return;
+                }
+            }
+        }
+    });
+    ByteStream { rx }
+}
+
+/// One transfer's reading side.
+struct Transfer {
+    reader: BlobReader,
+    fill: Option<Arc<Fill>>,
+    progress: Option<tokio::sync::watch::Receiver<super::fill::FillState>>,
+    on_damaged: Option<OnDamaged>,
+    resume: Option<Resume>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    served: IntCounter,
+}
+
+/// How sending a range ended.
+enum Sent {
+    All,
+    /// The client is gone or was sent an error.
+    Stopped,
+    /// The download failed locally at this position: `resume` finishes.
+    HandOff(u64),
+}
+
+impl Transfer {
+    /// Sends `reader[start..end]`.
+    async fn send(&mut self, start: u64, end: Option<u64>) -> Sent {
         let mut pos = start;
         while end.is_none_or(|end| pos < end) {
-            let limit = match progress.as_mut() {
+            let limit = match self.progress.as_mut() {
                 None => end.expect("stored blobs have a length"),
                 Some(rx) => match Fill::readable(rx, pos).await {
                     Ok(limit) => limit,
                     // A local failure (disk full, I/O): upstream has the
                     // rest. A bucket that failed mid-read is not resumed
                     // upstream: the fleet's copy exists, the client retries.
-                    Err(Error::Store(e)) if resume.is_some() && !e.is_bucket() => {
-                        let resume = resume.take().expect("checked");
-                        let handoff = Handoff {
-                            reader,
-                            pos,
-                            start,
-                            end,
-                            tx,
-                            served,
-                        };
-                        resume(handoff).await;
-                        return;
+                    Err(Error::Store(e)) if self.resume.is_some() && !e.is_bucket() => {
+                        return Sent::HandOff(pos);
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-                        return;
+                        let _ = self.tx.send(Err(io::Error::other(e.to_string()))).await;
+                        return Sent::Stopped;
                     }
                 },
             };
             let limit = end.map_or(limit, |end| limit.min(end));
             if limit <= pos {
                 if end.is_some_and(|end| pos < end) {
-                    let _ = tx
+                    let _ = self
+                        .tx
                         .send(Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "blob shorter than announced",
                         )))
                         .await;
+                    return Sent::Stopped;
                 }
-                return;
+                return Sent::All;
             }
             // A reader keeping up with a download takes the chunks that just
             // arrived; everything else is read from the file.
-            let until = match fill.as_ref().map(|fill| fill.source(pos, limit)) {
+            let until = match self.fill.as_ref().map(|fill| fill.source(pos, limit)) {
                 Some(Source::Memory(chunk)) => Err(chunk),
                 // The fill failed under us: the state says how to go on.
                 Some(Source::File(until)) if until <= pos => continue,
@@ -185,29 +240,41 @@ pub(super) fn spawn(
             };
             let read = match until {
                 Err(chunk) => Ok(chunk),
-                Ok(until) => reader.read(pos, (until - pos).min(CHUNK) as usize).await,
+                Ok(until) => {
+                    self.reader
+                        .read(pos, (until - pos).min(CHUNK) as usize)
+                        .await
+                }
             };
             match read {
                 Ok(chunk) => {
                     let n = chunk.len() as u64;
-                    served.inc_by(n);
-                    if !deliver(&tx, chunk).await {
-                        return;
+                    self.served.inc_by(n);
+                    if !deliver(&self.tx, chunk).await {
+                        return Sent::Stopped;
                     }
                     pos += n;
                 }
                 Err(e) => {
                     if e.kind() == io::ErrorKind::UnexpectedEof {
-                        if let Some(on_damaged) = on_damaged.take() {
+                        if let Some(on_damaged) = self.on_damaged.take() {
                             on_damaged();
                         }
                     }
-                    let _ = tx.send(Err(e)).await;
-                    return;
+                    let _ = self.tx.send(Err(e)).await;
+                    return Sent::Stopped;
                 }
             }
         }
-    });
+        Sent::All
+    }
+}
+
+/// Relays an upstream body as it comes, unverified: a range of a blob not
+/// cached (see `lazy`), which no digest covers.
+pub(super) fn forward(response: crate::upstream::BlobResponse, served: IntCounter) -> ByteStream {
+    let (tx, rx) = mpsc::channel(DEPTH);
+    tokio::spawn(pump(response, 0, None, None, tx, served));
     ByteStream { rx }
 }
 
@@ -223,20 +290,20 @@ pub(super) fn relay(
     served: IntCounter,
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel(DEPTH);
-    let hasher = (start == 0).then(Sha256::new);
-    tokio::spawn(pump(response, digest, start, end, hasher, tx, served));
+    let verify = (start == 0).then(|| (Sha256::new(), digest));
+    tokio::spawn(pump(response, start, end, verify, tx, served));
     ByteStream { rx }
 }
 
 /// Sends `[send_from, end)` of an upstream body (whose first byte is at
-/// `response.offset`). With a `hasher` (holding every byte before the body),
-/// the whole blob is verified before the last chunk goes out.
+/// `response.offset`). With `verify` (a hasher holding every byte before
+/// the body, and the digest), the whole blob is verified before the last
+/// chunk goes out.
 async fn pump(
     mut response: crate::upstream::BlobResponse,
-    digest: Digest,
     send_from: u64,
     end: Option<u64>,
-    mut hasher: Option<Sha256>,
+    mut verify: Option<(Sha256, Digest)>,
     tx: mpsc::Sender<io::Result<Bytes>>,
     served: IntCounter,
 ) {
@@ -251,7 +318,7 @@ async fn pump(
                 return;
             }
         };
-        if let Some(hasher) = hasher.as_mut() {
+        if let Some((hasher, _)) = verify.as_mut() {
             hasher.update(&chunk);
         }
         let (from, to) = (pos, pos + chunk.len() as u64);
@@ -269,7 +336,7 @@ async fn pump(
         }
     }
     let complete = end.is_none_or(|end| end == pos);
-    if let (Some(hasher), true) = (hasher, complete) {
+    if let (Some((hasher, digest)), true) = (verify, complete) {
         if Digest::from_hasher(hasher) != digest {
             let _ = tx
                 .send(Err(io::Error::other(

@@ -178,6 +178,11 @@ impl From<&mirror::Error> for ApiError {
             M::Store(e) if e.is_bucket() => {
                 ApiError::new(Code::StoreUnavailable, "the shared store is unavailable")
             }
+            // stargz-snapshotter falls back to single ranges on an error.
+            M::RangesRefused => ApiError::new(
+                Code::RangeInvalid,
+                "several ranges of a blob not cached yet: ask for one at a time",
+            ),
             M::Store(_) | M::Internal(_) => ApiError::new(Code::Unknown, "internal error"),
         }
     }
@@ -332,6 +337,11 @@ mod tests {
                 mirror::Error::Loop,
                 StatusCode::LOOP_DETECTED,
                 "UNAVAILABLE",
+            ),
+            (
+                mirror::Error::RangesRefused,
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "RANGE_INVALID",
             ),
         ];
         for (err, status, code) in cases {

@@ -9,9 +9,10 @@ use super::access::{Refusal, Who};
 use super::app::{App, Surface};
 use super::body::{json_response, AccessLog, Body};
 use super::error::{failed, response as error, ApiError, Code};
-use super::range::{self, RangeError};
+use super::multipart;
 use super::routes::{self, Route, RouteError};
-use crate::mirror::{Accept, Caller, Outcome, CHECKED_AT_HEADER};
+use crate::mirror::{Accept, Caller, Outcome, Ranged, Relayed, CHECKED_AT_HEADER};
+use crate::ranges::{RangeError, Ranges};
 use crate::reference::{Digest, Reference, Repository};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -279,68 +280,143 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
     let range_header = headers
         .get(header::RANGE)
         .map(|v| v.to_str().unwrap_or("invalid"));
+    let ranges = match range_header.map(Ranges::parse).transpose() {
+        Ok(ranges) => ranges,
+        Err(e) => return Ok((range_error(e, None), None)),
+    };
     let caller = Caller::from_headers(headers);
-    let redirect = app
-        .mirror
-        .blob_redirect(repo, digest, &caller)
-        .await
-        .map_err(|e| failed(&e))?;
-    if let Some(url) = redirect {
-        // 307 keeps the method and the client's Range; the URL carries a
-        // signature, never the secret (OCI distribution spec: "the registry
-        // MAY redirect" blob GETs). Not logged: the access log has the path.
-        let response = blob_headers(digest, StatusCode::TEMPORARY_REDIRECT)
-            .header(header::LOCATION, url.as_str())
-            .body(Body::empty())
-            .expect("valid response");
-        return Ok((response, Some(Outcome::Hit)));
+    // Object stores answer several ranges with the whole object: those
+    // are served here, not redirected.
+    if ranges.as_ref().is_none_or(Ranges::is_single) {
+        let redirect = app
+            .mirror
+            .blob_redirect(repo, digest, &caller)
+            .await
+            .map_err(|e| failed(&e))?;
+        if let Some(url) = redirect {
+            // 307 keeps the method and the client's Range; the URL carries a
+            // signature, never the secret (OCI distribution spec: "the
+            // registry MAY redirect" blob GETs). Not logged: the access log
+            // has the path.
+            let response = blob_headers(digest, StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, url.as_str())
+                .body(Body::empty())
+                .expect("valid response");
+            return Ok((response, Some(Outcome::Hit)));
+        }
     }
-    let blob = app
-        .mirror
-        .blob(repo, digest, &caller)
-        .await
-        .map_err(|e| failed(&e))?;
+    let blob = match (&ranges, range_header) {
+        (Some(ranges), Some(header)) => {
+            let ranged = app
+                .mirror
+                .blob_range(repo, digest, &caller, ranges, header)
+                .await
+                .map_err(|e| failed(&e))?;
+            match ranged {
+                Ranged::Here(blob) => blob,
+                Ranged::Relayed(relayed) => {
+                    return Ok((relayed_range(digest, relayed), Some(Outcome::Miss)))
+                }
+            }
+        }
+        _ => app
+            .mirror
+            .blob(repo, digest, &caller)
+            .await
+            .map_err(|e| failed(&e))?,
+    };
     let outcome = Some(blob.outcome);
-    let Some(len) = blob.len else {
-        // Upstream sent no length: stream it whole, chunked; ranges need a
-        // known length.
-        let response = blob_headers(digest, StatusCode::OK).body(Body::stream(blob.stream(None)));
+    let (Some(len), Some(ranges)) = (blob.len, ranges) else {
+        // No range, or upstream sent no length (then the whole blob,
+        // chunked: ranges need a known length).
+        let mut response = blob_headers(digest, StatusCode::OK);
+        if let Some(len) = blob.len {
+            response = response.header(header::CONTENT_LENGTH, len);
+        }
+        let response = response.body(Body::stream(blob.stream(None)));
         return Ok((response.expect("valid response"), outcome));
     };
-    let range = match range_header.map(|h| range::parse(h, len)).transpose() {
-        Ok(range) => range,
-        Err(e) => {
-            let message = match e {
-                RangeError::Malformed => "invalid range",
-                RangeError::Unsatisfiable => "range not satisfiable",
-            };
-            let mut response = error(&ApiError::new(Code::RangeInvalid, message));
-            response.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{len}")).expect("valid header"),
-            );
-            return Ok((response, outcome));
-        }
+    let parts = match ranges.resolve(len) {
+        Ok(parts) => parts,
+        Err(e) => return Ok((range_error(e, Some(len)), outcome)),
     };
-    let response = match range {
-        Some((start, end)) => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
+    let response = match parts.as_slice() {
+        [(start, end)] => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
             .header(header::CONTENT_LENGTH, end - start)
             .header(
                 header::CONTENT_RANGE,
                 format!("bytes {start}-{}/{len}", end - 1),
             )
-            .body(Body::stream(blob.stream(Some((start, end))))),
-        None => blob_headers(digest, StatusCode::OK)
-            .header(header::CONTENT_LENGTH, len)
-            .body(Body::stream(blob.stream(None))),
+            .body(Body::stream(blob.stream(Some((*start, *end))))),
+        // Relayed uncached (the disk is full): one pass over upstream's
+        // body cannot serve ranges out of order.
+        _ if !blob.serves_parts() => {
+            return Ok((range_error(RangeError::TooMany, Some(len)), outcome))
+        }
+        _ => {
+            let body = multipart::byteranges(&parts, len, BLOB_TYPE);
+            response_builder(digest, StatusCode::PARTIAL_CONTENT, &body.content_type)
+                .header(header::CONTENT_LENGTH, body.len)
+                .body(Body::stream(blob.stream_pieces(body.pieces)))
+        }
     };
     Ok((response.expect("valid response"), outcome))
 }
 
+/// The 416 answer to a `Range` that cannot be served; with the blob's
+/// length when known (`Content-Range: bytes */len`, RFC 9110 §15.5.17).
+fn range_error(e: RangeError, len: Option<u64>) -> Response<Body> {
+    let message = match e {
+        RangeError::Malformed => "invalid range",
+        RangeError::Unsatisfiable => "range not satisfiable",
+        RangeError::TooMany => "too many ranges, or ranges overlapping beyond the blob's size",
+    };
+    let mut response = error(&ApiError::new(Code::RangeInvalid, message));
+    if let Some(len) = len {
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes */{len}")).expect("valid header"),
+        );
+    }
+    response
+}
+
+/// Upstream's partial answer for a blob not cached, as it came: its
+/// `Content-Range`, or its multipart type for several ranges.
+fn relayed_range(digest: &Digest, relayed: Relayed) -> Response<Body> {
+    let content_type = relayed.content_type.as_deref().unwrap_or(BLOB_TYPE);
+    let mut response = response_builder(digest, StatusCode::PARTIAL_CONTENT, content_type);
+    if let Some(range) = &relayed.content_range {
+        response = response.header(header::CONTENT_RANGE, range);
+    }
+    if let Some(len) = relayed.len {
+        response = response.header(header::CONTENT_LENGTH, len);
+    }
+    response
+        .body(Body::stream(relayed.body))
+        .unwrap_or_else(|_| {
+            error(&ApiError::new(
+                Code::Unavailable,
+                "invalid upstream range answer",
+            ))
+        })
+}
+
+/// The type of a blob's bytes.
+const BLOB_TYPE: &str = "application/octet-stream";
+
 fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder {
+    response_builder(digest, status, BLOB_TYPE)
+}
+
+fn response_builder(
+    digest: &Digest,
+    status: StatusCode,
+    content_type: &str,
+) -> http::response::Builder {
     Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_TYPE, content_type)
         .header("docker-content-digest", digest.to_string())
         .header(header::ETAG, format!("\"{digest}\""))
         .header(header::ACCEPT_RANGES, "bytes")

@@ -10,7 +10,7 @@ mod app;
 mod body;
 mod error;
 mod handlers;
-pub mod range;
+mod multipart;
 mod routes;
 mod server;
 mod tls;

@@ -49,6 +49,8 @@ pub enum Fault {
     CutAfter(usize, Arc<std::sync::atomic::AtomicUsize>),
     /// Ignore `Range` headers: always the whole blob with 200.
     IgnoreRange,
+    /// `Gate`, for requests without a `Range` only.
+    GateWhole(Arc<Notify>),
     /// The first GET serves these bytes instead (under another `ETag`), cut
     /// after half of them; later requests get the real blob.
     ChangedOnce(Bytes, Arc<std::sync::atomic::AtomicBool>),
@@ -533,7 +535,11 @@ fn parse_ranges(header: &str, len: usize) -> Option<Vec<(usize, usize)>> {
             (len.saturating_sub(n), len)
         } else {
             let a: usize = a.parse().ok()?;
-            let b = if b.is_empty() { len - 1 } else { b.parse().ok()? };
+            let b = if b.is_empty() {
+                len - 1
+            } else {
+                b.parse().ok()?
+            };
             (a, (b + 1).min(len))
         };
         if range.0 >= range.1 {
@@ -571,6 +577,11 @@ async fn blob_response(
             return r;
         }
     }
+    let fault = match fault {
+        Some(Fault::GateWhole(gate)) if ranges.range.is_none() => Some(Fault::Gate(gate)),
+        Some(Fault::GateWhole(_)) => None,
+        fault => fault,
+    };
     let validator_ok = ranges.if_range.as_deref().is_none_or(|v| v == etag);
     let honour = !matches!(fault, Some(Fault::IgnoreRange)) && validator_ok;
     let asked = match (&ranges.range, honour) {
@@ -622,7 +633,8 @@ async fn blob_response(
         }
     };
     r.headers_mut().insert("etag", etag.parse().unwrap());
-    r.headers_mut().insert("accept-ranges", "bytes".parse().unwrap());
+    r.headers_mut()
+        .insert("accept-ranges", "bytes".parse().unwrap());
     r
 }
 

@@ -14,6 +14,7 @@ mod hostile;
 mod leaks;
 mod login;
 mod pull;
+mod ranges;
 mod regression;
 mod resume;
 mod single_flight;

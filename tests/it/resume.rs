@@ -15,7 +15,9 @@ use crate::Hoard;
 const LEN: usize = 3 << 20;
 
 fn blob(seed: u8) -> Vec<u8> {
-    (0..LEN).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..LEN)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 fn cut(after: usize, times: usize) -> Fault {
