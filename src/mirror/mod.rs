@@ -15,7 +15,8 @@
 //! This file is the facade the registry calls; `shared` is the state every
 //! part shares. Each policy has its own file: `blob` (blobs, and their
 //! downloads: `fills` is their single-flight, `fill` one download, `stream`
-//! sends the bytes), `manifest`, `tag_list`; `flight` is single-flight for
+//! sends the bytes), `manifest`, `tag_list`, `referrers` (OCI 1.1 referrers
+//! lists, cached like tags); `flight` is single-flight for
 //! small lookups, `evict` keeps the size limit, `catalog` lists, pins and
 //! removes whole images.
 
@@ -31,6 +32,7 @@ mod fleet;
 mod flight;
 mod manifest;
 mod outcome;
+mod referrers;
 mod shared;
 mod stream;
 mod tag_list;
@@ -45,6 +47,7 @@ pub use caller::{Caller, CHECKED_AT_HEADER};
 pub use error::{Error, Result, UpstreamFailure};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
+pub use referrers::Referrers;
 pub use stream::ByteStream;
 pub use tag_list::TagList;
 
@@ -101,6 +104,7 @@ impl Mirror {
             tag_lists: tag_list::cache(),
             digest_pulls: fleet::digest_pulls(),
             manifest_flights: Arc::default(),
+            referrer_flights: Arc::default(),
             fills,
             uploads: Arc::default(),
             limits: evict::Limits { max },
@@ -266,6 +270,29 @@ impl Mirror {
     pub async fn tags(&self, repo: &Repository, query: &str) -> Result<(TagList, Outcome)> {
         self.shared.check_registry(repo)?;
         tag_list::lookup(&self.shared, repo, query).await
+    }
+
+    /// The referrers list of `subject` in `repo` (OCI 1.1), filtered on
+    /// `artifact_type` when given; cached like a tag.
+    pub async fn referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<(Referrers, Outcome)> {
+        self.shared.check_registry(repo)?;
+        let result = referrers::lookup(&self.shared, repo, subject, artifact_type).await;
+        let label = match &result {
+            Ok((_, outcome)) => outcome.as_str(),
+            Err(Error::ReferrersUnknown { .. }) => "not_found",
+            Err(_) => "error",
+        };
+        self.shared
+            .metrics
+            .referrers_requests
+            .with_label_values(&[label])
+            .inc();
+        result
     }
 
     /// Waits (at most `limit`) for blob downloads in progress, and their

@@ -11,6 +11,7 @@ mod body;
 mod error;
 mod handlers;
 pub mod range;
+mod referrers;
 mod routes;
 mod server;
 mod tls;

@@ -298,6 +298,41 @@ impl Store {
         self.index.remove_tag(repo, tag)
     }
 
+    /// What the referrers list of `subject` in `repo` (with the
+    /// `artifact_type` filter, if any) was when upstream last sent it: the
+    /// digest of the stored index, and when.
+    pub fn referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<TagRecord>> {
+        self.index.referrers(repo, subject, artifact_type)
+    }
+
+    /// Records a referrers list; its index must already be stored
+    /// (`put_bytes`), so a record never names content that is not there.
+    pub fn put_referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        record: &TagRecord,
+    ) -> Result<()> {
+        self.index
+            .put_referrers(repo, subject, artifact_type, record)
+    }
+
+    /// Forgets a referrers list upstream no longer serves.
+    pub fn remove_referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<()> {
+        self.index.remove_referrers(repo, subject, artifact_type)
+    }
+
     /// Every cached tag: `registry/name:tag` and what it points to.
     pub fn all_tags(&self) -> Result<Vec<(String, TagRecord)>> {
         self.index.all_tags()

@@ -9,6 +9,7 @@ mod auth;
 mod error;
 mod health;
 mod ratelimit;
+mod referrers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 
 pub use auth::Challenge;
 pub use error::{Envelope, Error, Result};
+pub use referrers::{ReferrersResponse, INDEX_MEDIA_TYPE};
 
 use crate::config::{Credentials, RegistryConfig, UpstreamConfig};
 use crate::metrics::Metrics;
