@@ -32,7 +32,8 @@ use crate::store::TagRecord;
 use crate::upstream::{self, INDEX_MEDIA_TYPE};
 
 /// Referrers lookups in progress, by repository, subject and filter.
-pub(super) type Flights = flight::Flights<(Repository, Digest, Option<String>), (Referrers, Outcome)>;
+pub(super) type Flights =
+    flight::Flights<(Repository, Digest, Option<String>), (Referrers, Outcome)>;
 
 /// A referrers list as served: an image index.
 #[derive(Debug, Clone)]
@@ -62,7 +63,11 @@ pub(super) async fn lookup(
             return Ok((served(index, artifact_type), Outcome::Stale));
         }
     }
-    let key = (repo.clone(), subject.clone(), artifact_type.map(str::to_owned));
+    let key = (
+        repo.clone(),
+        subject.clone(),
+        artifact_type.map(str::to_owned),
+    );
     let work = {
         let shared = shared.clone();
         let (repo, subject, filter) = key.clone();

@@ -238,10 +238,8 @@ impl Index {
         artifact_type: Option<&str>,
         record: &TagRecord,
     ) -> Result<()> {
-        self.referrers.insert(
-            referrers_key(repo, subject, artifact_type),
-            encode(record),
-        )?;
+        self.referrers
+            .insert(referrers_key(repo, subject, artifact_type), encode(record))?;
         Ok(())
     }
 

@@ -102,9 +102,8 @@ impl Client {
                 warn!(repository = %repo, %subject, pages = MAX_PAGES, "referrers list has more pages; serving the first ones");
                 break;
             }
-            tail = next_page(&link, repo, subject).ok_or_else(|| {
-                bad("referrers Link outside the list's own path".to_owned())
-            })?;
+            tail = next_page(&link, repo, subject)
+                .ok_or_else(|| bad("referrers Link outside the list's own path".to_owned()))?;
         }
         let (first_bytes, filtered) = first.expect("at least one page");
         if pages.len() == 1 {
@@ -249,7 +248,11 @@ mod tests {
             br#"{"manifests":[{"digest":"sha256:zz"}]}"#,
             br#"{"manifests":[{"size":1}]}"#,
         ] {
-            assert!(parse_index(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_index(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -14,6 +14,7 @@ mod hostile;
 mod leaks;
 mod login;
 mod pull;
+mod referrers;
 mod regression;
 mod single_flight;
 mod tls;
