@@ -477,6 +477,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn issue_14_referrers_records_are_per_filter_and_never_tags() {
+        let (_dir, store) = store();
+        let a = Repository::new("docker.io", "a").unwrap();
+        let subject = Digest::of(b"image");
+        let rec = |n: &[u8]| TagRecord {
+            digest: Digest::of(n),
+            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            checked_at_ms: 1,
+        };
+        store
+            .put_referrers(&a, &subject, None, &rec(b"all"))
+            .unwrap();
+        store
+            .put_referrers(&a, &subject, Some("text/plain"), &rec(b"some"))
+            .unwrap();
+        assert_eq!(
+            store.referrers(&a, &subject, None).unwrap(),
+            Some(rec(b"all"))
+        );
+        assert_eq!(
+            store.referrers(&a, &subject, Some("text/plain")).unwrap(),
+            Some(rec(b"some"))
+        );
+        assert_eq!(store.referrers(&a, &subject, Some("a/b")).unwrap(), None);
+        // Tag listings, the catalog and eviction's tag sweep never see them.
+        assert!(store.tags_of(&a).unwrap().is_empty());
+        assert!(store.all_tags().unwrap().is_empty());
+        store.remove_referrers(&a, &subject, None).unwrap();
+        assert_eq!(store.referrers(&a, &subject, None).unwrap(), None);
+        assert!(store
+            .referrers(&a, &subject, Some("text/plain"))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
     fn issue_12_a_second_open_is_refused_before_it_touches_a_download() {
         let (dir, store) = store();
         let data = b"half of a layer still downloading";

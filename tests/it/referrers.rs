@@ -91,7 +91,17 @@ async fn issue_14_referrers_are_proxied_then_served_from_the_cache() {
         sorted(vec![(sig, SIG.into()), (sbom, SBOM.into())])
     );
     assert_eq!(fake.hits("GET", "/referrers/"), 1, "the second is a hit");
-    assert_eq!((metric(&hoard, "miss"), metric(&hoard, "hit")), (1.0, 1.0));
+    let head = hoard.head(&path).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-type"], OCI_INDEX);
+    let len: usize = head.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(len > 0);
+    assert!(head.bytes().await.unwrap().is_empty());
+    assert_eq!((metric(&hoard, "miss"), metric(&hoard, "hit")), (1.0, 2.0));
 
     // A subject upstream knows nothing of: the API's answer is an empty
     // index, served (and cached) as such.
