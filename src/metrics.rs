@@ -12,6 +12,9 @@ pub struct Metrics {
     registry: Registry,
     /// `hoard_cache_requests_total{kind,result}`: lookups by outcome.
     pub cache_requests: IntCounterVec,
+    /// `hoard_referrers_requests_total{result}`: referrers list lookups by
+    /// how they ended (a cache outcome, `not_found` or `error`).
+    pub referrers_requests: IntCounterVec,
     /// `hoard_served_bytes_total{source}`: body bytes sent to clients.
     pub served_bytes: IntCounterVec,
     /// `hoard_upstream_requests_total{registry,method,status}`.
@@ -108,6 +111,11 @@ impl Metrics {
             "hoard_cache_requests_total",
             "Manifest and blob lookups by cache outcome.",
             &["kind", "result"],
+        );
+        let referrers_requests = counter_vec(
+            "hoard_referrers_requests_total",
+            "Referrers list lookups (OCI 1.1) by result: hit, miss, revalidated, stale, coalesced, not_found (upstream has no referrers API), error.",
+            &["result"],
         );
         let served_bytes = counter_vec(
             "hoard_served_bytes_total",
@@ -270,9 +278,21 @@ impl Metrics {
         for source in ["cache", "upstream"] {
             served_bytes.with_label_values(&[source]);
         }
+        for result in [
+            "hit",
+            "miss",
+            "revalidated",
+            "stale",
+            "coalesced",
+            "not_found",
+            "error",
+        ] {
+            referrers_requests.with_label_values(&[result]);
+        }
         Metrics {
             registry,
             cache_requests,
+            referrers_requests,
             served_bytes,
             upstream_requests,
             ratelimit_remaining,

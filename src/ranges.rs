@@ -166,7 +166,7 @@ mod tests {
         assert_eq!(resolve("bytes=-0", 1000), Err(RangeError::Unsatisfiable));
         assert_eq!(resolve("bytes=0-", 0), Err(RangeError::Unsatisfiable));
         assert_eq!(
-            resolve("bytes=1000-1,2000-3", 1000),
+            resolve("bytes=1000-1001,2000-2003", 1000),
             Err(RangeError::Unsatisfiable)
         );
     }

@@ -40,6 +40,8 @@ pub enum ReferenceError {
     InvalidDigest(String),
     #[error("unsupported digest algorithm {0:?}")]
     UnsupportedAlgorithm(String),
+    #[error("invalid media type {0:?}")]
+    InvalidMediaType(String),
 }
 
 /// A sha256 content digest, the only algorithm hoard stores.
@@ -333,6 +335,34 @@ fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
     }
 }
 
+/// Longest media type accepted: RFC 6838 allows 127 characters on each
+/// side of the `/`.
+pub const MEDIA_TYPE_MAX: usize = 255;
+
+/// Checks a media type (`type/subtype`, no parameters), as a referrers
+/// `artifactType` filter names one. Grammar: RFC 6838 section 4.2
+/// (`restricted-name`), the one the image spec's descriptors point to:
+/// <https://github.com/opencontainers/image-spec/blob/main/descriptor.md#properties>
+pub fn validate_media_type(media_type: &str) -> Result<(), ReferenceError> {
+    // restricted-name = first alnum, then up to 126 of alnum and
+    // `!#$&-^_.+`.
+    let restricted_name = |part: &str| {
+        let mut bytes = part.bytes();
+        part.len() <= 127
+            && bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    let valid = media_type.len() <= MEDIA_TYPE_MAX
+        && media_type
+            .split_once('/')
+            .is_some_and(|(kind, sub)| restricted_name(kind) && restricted_name(sub));
+    if valid {
+        Ok(())
+    } else {
+        Err(ReferenceError::InvalidMediaType(truncate(media_type)))
+    }
+}
+
 /// Error messages echo the input, bounded so a hostile request cannot
 /// inflate logs.
 fn truncate(s: &str) -> String {
@@ -351,6 +381,33 @@ mod tests {
         assert_eq!(d.to_string(), format!("sha256:{HEX}"));
         assert_eq!(Digest::of(b""), d);
         assert_eq!(Digest::from_bytes(d.as_bytes()), Some(d));
+    }
+
+    #[test]
+    fn media_types_follow_rfc_6838() {
+        for good in [
+            "application/vnd.dev.cosign.artifact.sig.v1+json",
+            "application/spdx+json",
+            "application/vnd.cncf.notary.signature",
+            "text/plain",
+        ] {
+            assert_eq!(validate_media_type(good), Ok(()), "{good}");
+        }
+        let long = format!("application/{}", "a".repeat(128));
+        for bad in [
+            "",
+            "application",
+            "application/",
+            "/json",
+            "a/b/c",
+            "application/json; charset=utf-8",
+            "application/j son",
+            "application/<script>",
+            "-x/y",
+            long.as_str(),
+        ] {
+            assert!(validate_media_type(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! End to end with real software: Debian's docker-registry (distribution
 //! 2.8) as the upstream, seeded with images built here, and skopeo pulling
 //! through the real hoard binary. Needs `docker-registry` and `skopeo`
-//! (scripts/test.sh installs them); a missing tool fails the test.
+//! (scripts/test.sh installs them); a missing tool fails the test. Also the
+//! referrers fallback (issue 14): distribution 2.8 lacks the referrers API,
+//! so signatures live under `sha256-<hex>` tags, copied through hoard.
 
 mod support;
 
@@ -211,4 +213,111 @@ fn fifty_concurrent_pulls_of_a_cold_50mib_blob_make_one_upstream_get() {
         upstream.requests()
     );
     assert_eq!(hoard.metric("hoard_inflight_fetches"), 0.0);
+}
+
+/// Issue 14: against a registry without the referrers API (distribution
+/// 2.8), hoard's referrers route answers upstream's 404, which sends
+/// clients to the referrers tag schema; the `sha256-<hex>` tag and the
+/// signature it lists copy through hoard like any image.
+#[test]
+fn issue_14_without_the_referrers_api_the_fallback_tag_copies_through_hoard() {
+    let upstream = Distribution::start();
+    let push = Pusher::new(&upstream.url());
+    let app = image(Format::Oci, "amd64", &[busybox_layer()]);
+    push.image("library/signed", Some("1"), &app);
+    let subject = app.manifest.digest();
+
+    // A cosign-style signature: an image manifest whose `subject` is the
+    // image (distribution 2.8 stores the field without reading it).
+    let payload = Blob {
+        media_type: "application/vnd.dev.cosign.simplesigning.v1+json".into(),
+        data: br#"{"critical":{"image":{"docker-manifest-digest":"x"}}}"#.to_vec(),
+    };
+    let config = Blob {
+        media_type: OCI_CONFIG.into(),
+        data: b"{}".to_vec(),
+    };
+    let descriptor = |blob: &Blob| serde_json::json!({"mediaType": blob.media_type, "digest": blob.digest(), "size": blob.data.len()});
+    let signature = Blob {
+        media_type: OCI_MANIFEST.into(),
+        data: serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+            "config": descriptor(&config),
+            "layers": [descriptor(&payload)],
+            "subject": descriptor(&app.manifest),
+        }))
+        .unwrap(),
+    };
+    for blob in [&payload, &config] {
+        push.blob("library/signed", blob);
+    }
+    push.manifest("library/signed", &signature.digest(), &signature);
+    // The referrers tag schema: an index of the referrers under
+    // `sha256-<hex of the subject>`, as a client without the API pushes it.
+    let mut listed = descriptor(&signature);
+    listed["artifactType"] = "application/vnd.dev.cosign.artifact.sig.v1+json".into();
+    let fallback = Blob {
+        media_type: OCI_INDEX.into(),
+        data: serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [listed],
+        }))
+        .unwrap(),
+    };
+    let tag = format!("sha256-{}", &subject["sha256:".len()..]);
+    push.manifest("library/signed", &tag, &fallback);
+
+    let hoard = HoardProcess::start(&upstream.url(), &[]);
+    let status = reqwest::blocking::get(format!(
+        "http://{}/v2/library/signed/referrers/{subject}",
+        hoard.addr()
+    ))
+    .unwrap()
+    .status();
+    assert_eq!(status, 404, "a registry without the API stays without it");
+    assert_eq!(
+        upstream.count("GET", "/referrers/"),
+        1,
+        "{:#?}",
+        upstream.requests()
+    );
+    assert_eq!(
+        hoard.metric(r#"hoard_referrers_requests_total{result="not_found"}"#),
+        1.0
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let layout = out.path().join("sigs");
+    copy(
+        &hoard,
+        &format!("library/signed:{tag}"),
+        &format!("oci:{}:sigs", layout.display()),
+        &["--all"],
+    );
+    // skopeo writes the index again in its own form (its image-spec
+    // predates `artifactType`), so the check is what it lists.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let top = index["manifests"][0]["digest"].as_str().unwrap();
+    let top = std::fs::read_to_string(layout.join("blobs/sha256").join(&top[7..])).unwrap();
+    assert!(top.contains(&signature.digest()), "{top}");
+    for digest in [signature.digest(), payload.digest()] {
+        let copied = std::fs::read(layout.join("blobs/sha256").join(&digest[7..])).unwrap();
+        assert_eq!(digest_of(&copied), digest);
+    }
+    assert_eq!(upstream.count("GET", &format!("/manifests/{tag}")), 1);
+    // hoard served the tag's own bytes (inside the TTL: from its cache).
+    let served = reqwest::blocking::Client::new()
+        .get(format!(
+            "http://{}/v2/library/signed/manifests/{tag}",
+            hoard.addr()
+        ))
+        .header("accept", OCI_INDEX)
+        .send()
+        .unwrap();
+    assert_eq!(served.headers()["x-hoard-cache"], "hit");
+    assert_eq!(digest_of(&served.bytes().unwrap()), fallback.digest());
 }

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use hoard::mirror::Manifest;
-use hoard::reference::{Digest, Reference, Repository};
 use hoard::ranges::Ranges;
+use hoard::reference::{Digest, Reference, Repository};
 use hoard::registry::{route, Route};
 use hoard::upstream::Challenge;
 use proptest::prelude::*;

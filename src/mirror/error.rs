@@ -15,6 +15,10 @@ pub enum Error {
     BlobUnknown { repo: Repository, digest: Digest },
     #[error("repository {0} is unknown")]
     NameUnknown(Repository),
+    /// Upstream answered 404 for the referrers of `subject`: it has no
+    /// referrers API (or no such repository).
+    #[error("upstream lists no referrers of {subject} in {repo}")]
+    ReferrersUnknown { repo: Repository, subject: Digest },
     #[error("upstream content for {expected} of {repo} hashed to {actual}")]
     DigestMismatch {
         repo: Repository,

@@ -194,7 +194,10 @@ impl Fill {
         }
         // Over at least a quarter second: the first chunks arrive in a
         // burst that says nothing of the link's rate.
-        let elapsed = self.created.elapsed().max(std::time::Duration::from_millis(250));
+        let elapsed = self
+            .created
+            .elapsed()
+            .max(std::time::Duration::from_millis(250));
         let rate = received as f64 / elapsed.as_secs_f64();
         rate > 0.0 && (end - received) as f64 / rate <= within.as_secs_f64()
     }

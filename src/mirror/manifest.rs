@@ -564,7 +564,7 @@ async fn fetch(
 /// Stores a verified manifest here with what it names (for eviction), and
 /// with `vouched_for`, links it and its children to that repository.
 /// Returns the children. Blocking work on the blocking pool.
-async fn keep(
+pub(super) async fn keep(
     shared: &Shared,
     vouched_for: Option<&Repository>,
     manifest: Arc<Manifest>,

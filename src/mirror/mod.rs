@@ -15,7 +15,8 @@
 //! This file is the facade the registry calls; `shared` is the state every
 //! part shares. Each policy has its own file: `blob` (blobs, and their
 //! downloads: `fills` is their single-flight, `fill` one download, `stream`
-//! sends the bytes), `manifest`, `tag_list`; `flight` is single-flight for
+//! sends the bytes), `manifest`, `tag_list`, `referrers` (OCI 1.1 referrers
+//! lists, cached like tags); `flight` is single-flight for
 //! small lookups, `evict` keeps the size limit, `catalog` lists, pins and
 //! removes whole images.
 
@@ -32,6 +33,7 @@ mod flight;
 mod lazy;
 mod manifest;
 mod outcome;
+mod referrers;
 mod resume;
 mod shared;
 mod stream;
@@ -48,6 +50,7 @@ pub use error::{Error, Result, UpstreamFailure};
 pub use lazy::{Ranged, Relayed};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
+pub use referrers::Referrers;
 pub use stream::{ByteStream, Piece};
 pub use tag_list::TagList;
 
@@ -107,6 +110,7 @@ impl Mirror {
             tag_lists: tag_list::cache(),
             digest_pulls: fleet::digest_pulls(),
             manifest_flights: Arc::default(),
+            referrer_flights: Arc::default(),
             fills,
             uploads: Arc::default(),
             limits: evict::Limits { max },
@@ -294,6 +298,29 @@ impl Mirror {
     pub async fn tags(&self, repo: &Repository, query: &str) -> Result<(TagList, Outcome)> {
         self.shared.check_registry(repo)?;
         tag_list::lookup(&self.shared, repo, query).await
+    }
+
+    /// The referrers list of `subject` in `repo` (OCI 1.1), filtered on
+    /// `artifact_type` when given; cached like a tag.
+    pub async fn referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<(Referrers, Outcome)> {
+        self.shared.check_registry(repo)?;
+        let result = referrers::lookup(&self.shared, repo, subject, artifact_type).await;
+        let label = match &result {
+            Ok((_, outcome)) => outcome.as_str(),
+            Err(Error::ReferrersUnknown { .. }) => "not_found",
+            Err(_) => "error",
+        };
+        self.shared
+            .metrics
+            .referrers_requests
+            .with_label_values(&[label])
+            .inc();
+        result
     }
 
     /// Waits (at most `limit`) for blob downloads in progress, and their

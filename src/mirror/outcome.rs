@@ -1,13 +1,14 @@
 //! How a lookup was answered; feeds log lines and metric labels.
 
-/// The cache outcome of one manifest, blob or tag-list lookup.
+/// The cache outcome of one manifest, blob, tag-list or referrers lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Served from the store without asking upstream.
     Hit,
     /// Fetched from upstream by this request.
     Miss,
-    /// A tag past its TTL that upstream confirmed unchanged (`HEAD`).
+    /// A tag past its TTL that upstream confirmed unchanged (`HEAD`), or a
+    /// referrers list past its TTL that upstream sent again unchanged.
     Revalidated,
     /// Served from the store because upstream failed (5xx, 429, timeout).
     Stale,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::error::{Error, Result};
 use super::manifest::{self, Manifest};
 use super::tag_list::TagList;
-use super::{evict, fills, Caller, Outcome};
+use super::{evict, fills, referrers, Caller, Outcome};
 use crate::cluster::Cluster;
 use crate::config::{StoreConfig, TagTtl};
 use crate::metrics::Metrics;
@@ -48,6 +48,8 @@ pub(super) struct Shared {
     pub(super) tag_lists: moka::sync::Cache<String, TagList>,
     /// Manifest lookups in progress (single-flight).
     pub(super) manifest_flights: Arc<manifest::Flights>,
+    /// Referrers list lookups in progress (single-flight).
+    pub(super) referrer_flights: Arc<referrers::Flights>,
     /// Blob downloads in progress (single-flight, streaming).
     pub(super) fills: Arc<fills::Fills>,
     /// Copies of downloads to the bucket in progress (a shutdown waits for

@@ -25,6 +25,9 @@ pub enum Code {
     NameUnknown,
     TagInvalid,
     RangeInvalid,
+    /// A query parameter the request may carry is malformed (a referrers
+    /// `artifactType` that is no media type).
+    ParameterInvalid,
     Unauthorized,
     Denied,
     Unsupported,
@@ -55,7 +58,10 @@ impl Code {
             Code::RangeInvalid => "RANGE_INVALID",
             Code::Unauthorized => "UNAUTHORIZED",
             Code::Denied => "DENIED",
-            Code::Unsupported | Code::NotFound | Code::UriTooLong => "UNSUPPORTED",
+            // The spec's UNSUPPORTED covers "an invalid set of parameters".
+            Code::Unsupported | Code::NotFound | Code::UriTooLong | Code::ParameterInvalid => {
+                "UNSUPPORTED"
+            }
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::Unavailable
             | Code::UpstreamTimeout
@@ -72,7 +78,9 @@ impl Code {
             Code::BlobUnknown | Code::ManifestUnknown | Code::NameUnknown | Code::NotFound => {
                 StatusCode::NOT_FOUND
             }
-            Code::DigestInvalid | Code::NameInvalid | Code::TagInvalid => StatusCode::BAD_REQUEST,
+            Code::DigestInvalid | Code::NameInvalid | Code::TagInvalid | Code::ParameterInvalid => {
+                StatusCode::BAD_REQUEST
+            }
             Code::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             Code::UriTooLong => StatusCode::URI_TOO_LONG,
             Code::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -134,6 +142,7 @@ impl From<&ReferenceError> for ApiError {
             ReferenceError::InvalidDigest(_) | ReferenceError::UnsupportedAlgorithm(_) => {
                 Code::DigestInvalid
             }
+            ReferenceError::InvalidMediaType(_) => Code::ParameterInvalid,
         };
         ApiError::new(code, e.to_string())
     }
@@ -158,6 +167,14 @@ impl From<&mirror::Error> for ApiError {
                 ApiError::new(Code::NameUnknown, "repository name not known to registry")
                     .with_detail(json!({ "name": repo.name() }))
             }
+            // Spec, "Listing Referrers": a registry with the API never
+            // answers 404, so clients read one as "no API" and fall back to
+            // the `sha256-<hex>` tag; it must stay a 404 through the mirror.
+            M::ReferrersUnknown { repo, .. } => ApiError::new(
+                Code::NotFound,
+                "the upstream registry serves no referrers for this repository",
+            )
+            .with_detail(json!({ "name": repo.name() })),
             M::DigestMismatch { expected, .. } => ApiError::new(
                 Code::Unavailable,
                 "upstream sent content that does not match its digest",
@@ -298,6 +315,14 @@ mod tests {
                 "NAME_UNKNOWN",
             ),
             (
+                mirror::Error::ReferrersUnknown {
+                    repo: repo(),
+                    subject: d.clone(),
+                },
+                StatusCode::NOT_FOUND,
+                "UNSUPPORTED",
+            ),
+            (
                 mirror::Error::DigestMismatch {
                     repo: repo(),
                     expected: d.clone(),
@@ -433,6 +458,11 @@ mod tests {
 
     #[test]
     fn reference_errors_map_to_400s() {
+        let api = ApiError::from(&ReferenceError::InvalidMediaType("x".into()));
+        assert_eq!(
+            (api.code.status(), api.code.as_str()),
+            (StatusCode::BAD_REQUEST, "UNSUPPORTED")
+        );
         for (e, code) in [
             (ReferenceError::InvalidName("A".into()), "NAME_INVALID"),
             (ReferenceError::NameTooLong, "NAME_INVALID"),

@@ -38,6 +38,7 @@ pub async fn handle<B>(
         Ok(Route::Manifest { .. }) => "manifest",
         Ok(Route::Blob { .. }) => "blob",
         Ok(Route::Tags { .. }) => "tags",
+        Ok(Route::Referrers { .. }) => "referrers",
         Ok(Route::Base) => "base",
         Ok(Route::Metrics) => "metrics",
         Ok(Route::Healthz) => "healthz",
@@ -116,9 +117,10 @@ async fn admit(
         .authenticate(peer, headers.get(header::AUTHORIZATION))
         .await?;
     let repo = match route {
-        Route::Manifest { repo, .. } | Route::Blob { repo, .. } | Route::Tags { repo, .. } => {
-            Some(repo)
-        }
+        Route::Manifest { repo, .. }
+        | Route::Blob { repo, .. }
+        | Route::Tags { repo, .. }
+        | Route::Referrers { repo, .. } => Some(repo),
         _ => None,
     };
     match (&who, repo) {
@@ -170,6 +172,11 @@ async fn dispatch(
         Route::Blob { repo, digest } if head => blob_head(app, &repo, &digest).await,
         Route::Blob { repo, digest } => blob(app, &repo, &digest, headers).await,
         Route::Tags { repo, query } => tags(app, &repo, &query, path, head).await,
+        Route::Referrers {
+            repo,
+            digest,
+            artifact_type,
+        } => super::referrers::referrers(app, &repo, &digest, artifact_type.as_deref(), head).await,
         Route::Unsupported => Err(ApiError::new(
             Code::Unsupported,
             "this registry mirror is read-only",

@@ -11,6 +11,7 @@ mod body;
 mod error;
 mod handlers;
 mod multipart;
+mod referrers;
 mod routes;
 mod server;
 mod tls;

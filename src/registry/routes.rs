@@ -4,7 +4,8 @@
 //! Paths: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#endpoints>
 
 use crate::reference::{
-    looks_like_host, validate_registry, Digest, Reference, ReferenceError, Repository, DOCKER_HUB,
+    looks_like_host, validate_media_type, validate_registry, Digest, Reference, ReferenceError,
+    Repository, DOCKER_HUB,
 };
 
 /// What a request asks for.
@@ -21,6 +22,13 @@ pub enum Route {
     Blob { repo: Repository, digest: Digest },
     /// `/v2/<name>/tags/list`, with the sanitized `n`/`last` query.
     Tags { repo: Repository, query: String },
+    /// `/v2/<name>/referrers/<digest>`, optionally `?artifactType=<media
+    /// type>` (OCI distribution spec 1.1, "Listing Referrers", end-12a/b).
+    Referrers {
+        repo: Repository,
+        digest: Digest,
+        artifact_type: Option<String>,
+    },
     /// Uploads and the catalog: not offered by a pull-through mirror.
     Unsupported,
     /// `/metrics`.
@@ -99,6 +107,13 @@ pub fn route(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
             repo: repository(name, params.ns)?,
             query: params.tags_query()?,
         }),
+        // Spec, "Listing Referrers": a `<digest>` with an invalid syntax is
+        // a 400, like a blob's.
+        ("referrers", digest) => Ok(Route::Referrers {
+            repo: repository(name, params.ns)?,
+            digest: Digest::parse(digest)?,
+            artifact_type: params.artifact_type()?,
+        }),
         _ => Err(RouteError::NotFound),
     }
 }
@@ -143,6 +158,7 @@ struct Query<'a> {
     ns: Option<&'a str>,
     n: Option<&'a str>,
     last: Option<&'a str>,
+    artifact_type: Option<&'a str>,
 }
 
 impl<'a> Query<'a> {
@@ -154,6 +170,7 @@ impl<'a> Query<'a> {
                 "ns" => q.ns = Some(value),
                 "n" => q.n = Some(value),
                 "last" => q.last = Some(value),
+                "artifactType" => q.artifact_type = Some(value),
                 _ => {}
             }
         }
@@ -177,6 +194,38 @@ impl<'a> Query<'a> {
         }
         Ok(parts.join("&"))
     }
+
+    /// The referrers filter, percent-decoded (clients may encode its `/`
+    /// and `+`) and checked as a media type; empty means no filter.
+    fn artifact_type(&self) -> Result<Option<String>, ReferenceError> {
+        let Some(raw) = self.artifact_type.filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        let invalid = || ReferenceError::InvalidMediaType(raw.chars().take(80).collect());
+        let decoded = percent_decode(raw).ok_or_else(invalid)?;
+        validate_media_type(&decoded).map_err(|_| invalid())?;
+        Ok(Some(decoded))
+    }
+}
+
+/// `%XX` escapes decoded; `None` for a broken escape or bytes that are not
+/// UTF-8. A `+` stays a `+`: media types contain it (`...+json`), and
+/// clients send it unencoded.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -276,6 +325,59 @@ mod tests {
             route("/v2/alpine/whatever/x", None),
             Err(RouteError::NotFound)
         );
+    }
+
+    #[test]
+    fn referrers_take_a_digest_and_a_media_type_filter() {
+        let repo = Repository::new("docker.io", "library/alpine").unwrap();
+        let digest = Digest::parse(D).unwrap();
+        assert_eq!(
+            route(&format!("/v2/alpine/referrers/{D}"), None).unwrap(),
+            Route::Referrers {
+                repo: repo.clone(),
+                digest: digest.clone(),
+                artifact_type: None
+            }
+        );
+        let sig = "application/vnd.dev.cosign.artifact.sig.v1+json";
+        for query in [
+            format!("artifactType={sig}"),
+            "artifactType=application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson&ns=docker.io".into(),
+        ] {
+            assert_eq!(
+                route(&format!("/v2/alpine/referrers/{D}"), Some(&query)).unwrap(),
+                Route::Referrers {
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    artifact_type: Some(sig.into())
+                },
+                "{query}"
+            );
+        }
+        for query in [
+            "artifactType=nonsense",
+            "artifactType=a/b;x=1",
+            "artifactType=a%2",
+            "artifactType=a%ff/b",
+            "artifactType=a%2Fb%2Fc",
+        ] {
+            assert!(
+                matches!(
+                    route(&format!("/v2/alpine/referrers/{D}"), Some(query)),
+                    Err(RouteError::Invalid(ReferenceError::InvalidMediaType(_)))
+                ),
+                "{query}"
+            );
+        }
+        for bad in ["latest", "sha256:abc", "md5:abc", "sha256-abc"] {
+            assert!(
+                matches!(
+                    route(&format!("/v2/alpine/referrers/{bad}"), None),
+                    Err(RouteError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

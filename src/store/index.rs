@@ -73,6 +73,11 @@ pub struct Index {
     /// Images pinned at run time (`hoard pin`), as `registry/name:tag` or
     /// `registry/name@digest`.
     pins: sled::Tree,
+    /// Referrers lists: `registry/name@subject` (plus `?artifactType` when
+    /// filtered) to the stored index and when upstream last confirmed it.
+    /// A tree of their own, not pseudo-tags: tag listings, the image
+    /// catalog and eviction's tag sweep must never see them.
+    referrers: sled::Tree,
 }
 
 impl Index {
@@ -92,6 +97,7 @@ impl Index {
             tags: db.open_tree("tags")?,
             refs: db.open_tree("refs")?,
             pins: db.open_tree("pins")?,
+            referrers: db.open_tree("referrers")?,
             db,
         })
     }
@@ -213,6 +219,42 @@ impl Index {
         Ok(tags)
     }
 
+    /// The record of a referrers list (`artifact_type`: its filter).
+    pub fn referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<TagRecord>> {
+        let key = referrers_key(repo, subject, artifact_type);
+        decode(self.referrers.get(&key)?, || key.clone())
+    }
+
+    /// Records what a referrers list is now.
+    pub fn put_referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        record: &TagRecord,
+    ) -> Result<()> {
+        self.referrers
+            .insert(referrers_key(repo, subject, artifact_type), encode(record))?;
+        Ok(())
+    }
+
+    /// Forgets a referrers list (upstream answered 404 for it).
+    pub fn remove_referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<()> {
+        self.referrers
+            .remove(referrers_key(repo, subject, artifact_type))?;
+        Ok(())
+    }
+
     /// Adds a pin; true if it was new.
     pub fn add_pin(&self, image: &str) -> Result<bool> {
         Ok(self.pins.insert(image, &[])?.is_none())
@@ -249,6 +291,15 @@ fn ref_key(child: &Digest, parent: &Digest) -> Vec<u8> {
 
 fn link_key(repo: &Repository, digest: &Digest) -> String {
     format!("{repo}@{digest}")
+}
+
+/// `?` appears in no repository name, digest or media type: a filtered
+/// list's key never equals another's.
+fn referrers_key(repo: &Repository, subject: &Digest, artifact_type: Option<&str>) -> String {
+    match artifact_type {
+        Some(filter) => format!("{repo}@{subject}?{filter}"),
+        None => format!("{repo}@{subject}"),
+    }
 }
 
 fn tag_key(repo: &Repository, tag: &str) -> String {

@@ -298,6 +298,41 @@ impl Store {
         self.index.remove_tag(repo, tag)
     }
 
+    /// What the referrers list of `subject` in `repo` (with the
+    /// `artifact_type` filter, if any) was when upstream last sent it: the
+    /// digest of the stored index, and when.
+    pub fn referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<TagRecord>> {
+        self.index.referrers(repo, subject, artifact_type)
+    }
+
+    /// Records a referrers list; its index must already be stored
+    /// (`put_bytes`), so a record never names content that is not there.
+    pub fn put_referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        record: &TagRecord,
+    ) -> Result<()> {
+        self.index
+            .put_referrers(repo, subject, artifact_type, record)
+    }
+
+    /// Forgets a referrers list upstream no longer serves.
+    pub fn remove_referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<()> {
+        self.index.remove_referrers(repo, subject, artifact_type)
+    }
+
     /// Every cached tag: `registry/name:tag` and what it points to.
     pub fn all_tags(&self) -> Result<Vec<(String, TagRecord)>> {
         self.index.all_tags()
@@ -439,6 +474,42 @@ pub(crate) mod tests {
         assert_eq!(store.tags_of(&a).unwrap(), vec!["1.0", "2.0"]);
         store.remove_tag(&a, "1.0").unwrap();
         assert_eq!(store.tags_of(&a).unwrap(), vec!["2.0"]);
+    }
+
+    #[test]
+    fn issue_14_referrers_records_are_per_filter_and_never_tags() {
+        let (_dir, store) = store();
+        let a = Repository::new("docker.io", "a").unwrap();
+        let subject = Digest::of(b"image");
+        let rec = |n: &[u8]| TagRecord {
+            digest: Digest::of(n),
+            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            checked_at_ms: 1,
+        };
+        store
+            .put_referrers(&a, &subject, None, &rec(b"all"))
+            .unwrap();
+        store
+            .put_referrers(&a, &subject, Some("text/plain"), &rec(b"some"))
+            .unwrap();
+        assert_eq!(
+            store.referrers(&a, &subject, None).unwrap(),
+            Some(rec(b"all"))
+        );
+        assert_eq!(
+            store.referrers(&a, &subject, Some("text/plain")).unwrap(),
+            Some(rec(b"some"))
+        );
+        assert_eq!(store.referrers(&a, &subject, Some("a/b")).unwrap(), None);
+        // Tag listings, the catalog and eviction's tag sweep never see them.
+        assert!(store.tags_of(&a).unwrap().is_empty());
+        assert!(store.all_tags().unwrap().is_empty());
+        store.remove_referrers(&a, &subject, None).unwrap();
+        assert_eq!(store.referrers(&a, &subject, None).unwrap(), None);
+        assert!(store
+            .referrers(&a, &subject, Some("text/plain"))
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod error;
 mod health;
 mod partial;
 mod ratelimit;
+mod referrers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 pub use auth::Challenge;
 pub use error::{Envelope, Error, Result};
 pub use partial::ContentRange;
+pub use referrers::{ReferrersResponse, INDEX_MEDIA_TYPE};
 
 use crate::config::{Credentials, RegistryConfig, UpstreamConfig};
 use crate::metrics::Metrics;

@@ -85,6 +85,8 @@ pub struct State {
     ranges: Mutex<Vec<String>>,
     /// Answer several ranges with 416 instead of `multipart/byteranges`.
     single_range_only: std::sync::atomic::AtomicBool,
+    /// How the referrers API behaves (see the referrers block below).
+    referrers: Mutex<ReferrersMode>,
 }
 
 fn next_random() -> u64 {
@@ -455,6 +457,9 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
     let Some(rest) = path.strip_prefix("/v2/") else {
         return full(StatusCode::NOT_FOUND, "");
     };
+    if let Some((name, subject)) = rest.rsplit_once("/referrers/") {
+        return referrers_response(&state, name, subject, req.uri().query());
+    }
     let mut r = if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         let found = state
             .manifests
@@ -735,4 +740,173 @@ impl futures_core::Stream for ReceiverStream {
     ) -> std::task::Poll<Option<Self::Item>> {
         self.0.poll_recv(cx)
     }
+}
+
+// ---------------------------------------------------------------------------
+// Referrers API (OCI distribution spec 1.1, issue 14). Kept apart from the
+// manifest and blob code above: the list is computed from the stored
+// manifests that carry a `subject`, as a registry with the API does.
+// ---------------------------------------------------------------------------
+
+/// Toggles of the fake's referrers API.
+#[derive(Default, Clone)]
+struct ReferrersMode {
+    /// Answer 404, like a registry without the API (distribution 2.8).
+    no_api: bool,
+    /// Apply `artifactType` filters and say so (`OCI-Filters-Applied`);
+    /// otherwise ignore them, as the spec allows.
+    filters: bool,
+    /// Descriptors per page (with a `Link` to the next), if set.
+    page_size: Option<usize>,
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
+
+impl Fake {
+    /// Answer 404 on the referrers API (`false`), or serve it (default).
+    pub fn referrers_api(&self, on: bool) {
+        self.state.referrers.lock().unwrap().no_api = !on;
+    }
+
+    /// Apply `artifactType` filters upstream (and send the header).
+    pub fn referrers_filter(&self, on: bool) {
+        self.state.referrers.lock().unwrap().filters = on;
+    }
+
+    /// Page referrers lists `size` descriptors at a time.
+    pub fn referrers_page_size(&self, size: usize) {
+        self.state.referrers.lock().unwrap().page_size = Some(size);
+    }
+
+    /// Attaches an artifact to the manifest `subject` of `name`, as cosign
+    /// or oras do on a registry with the API: an image manifest with an
+    /// empty config, one layer `payload`, `artifactType`, `subject` and an
+    /// annotation. Returns (artifact manifest digest, payload digest).
+    pub fn put_referrer(
+        &self,
+        name: &str,
+        subject: &str,
+        artifact_type: &str,
+        payload: &[u8],
+    ) -> (String, String) {
+        let (subject_bytes, subject_type) = self
+            .state
+            .manifests
+            .lock()
+            .unwrap()
+            .get(&(name.to_owned(), subject.to_owned()))
+            .cloned()
+            .expect("the subject is stored");
+        let config = self.put_blob(name, b"{}".to_vec());
+        let layer = self.put_blob(name, payload.to_vec());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {"mediaType": EMPTY_CONFIG, "digest": config, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": payload.len()}],
+            "subject": {"mediaType": subject_type, "digest": subject, "size": subject_bytes.len()},
+            "annotations": {"org.example.kind": artifact_type},
+        });
+        let digest = self.put_manifest(name, None, OCI_MANIFEST, manifest.to_string());
+        (digest, layer)
+    }
+
+    /// The referrers index the API would answer for `subject`, unfiltered
+    /// (what a client pushes to the `sha256-<hex>` fallback tag).
+    pub fn referrers_index(&self, name: &str, subject: &str) -> String {
+        index_json(&referrer_descriptors(&self.state, name, subject))
+    }
+}
+
+/// Descriptors of the stored manifests of `name` whose `subject` is
+/// `subject`, sorted by digest (stable pages), as the spec describes them:
+/// `artifactType` (else the config's media type) and the annotations.
+fn referrer_descriptors(state: &State, name: &str, subject: &str) -> Vec<serde_json::Value> {
+    let manifests = state.manifests.lock().unwrap();
+    let mut out: Vec<serde_json::Value> = manifests
+        .iter()
+        .filter(|((n, reference), _)| n == name && reference.starts_with("sha256:"))
+        .filter_map(|((_, digest), (data, media_type))| {
+            let body: serde_json::Value = serde_json::from_slice(data).ok()?;
+            if body["subject"]["digest"].as_str() != Some(subject) {
+                return None;
+            }
+            let artifact_type = body["artifactType"]
+                .as_str()
+                .or(body["config"]["mediaType"].as_str());
+            let mut descriptor = serde_json::json!({
+                "mediaType": media_type,
+                "digest": digest,
+                "size": data.len(),
+            });
+            if let Some(t) = artifact_type {
+                descriptor["artifactType"] = t.into();
+            }
+            if let Some(a) = body.get("annotations") {
+                descriptor["annotations"] = a.clone();
+            }
+            Some(descriptor)
+        })
+        .collect();
+    out.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
+    out
+}
+
+fn index_json(manifests: &[serde_json::Value]) -> String {
+    serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
+        .to_string()
+}
+
+fn referrers_response(
+    state: &State,
+    name: &str,
+    subject: &str,
+    query: Option<&str>,
+) -> Response<BoxBody> {
+    let mode = state.referrers.lock().unwrap().clone();
+    if mode.no_api {
+        return full(StatusCode::NOT_FOUND, "404 page not found\n");
+    }
+    let mut filter = None;
+    let mut page = 0;
+    for pair in query.unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("artifactType", v)) => {
+                filter = Some(v.replace("%2B", "+").replace("%2F", "/"));
+            }
+            Some(("page", v)) => page = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let mut manifests = referrer_descriptors(state, name, subject);
+    let filtered = mode.filters && filter.is_some();
+    if let (true, Some(filter)) = (filtered, &filter) {
+        manifests.retain(|d| d["artifactType"].as_str() == Some(filter.as_str()));
+    }
+    let mut link = None;
+    if let Some(size) = mode.page_size {
+        let total = manifests.len();
+        manifests = manifests.into_iter().skip(page * size).take(size).collect();
+        if (page + 1) * size < total {
+            let mut next = format!("/v2/{name}/referrers/{subject}?page={}", page + 1);
+            if let Some(filter) = &filter {
+                next.push_str(&format!("&artifactType={filter}"));
+            }
+            link = Some(format!("<{next}>; rel=\"next\""));
+        }
+    }
+    let mut r = full(StatusCode::OK, index_json(&manifests));
+    r.headers_mut()
+        .insert("content-type", OCI_INDEX.parse().unwrap());
+    if filtered {
+        r.headers_mut()
+            .insert("oci-filters-applied", "artifactType".parse().unwrap());
+    }
+    if let Some(link) = link {
+        r.headers_mut().insert("link", link.parse().unwrap());
+    }
+    r
 }

@@ -15,6 +15,7 @@ mod leaks;
 mod login;
 mod pull;
 mod ranges;
+mod referrers;
 mod regression;
 mod resume;
 mod single_flight;

@@ -31,13 +31,19 @@ async fn get_range(hoard: &Hoard, path: &str, range: &str) -> reqwest::Response 
 /// The parts of a multipart answer, as multer reads them: each part's
 /// `Content-Range` and bytes.
 async fn parts(response: reqwest::Response) -> Vec<(String, Vec<u8>)> {
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let declared: usize = response.headers()["content-length"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
-    assert!(content_type.starts_with("multipart/byteranges"), "{content_type}");
+    assert!(
+        content_type.starts_with("multipart/byteranges"),
+        "{content_type}"
+    );
     // multer's own boundary parser accepts form-data only.
     let (_, boundary) = content_type.split_once("boundary=").unwrap();
     let body = response.bytes().await.unwrap();
@@ -45,8 +51,14 @@ async fn parts(response: reqwest::Response) -> Vec<(String, Vec<u8>)> {
     let mut multipart = multer::Multipart::with_reader(&body[..], boundary);
     let mut parts = Vec::new();
     while let Some(field) = multipart.next_field().await.unwrap() {
-        assert_eq!(field.content_type().unwrap().essence_str(), "application/octet-stream");
-        let range = field.headers()["content-range"].to_str().unwrap().to_owned();
+        assert_eq!(
+            field.content_type().unwrap().essence_str(),
+            "application/octet-stream"
+        );
+        let range = field.headers()["content-range"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         parts.push((range, field.bytes().await.unwrap().to_vec()));
     }
     parts
@@ -71,7 +83,10 @@ async fn several_ranges_of_a_cached_blob_are_one_multipart_answer_in_the_order_a
         ("bytes=5000-5999,0-99", vec![(5000, 6000), (0, 100)]),
         ("bytes=0-99,5000-5999", vec![(0, 100), (5000, 6000)]),
         // Overlapping, and a suffix.
-        ("bytes=100-299,200-399,-50", vec![(100, 300), (200, 400), (len - 50, len)]),
+        (
+            "bytes=100-299,200-399,-50",
+            vec![(100, 300), (200, 400), (len - 50, len)],
+        ),
     ] {
         let r = get_range(&hoard, &path, header).await;
         assert_eq!(r.status(), 206, "{header}");
@@ -154,7 +169,10 @@ async fn a_tail_range_of_a_cold_blob_is_relayed_while_the_blob_downloads_once() 
     assert_eq!(r.headers()["x-hoard-cache"], "hit");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[len - 4096..]);
     assert_eq!(fake.hits("GET", &digest), 2);
-    assert_eq!(digest_of(&hoard.get(&path).await.bytes().await.unwrap()), digest);
+    assert_eq!(
+        digest_of(&hoard.get(&path).await.bytes().await.unwrap()),
+        digest
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,223 @@
+//! Referrers lists (`/v2/<name>/referrers/<digest>`, OCI distribution spec
+//! 1.1): what upstream lists as pointing at a subject (signatures, SBOMs,
+//! attestations). A list changes whenever someone attaches an artifact, so
+//! it is cached like a tag: served from the store inside the tag TTL, asked
+//! again after it, served stale when upstream is down or rate-limits, and
+//! never after an upstream 404, which means "no referrers API here" and
+//! sends clients to the `sha256-<hex>` fallback tag (an ordinary tag, see
+//! `manifest`). The referrer manifests and their blobs are ordinary
+//! content: they come through `manifest` and `blob` when a client pulls
+//! them. Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers>
+//!
+//! Lists are kept on this replica only, not in the shared bucket: the
+//! bucket's tag namespace is what its GC and the fleet's image listing walk
+//! (a list there would read as a tag of an image), a list is one small GET
+//! per replica per TTL, and the costly part, the referrer manifests and
+//! blobs, does go through the bucket like any content.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tracing::warn;
+
+use super::error::{Error, Result};
+use super::manifest::{self, Manifest};
+use super::shared::Shared;
+use super::{flight, Outcome};
+use crate::clock;
+use crate::reference::{Digest, Repository};
+use crate::store::TagRecord;
+use crate::upstream::{self, INDEX_MEDIA_TYPE};
+
+/// Referrers lookups in progress, by repository, subject and filter.
+pub(super) type Flights =
+    flight::Flights<(Repository, Digest, Option<String>), (Referrers, Outcome)>;
+
+/// A referrers list as served: an image index.
+#[derive(Debug, Clone)]
+pub struct Referrers {
+    /// The index (`application/vnd.oci.image.index.v1+json`).
+    pub bytes: Bytes,
+    /// The `artifactType` filter was applied (by upstream or here): the
+    /// answer carries `OCI-Filters-Applied: artifactType`.
+    pub filtered: bool,
+}
+
+/// The referrers of `subject` in `repo`, filtered on `artifact_type`.
+pub(super) async fn lookup(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    subject: &Digest,
+    artifact_type: Option<&str>,
+) -> Result<(Referrers, Outcome)> {
+    let ttl = shared.tag_ttl.for_registry(repo.registry());
+    let cached = stored(shared, repo, subject, artifact_type).await?;
+    if let Some((record, index)) = &cached {
+        if is_fresh(record, ttl) {
+            return Ok((served(index, artifact_type), Outcome::Hit));
+        }
+        // As for tags: keep a nearly spent budget for real misses.
+        if shared.upstream.budget_low(repo.registry()) {
+            return Ok((served(index, artifact_type), Outcome::Stale));
+        }
+    }
+    let key = (
+        repo.clone(),
+        subject.clone(),
+        artifact_type.map(str::to_owned),
+    );
+    let work = {
+        let shared = shared.clone();
+        let (repo, subject, filter) = key.clone();
+        async move {
+            // A lookup that ended between this request's check and its
+            // flight left a fresh record: use it rather than ask again.
+            let cached = stored(&shared, &repo, &subject, filter.as_deref()).await?;
+            if let Some((record, index)) = &cached {
+                if is_fresh(record, ttl) {
+                    return Ok((served(index, filter.as_deref()), Outcome::Hit));
+                }
+            }
+            refresh(&shared, &repo, &subject, filter.as_deref(), cached).await
+        }
+    };
+    let (result, joined) = shared.referrer_flights.run(key, work).await;
+    result.map(|(list, outcome)| (list, if joined { Outcome::Coalesced } else { outcome }))
+}
+
+fn is_fresh(record: &TagRecord, ttl: Duration) -> bool {
+    u128::from(clock::unix_ms().saturating_sub(record.checked_at_ms)) < ttl.as_millis()
+}
+
+fn served(index: &Manifest, artifact_type: Option<&str>) -> Referrers {
+    Referrers {
+        bytes: index.bytes.clone(),
+        filtered: artifact_type.is_some(),
+    }
+}
+
+/// The stored list and its record; a record whose index was evicted is
+/// no list at all.
+async fn stored(
+    shared: &Shared,
+    repo: &Repository,
+    subject: &Digest,
+    artifact_type: Option<&str>,
+) -> Result<Option<(TagRecord, Arc<Manifest>)>> {
+    let Some(record) = shared.store.referrers(repo, subject, artifact_type)? else {
+        return Ok(None);
+    };
+    Ok(manifest::load(shared, &record.digest)
+        .await?
+        .map(|index| (record, index)))
+}
+
+/// Asks upstream for the list (it is missing or past its TTL), keeps what
+/// it answers, or serves the cached list if upstream is unavailable.
+async fn refresh(
+    shared: &Shared,
+    repo: &Repository,
+    subject: &Digest,
+    artifact_type: Option<&str>,
+    cached: Option<(TagRecord, Arc<Manifest>)>,
+) -> Result<(Referrers, Outcome)> {
+    let response = match shared
+        .upstream
+        .get_referrers(repo, subject, artifact_type)
+        .await
+    {
+        Ok(response) => response,
+        // Spec, "Listing Referrers": a registry with the API never answers
+        // 404, so this one lacks it (or the repository): the client must
+        // see the 404 to fall back to the tag schema. An empty list cached
+        // here would hide the fallback tag's signatures.
+        Err(upstream::Error::NotFound { .. }) => {
+            shared
+                .store
+                .remove_referrers(repo, subject, artifact_type)?;
+            return Err(Error::ReferrersUnknown {
+                repo: repo.clone(),
+                subject: subject.clone(),
+            });
+        }
+        Err(e) if e.is_unavailable() => {
+            let Some((_, index)) = cached else {
+                return Err(e.into());
+            };
+            warn!(repository = %repo, %subject, error = %e, "upstream unavailable, serving stale referrers");
+            return Ok((served(&index, artifact_type), Outcome::Stale));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let bytes = match artifact_type {
+        // Spec: a registry SHOULD filter, and says so in
+        // `OCI-Filters-Applied`; one that did not gets its list filtered
+        // here, so the client's header is true either way.
+        Some(filter) if !response.filtered => filter_locally(&response.bytes, filter)?,
+        _ => response.bytes,
+    };
+    let digest = Digest::of(&bytes);
+    let record = TagRecord {
+        digest: digest.clone(),
+        media_type: INDEX_MEDIA_TYPE.to_owned(),
+        checked_at_ms: clock::unix_ms(),
+    };
+    if let Some((old, index)) = cached.filter(|(old, _)| old.digest == digest) {
+        let record = TagRecord {
+            checked_at_ms: record.checked_at_ms,
+            ..old
+        };
+        shared
+            .store
+            .put_referrers(repo, subject, artifact_type, &record)?;
+        return Ok((served(&index, artifact_type), Outcome::Revalidated));
+    }
+    let index = Arc::new(Manifest {
+        digest,
+        media_type: INDEX_MEDIA_TYPE.to_owned(),
+        bytes,
+    });
+    // Content first, then the record that names it: a crash in between
+    // leaves an unnamed index, never a record of missing content. Not
+    // linked to `repo`: the list is served only through this route.
+    manifest::keep(shared, None, index.clone()).await?;
+    shared
+        .store
+        .put_referrers(repo, subject, artifact_type, &record)?;
+    Ok((served(&index, artifact_type), Outcome::Miss))
+}
+
+/// The descriptors of `index` whose `artifactType` is `filter`; the rest
+/// of the index as upstream sent it.
+fn filter_locally(index: &[u8], filter: &str) -> Result<Bytes> {
+    let mut index: Value = serde_json::from_slice(index)
+        .map_err(|e| Error::Internal(format!("referrers list unreadable: {e}")))?;
+    if let Some(Value::Array(manifests)) = index.get_mut("manifests") {
+        manifests.retain(|d| d.get("artifactType").and_then(Value::as_str) == Some(filter));
+    }
+    Ok(serde_json::to_vec(&index).expect("json").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_filter_keeps_only_the_asked_type() {
+        let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[
+            {"digest":"sha256:a","artifactType":"application/vnd.example.sig"},
+            {"digest":"sha256:b","artifactType":"application/spdx+json"},
+            {"digest":"sha256:c"}]}"#;
+        let kept: Value =
+            serde_json::from_slice(&filter_locally(index, "application/spdx+json").unwrap())
+                .unwrap();
+        assert_eq!(kept["manifests"].as_array().unwrap().len(), 1);
+        assert_eq!(kept["manifests"][0]["digest"], "sha256:b");
+        assert_eq!(kept["mediaType"], INDEX_MEDIA_TYPE);
+        let none: Value =
+            serde_json::from_slice(&filter_locally(index, "text/plain").unwrap()).unwrap();
+        assert_eq!(none["manifests"], serde_json::json!([]));
+    }
+}
