@@ -67,9 +67,6 @@ pub(super) async fn lookup(
             blob::lookup(shared, repo, digest, caller).await?,
         ));
     }
-    if shared.range_fill {
-        fill_in_background(shared, repo, digest, caller);
-    }
     let response = match shared.upstream.get_blob_range(repo, digest, header).await {
         Ok(response) => Some(response),
         // Refused: many registries take one range only. One range is
@@ -77,6 +74,11 @@ pub(super) async fn lookup(
         Err(upstream::Error::Status { status: 416, .. }) => None,
         Err(e) => return Err(blob::blob_error(e, repo, digest)),
     };
+    // The whole blob starts downloading once the range is answered, so
+    // the two do not compete for the link before the range's first byte.
+    if shared.range_fill {
+        fill_in_background(shared, repo, digest, caller);
+    }
     let Some(response) = response.filter(|r| r.partial) else {
         // Upstream ignores or refuses ranges: one range is served from
         // the download of the whole blob as its bytes arrive (which also

@@ -348,15 +348,47 @@ pub fn replica(
     HoardProcess::spawn(data, command)
 }
 
-/// nginx balancing round-robin over `upstreams` on the socket `listener`.
+/// nginx in front of `upstreams` on the socket `listener`: a round-robin
+/// balancer (`start`) or a relay limiting its rate, as an internet link
+/// does (`relay`). Its access log lines are `METHOD URI STATUS RANGE BYTES`
+/// (`RANGE` is `-` without a `Range` header).
 pub struct Nginx {
     pub daemon: Daemon,
     pub url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Nginx {
     pub fn start(listener: &TcpListener, upstreams: &[String]) -> Nginx {
+        Nginx::with(
+            listener,
+            upstreams,
+            "proxy_buffering off; proxy_next_upstream error timeout http_502 http_503;",
+        )
+    }
+
+    /// A relay to `upstream` sending at most `rate` bytes per second per
+    /// connection (nginx's `limit_rate`, e.g. `16m`).
+    pub fn relay(listener: &TcpListener, upstream: &str, rate: &str) -> Nginx {
+        Nginx::with(
+            listener,
+            &[upstream.to_owned()],
+            // Buffered: nginx applies limit_rate to what it writes
+            // from its buffers, not to an unbuffered pass-through.
+            &format!("limit_rate {rate};"),
+        )
+    }
+
+    /// The access log's lines so far.
+    pub fn access_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn with(listener: &TcpListener, upstreams: &[String], directives: &str) -> Nginx {
         let bin = require_tool("nginx");
         let dir = tempfile::tempdir().unwrap();
         let addr = listener.local_addr().unwrap();
@@ -373,7 +405,8 @@ pid {d}/nginx.pid;
 error_log {d}/error.log;
 events {{ worker_connections 1024; }}
 http {{
-  access_log {d}/access.log;
+  log_format ranges '$request_method $request_uri $status $http_range $body_bytes_sent';
+  access_log {d}/access.log ranges;
   client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fastcgi;
@@ -388,10 +421,9 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $http_host;
-      proxy_buffering off;
       proxy_request_buffering off;
       proxy_read_timeout 120s;
-      proxy_next_upstream error timeout http_502 http_503;
+      {directives}
     }}
   }}
 }}
@@ -410,10 +442,6 @@ http {{
         let mut daemon = Daemon::spawn("nginx", &mut command, dir.path().join("nginx.log"));
         let url = format!("http://{addr}");
         daemon.wait_http(&format!("{url}/v2/"));
-        Nginx {
-            daemon,
-            url,
-            _dir: dir,
-        }
+        Nginx { daemon, url, dir }
     }
 }
