@@ -18,6 +18,10 @@
 #    a cached blob through a replica from the bucket and then from its local
 #    tier vs the fs backend, a herd spread over three replicas (upstream GETs,
 #    seconds), and redirect mode (bytes straight from Garage)
+# 7. lazy pulling and resume (issue 14): the last 4 KiB of a cold 64 MiB blob
+#    through an nginx relay limited to 16 MiB/s, through hoard vs straight
+#    from the relay; and the bytes upstream sends when hoard's download of a
+#    blob is cut once at 25% (scripts/cut-relay.py) vs the blob's size
 # Writes target/bench/results.json. --quick (CI) uses small sizes and fails
 # only if hoard's herd made more than one upstream GET.
 set -euo pipefail
@@ -28,9 +32,10 @@ runs=3
 herd=100
 wrk_secs=5
 clients=32
+quick=false
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) size_mib=16; runs=1; herd=20; wrk_secs=1; clients=8; shift ;;
+    --quick) size_mib=16; runs=1; herd=20; wrk_secs=1; clients=8; quick=true; shift ;;
     --size) size_mib=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     *) echo "usage: $0 [--quick] [--size MiB] [--runs N]" >&2; exit 2 ;;
@@ -49,6 +54,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  [ -f "$work/slow.pid" ] && kill "$(cat "$work/slow.pid")" 2>/dev/null || true
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -360,6 +366,70 @@ GARAGE
   fleet_herd_gets=$(upstream_gets "$fleet_blob")
 fi
 
+# 7. Lazy pulling and resume.
+lazy_mib=64; $quick && lazy_mib=16
+lazy_bytes=$((lazy_mib * 1024 * 1024))
+lazy=()
+for _ in $(seq "$((runs + 1))"); do
+  head -c "$lazy_bytes" /dev/urandom >"$work/blob"
+  lazy+=("$(push_blob "$work/blob")")
+done
+rm -f "$work/blob"
+slow_port=$(free_port)
+cat >"$work/slow.conf" <<NGINX
+worker_processes 1;
+pid $work/slow.pid;
+error_log $work/nginx/slow-error.log;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  # An internet link: 16 MiB/s per connection (buffered, so limit_rate applies).
+  server { listen 127.0.0.1:$slow_port; location /v2/ { proxy_pass $upstream; proxy_http_version 1.1; limit_rate 16m; } }
+}
+NGINX
+nginx -p "$work/nginx" -c "$work/slow.conf"
+slow="http://127.0.0.1:$slow_port"
+wait_http "$slow/v2/"
+lz_port=$(free_port)
+HOARD_LOG=warn ./target/release/hoard serve --listen "127.0.0.1:$lz_port" --data-dir "$work/lazy" \
+  --upstream "docker.io=$slow" >"$work/lazy.log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$lz_port/healthz"
+tail_get() { curl -s -f -o /dev/null --max-time 300 -H 'Range: bytes=-4096' -w '%{time_total}\n' "$1"; }
+: >"$work/tail_hoard"; : >"$work/tail_direct"
+for i in $(seq 1 "$runs"); do
+  blob=${lazy[$i]}
+  tail_get "http://127.0.0.1:$lz_port$path/$blob" >>"$work/tail_hoard"
+  tail_get "$slow$path/$blob" >>"$work/tail_direct"
+  # The background download of the whole blob: let it end before the next.
+  for _ in $(seq 600); do
+    [ "$(stat -c %s "$work/lazy/blobs/sha256/${blob:7:2}/${blob:7}" 2>/dev/null || echo 0)" = "$lazy_bytes" ] && break
+    sleep 0.1
+  done
+done
+tail_hoard=$(median <"$work/tail_hoard"); tail_direct=$(median <"$work/tail_direct")
+kill "$(cat "$work/slow.pid")" 2>/dev/null || true
+# A download cut once at 25%: what upstream sends in all.
+python3 scripts/cut-relay.py "$upstream" 0.25 >"$work/cut.port" 2>"$work/cut.log" &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$work/cut.port" ] && break; sleep 0.05; done
+cut="http://127.0.0.1:$(head -1 "$work/cut.port")"
+ct_port=$(free_port)
+HOARD_LOG=warn ./target/release/hoard serve --listen "127.0.0.1:$ct_port" --data-dir "$work/cut" \
+  --upstream "docker.io=$cut" >"$work/cut-hoard.log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$ct_port/healthz"
+blob=${lazy[0]}
+got=$(curl -s -f --max-time 300 "http://127.0.0.1:$ct_port$path/$blob" | sha256sum | cut -d' ' -f1)
+[ "sha256:$got" = "$blob" ] || { echo "bench.sh: the cut-and-resumed blob came out wrong" >&2; exit 1; }
+cut_sent=$(curl -s -f "$cut/_relayed$path/$blob")
+cut_ratio=$(ratio "$cut_sent" "$lazy_bytes")
+
 rss() { awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
 nginx_rss=0
 for pid in $(pgrep -P "$(cat "$work/nginx.pid")") "$(cat "$work/nginx.pid")"; do
@@ -403,6 +473,11 @@ else
   from_bucket=0; local_tier=0; redirect_mibps=0; fleet_herd_gets=0; fleet_herd_secs=0
 fi
 
+printf '\n7. lazy pulling and resume (%d MiB blobs)\n' "$lazy_mib"
+printf '   cold tail range (4 KiB) via a 16 MiB/s relay: direct %.1f ms, through hoard %.1f ms, hoard / direct %s\n' \
+  "$(echo "$tail_direct * 1000" | bc)" "$(echo "$tail_hoard * 1000" | bc)" "$(ratio "$tail_hoard" "$tail_direct")"
+printf '   download cut once at 25%%: upstream sent %s bytes for %s, %s x the blob\n' "$cut_sent" "$lazy_bytes" "$cut_ratio"
+
 mkdir -p target/bench
 cat > target/bench/results.json <<JSON
 {"size_mib": $size_mib, "runs": $runs, "clients": $clients, "herd": $herd,
@@ -415,7 +490,8 @@ cat > target/bench/results.json <<JSON
  "herd_upstream_gets": {"hoard": ${herd_gets[hoard]}, "proxy": ${herd_gets[proxy]}},
  "peak_rss_mib": {"hoard": $rss_hoard, "distribution": $rss_up, "proxy": $rss_proxy, "nginx": $nginx_rss},
  "bucket_mibps": {"from_bucket": $from_bucket, "local_tier": $local_tier, "redirect": $redirect_mibps},
- "fleet_herd": {"upstream_gets": $fleet_herd_gets, "seconds": $fleet_herd_secs}}
+ "fleet_herd": {"upstream_gets": $fleet_herd_gets, "seconds": $fleet_herd_secs},
+ "lazy": {"blob_mib": $lazy_mib, "tail_range_s": {"direct": $tail_direct, "hoard": $tail_hoard}, "cut_once_upstream_bytes_ratio": $cut_ratio}}
 JSON
 echo "wrote target/bench/results.json"
 if [ "${herd_gets[hoard]}" != 1 ]; then
