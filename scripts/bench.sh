@@ -404,8 +404,10 @@ tail_get() { curl -s -f -o /dev/null --max-time 300 -H 'Range: bytes=-4096' -w '
 : >"$work/tail_hoard"; : >"$work/tail_direct"
 for i in $(seq 1 "$runs"); do
   blob=${lazy[$i]}
-  tail_get "http://127.0.0.1:$lz_port$path/$blob" >>"$work/tail_hoard"
+  # Direct first: hoard's background download would slow a direct read
+  # measured while it runs.
   tail_get "$slow$path/$blob" >>"$work/tail_direct"
+  tail_get "http://127.0.0.1:$lz_port$path/$blob" >>"$work/tail_hoard"
   # The background download of the whole blob: let it end before the next.
   for _ in $(seq 600); do
     [ "$(stat -c %s "$work/lazy/blobs/sha256/${blob:7:2}/${blob:7}" 2>/dev/null || echo 0)" = "$lazy_bytes" ] && break
