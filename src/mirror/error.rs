@@ -36,6 +36,11 @@ pub enum Error {
     /// The replica that owns the object could not serve it.
     #[error(transparent)]
     Peer(#[from] cluster::Error),
+    /// Upstream sent other bytes for a blob when a cut download asked again
+    /// (or a length that does not add up): one of the two versions is
+    /// wrong, so nothing is kept.
+    #[error("upstream sent different content for {digest} of {repo} when asked again")]
+    UpstreamChanged { repo: Repository, digest: Digest },
     /// Several ranges of a blob not cached, which upstream would only
     /// answer whole: refused rather than sent whole as a silent `200`.
     #[error("upstream cannot serve several ranges of a blob not cached")]

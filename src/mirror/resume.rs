@@ -3,7 +3,10 @@
 //! (`Range`, guarded by `If-Range` with upstream's strong `ETag` when it
 //! gave one), up to `upstream.resume_attempts` times with a growing pause,
 //! and the download goes on hashing across the seam: clients following it
-//! see no cut, and the digest check at the end covers every byte.
+//! see no cut, and the digest check at the end covers every byte. The
+//! attempts count per cut: a cut after bytes arrived since the last one
+//! starts a fresh count (a long download on a flaky link is not failed for
+//! cuts it got past), so only a body that makes no progress fails.
 //!
 //! A registry may answer the resume with the whole blob (`200`: it ignores
 //! ranges, or the `If-Range` validator no longer matches). Its first bytes
@@ -55,7 +58,10 @@ pub(super) struct Resumer<'a> {
     repo: &'a Repository,
     digest: &'a Digest,
     etag: Option<String>,
+    /// Attempts since bytes last arrived.
     attempts: u32,
+    /// Where the last cut happened.
+    last_cut: u64,
     reread: Option<Reread>,
 }
 
@@ -73,6 +79,7 @@ impl<'a> Resumer<'a> {
             digest,
             etag: first.etag.clone(),
             attempts: 0,
+            last_cut: 0,
             reread: None,
         }
     }
@@ -88,7 +95,6 @@ impl<'a> Resumer<'a> {
         len: Option<u64>,
         why: Error,
     ) -> Result<BlobResponse> {
-        let registry = self.repo.registry().to_owned();
         let count = |result: &str| {
             self.shared
                 .metrics
@@ -96,8 +102,13 @@ impl<'a> Resumer<'a> {
                 .with_label_values(&[result])
                 .inc();
         };
-        // The cut body's connection goes; its download permit stays, so a
-        // resume never queues behind other downloads.
+        if received > self.last_cut {
+            self.attempts = 0;
+            self.last_cut = received;
+        }
+        // The cut body's connection goes; its download permit stays (and
+        // stays across failed attempts), so a resume never queues behind
+        // other downloads.
         let mut permit = cut.into_permit();
         let mut why = why;
         while self.attempts < self.shared.resume_attempts {
@@ -111,7 +122,7 @@ impl<'a> Resumer<'a> {
                     self.digest,
                     received,
                     self.etag.as_deref(),
-                    permit.take(),
+                    &mut permit,
                 )
                 .await;
             let body = match answer {
@@ -131,22 +142,21 @@ impl<'a> Resumer<'a> {
             if let (Some(len), Some(end)) = (len, end) {
                 if len != end {
                     count("changed");
-                    return Err(Error::Upstream(upstream::Error::Body {
-                        registry,
-                        message: format!("resumed body ends at {end}, not {len}"),
-                    }));
+                    return Err(self.changed());
                 }
             }
             if whole {
                 self.etag = body.etag.clone();
-                if received > 0 {
-                    self.reread = Some(Reread {
-                        left: received,
-                        hasher: Sha256::new(),
-                        expected: hasher.clone().finalize().to_vec(),
-                    });
-                }
+                // A whole answer repeats what arrived; compare it.
+                self.reread = (received > 0).then(|| Reread {
+                    left: received,
+                    hasher: Sha256::new(),
+                    expected: hasher.clone().finalize().to_vec(),
+                });
             } else {
+                // Goes on at `received`: nothing repeats (a whole answer
+                // cut while being compared leaves nothing to compare).
+                self.reread = None;
                 count("resumed");
             }
             tracing::info!(
@@ -160,6 +170,13 @@ impl<'a> Resumer<'a> {
             return Ok(body);
         }
         Err(why)
+    }
+
+    fn changed(&self) -> Error {
+        Error::UpstreamChanged {
+            repo: self.repo.clone(),
+            digest: self.digest.clone(),
+        }
     }
 
     /// The part of `chunk` past what arrived before the cut: repeated bytes

@@ -175,6 +175,11 @@ impl From<&mirror::Error> for ApiError {
                 "the upstream registry serves no referrers for this repository",
             )
             .with_detail(json!({ "name": repo.name() })),
+            M::UpstreamChanged { digest, .. } => ApiError::new(
+                Code::Unavailable,
+                "upstream sent different content when a cut download resumed",
+            )
+            .with_detail(json!({ "digest": digest.to_string() })),
             M::DigestMismatch { expected, .. } => ApiError::new(
                 Code::Unavailable,
                 "upstream sent content that does not match its digest",
@@ -361,6 +366,14 @@ mod tests {
             (
                 mirror::Error::Loop,
                 StatusCode::LOOP_DETECTED,
+                "UNAVAILABLE",
+            ),
+            (
+                mirror::Error::UpstreamChanged {
+                    repo: repo(),
+                    digest: d.clone(),
+                },
+                StatusCode::BAD_GATEWAY,
                 "UNAVAILABLE",
             ),
             (

@@ -253,23 +253,24 @@ impl Client {
         digest: &Digest,
         offset: u64,
     ) -> Result<BlobResponse> {
-        self.resume_blob(repo, digest, offset, None, None).await
+        self.resume_blob(repo, digest, offset, None, &mut None).await
     }
 
     /// `get_blob_from` guarded by `if_range` (the `ETag` of an earlier
     /// answer): a registry whose blob changed since answers `200` with all
     /// of it rather than splicing two versions (RFC 9110 §13.1.5). A `206`
-    /// whose `Content-Range` does not start at `offset` is refused. With
-    /// the `permit` of the body being resumed, no new one is waited for.
+    /// whose `Content-Range` does not start at `offset` is refused. With a
+    /// permit `held` (the body being resumed had it), no new one is waited
+    /// for, and a failed request leaves it there for the next attempt.
     pub async fn resume_blob(
         &self,
         repo: &Repository,
         digest: &Digest,
         offset: u64,
         if_range: Option<&str>,
-        permit: Option<FetchPermit>,
+        held: &mut Option<FetchPermit>,
     ) -> Result<BlobResponse> {
-        let permit = match permit {
+        let permit = match held.take() {
             Some(permit) => permit,
             None => {
                 let semaphore = self
@@ -294,17 +295,25 @@ impl Client {
                 headers.push((header::IF_RANGE, etag));
             }
         }
-        let response = self
+        let response = match self
             .send(repo, Method::GET, &format!("blobs/{digest}"), &headers)
-            .await?;
+            .await
+        {
+            Ok(response) => response,
+            Err(e) => {
+                *held = Some(permit);
+                return Err(e);
+            }
+        };
         let offset = if response.status() == StatusCode::PARTIAL_CONTENT {
             match ContentRange::of(response.headers()) {
                 Some(range) if range.start == offset => offset,
                 _ => {
+                    *held = Some(permit);
                     return Err(Error::BadResponse {
                         registry: repo.registry().to_owned(),
                         message: format!("206 without a content-range starting at {offset}"),
-                    })
+                    });
                 }
             }
         } else {

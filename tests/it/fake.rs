@@ -49,6 +49,9 @@ pub enum Fault {
     CutAfter(usize, Arc<std::sync::atomic::AtomicUsize>),
     /// Ignore `Range` headers: always the whole blob with 200.
     IgnoreRange,
+    /// `IgnoreRange` and `CutAfter` at once, for as many responses as the
+    /// counter says.
+    IgnoreRangeCutAfter(usize, Arc<std::sync::atomic::AtomicUsize>),
     /// `Gate`, for requests without a `Range` only.
     GateWhole(Arc<Notify>),
     /// The first GET serves these bytes instead (under another `ETag`), cut
@@ -59,7 +62,9 @@ pub enum Fault {
 impl Fault {
     fn is_spent(&self) -> bool {
         match self {
-            Fault::CutAfter(_, left) => left.load(std::sync::atomic::Ordering::SeqCst) == 0,
+            Fault::CutAfter(_, left) | Fault::IgnoreRangeCutAfter(_, left) => {
+                left.load(std::sync::atomic::Ordering::SeqCst) == 0
+            }
             _ => false,
         }
     }
@@ -588,7 +593,14 @@ async fn blob_response(
         fault => fault,
     };
     let validator_ok = ranges.if_range.as_deref().is_none_or(|v| v == etag);
-    let honour = !matches!(fault, Some(Fault::IgnoreRange)) && validator_ok;
+    let honour = !matches!(
+        fault,
+        Some(Fault::IgnoreRange | Fault::IgnoreRangeCutAfter(..))
+    ) && validator_ok;
+    let fault = match fault {
+        Some(Fault::IgnoreRangeCutAfter(at, left)) => Some(Fault::CutAfter(at, left)),
+        fault => fault,
+    };
     let asked = match (&ranges.range, honour) {
         (Some(header), true) => parse_ranges(header, data.len()),
         _ => None,

@@ -6,11 +6,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::fake::{digest_of, Fake, Fault};
-use crate::Hoard;
+use crate::{eventually, Hoard};
 
 const LEN: usize = 3 << 20;
 
@@ -66,14 +67,16 @@ async fn a_body_cut_three_times_is_resumed_three_times() {
     assert_eq!(body.as_ref(), data.as_slice());
     assert_eq!(fake.range_hits(&digest), 3);
     assert_eq!(resumes(&hoard, "resumed"), 3.0);
-    assert_eq!(hoard.blob_files(), 1);
+    assert!(eventually(Duration::from_secs(20), || hoard.blob_files() == 1).await);
 }
 
 #[tokio::test]
 async fn after_the_last_attempt_the_client_is_cut_and_nothing_is_kept() {
     let fake = Fake::start().await;
     let digest = fake.put_blob("library/x", blob(3));
-    fake.fault("/blobs/", cut(512 << 10, 3));
+    // Cut once, then every resume fails: no progress, two attempts.
+    fake.fault("/blobs/", cut(512 << 10, 1));
+    fake.fault("/blobs/", Fault::Status(503, None));
     let hoard = Hoard::start(&fake.url(), &[], |args| {
         args.resume_attempts = Some(2);
     })
@@ -81,9 +84,11 @@ async fn after_the_last_attempt_the_client_is_cut_and_nothing_is_kept() {
     let path = format!("/v2/x/blobs/{digest}");
     assert!(hoard.get(&path).await.bytes().await.is_err());
     assert_eq!(fake.range_hits(&digest), 2);
+    assert_eq!(resumes(&hoard, "failed"), 2.0);
     assert_eq!(hoard.blob_files(), 0);
-    assert_eq!(hoard.temp_files(), 0);
-    // The faults are spent: the next request downloads it whole.
+    assert!(eventually(Duration::from_secs(20), || hoard.temp_files() == 0).await);
+    // Upstream is back: the next request downloads it whole.
+    fake.clear_faults();
     let body = hoard.get(&path).await.bytes().await.unwrap();
     assert_eq!(digest_of(&body), digest);
 }
@@ -104,7 +109,46 @@ async fn an_upstream_that_ignores_range_is_read_again_from_the_start() {
     assert_eq!(fake.range_hits(&digest), 1);
     assert_eq!(resumes(&hoard, "reread"), 1.0);
     assert_eq!(resumes(&hoard, "resumed"), 0.0);
-    assert_eq!(hoard.blob_files(), 1);
+    assert!(eventually(Duration::from_secs(20), || hoard.blob_files() == 1).await);
+}
+
+#[tokio::test]
+async fn a_whole_answer_cut_while_compared_then_a_partial_one_goes_on() {
+    let fake = Fake::start().await;
+    let data = blob(7);
+    let digest = fake.put_blob("library/x", data.clone());
+    // Cut halfway; the resume gets the whole blob (range ignored), cut a
+    // quarter in, so before the repeated half was compared; the next
+    // resume gets a 206 from the half: nothing of it repeats.
+    fake.fault("/blobs/", cut(LEN / 2, 1));
+    fake.fault(
+        "/blobs/",
+        Fault::IgnoreRangeCutAfter(LEN / 4, Arc::new(AtomicUsize::new(1))),
+    );
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let path = format!("/v2/x/blobs/{digest}");
+    let body = hoard.get(&path).await.bytes().await.unwrap();
+    assert_eq!(body.as_ref(), data.as_slice());
+    assert_eq!(fake.range_hits(&digest), 2);
+    assert_eq!(resumes(&hoard, "resumed"), 1.0);
+    assert_eq!(resumes(&hoard, "changed"), 0.0);
+}
+
+#[tokio::test]
+async fn attempts_count_per_cut_so_progress_is_never_failed() {
+    let fake = Fake::start().await;
+    let data = blob(8);
+    let digest = fake.put_blob("library/x", data.clone());
+    // Four cuts, each after more bytes arrived, with one attempt allowed.
+    fake.fault("/blobs/", cut(512 << 10, 4));
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.resume_attempts = Some(1);
+    })
+    .await;
+    let path = format!("/v2/x/blobs/{digest}");
+    let body = hoard.get(&path).await.bytes().await.unwrap();
+    assert_eq!(body.as_ref(), data.as_slice());
+    assert_eq!(resumes(&hoard, "resumed"), 4.0);
 }
 
 #[tokio::test]
@@ -149,5 +193,5 @@ async fn a_new_etag_with_the_same_bytes_goes_on_without_a_cut() {
     assert_eq!(body.as_ref(), data.as_slice());
     assert_eq!(resumes(&hoard, "reread"), 1.0);
     assert_eq!(fake.range_hits(&digest), 1);
-    assert_eq!(hoard.blob_files(), 1);
+    assert!(eventually(Duration::from_secs(20), || hoard.blob_files() == 1).await);
 }
