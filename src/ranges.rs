@@ -36,20 +36,29 @@ pub struct Ranges(Vec<Spec>);
 
 impl Ranges {
     /// Parses the header: syntax and the count cap only (the length is
-    /// needed for the rest, see `resolve`).
-    pub fn parse(header: &str) -> Result<Ranges, RangeError> {
-        let specs = header
-            .trim()
-            .strip_prefix("bytes=")
-            .ok_or(RangeError::Malformed)?;
+    /// needed for the rest, see `resolve`). `None` for another unit than
+    /// bytes, which a server must ignore (RFC 9110 §14.2); the unit is
+    /// case-insensitive (§14.1) and empty list elements are skipped (§5.6.1).
+    pub fn parse(header: &str) -> Result<Option<Ranges>, RangeError> {
+        let (unit, specs) = header.trim().split_once('=').ok_or(RangeError::Malformed)?;
+        if !unit.trim().eq_ignore_ascii_case("bytes") {
+            return if unit.trim().is_empty() || unit.bytes().any(|b| !b.is_ascii_alphanumeric()) {
+                Err(RangeError::Malformed)
+            } else {
+                Ok(None)
+            };
+        }
         let mut ranges = Vec::new();
-        for spec in specs.split(',') {
+        for spec in specs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if ranges.len() == MAX_RANGES {
                 return Err(RangeError::TooMany);
             }
-            ranges.push(parse_spec(spec.trim())?);
+            ranges.push(parse_spec(spec)?);
         }
-        Ok(Ranges(ranges))
+        if ranges.is_empty() {
+            return Err(RangeError::Malformed);
+        }
+        Ok(Some(Ranges(ranges)))
     }
 
     /// Whether one range was asked.
@@ -81,14 +90,24 @@ impl Ranges {
         Ok(resolved)
     }
 
-    /// The first byte past every range that does not depend on the length
-    /// (`None` if one is open-ended or a suffix): how far a download must
-    /// have come to serve them.
-    pub fn known_end(&self) -> Option<u64> {
-        self.0.iter().try_fold(0, |end, spec| match *spec {
-            Spec::From(_, Some(last)) => Some(end.max(last.saturating_add(1))),
-            _ => None,
-        })
+    /// How far a download must have come before these ranges can be sent
+    /// from it: the first byte of a single range (the rest streams along
+    /// with the download), the last byte of several (sent whole, in the
+    /// order asked); `Some(0)` for ranges the length makes unsatisfiable
+    /// (answered at once). `None` when that needs the unknown length.
+    pub fn needed(&self, len: Option<u64>) -> Option<u64> {
+        match (len, self.0.as_slice()) {
+            (Some(len), _) => match self.resolve(len) {
+                Ok(parts) if parts.len() == 1 => Some(parts[0].0 + 1),
+                Ok(parts) => parts.iter().map(|(_, end)| *end).max(),
+                Err(_) => Some(0),
+            },
+            (None, [Spec::From(start, _)]) => Some(start.saturating_add(1)),
+            (None, specs) => specs.iter().try_fold(0, |end, spec| match *spec {
+                Spec::From(_, Some(last)) => Some(end.max(last.saturating_add(1))),
+                _ => None,
+            }),
+        }
     }
 }
 
@@ -121,7 +140,7 @@ mod tests {
     use super::*;
 
     fn resolve(header: &str, len: u64) -> Result<Vec<(u64, u64)>, RangeError> {
-        Ranges::parse(header)?.resolve(len)
+        Ranges::parse(header)?.expect("a bytes range").resolve(len)
     }
 
     #[test]
@@ -148,13 +167,21 @@ mod tests {
     }
 
     #[test]
+    fn other_units_are_ignored_and_the_unit_is_case_insensitive() {
+        assert_eq!(Ranges::parse("items=0-1"), Ok(None));
+        assert_eq!(resolve("Bytes=0-1", 10), Ok(vec![(0, 2)]));
+        assert_eq!(resolve("bytes=0-1,,3-4,", 10), Ok(vec![(0, 2), (3, 5)]));
+        assert_eq!(Ranges::parse("=0-1"), Err(RangeError::Malformed));
+        assert_eq!(Ranges::parse("by tes=0-1"), Err(RangeError::Malformed));
+    }
+
+    #[test]
     fn bad_ranges() {
         for bad in [
             "bytes=",
+            "bytes= , ",
             "bytes=a-b",
-            "items=0-1",
             "bytes=5-1",
-            "bytes=0-1,,3-4",
             "bytes=--1",
             "bytes=-1-2",
             "bytes=99999999999999999999999-",
@@ -193,10 +220,19 @@ mod tests {
     }
 
     #[test]
-    fn known_end_is_how_far_a_download_must_come() {
-        let end = |h: &str| Ranges::parse(h).unwrap().known_end();
-        assert_eq!(end("bytes=0-99,500-599"), Some(600));
-        assert_eq!(end("bytes=100-"), None);
-        assert_eq!(end("bytes=-10"), None);
+    fn needed_is_how_far_a_download_must_come() {
+        let needed = |h: &str, len| Ranges::parse(h).unwrap().unwrap().needed(len);
+        // One range streams along: its first byte.
+        assert_eq!(needed("bytes=100-", Some(1000)), Some(101));
+        assert_eq!(needed("bytes=100-", None), Some(101));
+        assert_eq!(needed("bytes=-10", Some(1000)), Some(991));
+        assert_eq!(needed("bytes=-10", None), None);
+        // Several are sent whole: the last byte of all.
+        assert_eq!(needed("bytes=500-599,0-99", Some(1000)), Some(600));
+        assert_eq!(needed("bytes=500-599,0-99", None), Some(600));
+        assert_eq!(needed("bytes=0-99,500-", None), None);
+        // Clamped to the blob; unsatisfiable needs nothing.
+        assert_eq!(needed("bytes=0-1,10-99999", Some(1000)), Some(1000));
+        assert_eq!(needed("bytes=5000-", Some(1000)), Some(0));
     }
 }

@@ -79,7 +79,7 @@ proptest! {
 
     #[test]
     fn ranges_never_panic_and_stay_inside_the_blob(header in "bytes=[0-9, -]{0,60}|.{0,60}", len in 0u64..u64::MAX) {
-        if let Ok(parts) = Ranges::parse(&header).and_then(|r| r.resolve(len)) {
+        if let Ok(Some(parts)) = Ranges::parse(&header).map(|r| r.map(|r| r.resolve(len))).map(|r| r.and_then(Result::ok)) {
             prop_assert!(!parts.is_empty() && parts.len() <= hoard::ranges::MAX_RANGES);
             for (start, end) in &parts {
                 prop_assert!(start < end && *end <= len, "{} of {} -> {}..{}", header, len, start, end);
@@ -94,8 +94,8 @@ proptest! {
     fn well_formed_ranges_parse(len in 1u64..1 << 40, a in 0u64..1 << 40, b in 0u64..1 << 40) {
         let (first, last) = (a.min(b) % len, a.max(b));
         let header = format!("bytes={first}-{last}");
-        let parts = Ranges::parse(&header).and_then(|r| r.resolve(len));
-        prop_assert_eq!(parts, Ok(vec![(first, last.min(len - 1) + 1)]));
+        let parts = Ranges::parse(&header).map(|r| r.expect("bytes").resolve(len));
+        prop_assert_eq!(parts, Ok(Ok(vec![(first, last.min(len - 1) + 1)])));
     }
 
     #[test]

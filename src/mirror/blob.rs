@@ -326,7 +326,7 @@ pub(super) async fn redirect(
 /// Makes sure `repo` may see `digest`, which the bucket has: this
 /// replica's record, the fleet's (a link another replica wrote when
 /// upstream vouched), or upstream's word now; recorded here afterwards.
-async fn vouch(
+pub(super) async fn vouch(
     shared: &Arc<Shared>,
     bucket: &Bucket,
     repo: &Repository,

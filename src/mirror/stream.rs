@@ -270,11 +270,44 @@ impl Transfer {
     }
 }
 
-/// Relays an upstream body as it comes, unverified: a range of a blob not
-/// cached (see `lazy`), which no digest covers.
-pub(super) fn forward(response: crate::upstream::BlobResponse, served: IntCounter) -> ByteStream {
+/// A body read chunk by chunk: upstream's or the shared bucket's.
+pub(super) trait Chunks: Send + 'static {
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+impl Chunks for crate::upstream::BlobResponse {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.chunk().await.map_err(|e| e.to_string())
+    }
+}
+
+impl Chunks for crate::store::BucketBody {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.chunk().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Relays a body as it comes, unverified: a range of a blob not cached
+/// (see `lazy`), which no digest covers.
+pub(super) fn forward(mut body: impl Chunks, served: IntCounter) -> ByteStream {
     let (tx, rx) = mpsc::channel(DEPTH);
-    tokio::spawn(pump(response, 0, None, None, tx, served));
+    tokio::spawn(async move {
+        loop {
+            match body.next_chunk().await {
+                Ok(Some(chunk)) => {
+                    served.inc_by(chunk.len() as u64);
+                    if !deliver(&tx, chunk).await {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(io::Error::other(e))).await;
+                    return;
+                }
+            }
+        }
+    });
     ByteStream { rx }
 }
 

@@ -287,8 +287,9 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
     let range_header = headers
         .get(header::RANGE)
         .map(|v| v.to_str().unwrap_or("invalid"));
+    // A unit other than bytes is ignored (RFC 9110 §14.2): the whole blob.
     let ranges = match range_header.map(Ranges::parse).transpose() {
-        Ok(ranges) => ranges,
+        Ok(ranges) => ranges.flatten(),
         Err(e) => return Ok((range_error(e, None), None)),
     };
     let caller = Caller::from_headers(headers);
@@ -333,6 +334,10 @@ async fn blob(app: &App, repo: &Repository, digest: &Digest, headers: &http::Hea
             .map_err(|e| failed(&e))?,
     };
     let outcome = Some(blob.outcome);
+    if blob.len.is_none() && ranges.as_ref().is_some_and(|r| !r.is_single()) {
+        // Several ranges need the length; never the whole blob instead.
+        return Err(failed(&crate::mirror::Error::RangesRefused));
+    }
     let (Some(len), Some(ranges)) = (blob.len, ranges) else {
         // No range, or upstream sent no length (then the whole blob,
         // chunked: ranges need a known length).

@@ -253,7 +253,8 @@ impl Client {
         digest: &Digest,
         offset: u64,
     ) -> Result<BlobResponse> {
-        self.resume_blob(repo, digest, offset, None, &mut None).await
+        self.resume_blob(repo, digest, offset, None, &mut None)
+            .await
     }
 
     /// `get_blob_from` guarded by `if_range` (the `ETag` of an earlier

@@ -1021,3 +1021,40 @@ async fn issue_13_an_image_pulled_by_digest_is_kept_by_the_gc_until_it_ages() {
         );
     }
 }
+
+#[tokio::test]
+async fn issue_14_a_range_of_a_blob_in_the_bucket_is_read_from_the_bucket() {
+    let fake = Fake::start().await;
+    let big = layer(4 << 20, 9);
+    let len = big.len();
+    let (_, layer_digest) = fake.put_image("library/app", "1.0", &big);
+    let objects = Arc::new(Faulty::default());
+    let first = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "a")).await;
+    pull_into_bucket(&first, &objects, "library/app", &layer_digest).await;
+    let before = upstream_requests(&fake);
+
+    // A replica with an empty disk: the tail comes from the bucket, by
+    // range, at once; the blob is copied to its disk in the background.
+    let second = Hoard::start_with_bucket(&fake.url(), bucket(&objects, "b")).await;
+    let path = format!("/v2/library/app/blobs/{layer_digest}");
+    let r = second
+        .client
+        .get(second.url(&path))
+        .header("range", "bytes=-4096")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes {}-{}/{len}", len - 4096, len - 1).as_str()
+    );
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &big[len - 4096..]);
+    assert_eq!(
+        second.metric("hoard_blob_ranges_total{source=\"cache\"}"),
+        1.0
+    );
+    assert!(eventually(Duration::from_secs(20), || second.blob_files() == 1).await);
+    assert_eq!(upstream_requests(&fake), before, "upstream never asked");
+    assert_eq!(fake.range_hits(&layer_digest), 0);
+}

@@ -54,6 +54,8 @@ pub enum Fault {
     IgnoreRangeCutAfter(usize, Arc<std::sync::atomic::AtomicUsize>),
     /// `Gate`, for requests without a `Range` only.
     GateWhole(Arc<Notify>),
+    /// Answer a single range with a 206 that lacks `Content-Range`.
+    NoContentRange,
     /// The first GET serves these bytes instead (under another `ETag`), cut
     /// after half of them; later requests get the real blob.
     ChangedOnce(Bytes, Arc<std::sync::atomic::AtomicBool>),
@@ -609,12 +611,15 @@ async fn blob_response(
     let mut r = match asked.as_deref() {
         None => body_response(data, fault, method).await,
         Some([(start, end)]) => {
+            let broken = matches!(fault, Some(Fault::NoContentRange));
             let mut r = body_response(data.slice(*start..*end), fault, method).await;
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-            r.headers_mut().insert(
-                "content-range",
-                format!("bytes {start}-{}/{len}", end - 1).parse().unwrap(),
-            );
+            if !broken {
+                r.headers_mut().insert(
+                    "content-range",
+                    format!("bytes {start}-{}/{len}", end - 1).parse().unwrap(),
+                );
+            }
             r
         }
         Some(_) if ranges.single_only => {

@@ -178,16 +178,27 @@ async fn a_tail_range_of_a_cold_blob_is_relayed_while_the_blob_downloads_once() 
 #[tokio::test]
 async fn with_range_fill_off_a_range_downloads_nothing_else() {
     let fake = Fake::start().await;
-    let data = blob(1 << 20, 2);
-    let digest = fake.put_blob("library/x", data.clone());
-    let hoard = Hoard::start(&fake.url(), &[], |args| args.range_fill = Some(false)).await;
-    let path = format!("/v2/x/blobs/{digest}");
-    let r = get_range(&hoard, &path, "bytes=10-19").await;
-    assert_eq!(r.status(), 206);
-    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
-    assert_eq!(fake.hits("GET", &digest), 1);
-    assert_eq!(hoard.metric("hoard_inflight_fetches"), 0.0);
-    assert_eq!(hoard.blob_files(), 0);
+    let (on_data, off_data) = (blob(1 << 20, 2), blob(1 << 20, 12));
+    let on_digest = fake.put_blob("library/on", on_data.clone());
+    let off_digest = fake.put_blob("library/off", off_data.clone());
+    let on = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let off = Hoard::start(&fake.url(), &[], |args| args.range_fill = Some(false)).await;
+    for (hoard, name, digest, data) in [
+        (&on, "on", &on_digest, &on_data),
+        (&off, "off", &off_digest, &off_data),
+    ] {
+        let path = format!("/v2/{name}/blobs/{digest}");
+        let r = get_range(hoard, &path, "bytes=10-19").await;
+        assert_eq!(r.status(), 206);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
+    }
+    // With the fill on, the blob arrives in the background; by then the
+    // other one would have started too, had it been asked to.
+    assert!(eventually(Duration::from_secs(20), || on.blob_files() == 1).await);
+    assert_eq!(fake.hits("GET", &on_digest), 2);
+    assert_eq!(fake.hits("GET", &off_digest), 1, "only the range");
+    assert_eq!(off.metric("hoard_inflight_fetches"), 0.0);
+    assert_eq!(off.blob_files(), 0);
 }
 
 #[tokio::test]
@@ -291,4 +302,59 @@ async fn several_ranges_of_a_cold_blob_go_upstream_or_get_416_never_a_whole_200(
     let r = get_range(&hoard, &path, "bytes=49990-").await;
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &third[49_990..]);
+}
+
+#[tokio::test]
+async fn other_units_are_ignored_and_the_bytes_unit_is_case_insensitive() {
+    let (_fake, hoard, data, path) = cached(10_000).await;
+    let r = get_range(&hoard, &path, "items=0-1").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().len(), data.len());
+    let r = get_range(&hoard, &path, "Bytes=0-1").await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..2]);
+}
+
+#[tokio::test]
+async fn an_open_range_inside_what_a_download_received_follows_it() {
+    let fake = Fake::start().await;
+    let data = blob(4 << 20, 8);
+    let digest = fake.put_blob("library/x", data.clone());
+    let gate = Arc::new(Notify::new());
+    fake.fault("/blobs/", Fault::GateWhole(gate.clone()));
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let path = format!("/v2/x/blobs/{digest}");
+    let mut whole = hoard.get(&path).await;
+    assert!(!whole.chunk().await.unwrap().unwrap().is_empty());
+    // A client resuming its own download from byte 100: the rest streams
+    // along with the download, not a second transfer upstream.
+    let mut r = get_range(&hoard, &path, "bytes=100-").await;
+    assert_eq!(r.status(), 206);
+    let mut got = r.chunk().await.unwrap().unwrap().to_vec();
+    gate.notify_one();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got.as_slice(), &data[100..]);
+    assert_eq!(fake.range_hits(&digest), 0);
+    assert_eq!(fake.hits("GET", &digest), 1);
+    drop(whole);
+}
+
+#[tokio::test]
+async fn a_partial_answer_without_content_range_is_not_relayed() {
+    let fake = Fake::start().await;
+    let data = blob(100_000, 9);
+    let digest = fake.put_blob("library/x", data.clone());
+    fake.fault("/blobs/", Fault::NoContentRange);
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let path = format!("/v2/x/blobs/{digest}");
+    let r = get_range(&hoard, &path, "bytes=10-19").await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
+    assert_eq!(
+        hoard.metric("hoard_blob_ranges_total{source=\"download\"}"),
+        1.0
+    );
 }
