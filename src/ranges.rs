@@ -129,10 +129,16 @@ fn parse_spec(spec: &str) -> Result<Spec, RangeError> {
 }
 
 fn number(s: &str) -> Result<u64, RangeError> {
+    decimal(s).ok_or(RangeError::Malformed)
+}
+
+/// A byte position as HTTP writes it: ASCII digits only (no sign, no
+/// space), fitting a u64. Also what `Content-Range` answers hold.
+pub(crate) fn decimal(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(RangeError::Malformed);
+        return None;
     }
-    s.parse().map_err(|_| RangeError::Malformed)
+    s.parse().ok()
 }
 
 #[cfg(test)]

@@ -15,11 +15,15 @@ pub const TAG_MAX: usize = 128;
 /// The registry Docker Hub images default to.
 pub const DOCKER_HUB: &str = "docker.io";
 
+/// The OCI image index: a multi-platform image, and the form of every
+/// referrers list (spec, "Listing Referrers").
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
 /// Every manifest media type hoard understands: what it names in an
 /// upstream `Accept` and what counts as a complete client `Accept`.
 /// Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>
 pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
+    OCI_INDEX,
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",

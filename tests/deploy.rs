@@ -985,3 +985,32 @@ fn issue_13_replicated_files_name_only_exported_metrics() {
         );
     }
 }
+
+#[test]
+fn issue_14_hosts_toml_capabilities_are_ones_containerd_1_6_and_1_7_accept() {
+    // containerd before 2.x refuses a whole hosts.toml over a capability it
+    // does not know ("unknown capability"), and only 2.x builds with the
+    // referrers fetcher know `referrers`: the examples stay within these.
+    let known = ["pull", "resolve", "push"];
+    let mut checked = 0;
+    for path in files_under(&root().join("deploy/clients")) {
+        if path.file_name().is_none_or(|n| n != "hosts.toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed: toml::Value = toml::from_str(&text).unwrap();
+        let hosts = parsed.get("host").and_then(toml::Value::as_table);
+        for (_, host) in hosts.into_iter().flatten() {
+            for capability in host["capabilities"].as_array().unwrap() {
+                let capability = capability.as_str().unwrap();
+                assert!(
+                    known.contains(&capability),
+                    "{}: capability {capability}",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "only {checked} hosts checked");
+}

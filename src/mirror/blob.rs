@@ -85,17 +85,11 @@ impl Blob {
                 stream::spawn(fill.reader(), pieces, Follow::Fill(fill, resume), served)
             }
             Source::Passthrough(response, digest) => {
-                let (start, end) = match pieces.as_slice() {
-                    [Piece::Range(start, end)] => (*start, *end),
-                    // `serves_parts` said no; a caller that asked anyway
-                    // gets the first range.
-                    _ => pieces
-                        .iter()
-                        .find_map(|p| match p {
-                            Piece::Range(start, end) => Some((*start, *end)),
-                            Piece::Literal(_) => None,
-                        })
-                        .unwrap_or((0, Some(0))),
+                // One pass over upstream's body: one range (`serves_parts`).
+                debug_assert!(pieces.len() == 1);
+                let (start, end) = match pieces.first() {
+                    Some(Piece::Range(start, end)) => (*start, *end),
+                    _ => (0, self.len),
                 };
                 stream::relay(*response, digest, start, end, served)
             }

@@ -9,6 +9,12 @@
 //! content: they come through `manifest` and `blob` when a client pulls
 //! them. Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers>
 //!
+//! One list is kept per subject, as upstream sends it unfiltered; an
+//! `artifactType` filter is applied here when served (and said so with
+//! `OCI-Filters-Applied`, as the spec lets a registry do): one upstream GET
+//! per subject per TTL whatever filters clients use, and no cache entry
+//! per filter string a client can make up.
+//!
 //! Lists are kept on this replica only, not in the shared bucket: the
 //! bucket's tag namespace is what its GC and the fleet's image listing walk
 //! (a list there would read as a tag of an image), a list is one small GET
@@ -27,13 +33,12 @@ use super::manifest::{self, Manifest};
 use super::shared::Shared;
 use super::{flight, Outcome};
 use crate::clock;
-use crate::reference::{Digest, Repository};
+use crate::reference::{Digest, Repository, OCI_INDEX};
 use crate::store::TagRecord;
-use crate::upstream::{self, INDEX_MEDIA_TYPE};
+use crate::upstream;
 
-/// Referrers lookups in progress, by repository, subject and filter.
-pub(super) type Flights =
-    flight::Flights<(Repository, Digest, Option<String>), (Referrers, Outcome)>;
+/// Referrers lookups in progress, by repository and subject.
+pub(super) type Flights = flight::Flights<(Repository, Digest), (Arc<Manifest>, Outcome)>;
 
 /// A referrers list as served: an image index.
 #[derive(Debug, Clone)]
@@ -52,35 +57,41 @@ pub(super) async fn lookup(
     subject: &Digest,
     artifact_type: Option<&str>,
 ) -> Result<(Referrers, Outcome)> {
+    let (index, outcome) = list(shared, repo, subject).await?;
+    Ok((served(&index, artifact_type)?, outcome))
+}
+
+/// The whole list of `subject`'s referrers: cached, or asked upstream.
+async fn list(
+    shared: &Arc<Shared>,
+    repo: &Repository,
+    subject: &Digest,
+) -> Result<(Arc<Manifest>, Outcome)> {
     let ttl = shared.tag_ttl.for_registry(repo.registry());
-    let cached = stored(shared, repo, subject, artifact_type).await?;
-    if let Some((record, index)) = &cached {
-        if is_fresh(record, ttl) {
-            return Ok((served(index, artifact_type), Outcome::Hit));
+    let cached = stored(shared, repo, subject).await?;
+    if let Some((record, index)) = cached {
+        if is_fresh(&record, ttl) {
+            return Ok((index, Outcome::Hit));
         }
         // As for tags: keep a nearly spent budget for real misses.
         if shared.upstream.budget_low(repo.registry()) {
-            return Ok((served(index, artifact_type), Outcome::Stale));
+            return Ok((index, Outcome::Stale));
         }
     }
-    let key = (
-        repo.clone(),
-        subject.clone(),
-        artifact_type.map(str::to_owned),
-    );
+    let key = (repo.clone(), subject.clone());
     let work = {
         let shared = shared.clone();
-        let (repo, subject, filter) = key.clone();
+        let (repo, subject) = key.clone();
         async move {
             // A lookup that ended between this request's check and its
             // flight left a fresh record: use it rather than ask again.
-            let cached = stored(&shared, &repo, &subject, filter.as_deref()).await?;
+            let cached = stored(&shared, &repo, &subject).await?;
             if let Some((record, index)) = &cached {
                 if is_fresh(record, ttl) {
-                    return Ok((served(index, filter.as_deref()), Outcome::Hit));
+                    return Ok((index.clone(), Outcome::Hit));
                 }
             }
-            refresh(&shared, &repo, &subject, filter.as_deref(), cached).await
+            refresh(&shared, &repo, &subject, cached).await
         }
     };
     let (result, joined) = shared.referrer_flights.run(key, work).await;
@@ -91,11 +102,17 @@ fn is_fresh(record: &TagRecord, ttl: Duration) -> bool {
     u128::from(clock::unix_ms().saturating_sub(record.checked_at_ms)) < ttl.as_millis()
 }
 
-fn served(index: &Manifest, artifact_type: Option<&str>) -> Referrers {
-    Referrers {
-        bytes: index.bytes.clone(),
+/// The list as a client asked for it: all of it, or the descriptors of
+/// one `artifactType` (spec: the answer then carries
+/// `OCI-Filters-Applied: artifactType`).
+fn served(index: &Manifest, artifact_type: Option<&str>) -> Result<Referrers> {
+    Ok(Referrers {
+        bytes: match artifact_type {
+            Some(filter) => filter_locally(&index.bytes, filter)?,
+            None => index.bytes.clone(),
+        },
         filtered: artifact_type.is_some(),
-    }
+    })
 }
 
 /// The stored list and its record; a record whose index was evicted is
@@ -104,9 +121,8 @@ async fn stored(
     shared: &Shared,
     repo: &Repository,
     subject: &Digest,
-    artifact_type: Option<&str>,
 ) -> Result<Option<(TagRecord, Arc<Manifest>)>> {
-    let Some(record) = shared.store.referrers(repo, subject, artifact_type)? else {
+    let Some(record) = shared.store.referrers(repo, subject)? else {
         return Ok(None);
     };
     Ok(manifest::load(shared, &record.digest)
@@ -120,23 +136,16 @@ async fn refresh(
     shared: &Shared,
     repo: &Repository,
     subject: &Digest,
-    artifact_type: Option<&str>,
     cached: Option<(TagRecord, Arc<Manifest>)>,
-) -> Result<(Referrers, Outcome)> {
-    let response = match shared
-        .upstream
-        .get_referrers(repo, subject, artifact_type)
-        .await
-    {
+) -> Result<(Arc<Manifest>, Outcome)> {
+    let response = match shared.upstream.get_referrers(repo, subject).await {
         Ok(response) => response,
         // Spec, "Listing Referrers": a registry with the API never answers
         // 404, so this one lacks it (or the repository): the client must
         // see the 404 to fall back to the tag schema. An empty list cached
         // here would hide the fallback tag's signatures.
         Err(upstream::Error::NotFound { .. }) => {
-            shared
-                .store
-                .remove_referrers(repo, subject, artifact_type)?;
+            shared.store.remove_referrers(repo, subject)?;
             return Err(Error::ReferrersUnknown {
                 repo: repo.clone(),
                 subject: subject.clone(),
@@ -147,21 +156,14 @@ async fn refresh(
                 return Err(e.into());
             };
             warn!(repository = %repo, %subject, error = %e, "upstream unavailable, serving stale referrers");
-            return Ok((served(&index, artifact_type), Outcome::Stale));
+            return Ok((index, Outcome::Stale));
         }
         Err(e) => return Err(e.into()),
     };
-    let bytes = match artifact_type {
-        // Spec: a registry SHOULD filter, and says so in
-        // `OCI-Filters-Applied`; one that did not gets its list filtered
-        // here, so the client's header is true either way.
-        Some(filter) if !response.filtered => filter_locally(&response.bytes, filter)?,
-        _ => response.bytes,
-    };
-    let digest = Digest::of(&bytes);
+    let digest = Digest::of(&response.bytes);
     let record = TagRecord {
         digest: digest.clone(),
-        media_type: INDEX_MEDIA_TYPE.to_owned(),
+        media_type: OCI_INDEX.to_owned(),
         checked_at_ms: clock::unix_ms(),
     };
     if let Some((old, index)) = cached.filter(|(old, _)| old.digest == digest) {
@@ -169,24 +171,20 @@ async fn refresh(
             checked_at_ms: record.checked_at_ms,
             ..old
         };
-        shared
-            .store
-            .put_referrers(repo, subject, artifact_type, &record)?;
-        return Ok((served(&index, artifact_type), Outcome::Revalidated));
+        shared.store.put_referrers(repo, subject, &record)?;
+        return Ok((index, Outcome::Revalidated));
     }
     let index = Arc::new(Manifest {
         digest,
-        media_type: INDEX_MEDIA_TYPE.to_owned(),
-        bytes,
+        media_type: OCI_INDEX.to_owned(),
+        bytes: response.bytes,
     });
     // Content first, then the record that names it: a crash in between
     // leaves an unnamed index, never a record of missing content. Not
     // linked to `repo`: the list is served only through this route.
     manifest::keep(shared, None, index.clone()).await?;
-    shared
-        .store
-        .put_referrers(repo, subject, artifact_type, &record)?;
-    Ok((served(&index, artifact_type), Outcome::Miss))
+    shared.store.put_referrers(repo, subject, &record)?;
+    Ok((index, Outcome::Miss))
 }
 
 /// The descriptors of `index` whose `artifactType` is `filter`; the rest
@@ -215,7 +213,7 @@ mod tests {
                 .unwrap();
         assert_eq!(kept["manifests"].as_array().unwrap().len(), 1);
         assert_eq!(kept["manifests"][0]["digest"], "sha256:b");
-        assert_eq!(kept["mediaType"], INDEX_MEDIA_TYPE);
+        assert_eq!(kept["mediaType"], OCI_INDEX);
         let none: Value =
             serde_json::from_slice(&filter_locally(index, "text/plain").unwrap()).unwrap();
         assert_eq!(none["manifests"], serde_json::json!([]));

@@ -10,10 +10,7 @@ use super::app::App;
 use super::body::Body;
 use super::error::{failed, ApiError, Code};
 use crate::mirror::Outcome;
-use crate::reference::{Digest, Repository};
-
-/// The media type of every referrers answer.
-const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+use crate::reference::{Digest, Repository, OCI_INDEX};
 
 /// Answers a referrers request; `head` sends the headers only.
 pub(super) async fn referrers(
@@ -32,7 +29,7 @@ pub(super) async fn referrers(
     // `application/vnd.oci.image.index.v1+json`". The list is whole (hoard
     // merged upstream's pages), so no `Link` is sent.
     let mut response = Response::builder()
-        .header(header::CONTENT_TYPE, INDEX_MEDIA_TYPE)
+        .header(header::CONTENT_TYPE, OCI_INDEX)
         .header(header::CONTENT_LENGTH, list.bytes.len());
     if list.filtered {
         // Spec: "If filtering is requested and applied, the response MUST

@@ -219,14 +219,9 @@ impl Index {
         Ok(tags)
     }
 
-    /// The record of a referrers list (`artifact_type`: its filter).
-    pub fn referrers(
-        &self,
-        repo: &Repository,
-        subject: &Digest,
-        artifact_type: Option<&str>,
-    ) -> Result<Option<TagRecord>> {
-        let key = referrers_key(repo, subject, artifact_type);
+    /// The record of a referrers list.
+    pub fn referrers(&self, repo: &Repository, subject: &Digest) -> Result<Option<TagRecord>> {
+        let key = referrers_key(repo, subject);
         decode(self.referrers.get(&key)?, || key.clone())
     }
 
@@ -235,23 +230,16 @@ impl Index {
         &self,
         repo: &Repository,
         subject: &Digest,
-        artifact_type: Option<&str>,
         record: &TagRecord,
     ) -> Result<()> {
         self.referrers
-            .insert(referrers_key(repo, subject, artifact_type), encode(record))?;
+            .insert(referrers_key(repo, subject), encode(record))?;
         Ok(())
     }
 
     /// Forgets a referrers list (upstream answered 404 for it).
-    pub fn remove_referrers(
-        &self,
-        repo: &Repository,
-        subject: &Digest,
-        artifact_type: Option<&str>,
-    ) -> Result<()> {
-        self.referrers
-            .remove(referrers_key(repo, subject, artifact_type))?;
+    pub fn remove_referrers(&self, repo: &Repository, subject: &Digest) -> Result<()> {
+        self.referrers.remove(referrers_key(repo, subject))?;
         Ok(())
     }
 
@@ -295,11 +283,8 @@ fn link_key(repo: &Repository, digest: &Digest) -> String {
 
 /// `?` appears in no repository name, digest or media type: a filtered
 /// list's key never equals another's.
-fn referrers_key(repo: &Repository, subject: &Digest, artifact_type: Option<&str>) -> String {
-    match artifact_type {
-        Some(filter) => format!("{repo}@{subject}?{filter}"),
-        None => format!("{repo}@{subject}"),
-    }
+fn referrers_key(repo: &Repository, subject: &Digest) -> String {
+    format!("{repo}@{subject}")
 }
 
 fn tag_key(repo: &Repository, tag: &str) -> String {

@@ -298,16 +298,11 @@ impl Store {
         self.index.remove_tag(repo, tag)
     }
 
-    /// What the referrers list of `subject` in `repo` (with the
-    /// `artifact_type` filter, if any) was when upstream last sent it: the
-    /// digest of the stored index, and when.
-    pub fn referrers(
-        &self,
-        repo: &Repository,
-        subject: &Digest,
-        artifact_type: Option<&str>,
-    ) -> Result<Option<TagRecord>> {
-        self.index.referrers(repo, subject, artifact_type)
+    /// What the referrers list of `subject` in `repo` was when upstream
+    /// last sent it: the digest of the stored index, and when. One per
+    /// subject: filters are applied to it when served.
+    pub fn referrers(&self, repo: &Repository, subject: &Digest) -> Result<Option<TagRecord>> {
+        self.index.referrers(repo, subject)
     }
 
     /// Records a referrers list; its index must already be stored
@@ -316,21 +311,14 @@ impl Store {
         &self,
         repo: &Repository,
         subject: &Digest,
-        artifact_type: Option<&str>,
         record: &TagRecord,
     ) -> Result<()> {
-        self.index
-            .put_referrers(repo, subject, artifact_type, record)
+        self.index.put_referrers(repo, subject, record)
     }
 
     /// Forgets a referrers list upstream no longer serves.
-    pub fn remove_referrers(
-        &self,
-        repo: &Repository,
-        subject: &Digest,
-        artifact_type: Option<&str>,
-    ) -> Result<()> {
-        self.index.remove_referrers(repo, subject, artifact_type)
+    pub fn remove_referrers(&self, repo: &Repository, subject: &Digest) -> Result<()> {
+        self.index.remove_referrers(repo, subject)
     }
 
     /// Every cached tag: `registry/name:tag` and what it points to.
@@ -477,39 +465,25 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn issue_14_referrers_records_are_per_filter_and_never_tags() {
+    fn issue_14_referrers_records_are_per_subject_and_never_tags() {
         let (_dir, store) = store();
         let a = Repository::new("docker.io", "a").unwrap();
-        let subject = Digest::of(b"image");
+        let (subject, other) = (Digest::of(b"image"), Digest::of(b"other"));
         let rec = |n: &[u8]| TagRecord {
             digest: Digest::of(n),
             media_type: "application/vnd.oci.image.index.v1+json".into(),
             checked_at_ms: 1,
         };
-        store
-            .put_referrers(&a, &subject, None, &rec(b"all"))
-            .unwrap();
-        store
-            .put_referrers(&a, &subject, Some("text/plain"), &rec(b"some"))
-            .unwrap();
-        assert_eq!(
-            store.referrers(&a, &subject, None).unwrap(),
-            Some(rec(b"all"))
-        );
-        assert_eq!(
-            store.referrers(&a, &subject, Some("text/plain")).unwrap(),
-            Some(rec(b"some"))
-        );
-        assert_eq!(store.referrers(&a, &subject, Some("a/b")).unwrap(), None);
+        store.put_referrers(&a, &subject, &rec(b"all")).unwrap();
+        store.put_referrers(&a, &other, &rec(b"some")).unwrap();
+        assert_eq!(store.referrers(&a, &subject).unwrap(), Some(rec(b"all")));
+        assert_eq!(store.referrers(&a, &other).unwrap(), Some(rec(b"some")));
         // Tag listings, the catalog and eviction's tag sweep never see them.
         assert!(store.tags_of(&a).unwrap().is_empty());
         assert!(store.all_tags().unwrap().is_empty());
-        store.remove_referrers(&a, &subject, None).unwrap();
-        assert_eq!(store.referrers(&a, &subject, None).unwrap(), None);
-        assert!(store
-            .referrers(&a, &subject, Some("text/plain"))
-            .unwrap()
-            .is_some());
+        store.remove_referrers(&a, &subject).unwrap();
+        assert_eq!(store.referrers(&a, &subject).unwrap(), None);
+        assert!(store.referrers(&a, &other).unwrap().is_some());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 pub use auth::Challenge;
 pub use error::{Envelope, Error, Result};
 pub use partial::ContentRange;
-pub use referrers::{ReferrersResponse, INDEX_MEDIA_TYPE};
+pub use referrers::ReferrersResponse;
 
 use crate::config::{Credentials, RegistryConfig, UpstreamConfig};
 use crate::metrics::Metrics;

@@ -4,6 +4,8 @@
 
 use http::{header, HeaderMap};
 
+use crate::ranges::decimal;
+
 /// What a single-part `Content-Range: bytes first-last/complete` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentRange {
@@ -22,13 +24,7 @@ impl ContentRange {
         let spec = value.trim().strip_prefix("bytes ")?;
         let (range, complete) = spec.split_once('/')?;
         let (first, last) = range.split_once('-')?;
-        let number = |s: &str| -> Option<u64> {
-            let s = s.trim();
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            s.parse().ok()
-        };
+        let number = |s: &str| decimal(s.trim());
         let (start, last) = (number(first)?, number(last)?);
         let complete = match complete.trim() {
             "*" => None,

@@ -10,11 +10,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::{header_string, read_bounded, Client, Error, ReadError, Result};
-use crate::reference::{Digest, Repository};
-
-/// The media type of a referrers answer (spec: "the `Content-Type` header
-/// MUST be set to `application/vnd.oci.image.index.v1+json`").
-pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+use crate::reference::{Digest, Repository, OCI_INDEX};
 
 /// Pages followed for one list. A subject with more referrers than this
 /// many pages hold is served with the first ones (and a warning): one
@@ -27,21 +23,17 @@ pub struct ReferrersResponse {
     /// The index: upstream's bytes as sent for a single page, the first
     /// page with every page's `manifests` for several.
     pub bytes: Bytes,
-    /// Upstream said it applied the `artifactType` filter
-    /// (`OCI-Filters-Applied: artifactType`).
-    pub filtered: bool,
 }
 
 impl Client {
-    /// `GET` the referrers of `subject` in `repo`, with upstream asked to
-    /// filter on `artifact_type` when given. Buffered: all pages together
+    /// `GET` the referrers of `subject` in `repo`, unfiltered (the mirror
+    /// filters one cached list for every client). Buffered: all pages together
     /// within the manifest size cap. An upstream 404 (a registry without
     /// the API) is `Error::NotFound`, as for any request.
     pub async fn get_referrers(
         &self,
         repo: &Repository,
         subject: &Digest,
-        artifact_type: Option<&str>,
     ) -> Result<ReferrersResponse> {
         let registry = repo.registry().to_owned();
         let bad = |message: String| Error::BadResponse {
@@ -49,30 +41,13 @@ impl Client {
             message,
         };
         let mut tail = format!("referrers/{subject}");
-        if let Some(filter) = artifact_type {
-            // A media type is `restricted-name` characters only; `+` is the
-            // one that a query decoder could read as a space.
-            tail.push_str(&format!("?artifactType={}", filter.replace('+', "%2B")));
-        }
         let mut pages: Vec<Value> = Vec::new();
-        let mut first: Option<(Bytes, bool)> = None;
+        let mut first: Option<Bytes> = None;
         let mut total = 0u64;
         loop {
             let response = self
-                .send(
-                    repo,
-                    Method::GET,
-                    &tail,
-                    &[(header::ACCEPT, INDEX_MEDIA_TYPE)],
-                )
+                .send(repo, Method::GET, &tail, &[(header::ACCEPT, OCI_INDEX)])
                 .await?;
-            let filtered = response
-                .headers()
-                .get_all("oci-filters-applied")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|f| f.trim() == "artifactType");
             let link = header_string(response.headers(), header::LINK);
             let limit = self.max_manifest_bytes.saturating_sub(total);
             let bytes = read_bounded(response, limit, self.stall_timeout)
@@ -95,7 +70,7 @@ impl Client {
             let page = parse_index(&bytes).map_err(bad)?;
             pages.push(page);
             if first.is_none() {
-                first = Some((bytes, filtered));
+                first = Some(bytes);
             }
             let Some(link) = link else { break };
             if pages.len() == MAX_PAGES {
@@ -105,16 +80,12 @@ impl Client {
             tail = next_page(&link, repo, subject)
                 .ok_or_else(|| bad("referrers Link outside the list's own path".to_owned()))?;
         }
-        let (first_bytes, filtered) = first.expect("at least one page");
+        let first = first.expect("at least one page");
         if pages.len() == 1 {
-            return Ok(ReferrersResponse {
-                bytes: first_bytes,
-                filtered,
-            });
+            return Ok(ReferrersResponse { bytes: first });
         }
         Ok(ReferrersResponse {
             bytes: merge(pages).into(),
-            filtered,
         })
     }
 }
@@ -219,7 +190,7 @@ mod tests {
         let page = |d: &Digest| {
             serde_json::json!({
                 "schemaVersion": 2,
-                "mediaType": INDEX_MEDIA_TYPE,
+                "mediaType": OCI_INDEX,
                 "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d.to_string(), "size": 1}]
             })
         };
@@ -231,7 +202,7 @@ mod tests {
             .map(|m| m["digest"].as_str().unwrap())
             .collect();
         assert_eq!(digests, [a.to_string(), b.to_string()]);
-        assert_eq!(merged["mediaType"], INDEX_MEDIA_TYPE);
+        assert_eq!(merged["mediaType"], OCI_INDEX);
     }
 
     #[test]
