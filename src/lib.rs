@@ -135,6 +135,7 @@ impl Daemon {
                 metrics,
                 admin_token: config.admin.token.clone(),
                 access,
+                response_deadline: config.limits.response_deadline,
             }),
             config,
             tls,

@@ -23,6 +23,19 @@ pub struct Metrics {
     pub ratelimit_remaining: IntGaugeVec,
     /// `hoard_upstream_ratelimit_limit{registry}` from `ratelimit-limit`.
     pub ratelimit_limit: IntGaugeVec,
+    /// `hoard_upstream_ratelimit_window_seconds{registry}`: the window the
+    /// limit counts over (`;w=`, 21600 on Docker Hub).
+    pub ratelimit_window: IntGaugeVec,
+    /// `hoard_upstream_throttled_total{registry,kind}`: 429s by limit,
+    /// `pull_limit` (the window's quota) or `abuse` (a bare 429).
+    pub upstream_throttled: IntCounterVec,
+    /// `hoard_upstream_pulls_saved_total{registry}`: client manifest GETs
+    /// answered without an upstream GET, each one a pull that would have
+    /// counted against the registry's limit.
+    pub pulls_saved: IntCounterVec,
+    /// `hoard_http_deadline_exceeded_total`: requests answered 503 because
+    /// their response was not ready within `limits.response_deadline`.
+    pub deadline_exceeded: IntCounter,
     /// `hoard_upstream_circuit_open{registry}`: 1 while a failing upstream
     /// is not contacted.
     pub circuit_open: IntGaugeVec,
@@ -135,6 +148,11 @@ impl Metrics {
         let ratelimit_limit = gauge_vec(
             "hoard_upstream_ratelimit_limit",
             "Last ratelimit-limit header seen from each upstream registry.",
+            &["registry"],
+        );
+        let ratelimit_window = gauge_vec(
+            "hoard_upstream_ratelimit_window_seconds",
+            "The window the upstream's rate limit counts over (the ;w= of ratelimit-limit).",
             &["registry"],
         );
         let circuit_open = gauge_vec(
@@ -252,6 +270,20 @@ impl Metrics {
             "Object store requests that failed (5xx, timeouts, refused), by operation.",
             &["op"],
         );
+        let upstream_throttled = counter_vec(
+            "hoard_upstream_throttled_total",
+            "429 answers from upstreams by limit: pull_limit (the window's quota is spent) or abuse (a bare 429).",
+            &["registry", "kind"],
+        );
+        let pulls_saved = counter_vec(
+            "hoard_upstream_pulls_saved_total",
+            "Client manifest GETs answered without an upstream GET: pulls that would have counted against the upstream's limit.",
+            &["registry"],
+        );
+        let deadline_exceeded = counter(
+            "hoard_http_deadline_exceeded_total",
+            "Requests answered 503 because their response was not ready within limits.response_deadline.",
+        );
         let blob_ranges = counter_vec(
             "hoard_blob_ranges_total",
             "Range requests on blobs by where the bytes came from (cache, download, upstream).",
@@ -297,6 +329,10 @@ impl Metrics {
             upstream_requests,
             ratelimit_remaining,
             ratelimit_limit,
+            ratelimit_window,
+            upstream_throttled,
+            pulls_saved,
+            deadline_exceeded,
             circuit_open,
             store_bytes,
             store_max_bytes,

@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// A client must send its request head within this time [default: 30s].
     #[arg(long, env = "HOARD_HEADER_READ_TIMEOUT", value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
+    /// No request waits longer for its response head: past it, 503 with
+    /// Retry-After while the fetch goes on [default: 20s].
+    #[arg(long, env = "HOARD_RESPONSE_DEADLINE", value_name = "DURATION")]
+    pub response_deadline: Option<String>,
     /// Log format [default: text].
     #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,

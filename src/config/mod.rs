@@ -220,6 +220,10 @@ pub struct LimitsConfig {
     pub max_connections_per_client: usize,
     /// Time a client has to send its request head.
     pub header_read_timeout: Duration,
+    /// Longest a request waits for its response head: containerd 2.3 and
+    /// later give up on a registry silent for 30 s, so hoard answers 503
+    /// with `Retry-After` before (the fetch it waited for goes on).
+    pub response_deadline: Duration,
 }
 
 /// Images pulled through the mirror at start and every `interval`.
@@ -388,6 +392,11 @@ impl fmt::Display for Config {
             f,
             "  header_read_timeout = {}",
             dur(self.limits.header_read_timeout)
+        )?;
+        writeln!(
+            f,
+            "  response_deadline = {}",
+            dur(self.limits.response_deadline)
         )?;
         writeln!(f, "[store]")?;
         writeln!(

@@ -107,6 +107,7 @@ pub(super) struct RawUpstream {
 pub(super) struct RawLimits {
     pub max_connections_per_client: Option<usize>,
     pub header_read_timeout: Option<String>,
+    pub response_deadline: Option<String>,
 }
 
 /// `[warm]`.
@@ -205,6 +206,7 @@ impl RawConfig {
             docker_config,
             max_connections_per_client,
             header_read_timeout,
+            response_deadline,
             log_format,
             allow_any_upstream,
             max_manifest_size,
@@ -258,6 +260,7 @@ impl RawConfig {
             limits: RawLimits {
                 max_connections_per_client,
                 header_read_timeout,
+                response_deadline,
             },
             warm: RawWarm::default(),
             admin: RawAdmin {
@@ -344,6 +347,7 @@ impl RawConfig {
                     .or(s.limits.max_connections_per_client),
                 header_read_timeout: (l.limits.header_read_timeout)
                     .or(s.limits.header_read_timeout),
+                response_deadline: l.limits.response_deadline.or(s.limits.response_deadline),
             },
             warm: RawWarm {
                 images: l.warm.images.or(s.warm.images),

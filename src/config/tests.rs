@@ -417,6 +417,11 @@ fn every_setting(dir: &Path) -> Vec<Setting> {
             Some(&["--max-connections-per-client", "3"]),
         ),
         setting(
+            "[limits]\nresponse_deadline = \"3s\"",
+            &[("HOARD_RESPONSE_DEADLINE", "3s")],
+            Some(&["--response-deadline", "3s"]),
+        ),
+        setting(
             "[limits]\nheader_read_timeout = \"3s\"",
             &[("HOARD_HEADER_READ_TIMEOUT", "3s")],
             Some(&["--header-read-timeout", "3s"]),

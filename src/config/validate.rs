@@ -307,6 +307,8 @@ fn limits_config(raw: RawLimits) -> Result<LimitsConfig> {
         .unwrap_or(1024),
         header_read_timeout: duration("limits.header_read_timeout", raw.header_read_timeout)?
             .unwrap_or(Duration::from_secs(30)),
+        response_deadline: duration("limits.response_deadline", raw.response_deadline)?
+            .unwrap_or(Duration::from_secs(20)),
     })
 }
 

@@ -16,6 +16,8 @@ pub struct App {
     pub admin_token: Option<String>,
     /// Client logins and access rules; `None`: open to every client.
     pub access: Option<Access>,
+    /// Longest a request waits for its response head (`limits.response_deadline`).
+    pub response_deadline: std::time::Duration,
 }
 
 /// Which endpoints a listener offers.

@@ -41,6 +41,8 @@ pub enum Code {
     StoreUnavailable,
     /// A replica's request came back to it (508).
     LoopDetected,
+    /// The answer was not ready within `limits.response_deadline` (503).
+    NotReady,
     Unknown,
 }
 
@@ -67,7 +69,8 @@ impl Code {
             | Code::UpstreamTimeout
             | Code::UpstreamDown
             | Code::StoreUnavailable
-            | Code::LoopDetected => "UNAVAILABLE",
+            | Code::LoopDetected
+            | Code::NotReady => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -89,7 +92,9 @@ impl Code {
             Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Code::Unavailable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Code::UpstreamDown | Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::UpstreamDown | Code::StoreUnavailable | Code::NotReady => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Code::LoopDetected => StatusCode::LOOP_DETECTED,
             Code::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -250,6 +255,19 @@ pub fn failed(e: &mirror::Error) -> ApiError {
         warn!(error = %e, "request failed");
     }
     api
+}
+
+/// The answer to a request whose response was not ready within the
+/// deadline: the client comes back (or falls back to another host) while
+/// the fetch it waited for goes on.
+pub fn not_ready() -> ApiError {
+    ApiError {
+        retry_after: Some(std::time::Duration::from_secs(5)),
+        ..ApiError::new(
+            Code::NotReady,
+            "the answer is not ready yet (the upstream is slow or busy): retry",
+        )
+    }
 }
 
 /// The spec's JSON error response.

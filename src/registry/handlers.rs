@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::access::{Refusal, Who};
 use super::app::{App, Surface};
 use super::body::{json_response, AccessLog, Body};
-use super::error::{failed, response as error, ApiError, Code};
+use super::error::{failed, not_ready, response as error, ApiError, Code};
 use super::multipart;
 use super::routes::{self, Route, RouteError};
 use crate::mirror::{Accept, Caller, Outcome, Ranged, Relayed, CHECKED_AT_HEADER};
@@ -53,7 +53,18 @@ pub async fn handle<B>(
                     error(&ApiError::new(Code::NotFound, "no such endpoint")),
                     None,
                 ),
-                route => dispatch(app, &method, route, &path, request.headers()).await,
+                route => {
+                    let answer = dispatch(app, &method, route, &path, request.headers());
+                    match tokio::time::timeout(app.response_deadline, answer).await {
+                        Ok(answered) => answered,
+                        Err(_) => {
+                            // Only the wait ends: fetches run in their own
+                            // tasks and finish for the next request.
+                            app.metrics.deadline_exceeded.inc();
+                            (error(&not_ready()), None)
+                        }
+                    }
+                }
             },
         },
         Err(RouteError::NotFound) => (
@@ -227,6 +238,14 @@ async fn manifest(
         .manifest(repo, reference, &accept, &caller)
         .await
         .map_err(|e| failed(&e))?;
+    if !head && outcome != Outcome::Miss && counts_as_pull(&manifest.media_type) {
+        // Docker Hub counts a GET of an image manifest as a pull (an index
+        // GET before it is free, a HEAD always is): this one never left.
+        app.metrics
+            .pulls_saved
+            .with_label_values(&[repo.registry()])
+            .inc();
+    }
     let etag = format!("\"{}\"", manifest.digest);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -265,6 +284,19 @@ async fn manifest(
         .body(body)
         .map_err(|_| ApiError::new(Code::Unknown, "invalid upstream content type"))?;
     Ok((response, Some(outcome)))
+}
+
+/// Whether a GET of a manifest of this type is a pull on Docker Hub's
+/// count: image manifests are, indexes (multi-platform lists) are not.
+/// <https://docs.docker.com/docker-hub/usage/pulls/>
+fn counts_as_pull(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v2+json"
+            | "application/vnd.docker.distribution.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    )
 }
 
 async fn blob_head(app: &App, repo: &Repository, digest: &Digest) -> Handled {

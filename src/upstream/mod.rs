@@ -592,15 +592,32 @@ impl Client {
                 .with_label_values(&[registry])
                 .set(limit);
         }
+        let window = ratelimit::window(headers, "ratelimit-limit")
+            .or_else(|| ratelimit::window(headers, "ratelimit-remaining"));
+        if let Some(window) = window {
+            self.metrics
+                .ratelimit_window
+                .with_label_values(&[registry])
+                .set(window);
+        }
     }
 
     async fn status_error(&self, registry: &str, response: reqwest::Response) -> Error {
         let status = response.status();
         let retry_after = ratelimit::retry_after(response.headers());
+        let headers = response.headers().clone();
         let envelope = read_bounded(response, MAX_ERROR_BODY, self.stall_timeout)
             .await
             .ok()
             .and_then(|body| parse_envelope(&body));
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let kind = ratelimit::Throttle::of(&headers, envelope.as_ref());
+            self.metrics
+                .upstream_throttled
+                .with_label_values(&[registry, kind.as_str()])
+                .inc();
+            tracing::warn!(registry, kind = kind.as_str(), retry_after = ?retry_after, "upstream rate limit");
+        }
         let registry = registry.to_owned();
         match status {
             StatusCode::NOT_FOUND => Error::NotFound { registry },

@@ -1,8 +1,57 @@
 //! Docker Hub's rate-limit headers: `ratelimit-limit: 100;w=21600` and
-//! `ratelimit-remaining: 76;w=21600`.
+//! `ratelimit-remaining: 76;w=21600` (the count, and the window in seconds:
+//! 6 hours), and its two kinds of 429. The pull limit answers a 429 whose
+//! body is the registry error `TOOMANYREQUESTS` linking Docker's docs (and
+//! the rate-limit headers show nothing left); the abuse limit, thousands of
+//! requests a minute from one address, answers a bare 429.
 //! <https://docs.docker.com/docker-hub/usage/pulls/>
 
 use http::HeaderMap;
+
+use super::Envelope;
+
+/// Which limit a 429 came from (`hoard_upstream_throttled_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// The pull quota of the window is spent.
+    PullLimit,
+    /// Too many requests in a short time, whatever the quota.
+    Abuse,
+}
+
+impl Throttle {
+    /// Tells the two apart: the pull limit says so in the registry error
+    /// body or its headers; a bare 429 is the abuse limit.
+    pub fn of(headers: &HeaderMap, envelope: Option<&Envelope>) -> Throttle {
+        let says_limit = envelope.is_some_and(|e| {
+            e.code.eq_ignore_ascii_case("TOOMANYREQUESTS")
+                || e.message.to_ascii_lowercase().contains("rate limit")
+        });
+        let quota_spent = parse(headers, "ratelimit-remaining").is_some_and(|left| left <= 0);
+        if says_limit || quota_spent {
+            Throttle::PullLimit
+        } else {
+            Throttle::Abuse
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Throttle::PullLimit => "pull_limit",
+            Throttle::Abuse => "abuse",
+        }
+    }
+}
+
+/// The window of a rate-limit header in seconds (`;w=21600`), if given.
+pub fn window(headers: &HeaderMap, name: &str) -> Option<i64> {
+    let value = headers.get(name)?.to_str().ok()?;
+    value
+        .split(';')
+        .skip(1)
+        .filter_map(|p| p.trim().strip_prefix("w="))
+        .find_map(|w| w.trim().parse().ok())
+}
 
 /// The request count before the `;w=` window, if the header is present.
 pub fn parse(headers: &HeaderMap, name: &str) -> Option<i64> {
@@ -38,5 +87,41 @@ mod tests {
         assert_eq!(retry_after(&h), Some(std::time::Duration::from_secs(17)));
         h.insert("ratelimit-remaining", "lots".parse().unwrap());
         assert_eq!(parse(&h, "ratelimit-remaining"), None);
+    }
+
+    #[test]
+    fn reads_the_window() {
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+        assert_eq!(window(&h, "ratelimit-limit"), Some(21600));
+        h.insert("ratelimit-limit", "100".parse().unwrap());
+        assert_eq!(window(&h, "ratelimit-limit"), None);
+        h.insert("ratelimit-limit", "100; w = 60 ".parse().unwrap());
+        assert_eq!(
+            window(&h, "ratelimit-limit"),
+            None,
+            "no spaces around = in the draft"
+        );
+        h.insert("ratelimit-limit", "100;w=60".parse().unwrap());
+        assert_eq!(window(&h, "ratelimit-limit"), Some(60));
+    }
+
+    #[test]
+    fn the_pull_limit_and_the_abuse_limit_are_told_apart() {
+        let docker_hub = Envelope {
+            code: "TOOMANYREQUESTS".into(),
+            message: "You have reached your unauthenticated pull rate limit. https://www.docker.com/increase-rate-limit".into(),
+        };
+        let none = HeaderMap::new();
+        assert_eq!(Throttle::of(&none, Some(&docker_hub)), Throttle::PullLimit);
+        let mut spent = HeaderMap::new();
+        spent.insert("ratelimit-remaining", "0;w=21600".parse().unwrap());
+        assert_eq!(Throttle::of(&spent, None), Throttle::PullLimit);
+        assert_eq!(Throttle::of(&none, None), Throttle::Abuse);
+        let other = Envelope {
+            code: "UNKNOWN".into(),
+            message: "slow down".into(),
+        };
+        assert_eq!(Throttle::of(&none, Some(&other)), Throttle::Abuse);
     }
 }

@@ -56,6 +56,8 @@ pub enum Fault {
     GateWhole(Arc<Notify>),
     /// Answer a single range with a 206 that lacks `Content-Range`.
     NoContentRange,
+    /// Docker Hub's pull-limit 429: its error body and spent quota headers.
+    PullLimit,
     /// The first GET serves these bytes instead (under another `ETag`), cut
     /// after half of them; later requests get the real blob.
     ChangedOnce(Bytes, Arc<std::sync::atomic::AtomicBool>),
@@ -380,6 +382,15 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return full(StatusCode::INTERNAL_SERVER_ERROR, error_body("INJECTED"));
         }
+    }
+    if let Some(Fault::PullLimit) = &fault {
+        let body = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your unauthenticated pull rate limit. https://www.docker.com/increase-rate-limit"}]}"#;
+        let mut r = full(StatusCode::TOO_MANY_REQUESTS, body);
+        r.headers_mut()
+            .insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+        r.headers_mut()
+            .insert("ratelimit-remaining", "0;w=21600".parse().unwrap());
+        return r;
     }
     if let Some(Fault::Status(code, retry)) = &fault {
         let mut r = full(StatusCode::from_u16(*code).unwrap(), error_body("FAULT"));

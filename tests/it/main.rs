@@ -14,6 +14,7 @@ mod hostile;
 mod leaks;
 mod login;
 mod pull;
+mod quota;
 mod ranges;
 mod referrers;
 mod regression;

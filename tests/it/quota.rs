@@ -1,0 +1,164 @@
+//! Issue 15: Docker Hub's quota read right (the two 429s told apart, the
+//! window shown, the pulls the cache saved counted) and no client left
+//! waiting past `limits.response_deadline`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::fake::{Fake, Fault};
+use crate::{error_code, eventually_async, Hoard};
+
+/// What docker and containerd accept: every manifest type.
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+#[tokio::test]
+async fn issue_15_the_pull_limit_and_the_abuse_limit_are_counted_apart() {
+    let fake = Fake::start().await;
+    fake.put_image("library/a", "1", b"a");
+    fake.put_image("library/b", "1", b"b");
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    // A normal answer carries the window.
+    let ok = Hoard::start(&fake.url(), &[], |_| {}).await;
+    assert_eq!(ok.status("/v2/a/manifests/1").await, 200);
+    assert_eq!(
+        ok.metric("hoard_upstream_ratelimit_window_seconds{registry=\"docker.io\"}"),
+        21600.0
+    );
+
+    fake.fault("/v2/library/a/", Fault::PullLimit);
+    let r = hoard.get("/v2/a/manifests/1").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    let series = |kind: &str| {
+        format!("hoard_upstream_throttled_total{{kind=\"{kind}\",registry=\"docker.io\"}}")
+    };
+    assert_eq!(hoard.metric(&series("pull_limit")), 1.0);
+    assert_eq!(hoard.metric(&series("abuse")), 0.0);
+
+    // A bare 429 (no quota said) on another mirror: the abuse limit.
+    let other = Hoard::start(&fake.url(), &[], |_| {}).await;
+    fake.clear_faults();
+    fake.fault("/v2/library/b/", Fault::Status(429, Some(30)));
+    let r = other.get("/v2/b/manifests/1").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "30");
+    assert_eq!(other.metric(&series("abuse")), 1.0);
+    assert_eq!(other.metric(&series("pull_limit")), 0.0);
+    // Backing off as the header said: nothing more goes upstream.
+    let before = fake.all_hits().len();
+    assert_eq!(other.status("/v2/b/manifests/1").await, 429);
+    assert_eq!(fake.all_hits().len(), before);
+}
+
+#[tokio::test]
+async fn issue_15_pulls_answered_from_the_cache_are_counted_as_saved() {
+    let fake = Fake::start().await;
+    let (digest, _) = fake.put_image("library/app", "1", b"layer");
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let saved = || hoard.metric("hoard_upstream_pulls_saved_total{registry=\"docker.io\"}");
+    let get = |path: String| {
+        let hoard = &hoard;
+        async move {
+            hoard
+                .client
+                .get(hoard.url(&path))
+                .header("accept", ACCEPT)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // The first GET went upstream: nothing saved.
+    assert_eq!(get("/v2/app/manifests/1".into()).await.status(), 200);
+    assert_eq!(saved(), 0.0);
+    // Later GETs, by tag and by digest, are pulls Docker Hub never saw.
+    let by_tag = get("/v2/app/manifests/1".into()).await;
+    let by_digest = get(format!("/v2/app/manifests/{digest}")).await;
+    assert_eq!(
+        (
+            by_tag.headers()["x-hoard-cache"].to_str().unwrap(),
+            by_digest.headers()["x-hoard-cache"].to_str().unwrap()
+        ),
+        ("hit", "hit")
+    );
+    assert_eq!(saved(), 2.0);
+    // A HEAD is not a pull anywhere.
+    assert_eq!(hoard.head("/v2/app/manifests/1").await.status(), 200);
+    assert_eq!(saved(), 2.0);
+    assert_eq!(fake.hits("GET", "/manifests/"), 1);
+}
+
+#[tokio::test]
+async fn issue_15_a_slow_upstream_gets_the_client_a_503_before_the_deadline() {
+    let fake = Fake::start().await;
+    fake.put_image("library/slow", "1", b"slow");
+    let gate = Arc::new(Notify::new());
+    fake.fault("/manifests/", Fault::Gate(gate.clone()));
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.response_deadline = Some("300ms".into());
+        args.response_timeout = Some("20s".into());
+        args.stall_timeout = Some("20s".into());
+    })
+    .await;
+    let r = hoard.get("/v2/slow/manifests/1").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(hoard.metric("hoard_http_deadline_exceeded_total"), 1.0);
+    // The fetch went on: once upstream answers, the next request has it,
+    // and upstream was asked once.
+    gate.notify_one();
+    let ready = || async { hoard.status("/v2/slow/manifests/1").await == 200 };
+    assert!(eventually_async(Duration::from_secs(20), ready).await);
+    assert_eq!(fake.hits("GET", "/manifests/"), 1);
+}
+
+#[tokio::test]
+async fn issue_15_a_blob_queued_behind_max_concurrent_fetches_gets_a_503() {
+    let fake = Fake::start().await;
+    let (_, first) = fake.put_image("library/one", "1", &vec![1u8; 1 << 20]);
+    let (_, second) = fake.put_image("library/two", "1", &vec![2u8; 1 << 20]);
+    let gate = Arc::new(Notify::new());
+    fake.fault(&first, Fault::Gate(gate.clone()));
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.response_deadline = Some("500ms".into());
+        args.max_concurrent_fetches = Some(1);
+        args.stall_timeout = Some("20s".into());
+    })
+    .await;
+    // The first download holds the one permit, stopped halfway.
+    let mut held = hoard.get(&format!("/v2/one/blobs/{first}")).await;
+    assert_eq!(held.status(), 200);
+    assert!(!held.chunk().await.unwrap().unwrap().is_empty());
+    let r = hoard.get(&format!("/v2/two/blobs/{second}")).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    gate.notify_one();
+    while held.chunk().await.unwrap().is_some() {}
+    let ready = || async {
+        hoard
+            .get(&format!("/v2/two/blobs/{second}"))
+            .await
+            .bytes()
+            .await
+            .is_ok_and(|b| b.len() == 1 << 20)
+    };
+    assert!(eventually_async(Duration::from_secs(20), ready).await);
+}
+
+#[tokio::test]
+async fn issue_15_a_slow_token_endpoint_gets_the_client_a_503() {
+    let fake = Fake::start().await;
+    fake.put_image("library/private", "1", b"p");
+    fake.require_token("t0k3n", None);
+    fake.fault("/token", Fault::Delay(Duration::from_secs(3)));
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.response_deadline = Some("300ms".into());
+    })
+    .await;
+    let r = hoard.get("/v2/private/manifests/1").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+}
