@@ -6,7 +6,9 @@
 //! store or of caching policy.
 
 mod auth;
+mod cause;
 mod error;
+mod guard;
 mod health;
 mod partial;
 mod ratelimit;
@@ -20,7 +22,9 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 
 pub use auth::Challenge;
+pub use cause::Cause;
 pub use error::{Envelope, Error, Result};
+pub use guard::Rule;
 pub use partial::ContentRange;
 pub use referrers::ReferrersResponse;
 
@@ -113,7 +117,13 @@ pub struct RangeResponse {
 
 /// Client for all upstream registries.
 pub struct Client {
+    /// For configured registries, their token services and redirects.
     http: reqwest::Client,
+    /// For registries only `allow_any_upstream` lets in: its resolver
+    /// refuses internal addresses (see `guard`).
+    guarded: reqwest::Client,
+    /// Ports an unconfigured registry may be reached on.
+    any_ports: Vec<u16>,
     registries: BTreeMap<String, RegistryConfig>,
     allow_any_upstream: bool,
     auth: auth::Authenticator,
@@ -130,18 +140,24 @@ pub struct Client {
 impl Client {
     /// Builds the shared HTTP client from the upstream section.
     pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Client> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("hoard/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::Connect {
-                registry: "-".into(),
-                message: e.to_string(),
-            })?;
+        let build = |guarded: bool| {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(config.connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .user_agent(concat!("hoard/", env!("CARGO_PKG_VERSION")))
+                .dns_resolver(Arc::new(guard::Resolver { guarded }))
+                .build()
+                .map_err(|e| Error::Connect {
+                    registry: "-".into(),
+                    cause: Cause::Other,
+                    message: e.to_string(),
+                })
+        };
         Ok(Client {
-            http,
+            http: build(false)?,
+            guarded: build(true)?,
+            any_ports: config.any_ports.clone(),
             registries: config.registries.clone(),
             allow_any_upstream: config.allow_any,
             auth: auth::Authenticator::default(),
@@ -427,6 +443,8 @@ impl Client {
     ) -> Result<reqwest::Response> {
         let registry = repo.registry();
         let (base, credentials) = self.endpoint(registry)?;
+        let guarded = !self.registries.contains_key(registry);
+        let http = if guarded { &self.guarded } else { &self.http };
         self.health.admit(registry)?;
         let url = base
             .join(&format!("v2/{}/{tail}", repo.name()))
@@ -437,12 +455,14 @@ impl Client {
         let scope = format!("repository:{}:pull", repo.name());
         let mut authorization = self
             .auth
-            .prepare(&self.http, registry, credentials, &scope)
+            .prepare(http, registry, credentials, &scope)
             .await?;
         let mut answered = false;
         loop {
             let sent = self
                 .follow(
+                    http,
+                    guarded,
                     registry,
                     &method,
                     url.clone(),
@@ -460,10 +480,18 @@ impl Client {
                     .filter_map(|v| v.to_str().ok())
                     .find_map(Challenge::parse);
                 if let Some(challenge) = challenge {
+                    // The token service an unconfigured registry names is
+                    // held to the same rules as the registry (the resolver
+                    // sees its name, not an IP literal or its port).
+                    if let (true, Challenge::Bearer { realm, .. }) = (guarded, &challenge) {
+                        if let Ok(realm) = realm.parse::<reqwest::Url>() {
+                            self.check(registry, &realm)?;
+                        }
+                    }
                     self.auth.forget(registry, &scope);
                     authorization = Some(
                         self.auth
-                            .answer(&self.http, registry, credentials, &challenge, &scope)
+                            .answer(http, registry, credentials, &challenge, &scope)
                             .await?,
                     );
                     answered = true;
@@ -479,8 +507,16 @@ impl Client {
 
     /// One request and its redirects. Credentials go only to the registry's
     /// own origin: a redirect elsewhere (Docker Hub's blob CDN) gets none.
+    /// For an unconfigured registry (`guarded`) every hop is checked: a
+    /// redirect to `http://169.254.169.254/` is refused. A configured
+    /// registry's redirects are followed anywhere: the operator chose to
+    /// trust it, and an internal registry's blob store (a Harbor's MinIO)
+    /// is often on a private address.
+    #[allow(clippy::too_many_arguments)]
     async fn follow(
         &self,
+        http: &reqwest::Client,
+        guarded: bool,
         registry: &str,
         method: &Method,
         mut url: reqwest::Url,
@@ -489,7 +525,10 @@ impl Client {
     ) -> Result<reqwest::Response> {
         let origin = url.origin();
         for hop in 0..=MAX_REDIRECTS {
-            let mut request = self.http.request(method.clone(), url.clone());
+            if guarded && hop > 0 {
+                self.check(registry, &url)?;
+            }
+            let mut request = http.request(method.clone(), url.clone());
             for (name, value) in extra {
                 request = request.header(name.clone(), *value);
             }
@@ -506,10 +545,15 @@ impl Client {
                     });
                 }
                 Ok(Err(e)) => {
+                    if let Some(rule) = guard::refusal_in(&e) {
+                        return Err(self.refuse(registry, rule));
+                    }
                     self.count(registry, method, "error");
+                    let cause = cause::classify(&e);
                     return Err(Error::Connect {
                         registry: registry.to_owned(),
-                        message: e.without_url().to_string(),
+                        cause,
+                        message: cause::describe(e),
                     });
                 }
                 Ok(Ok(response)) => response,
@@ -547,9 +591,29 @@ impl Client {
             let url = format!("https://{registry}/")
                 .parse()
                 .map_err(|_| Error::UnknownRegistry(registry.to_owned()))?;
+            self.check(registry, &url)?;
             return Ok((url, None));
         }
         Err(Error::UnknownRegistry(registry.to_owned()))
+    }
+
+    /// The port and IP-literal rules for a URL of an unconfigured registry
+    /// (names are checked by the resolver, on the addresses connected to).
+    fn check(&self, registry: &str, url: &reqwest::Url) -> Result<()> {
+        guard::check_url(url, &self.any_ports).map_err(|rule| self.refuse(registry, rule))
+    }
+
+    /// A refused destination, counted by rule (never by host: the client
+    /// chose it, so the label would be unbounded).
+    fn refuse(&self, registry: &str, rule: Rule) -> Error {
+        self.metrics
+            .upstream_refused
+            .with_label_values(&[rule.as_str()])
+            .inc();
+        Error::Refused {
+            registry: registry.to_owned(),
+            rule,
+        }
     }
 
     fn count(&self, registry: &str, method: &Method, status: &str) {
