@@ -480,13 +480,8 @@ impl Client {
                     .filter_map(|v| v.to_str().ok())
                     .find_map(Challenge::parse);
                 if let Some(challenge) = challenge {
-                    // The token service an unconfigured registry names is
-                    // held to the same rules as the registry (the resolver
-                    // sees its name, not an IP literal or its port).
-                    if let (true, Challenge::Bearer { realm, .. }) = (guarded, &challenge) {
-                        if let Ok(realm) = realm.parse::<reqwest::Url>() {
-                            self.check(registry, &realm)?;
-                        }
+                    if guarded {
+                        self.check_realm(registry, &challenge)?;
                     }
                     self.auth.forget(registry, &scope);
                     authorization = Some(
@@ -601,6 +596,19 @@ impl Client {
     /// (names are checked by the resolver, on the addresses connected to).
     fn check(&self, registry: &str, url: &reqwest::Url) -> Result<()> {
         guard::check_url(url, &self.any_ports).map_err(|rule| self.refuse(registry, rule))
+    }
+
+    /// The token service an unconfigured registry names is held to the same
+    /// rules as the registry (the resolver sees its name, not an IP literal
+    /// or its port). A realm that is not a URL fails later, as before.
+    fn check_realm(&self, registry: &str, challenge: &Challenge) -> Result<()> {
+        match challenge {
+            Challenge::Bearer { realm, .. } => match realm.parse::<reqwest::Url>() {
+                Ok(realm) => self.check(registry, &realm),
+                Err(_) => Ok(()),
+            },
+            Challenge::Basic => Ok(()),
+        }
     }
 
     /// A refused destination, counted by rule (never by host: the client
@@ -750,6 +758,143 @@ fn parse_envelope(body: &[u8]) -> Option<Envelope> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A client with `allow_any_upstream` and these ports.
+    fn client(any_ports: Vec<u16>) -> Client {
+        let args = crate::config::ServeArgs {
+            allow_any_upstream: Some(true),
+            any_ports,
+            ..Default::default()
+        };
+        let config = crate::config::Config::load(&args, []).unwrap();
+        Client::new(&config.upstream, Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// A server on 127.0.0.1 answering each connection's first request with
+    /// `head`; counts connections.
+    async fn answering(head: String) -> (u16, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let head = head.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    fn redirect_to(location: &str) -> String {
+        format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn redirects_of_unconfigured_registries_to_internal_places_are_refused() {
+        // Nothing is sent to these: each is refused before connecting
+        // (IP literal and port by `check`, `localhost` by the resolver).
+        for (location, rule) in [
+            ("http://169.254.169.254/latest/meta-data/", Rule::LinkLocal),
+            ("http://[::ffff:10.0.0.1]/", Rule::Private),
+            ("http://localhost/", Rule::Loopback),
+            ("https://registry.example:8443/", Rule::Port),
+        ] {
+            let (port, seen) = answering(redirect_to(location)).await;
+            let c = client(vec![80, 443]);
+            // The first hop is the caller's (`endpoint` checks it); a
+            // loopback one stands in for a public registry here.
+            let url = format!("http://127.0.0.1:{port}/v2/").parse().unwrap();
+            let e = c
+                .follow(&c.guarded, true, "r.example", &Method::GET, url, &[], None)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::Refused { rule: r, .. } if r == rule),
+                "{location}: {e:?}"
+            );
+            assert_eq!(seen.load(Ordering::SeqCst), 1, "{location}");
+            assert_eq!(
+                c.metrics
+                    .upstream_refused
+                    .with_label_values(&[rule.as_str()])
+                    .get(),
+                1
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn redirects_of_configured_registries_are_followed_anywhere() {
+        let (target, reached) =
+            answering("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".into()).await;
+        let (port, _) = answering(redirect_to(&format!("http://127.0.0.1:{target}/"))).await;
+        let c = client(vec![80, 443]);
+        let url = format!("http://127.0.0.1:{port}/v2/").parse().unwrap();
+        let r = c
+            .follow(&c.http, false, "docker.io", &Method::GET, url, &[], None)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(reached.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn token_realms_of_unconfigured_registries_are_checked() {
+        let c = client(vec![80, 443]);
+        let challenge = |realm: &str| {
+            Challenge::parse(&format!(r#"Bearer realm="{realm}",service="s""#)).unwrap()
+        };
+        assert!(matches!(
+            c.check_realm("r.example", &challenge("http://169.254.169.254/token")),
+            Err(Error::Refused {
+                rule: Rule::LinkLocal,
+                ..
+            })
+        ));
+        assert!(matches!(
+            c.check_realm("r.example", &challenge("https://auth.example:5001/token")),
+            Err(Error::Refused {
+                rule: Rule::Port,
+                ..
+            })
+        ));
+        assert!(c
+            .check_realm("r.example", &challenge("https://auth.example/token"))
+            .is_ok());
+        assert!(c.check_realm("r.example", &Challenge::Basic).is_ok());
+    }
+
+    #[test]
+    fn unconfigured_hosts_are_checked_before_anything_is_sent() {
+        let c = client(vec![443, 5000]);
+        for (host, rule) in [
+            ("127.0.0.1:5000", Some(Rule::Loopback)),
+            ("[::1]:5000", Some(Rule::Loopback)),
+            ("10.1.2.3", Some(Rule::Private)),
+            ("169.254.169.254", Some(Rule::LinkLocal)),
+            ("registry.example:22", Some(Rule::Port)),
+            ("registry.example:5000", None),
+            ("registry.example", None),
+        ] {
+            match (c.endpoint(host), rule) {
+                (Err(Error::Refused { rule: got, .. }), Some(rule)) => assert_eq!(got, rule),
+                (Ok(_), None) => {}
+                (other, _) => panic!("{host}: {:?}", other.map(|(url, _)| url)),
+            }
+        }
+    }
 
     #[test]
     fn envelope_is_read_from_error_bodies() {
