@@ -456,7 +456,8 @@ impl Client {
         let mut authorization = self
             .auth
             .prepare(http, registry, credentials, &scope)
-            .await?;
+            .await
+            .map_err(|e| self.tally(e))?;
         let mut answered = false;
         loop {
             let sent = self
@@ -487,7 +488,8 @@ impl Client {
                     authorization = Some(
                         self.auth
                             .answer(http, registry, credentials, &challenge, &scope)
-                            .await?,
+                            .await
+                            .map_err(|e| self.tally(e))?,
                     );
                     answered = true;
                     continue;
@@ -611,9 +613,32 @@ impl Client {
         }
     }
 
+    /// Counts a refusal the token exchange ran into (the guarded resolver
+    /// refused the realm's host name); other errors pass unchanged.
+    fn tally(&self, e: Error) -> Error {
+        if let Error::Refused { registry, rule } = &e {
+            tracing::warn!(
+                registry,
+                rule = rule.as_str(),
+                "upstream token service not allowed"
+            );
+            self.metrics
+                .upstream_refused
+                .with_label_values(&[rule.as_str()])
+                .inc();
+        }
+        e
+    }
+
     /// A refused destination, counted by rule (never by host: the client
     /// chose it, so the label would be unbounded).
     fn refuse(&self, registry: &str, rule: Rule) -> Error {
+        // The client's 403 does not reach the operator's log otherwise.
+        tracing::warn!(
+            registry,
+            rule = rule.as_str(),
+            "upstream destination not allowed"
+        );
         self.metrics
             .upstream_refused
             .with_label_values(&[rule.as_str()])
@@ -874,6 +899,47 @@ mod tests {
             .check_realm("r.example", &challenge("https://auth.example/token"))
             .is_ok());
         assert!(c.check_realm("r.example", &Challenge::Basic).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_token_realm_resolving_to_loopback_is_refused() {
+        let (port, seen) = answering("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".into()).await;
+        let c = client(vec![port]);
+        let challenge = Challenge::parse(&format!(
+            r#"Bearer realm="http://localhost:{port}/token",service="s""#
+        ))
+        .unwrap();
+        c.check_realm("r.example", &challenge).unwrap();
+        let e = c
+            .auth
+            .answer(
+                &c.guarded,
+                "r.example",
+                None,
+                &challenge,
+                "repository:x:pull",
+            )
+            .await
+            .map_err(|e| c.tally(e))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Refused {
+                    rule: Rule::Loopback,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            c.metrics
+                .upstream_refused
+                .with_label_values(&["loopback"])
+                .get(),
+            1
+        );
     }
 
     #[test]
