@@ -141,7 +141,12 @@ impl Client {
     /// Builds the shared HTTP client from the upstream section.
     pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Client> {
         let build = |guarded: bool| {
-            reqwest::Client::builder()
+            let builder = reqwest::Client::builder();
+            // Through an HTTP proxy, the proxy would resolve and connect to
+            // the client-named host, past every check here: registries that
+            // are not configured are reached directly or not at all.
+            let builder = if guarded { builder.no_proxy() } else { builder };
+            builder
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(config.connect_timeout)
                 .pool_idle_timeout(Duration::from_secs(90))

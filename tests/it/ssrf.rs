@@ -139,3 +139,48 @@ async fn issue_15_an_untrusted_certificate_says_why() {
         "tls handshake: certificate issuer not trusted"
     );
 }
+
+/// Through an HTTP proxy (`HTTPS_PROXY`), the proxy would resolve and
+/// connect to the client-named host past the checks, so registries that are
+/// not configured never go through one: the proxy here sees nothing.
+#[test]
+fn issue_15_any_upstream_does_not_go_through_a_proxy() {
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    proxy.set_nonblocking(true).unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let (_target, port) = crate::support::fleet::refusing_port();
+    let data = tempfile::tempdir().unwrap();
+    let mut command = crate::support::hoard_command();
+    command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--allow-any-upstream"])
+        .args(["--any-port", &port.to_string()])
+        // Without the fix, the request waits on the silent proxy this long.
+        .args(["--connect-timeout", "2s"])
+        .arg("--data-dir")
+        .arg(data.path().join("store"));
+    for var in ["NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"] {
+        command.env_remove(var);
+    }
+    for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+        command.env(var, &proxy_url);
+    }
+    let hoard = crate::support::HoardProcess::spawn(data, command);
+    let url = format!(
+        "http://{}/v2/library/alpine/manifests/1?ns=localhost:{port}",
+        hoard.addr()
+    );
+    let r = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // A proxied request would have connected before the answer came back.
+    match proxy.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the proxy was contacted: {other:?}"),
+    }
+}
