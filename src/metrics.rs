@@ -19,6 +19,9 @@ pub struct Metrics {
     pub served_bytes: IntCounterVec,
     /// `hoard_upstream_requests_total{registry,method,status}`.
     pub upstream_requests: IntCounterVec,
+    /// `hoard_upstream_refused_total{reason}`: destinations of unconfigured
+    /// registries refused (internal address, port); nothing was sent.
+    pub upstream_refused: IntCounterVec,
     /// `hoard_upstream_ratelimit_remaining{registry}` from `ratelimit-remaining`.
     pub ratelimit_remaining: IntGaugeVec,
     /// `hoard_upstream_ratelimit_limit{registry}` from `ratelimit-limit`.
@@ -139,6 +142,11 @@ impl Metrics {
             "hoard_upstream_requests_total",
             "Requests sent to upstream registries by status (or error kind).",
             &["registry", "method", "status"],
+        );
+        let upstream_refused = counter_vec(
+            "hoard_upstream_refused_total",
+            "Upstream destinations refused by the allow_any_upstream rules, by rule.",
+            &["reason"],
         );
         let ratelimit_remaining = gauge_vec(
             "hoard_upstream_ratelimit_remaining",
@@ -327,6 +335,7 @@ impl Metrics {
             referrers_requests,
             served_bytes,
             upstream_requests,
+            upstream_refused,
             ratelimit_remaining,
             ratelimit_limit,
             ratelimit_window,

@@ -179,6 +179,15 @@ pub struct ServeArgs {
     /// in the background [default: true].
     #[arg(long, env = "HOARD_RANGE_FILL", value_name = "BOOL")]
     pub range_fill: Option<bool>,
+    /// A port a registry not configured may be reached on, with
+    /// --allow-any-upstream (repeatable) [default: 443, 80].
+    #[arg(
+        long = "any-port",
+        env = "HOARD_ANY_PORTS",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    pub any_ports: Vec<u16>,
     /// How long shutdown waits for transfers in progress [default: 30s].
     #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,

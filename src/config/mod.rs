@@ -192,6 +192,9 @@ pub struct UpstreamConfig {
     /// Whether a `Range` on a blob not cached also starts the download of
     /// the whole blob in the background, so later requests are hits.
     pub range_fill: bool,
+    /// Ports a registry only `allow_any` lets in may be reached on
+    /// (`upstream.any_ports`, default 443 and 80).
+    pub any_ports: Vec<u16>,
 }
 
 /// Tag TTLs: one for every registry, and the registries' own.
@@ -492,6 +495,7 @@ impl fmt::Display for Config {
         writeln!(f, "  stall_timeout = {}", dur(self.upstream.stall_timeout))?;
         writeln!(f, "  resume_attempts = {}", self.upstream.resume_attempts)?;
         writeln!(f, "  range_fill = {}", self.upstream.range_fill)?;
+        writeln!(f, "  any_ports = {:?}", self.upstream.any_ports)?;
         writeln!(f, "[admin]")?;
         writeln!(
             f,

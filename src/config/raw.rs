@@ -99,6 +99,8 @@ pub(super) struct RawUpstream {
     pub stall_timeout: Option<String>,
     pub resume_attempts: Option<u32>,
     pub range_fill: Option<bool>,
+    /// Ports an unconfigured registry may be reached on.
+    pub any_ports: Option<Vec<u16>>,
 }
 
 /// `[limits]`.
@@ -225,6 +227,7 @@ impl RawConfig {
             stall_timeout,
             resume_attempts,
             range_fill,
+            any_ports,
             shutdown_timeout,
         } = args.clone();
         Ok(RawConfig {
@@ -256,6 +259,7 @@ impl RawConfig {
                 stall_timeout,
                 resume_attempts,
                 range_fill,
+                any_ports: (!any_ports.is_empty()).then_some(any_ports),
             },
             limits: RawLimits {
                 max_connections_per_client,
@@ -341,6 +345,7 @@ impl RawConfig {
                 stall_timeout: l.upstream.stall_timeout.or(s.upstream.stall_timeout),
                 resume_attempts: l.upstream.resume_attempts.or(s.upstream.resume_attempts),
                 range_fill: l.upstream.range_fill.or(s.upstream.range_fill),
+                any_ports: l.upstream.any_ports.or(s.upstream.any_ports),
             },
             limits: RawLimits {
                 max_connections_per_client: (l.limits.max_connections_per_client)

@@ -17,6 +17,7 @@ fn embedded_default_serves_docker_hub_on_5000() {
     );
     assert_eq!(c.upstream.tag_ttl.default, Duration::from_secs(300));
     assert!(!c.upstream.allow_any);
+    assert_eq!(c.upstream.any_ports, [443, 80]);
 }
 
 #[test]
@@ -412,6 +413,11 @@ fn every_setting(dir: &Path) -> Vec<Setting> {
             Some(&["--range-fill", "false"]),
         ),
         setting(
+            "[upstream]\nany_ports = [443, 5000]",
+            &[("HOARD_ANY_PORTS", "443,5000")],
+            Some(&["--any-port", "443", "--any-port", "5000"]),
+        ),
+        setting(
             "[limits]\nmax_connections_per_client = 3",
             &[("HOARD_MAX_CONNECTIONS_PER_CLIENT", "3")],
             Some(&["--max-connections-per-client", "3"]),
@@ -678,6 +684,12 @@ fn an_invalid_value_names_the_file_key_whatever_set_it() {
             "[upstream]\nmax_concurrent_fetches = 0",
             ("HOARD_MAX_CONCURRENT_FETCHES", "0"),
             "--max-concurrent-fetches=0",
+        ),
+        (
+            "upstream.any_ports",
+            "[upstream]\nany_ports = [443, 0]",
+            ("HOARD_ANY_PORTS", "443,0"),
+            "--any-port=0",
         ),
         (
             "limits.max_connections_per_client",

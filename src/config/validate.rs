@@ -295,6 +295,16 @@ fn upstream_config(
             .unwrap_or(Duration::from_secs(30)),
         resume_attempts: raw.resume_attempts.unwrap_or(3),
         range_fill: raw.range_fill.unwrap_or(true),
+        any_ports: match raw.any_ports {
+            Some(ports) if ports.is_empty() || ports.contains(&0) => {
+                return Err(invalid(
+                    "upstream.any_ports",
+                    "must list ports from 1 to 65535",
+                ))
+            }
+            Some(ports) => ports,
+            None => vec![443, 80],
+        },
     })
 }
 

@@ -67,6 +67,11 @@ pub enum UpstreamFailure {
     TimedOut,
     /// Upstream keeps failing and is not contacted for a while (circuit open).
     Down,
+    /// A destination `allow_any_upstream` does not open (an internal
+    /// address, a port not allowed): nothing was sent.
+    Refused(upstream::Rule),
+    /// No connection: why, as far as it could be told.
+    Unreachable(upstream::Cause),
     /// Anything else: an error status, a broken connection, body, token
     /// exchange or response.
     Unavailable,
@@ -88,8 +93,9 @@ impl Error {
             U::TooManyRequests { retry_after, .. } => UpstreamFailure::RateLimited(*retry_after),
             U::Timeout { .. } => UpstreamFailure::TimedOut,
             U::CircuitOpen { .. } => UpstreamFailure::Down,
+            U::Refused { rule, .. } => UpstreamFailure::Refused(*rule),
+            U::Connect { cause, .. } => UpstreamFailure::Unreachable(*cause),
             U::Status { .. }
-            | U::Connect { .. }
             | U::Token { .. }
             | U::Body { .. }
             | U::Redirects { .. }
@@ -171,9 +177,17 @@ mod tests {
             (
                 upstream::Error::Connect {
                     registry: reg(),
+                    cause: upstream::Cause::Refused,
                     message: "x".into(),
                 },
-                UpstreamFailure::Unavailable,
+                UpstreamFailure::Unreachable(upstream::Cause::Refused),
+            ),
+            (
+                upstream::Error::Refused {
+                    registry: reg(),
+                    rule: upstream::Rule::LinkLocal,
+                },
+                UpstreamFailure::Refused(upstream::Rule::LinkLocal),
             ),
             (
                 upstream::Error::Token {

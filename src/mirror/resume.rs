@@ -229,6 +229,7 @@ mod tests {
         }));
         assert!(retryable(&upstream::Error::Connect {
             registry: registry.clone(),
+            cause: upstream::Cause::Other,
             message: String::new()
         }));
         assert!(!retryable(&upstream::Error::NotFound {

@@ -239,6 +239,15 @@ impl From<UpstreamFailure> for ApiError {
                 ApiError::new(Code::UpstreamTimeout, "upstream registry timed out")
             }
             UpstreamFailure::Down => ApiError::new(Code::UpstreamDown, "upstream registry is down"),
+            UpstreamFailure::Refused(rule) => ApiError::new(
+                Code::Denied,
+                format!("destination not allowed: {}", rule.describe()),
+            )
+            .with_detail(json!({ "rule": rule.as_str() })),
+            UpstreamFailure::Unreachable(cause) => {
+                ApiError::new(Code::Unavailable, "upstream registry unreachable")
+                    .with_detail(json!({ "cause": cause.as_str() }))
+            }
             UpstreamFailure::Unavailable => {
                 ApiError::new(Code::Unavailable, "upstream registry unavailable")
             }
@@ -455,6 +464,16 @@ mod tests {
                 StatusCode::BAD_GATEWAY,
                 "UNAVAILABLE",
             ),
+            (
+                UpstreamFailure::Refused(crate::upstream::Rule::Loopback),
+                StatusCode::FORBIDDEN,
+                "DENIED",
+            ),
+            (
+                UpstreamFailure::Unreachable(crate::upstream::Cause::Dns),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+            ),
         ] {
             let api = ApiError::from(failure);
             assert_eq!(
@@ -467,6 +486,16 @@ mod tests {
             ApiError::from(UpstreamFailure::RateLimited(nine)).retry_after,
             nine
         );
+        let refused = ApiError::from(UpstreamFailure::Refused(crate::upstream::Rule::Loopback));
+        assert_eq!(
+            refused.message,
+            "destination not allowed: resolves to a loopback address"
+        );
+        assert_eq!(refused.detail["rule"], "loopback");
+        let unreachable = ApiError::from(UpstreamFailure::Unreachable(
+            crate::upstream::Cause::Refused,
+        ));
+        assert_eq!(unreachable.detail["cause"], "connection refused");
     }
 
     #[tokio::test]

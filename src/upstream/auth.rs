@@ -318,7 +318,13 @@ async fn fetch_token(
     let response = tokio::time::timeout(TOKEN_STALL, request.send())
         .await
         .map_err(|_| token_error("timed out".into()))?
-        .map_err(|e| token_error(e.without_url().to_string()))?;
+        .map_err(|e| match super::guard::refusal_in(&e) {
+            Some(rule) => Error::Refused {
+                registry: registry.to_owned(),
+                rule,
+            },
+            None => token_error(super::cause::describe(e)),
+        })?;
     if !response.status().is_success() {
         return Err(token_error(format!(
             "status {}",

@@ -44,8 +44,16 @@ pub enum Error {
         registry: String,
         what: &'static str,
     },
-    #[error("{registry}: connection failed: {message}")]
-    Connect { registry: String, message: String },
+    #[error("{registry}: connection failed: {cause} ({message})")]
+    Connect {
+        registry: String,
+        cause: super::Cause,
+        message: String,
+    },
+    /// A destination `allow_any_upstream` does not open: an internal
+    /// address or a port not allowed (nothing was sent).
+    #[error("{registry}: destination not allowed: {rule}")]
+    Refused { registry: String, rule: super::Rule },
     #[error("{registry}: token endpoint failed: {message}")]
     Token { registry: String, message: String },
     #[error("{registry}: manifest larger than {limit} bytes")]

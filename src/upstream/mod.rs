@@ -6,7 +6,9 @@
 //! store or of caching policy.
 
 mod auth;
+mod cause;
 mod error;
+mod guard;
 mod health;
 mod partial;
 mod ratelimit;
@@ -20,7 +22,9 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 
 pub use auth::Challenge;
+pub use cause::Cause;
 pub use error::{Envelope, Error, Result};
+pub use guard::Rule;
 pub use partial::ContentRange;
 pub use referrers::ReferrersResponse;
 
@@ -113,7 +117,13 @@ pub struct RangeResponse {
 
 /// Client for all upstream registries.
 pub struct Client {
+    /// For configured registries, their token services and redirects.
     http: reqwest::Client,
+    /// For registries only `allow_any_upstream` lets in: its resolver
+    /// refuses internal addresses (see `guard`).
+    guarded: reqwest::Client,
+    /// Ports an unconfigured registry may be reached on.
+    any_ports: Vec<u16>,
     registries: BTreeMap<String, RegistryConfig>,
     allow_any_upstream: bool,
     auth: auth::Authenticator,
@@ -130,18 +140,29 @@ pub struct Client {
 impl Client {
     /// Builds the shared HTTP client from the upstream section.
     pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Client> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("hoard/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::Connect {
-                registry: "-".into(),
-                message: e.to_string(),
-            })?;
+        let build = |guarded: bool| {
+            let builder = reqwest::Client::builder();
+            // Through an HTTP proxy, the proxy would resolve and connect to
+            // the client-named host, past every check here: registries that
+            // are not configured are reached directly or not at all.
+            let builder = if guarded { builder.no_proxy() } else { builder };
+            builder
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(config.connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .user_agent(concat!("hoard/", env!("CARGO_PKG_VERSION")))
+                .dns_resolver(Arc::new(guard::Resolver { guarded }))
+                .build()
+                .map_err(|e| Error::Connect {
+                    registry: "-".into(),
+                    cause: Cause::Other,
+                    message: e.to_string(),
+                })
+        };
         Ok(Client {
-            http,
+            http: build(false)?,
+            guarded: build(true)?,
+            any_ports: config.any_ports.clone(),
             registries: config.registries.clone(),
             allow_any_upstream: config.allow_any,
             auth: auth::Authenticator::default(),
@@ -427,6 +448,8 @@ impl Client {
     ) -> Result<reqwest::Response> {
         let registry = repo.registry();
         let (base, credentials) = self.endpoint(registry)?;
+        let guarded = !self.registries.contains_key(registry);
+        let http = if guarded { &self.guarded } else { &self.http };
         self.health.admit(registry)?;
         let url = base
             .join(&format!("v2/{}/{tail}", repo.name()))
@@ -437,12 +460,15 @@ impl Client {
         let scope = format!("repository:{}:pull", repo.name());
         let mut authorization = self
             .auth
-            .prepare(&self.http, registry, credentials, &scope)
-            .await?;
+            .prepare(http, registry, credentials, &scope)
+            .await
+            .map_err(|e| self.tally(e))?;
         let mut answered = false;
         loop {
             let sent = self
                 .follow(
+                    http,
+                    guarded,
                     registry,
                     &method,
                     url.clone(),
@@ -460,11 +486,15 @@ impl Client {
                     .filter_map(|v| v.to_str().ok())
                     .find_map(Challenge::parse);
                 if let Some(challenge) = challenge {
+                    if guarded {
+                        self.check_realm(registry, &challenge)?;
+                    }
                     self.auth.forget(registry, &scope);
                     authorization = Some(
                         self.auth
-                            .answer(&self.http, registry, credentials, &challenge, &scope)
-                            .await?,
+                            .answer(http, registry, credentials, &challenge, &scope)
+                            .await
+                            .map_err(|e| self.tally(e))?,
                     );
                     answered = true;
                     continue;
@@ -479,8 +509,16 @@ impl Client {
 
     /// One request and its redirects. Credentials go only to the registry's
     /// own origin: a redirect elsewhere (Docker Hub's blob CDN) gets none.
+    /// For an unconfigured registry (`guarded`) every hop is checked: a
+    /// redirect to `http://169.254.169.254/` is refused. A configured
+    /// registry's redirects are followed anywhere: the operator chose to
+    /// trust it, and an internal registry's blob store (a Harbor's MinIO)
+    /// is often on a private address.
+    #[allow(clippy::too_many_arguments)]
     async fn follow(
         &self,
+        http: &reqwest::Client,
+        guarded: bool,
         registry: &str,
         method: &Method,
         mut url: reqwest::Url,
@@ -489,7 +527,10 @@ impl Client {
     ) -> Result<reqwest::Response> {
         let origin = url.origin();
         for hop in 0..=MAX_REDIRECTS {
-            let mut request = self.http.request(method.clone(), url.clone());
+            if guarded && hop > 0 {
+                self.check(registry, &url)?;
+            }
+            let mut request = http.request(method.clone(), url.clone());
             for (name, value) in extra {
                 request = request.header(name.clone(), *value);
             }
@@ -506,10 +547,15 @@ impl Client {
                     });
                 }
                 Ok(Err(e)) => {
+                    if let Some(rule) = guard::refusal_in(&e) {
+                        return Err(self.refuse(registry, rule));
+                    }
                     self.count(registry, method, "error");
+                    let cause = cause::classify(&e);
                     return Err(Error::Connect {
                         registry: registry.to_owned(),
-                        message: e.without_url().to_string(),
+                        cause,
+                        message: cause::describe(e),
                     });
                 }
                 Ok(Ok(response)) => response,
@@ -547,9 +593,65 @@ impl Client {
             let url = format!("https://{registry}/")
                 .parse()
                 .map_err(|_| Error::UnknownRegistry(registry.to_owned()))?;
+            self.check(registry, &url)?;
             return Ok((url, None));
         }
         Err(Error::UnknownRegistry(registry.to_owned()))
+    }
+
+    /// The port and IP-literal rules for a URL of an unconfigured registry
+    /// (names are checked by the resolver, on the addresses connected to).
+    fn check(&self, registry: &str, url: &reqwest::Url) -> Result<()> {
+        guard::check_url(url, &self.any_ports).map_err(|rule| self.refuse(registry, rule))
+    }
+
+    /// The token service an unconfigured registry names is held to the same
+    /// rules as the registry (the resolver sees its name, not an IP literal
+    /// or its port). A realm that is not a URL fails later, as before.
+    fn check_realm(&self, registry: &str, challenge: &Challenge) -> Result<()> {
+        match challenge {
+            Challenge::Bearer { realm, .. } => match realm.parse::<reqwest::Url>() {
+                Ok(realm) => self.check(registry, &realm),
+                Err(_) => Ok(()),
+            },
+            Challenge::Basic => Ok(()),
+        }
+    }
+
+    /// Counts a refusal the token exchange ran into (the guarded resolver
+    /// refused the realm's host name); other errors pass unchanged.
+    fn tally(&self, e: Error) -> Error {
+        if let Error::Refused { registry, rule } = &e {
+            tracing::warn!(
+                registry,
+                rule = rule.as_str(),
+                "upstream token service not allowed"
+            );
+            self.metrics
+                .upstream_refused
+                .with_label_values(&[rule.as_str()])
+                .inc();
+        }
+        e
+    }
+
+    /// A refused destination, counted by rule (never by host: the client
+    /// chose it, so the label would be unbounded).
+    fn refuse(&self, registry: &str, rule: Rule) -> Error {
+        // The client's 403 does not reach the operator's log otherwise.
+        tracing::warn!(
+            registry,
+            rule = rule.as_str(),
+            "upstream destination not allowed"
+        );
+        self.metrics
+            .upstream_refused
+            .with_label_values(&[rule.as_str()])
+            .inc();
+        Error::Refused {
+            registry: registry.to_owned(),
+            rule,
+        }
     }
 
     fn count(&self, registry: &str, method: &Method, status: &str) {
@@ -703,6 +805,184 @@ fn parse_envelope(body: &[u8]) -> Option<Envelope> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A client with `allow_any_upstream` and these ports.
+    fn client(any_ports: Vec<u16>) -> Client {
+        let args = crate::config::ServeArgs {
+            allow_any_upstream: Some(true),
+            any_ports,
+            ..Default::default()
+        };
+        let config = crate::config::Config::load(&args, []).unwrap();
+        Client::new(&config.upstream, Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// A server on 127.0.0.1 answering each connection's first request with
+    /// `head`; counts connections.
+    async fn answering(head: String) -> (u16, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let head = head.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    fn redirect_to(location: &str) -> String {
+        format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn redirects_of_unconfigured_registries_to_internal_places_are_refused() {
+        // Nothing is sent to these: each is refused before connecting
+        // (IP literal and port by `check`, `localhost` by the resolver).
+        for (location, rule) in [
+            ("http://169.254.169.254/latest/meta-data/", Rule::LinkLocal),
+            ("http://[::ffff:10.0.0.1]/", Rule::Private),
+            ("http://localhost/", Rule::Loopback),
+            ("https://registry.example:8443/", Rule::Port),
+        ] {
+            let (port, seen) = answering(redirect_to(location)).await;
+            let c = client(vec![80, 443]);
+            // The first hop is the caller's (`endpoint` checks it); a
+            // loopback one stands in for a public registry here.
+            let url = format!("http://127.0.0.1:{port}/v2/").parse().unwrap();
+            let e = c
+                .follow(&c.guarded, true, "r.example", &Method::GET, url, &[], None)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::Refused { rule: r, .. } if r == rule),
+                "{location}: {e:?}"
+            );
+            assert_eq!(seen.load(Ordering::SeqCst), 1, "{location}");
+            assert_eq!(
+                c.metrics
+                    .upstream_refused
+                    .with_label_values(&[rule.as_str()])
+                    .get(),
+                1
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn redirects_of_configured_registries_are_followed_anywhere() {
+        let (target, reached) =
+            answering("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".into()).await;
+        let (port, _) = answering(redirect_to(&format!("http://127.0.0.1:{target}/"))).await;
+        let c = client(vec![80, 443]);
+        let url = format!("http://127.0.0.1:{port}/v2/").parse().unwrap();
+        let r = c
+            .follow(&c.http, false, "docker.io", &Method::GET, url, &[], None)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(reached.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn token_realms_of_unconfigured_registries_are_checked() {
+        let c = client(vec![80, 443]);
+        let challenge = |realm: &str| {
+            Challenge::parse(&format!(r#"Bearer realm="{realm}",service="s""#)).unwrap()
+        };
+        assert!(matches!(
+            c.check_realm("r.example", &challenge("http://169.254.169.254/token")),
+            Err(Error::Refused {
+                rule: Rule::LinkLocal,
+                ..
+            })
+        ));
+        assert!(matches!(
+            c.check_realm("r.example", &challenge("https://auth.example:5001/token")),
+            Err(Error::Refused {
+                rule: Rule::Port,
+                ..
+            })
+        ));
+        assert!(c
+            .check_realm("r.example", &challenge("https://auth.example/token"))
+            .is_ok());
+        assert!(c.check_realm("r.example", &Challenge::Basic).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_token_realm_resolving_to_loopback_is_refused() {
+        let (port, seen) = answering("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".into()).await;
+        let c = client(vec![port]);
+        let challenge = Challenge::parse(&format!(
+            r#"Bearer realm="http://localhost:{port}/token",service="s""#
+        ))
+        .unwrap();
+        c.check_realm("r.example", &challenge).unwrap();
+        let e = c
+            .auth
+            .answer(
+                &c.guarded,
+                "r.example",
+                None,
+                &challenge,
+                "repository:x:pull",
+            )
+            .await
+            .map_err(|e| c.tally(e))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Refused {
+                    rule: Rule::Loopback,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            c.metrics
+                .upstream_refused
+                .with_label_values(&["loopback"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn unconfigured_hosts_are_checked_before_anything_is_sent() {
+        let c = client(vec![443, 5000]);
+        for (host, rule) in [
+            ("127.0.0.1:5000", Some(Rule::Loopback)),
+            ("[::1]:5000", Some(Rule::Loopback)),
+            ("10.1.2.3", Some(Rule::Private)),
+            ("169.254.169.254", Some(Rule::LinkLocal)),
+            ("registry.example:22", Some(Rule::Port)),
+            ("registry.example:5000", None),
+            ("registry.example", None),
+        ] {
+            match (c.endpoint(host), rule) {
+                (Err(Error::Refused { rule: got, .. }), Some(rule)) => assert_eq!(got, rule),
+                (Ok(_), None) => {}
+                (other, _) => panic!("{host}: {:?}", other.map(|(url, _)| url)),
+            }
+        }
+    }
 
     #[test]
     fn envelope_is_read_from_error_bodies() {

@@ -20,6 +20,7 @@ mod referrers;
 mod regression;
 mod resume;
 mod single_flight;
+mod ssrf;
 mod tls;
 mod warm;
 
