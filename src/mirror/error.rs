@@ -91,6 +91,8 @@ impl Error {
             U::Status { .. }
             | U::Connect { .. }
             | U::Token { .. }
+            | U::TokenRefused { .. }
+            | U::CredentialHelper { .. }
             | U::Body { .. }
             | U::Redirects { .. }
             | U::BadResponse { .. }
@@ -179,6 +181,21 @@ mod tests {
                 upstream::Error::Token {
                     registry: reg(),
                     message: "x".into(),
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::TokenRefused {
+                    registry: reg(),
+                    status: 401,
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::CredentialHelper {
+                    registry: reg(),
+                    helper: "ecr-login".into(),
+                    message: "timed out after 10s, killed".into(),
                 },
                 UpstreamFailure::Unavailable,
             ),

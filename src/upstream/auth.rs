@@ -319,6 +319,12 @@ async fn fetch_token(
         .await
         .map_err(|_| token_error("timed out".into()))?
         .map_err(|e| token_error(e.without_url().to_string()))?;
+    if matches!(response.status().as_u16(), 401 | 403) {
+        return Err(Error::TokenRefused {
+            registry: registry.to_owned(),
+            status: response.status().as_u16(),
+        });
+    }
     if !response.status().is_success() {
         return Err(token_error(format!(
             "status {}",

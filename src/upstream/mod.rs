@@ -8,6 +8,7 @@
 mod auth;
 mod error;
 mod health;
+mod helper;
 mod partial;
 mod ratelimit;
 mod referrers;
@@ -117,6 +118,7 @@ pub struct Client {
     registries: BTreeMap<String, RegistryConfig>,
     allow_any_upstream: bool,
     auth: auth::Authenticator,
+    helpers: helper::Helpers,
     metrics: Arc<Metrics>,
     response_timeout: Duration,
     stall_timeout: Duration,
@@ -145,6 +147,7 @@ impl Client {
             registries: config.registries.clone(),
             allow_any_upstream: config.allow_any,
             auth: auth::Authenticator::default(),
+            helpers: helper::Helpers::new(&config.registries),
             metrics,
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
@@ -435,9 +438,19 @@ impl Client {
                 message: format!("cannot build url: {e}"),
             })?;
         let scope = format!("repository:{}:pull", repo.name());
+        // A registry with a credential helper uses its answer; refused once,
+        // the helper runs again and the request is retried once.
+        let mut lease = self.helpers.lease(registry).await?;
+        let mut refreshed = false;
         let mut authorization = self
-            .auth
-            .prepare(&self.http, registry, credentials, &scope)
+            .authorize(
+                registry,
+                &scope,
+                None,
+                credentials,
+                &mut lease,
+                &mut refreshed,
+            )
             .await?;
         let mut answered = false;
         loop {
@@ -452,6 +465,28 @@ impl Client {
                 .await;
             let response = self.judge(registry, sent)?;
             let status = response.status();
+            let refused =
+                (status == StatusCode::UNAUTHORIZED && answered) || status == StatusCode::FORBIDDEN;
+            if refused && !refreshed {
+                if let Some(refused_lease) = &lease {
+                    self.helpers.refuse(registry, refused_lease).await;
+                    lease = self.helpers.lease(registry).await?;
+                    refreshed = true;
+                    self.auth.forget(registry, &scope);
+                    authorization = self
+                        .authorize(
+                            registry,
+                            &scope,
+                            None,
+                            credentials,
+                            &mut lease,
+                            &mut refreshed,
+                        )
+                        .await?;
+                    answered = false;
+                    continue;
+                }
+            }
             if status == StatusCode::UNAUTHORIZED && !answered {
                 let challenge = response
                     .headers()
@@ -461,11 +496,16 @@ impl Client {
                     .find_map(Challenge::parse);
                 if let Some(challenge) = challenge {
                     self.auth.forget(registry, &scope);
-                    authorization = Some(
-                        self.auth
-                            .answer(&self.http, registry, credentials, &challenge, &scope)
-                            .await?,
-                    );
+                    authorization = self
+                        .authorize(
+                            registry,
+                            &scope,
+                            Some(&challenge),
+                            credentials,
+                            &mut lease,
+                            &mut refreshed,
+                        )
+                        .await?;
                     answered = true;
                     continue;
                 }
@@ -474,6 +514,44 @@ impl Client {
                 return Ok(response);
             }
             return Err(self.status_error(registry, response).await);
+        }
+    }
+
+    /// The authorization for `scope`: an answer to `challenge`, or what
+    /// `auth` has before any. Credentials come from the helper's `lease` if
+    /// the registry has a helper; a token endpoint that refuses them makes
+    /// the helper run again once (`refreshed`).
+    async fn authorize(
+        &self,
+        registry: &str,
+        scope: &str,
+        challenge: Option<&Challenge>,
+        configured: Option<&Credentials>,
+        lease: &mut Option<helper::Lease>,
+        refreshed: &mut bool,
+    ) -> Result<Option<auth::Authorization>> {
+        loop {
+            let credentials = helper::pick(lease.as_ref(), configured);
+            let result = match challenge {
+                Some(challenge) => self
+                    .auth
+                    .answer(&self.http, registry, credentials, challenge, scope)
+                    .await
+                    .map(Some),
+                None => {
+                    self.auth
+                        .prepare(&self.http, registry, credentials, scope)
+                        .await
+                }
+            };
+            match (result, lease.as_ref()) {
+                (Err(Error::TokenRefused { .. }), Some(refused)) if !*refreshed => {
+                    self.helpers.refuse(registry, refused).await;
+                    *lease = self.helpers.lease(registry).await?;
+                    *refreshed = true;
+                }
+                (result, _) => return result,
+            }
         }
     }
 
