@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::error::{Error, Result};
 use crate::config::{CredentialHelper, Credentials, RegistryConfig};
@@ -187,28 +187,45 @@ async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credential
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // A helper past its timeout is dropped with the future below: kill it.
+        // Should this future be dropped (the request cancelled), the helper
+        // must not outlive it.
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", helper.program.display()))?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    let server = helper.server.clone();
-    let exchange = async move {
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let exchange = async {
         // A helper that exits without reading its input breaks the pipe:
         // not an error of ours, its exit status tells.
-        let _ = stdin.write_all(server.as_bytes()).await;
+        let _ = stdin.write_all(helper.server.as_bytes()).await;
         drop(stdin);
-        child.wait_with_output().await
+        let limit = MAX_OUTPUT as u64 + 1;
+        let (mut stdout, mut stderr) = ((&mut stdout).take(limit), (&mut stderr).take(limit));
+        let (read_out, read_err, status) = tokio::join!(
+            stdout.read_to_end(&mut out),
+            stderr.read_to_end(&mut err),
+            child.wait()
+        );
+        read_out.and(read_err).and(status)
     };
-    let output = tokio::time::timeout(helper.timeout, exchange)
-        .await
-        .map_err(|_| {
-            format!(
+    let status = match tokio::time::timeout(helper.timeout, exchange).await {
+        Ok(status) => status.map_err(|e| format!("failed: {e}"))?,
+        Err(_) => {
+            // Killed and reaped here, not left to the runtime's best effort.
+            let _ = child.kill().await;
+            return Err(format!(
                 "timed out after {}, killed",
                 humantime::format_duration(helper.timeout)
-            )
-        })?
-        .map_err(|e| format!("failed: {e}"))?;
+            ));
+        }
+    };
+    let output = std::process::Output {
+        status,
+        stdout: out,
+        stderr: err,
+    };
     if !output.status.success() {
         let said = |bytes: &[u8]| String::from_utf8_lossy(bytes).contains(NOT_FOUND);
         if said(&output.stdout) || said(&output.stderr) {

@@ -464,27 +464,47 @@ impl Drop for Daemon {
 pub struct Distribution {
     pub daemon: Daemon,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Distribution {
     pub fn start() -> Distribution {
-        let bin = require_tool("docker-registry");
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("config.yml");
+        let mut distribution = Distribution::start_in(dir.path(), 0, None);
+        distribution._dir = Some(dir);
+        distribution
+    }
+
+    /// Distribution over the storage in `dir` (kept by the caller, so a
+    /// restart finds its images), on `port` (0: any free one), with
+    /// htpasswd (bcrypt) basic auth when `htpasswd` is given. Distribution
+    /// 2.8 reads the htpasswd file once, at start: a new password needs a
+    /// restart (on the same port, so hoard's upstream URL stays right).
+    pub fn start_in(dir: &Path, port: u16, htpasswd: Option<&Path>) -> Distribution {
+        let bin = require_tool("docker-registry");
+        let config = dir.join(format!("config-{port}.yml"));
+        let auth = match htpasswd {
+            Some(path) => format!(
+                "auth:\n  htpasswd:\n    realm: hoard-test\n    path: {}\n",
+                path.display()
+            ),
+            None => String::new(),
+        };
         // Port 0: distribution binds it and logs "listening on ADDR" (info).
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\nlog:\n  level: info\n  accesslog:\n    disabled: false\n",
-                dir.path().join("data").display()
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nlog:\n  level: info\n  accesslog:\n    disabled: false\n{auth}",
+                dir.join("data").display()
             ),
         )
         .unwrap();
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut daemon = Daemon::spawn(
             "docker-registry",
             Command::new(bin).arg("serve").arg(&config),
-            dir.path().join("registry.log"),
+            dir.join(format!("registry-{n}.log")),
         );
         let addr: std::net::SocketAddr = daemon.wait_for_line("listening on ", |rest| {
             rest.split(|c: char| c == '"' || c.is_whitespace())
@@ -496,7 +516,7 @@ impl Distribution {
         Distribution {
             daemon,
             port,
-            _dir: dir,
+            _dir: None,
         }
     }
 
