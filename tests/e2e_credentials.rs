@@ -220,6 +220,13 @@ fn issue_15_a_credential_helper_logs_in_once_and_again_after_the_password_change
     assert_eq!(scene.runs("scripted").len(), 2, "and only once");
     assert!(registry.count("GET", "/v2/library/multi/manifests/") >= 1);
 
+    assert_eq!(
+        hoard.metric(r#"hoard_credential_helper_runs_total{registry="docker.io",result="ok"}"#),
+        2.0
+    );
+    let metrics = hoard.metrics();
+    assert!(!leaks(&metrics, first) && !leaks(&metrics, second));
+
     let log = hoard.daemon.log_text();
     assert!(
         log.contains("TRACE") || log.contains("DEBUG"),
@@ -298,6 +305,11 @@ fn issue_15_a_hanging_helper_is_killed_with_an_error_naming_it() {
         hoard.daemon.log_text().contains(message)
     });
     assert!(!hoard.daemon.log_text().contains("hang-canary"));
+    assert_eq!(
+        hoard
+            .metric(r#"hoard_credential_helper_runs_total{registry="docker.io",result="timeout"}"#),
+        1.0
+    );
     let pid = std::fs::read_to_string(&pid_file).unwrap();
     let proc = PathBuf::from(format!("/proc/{}", pid.trim()));
     wait_until(&hoard.daemon, Duration::from_secs(10), || !proc.exists());

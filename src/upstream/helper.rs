@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::error::{Error, Result};
 use crate::config::{CredentialHelper, Credentials, RegistryConfig};
+use crate::metrics::Metrics;
 
 /// A failed run is reported to every request for this long before the
 /// helper runs again, so a broken helper does not run once per request.
@@ -71,14 +72,14 @@ struct Slot {
 }
 
 /// Every configured registry's helper and its cached answer.
-#[derive(Default)]
 pub struct Helpers {
     slots: HashMap<String, Slot>,
+    metrics: Arc<Metrics>,
 }
 
 impl Helpers {
     /// The helpers of `registries` that name one.
-    pub fn new(registries: &BTreeMap<String, RegistryConfig>) -> Helpers {
+    pub fn new(registries: &BTreeMap<String, RegistryConfig>, metrics: Arc<Metrics>) -> Helpers {
         let slots = registries
             .iter()
             .filter_map(|(host, config)| {
@@ -93,7 +94,14 @@ impl Helpers {
                 ))
             })
             .collect();
-        Helpers { slots }
+        Helpers { slots, metrics }
+    }
+
+    fn count(&self, registry: &str, result: &str) {
+        self.metrics
+            .credential_helper_runs
+            .with_label_values(&[registry, result])
+            .inc();
     }
 
     /// `registry`'s current credentials from its helper, running it if
@@ -113,7 +121,17 @@ impl Helpers {
                 return Err(error.clone());
             }
         }
-        match run(&slot.config).await {
+        let result = run(&slot.config).await;
+        self.count(
+            registry,
+            match &result {
+                Ok(Some(_)) => "ok",
+                Ok(None) => "not_found",
+                Err(Failure::Timeout(_)) => "timeout",
+                Err(Failure::Other(_)) => "failed",
+            },
+        );
+        match result.map_err(Failure::into_message) {
             Ok(credentials) => {
                 state.generation += 1;
                 let lease = Lease {
@@ -178,10 +196,31 @@ struct Answer {
     secret: String,
 }
 
+/// Why a run gave no answer; the text names no output of the helper.
+#[derive(Debug)]
+enum Failure {
+    Timeout(String),
+    Other(String),
+}
+
+impl Failure {
+    fn into_message(self) -> String {
+        match self {
+            Failure::Timeout(m) | Failure::Other(m) => m,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::Other(message)
+    }
+}
+
 /// Runs `helper get` once. `Ok(None)`: the helper holds nothing for the
 /// server. The error text names no output of the helper: it may hold
 /// secrets (some helpers echo what they failed to parse).
-async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credentials>, String> {
+async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credentials>, Failure> {
     let mut child = tokio::process::Command::new(&helper.program)
         .arg("get")
         .stdin(Stdio::piped())
@@ -215,10 +254,10 @@ async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credential
         Err(_) => {
             // Killed and reaped here, not left to the runtime's best effort.
             let _ = child.kill().await;
-            return Err(format!(
+            return Err(Failure::Timeout(format!(
                 "timed out after {}, killed",
                 humantime::format_duration(helper.timeout)
-            ));
+            )));
         }
     };
     let output = std::process::Output {
@@ -231,10 +270,10 @@ async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credential
         if said(&output.stdout) || said(&output.stderr) {
             return Ok(None);
         }
-        return Err(format!("failed: {}", output.status));
+        return Err(format!("failed: {}", output.status).into());
     }
     if output.stdout.len() > MAX_OUTPUT {
-        return Err("printed more than 1 MiB".into());
+        return Err(Failure::Other("printed more than 1 MiB".into()));
     }
     // Serde's message could quote the output: report only where it broke.
     let answer: Answer = serde_json::from_slice(&output.stdout).map_err(|e| {
@@ -293,7 +332,7 @@ mod tests {
                 helper: Some(config),
             },
         );
-        Helpers::new(&registries)
+        Helpers::new(&registries, Arc::new(Metrics::new()))
     }
 
     #[tokio::test]
@@ -345,14 +384,20 @@ printf '{"ServerURL":"%s","Username":"bot","Secret":"s3cret-%s"}' "$server" "$se
             "echo 'leaked-canary' >&2; exit 7",
             Duration::from_secs(10),
         );
-        let e = run(&config).await.unwrap_err();
+        let e = run(&config)
+            .await
+            .map_err(Failure::into_message)
+            .unwrap_err();
         assert!(e.contains("exit status: 7") && !e.contains("canary"), "{e}");
         let config = helper(
             dir.path(),
             r#"echo '{"Username":"u","Secret":"leaked-canary"'"#,
             Duration::from_secs(10),
         );
-        let e = run(&config).await.unwrap_err();
+        let e = run(&config)
+            .await
+            .map_err(Failure::into_message)
+            .unwrap_err();
         assert!(
             e.contains("no credentials JSON") && !e.contains("canary"),
             "{e}"

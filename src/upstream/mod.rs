@@ -147,7 +147,7 @@ impl Client {
             registries: config.registries.clone(),
             allow_any_upstream: config.allow_any,
             auth: auth::Authenticator::default(),
-            helpers: helper::Helpers::new(&config.registries),
+            helpers: helper::Helpers::new(&config.registries, metrics.clone()),
             metrics,
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
