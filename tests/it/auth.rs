@@ -231,3 +231,47 @@ async fn issue_15_credentials_the_token_endpoint_refuses_are_fetched_again_once(
     assert_eq!(hoard.status("/v2/private/manifests/5").await / 100, 5);
     assert_eq!(runs(), 2);
 }
+
+#[tokio::test]
+async fn issue_15_a_registry_403_runs_the_helper_again_once_and_not_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "pw").unwrap();
+    let helper = scripted_helper(dir.path());
+    let runs = || {
+        std::fs::read_to_string(dir.path().join("runs"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let fake = Fake::start().await;
+    fake.require_token("tok", Some(&basic("bot", "pw")));
+    for tag in ["1", "2", "3"] {
+        fake.put_image("library/private", tag, tag.as_bytes());
+    }
+    let hoard = Hoard::start_with_config(&fake.url(), |config| {
+        config
+            .upstream
+            .registries
+            .get_mut("docker.io")
+            .unwrap()
+            .helper = Some(helper);
+    })
+    .await;
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
+    assert_eq!(runs(), 1);
+    fake.fault("manifests/2", crate::fake::Fault::Status(403, None));
+    fake.fault("manifests/3", crate::fake::Fault::Status(403, None));
+    // The 403 may mean rotated credentials: one new run, one retry, then
+    // the denial stands.
+    let before = fake.hits("GET", "/v2/library/private/manifests/2");
+    assert_eq!(hoard.status("/v2/private/manifests/2").await, 403);
+    assert_eq!(runs(), 2);
+    assert_eq!(
+        fake.hits("GET", "/v2/library/private/manifests/2") - before,
+        2
+    );
+    // The answer fetched after that refusal is kept: a repository the
+    // credentials may not read does not run the helper per request.
+    assert_eq!(hoard.status("/v2/private/manifests/3").await, 403);
+    assert_eq!(runs(), 2);
+}
