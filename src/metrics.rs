@@ -42,6 +42,10 @@ pub struct Metrics {
     /// `hoard_upstream_circuit_open{registry}`: 1 while a failing upstream
     /// is not contacted.
     pub circuit_open: IntGaugeVec,
+    /// `hoard_credential_helper_runs_total{registry,result}`: runs of Docker
+    /// credential helpers (`ok`, `not_found`, `failed`, `timeout`); only
+    /// configured hosts have helpers, so `registry` is bounded.
+    pub credential_helper_runs: IntCounterVec,
     /// `hoard_store_bytes`: size of the committed blobs.
     pub store_bytes: IntGauge,
     /// `hoard_store_max_bytes`: the size limit eviction keeps the store under.
@@ -162,6 +166,11 @@ impl Metrics {
             "hoard_upstream_ratelimit_window_seconds",
             "The window the upstream's rate limit counts over (the ;w= of ratelimit-limit).",
             &["registry"],
+        );
+        let credential_helper_runs = counter_vec(
+            "hoard_credential_helper_runs_total",
+            "Runs of Docker credential helpers by outcome.",
+            &["registry", "result"],
         );
         let circuit_open = gauge_vec(
             "hoard_upstream_circuit_open",
@@ -343,6 +352,7 @@ impl Metrics {
             pulls_saved,
             deadline_exceeded,
             circuit_open,
+            credential_helper_runs,
             store_bytes,
             store_max_bytes,
             evicted_blobs,

@@ -1,8 +1,9 @@
 //! Upstream credentials from a Docker `config.json` (`docker login` writes
 //! it; Kubernetes image-pull secrets hold the same JSON): `auths` entries
 //! with a base64 `auth` ("user:password"), separate `username`/`password`,
-//! or an `identitytoken` (an OAuth2 refresh token). Credential helpers
-//! (`credsStore`) are not run: hoard reads files only.
+//! or an `identitytoken` (an OAuth2 refresh token), and which credential
+//! helpers (`credHelpers` per registry, `credsStore` for all) hold the
+//! rest. Helpers are only named here; `upstream::helper` runs them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,6 +17,35 @@ use super::Credentials;
 struct DockerConfig {
     #[serde(default)]
     auths: BTreeMap<String, AuthEntry>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+/// What a config.json says about credentials.
+/// `Debug` shows no secret (`Credentials` redacts them).
+#[derive(Debug, Default)]
+pub struct DockerCredentials {
+    /// Registry host (as hoard names it: `docker.io`, `ghcr.io`) ->
+    /// credentials written in the file.
+    pub auths: BTreeMap<String, Credentials>,
+    /// Registry host -> helper `NAME` (`credHelpers`).
+    pub helpers: BTreeMap<String, String>,
+    /// The helper for every other registry (`credsStore`).
+    pub store: Option<String>,
+}
+
+impl DockerCredentials {
+    /// The helper that holds `host`'s credentials: its `credHelpers` entry,
+    /// else the `credsStore` (the docker CLI's order; with a store, the
+    /// file's `auths` hold no secrets).
+    pub fn helper_for(&self, host: &str) -> Option<&str> {
+        self.helpers
+            .get(host)
+            .or(self.store.as_ref())
+            .map(String::as_str)
+    }
 }
 
 #[derive(Deserialize)]
@@ -26,8 +56,8 @@ struct AuthEntry {
     identitytoken: Option<String>,
 }
 
-/// Registry host (as hoard names it: `docker.io`, `ghcr.io`) -> credentials.
-pub fn read(path: &Path) -> Result<BTreeMap<String, Credentials>, String> {
+/// The credentials and helpers of the config.json at `path`.
+pub fn read(path: &Path) -> Result<DockerCredentials, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     // Serde's message can quote the input: keep it out, it holds secrets.
@@ -72,7 +102,15 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, Credentials>, String> {
         };
         out.insert(host, credentials);
     }
-    Ok(out)
+    Ok(DockerCredentials {
+        auths: out,
+        helpers: config
+            .cred_helpers
+            .into_iter()
+            .map(|(key, name)| (host_of(&key), name))
+            .collect(),
+        store: config.creds_store.filter(|s| !s.is_empty()),
+    })
 }
 
 /// `https://index.docker.io/v1/` -> `docker.io`; `ghcr.io` -> `ghcr.io`.
@@ -111,7 +149,10 @@ mod tests {
             ),
         )
         .unwrap();
-        let creds = read(&path).unwrap();
+        let read = read(&path).unwrap();
+        assert_eq!(read.store.as_deref(), Some("desktop"));
+        assert_eq!(read.helper_for("quay.io"), Some("desktop"));
+        let creds = read.auths;
         assert_eq!(
             creds["docker.io"],
             Credentials::Basic {
@@ -134,6 +175,25 @@ mod tests {
             }
         );
         assert!(!creds.contains_key("quay.io"));
+    }
+
+    #[test]
+    fn cred_helpers_win_over_the_store_per_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"credHelpers": {"123.dkr.ecr.us-east-1.amazonaws.com": "ecr-login",
+                "https://index.docker.io/v1/": "pass"}}"#,
+        )
+        .unwrap();
+        let read = read(&path).unwrap();
+        assert_eq!(
+            read.helper_for("123.dkr.ecr.us-east-1.amazonaws.com"),
+            Some("ecr-login")
+        );
+        assert_eq!(read.helper_for("docker.io"), Some("pass"));
+        assert_eq!(read.helper_for("ghcr.io"), None, "no credsStore");
     }
 
     #[test]

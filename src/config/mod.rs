@@ -22,7 +22,10 @@ mod units;
 mod validate;
 
 pub use args::{LogFormat, ServeArgs};
-pub use registries::{Credentials, RegistryConfig, DOCKER_HUB_URL};
+pub use registries::{
+    CredentialHelper, Credentials, RegistryConfig, DEFAULT_CREDENTIAL_HELPER_TIMEOUT,
+    DEFAULT_CREDENTIAL_TTL, DOCKER_HUB_URL,
+};
 pub use units::{parse_duration, parse_size};
 
 use crate::reference::{ImageRef, DOCKER_HUB};
@@ -548,6 +551,26 @@ impl fmt::Display for Config {
                 Some(Credentials::Identity { .. }) => "identity token <redacted>".to_owned(),
             };
             writeln!(f, "  credentials = {credentials}")?;
+            if let Some(helper) = &registry.helper {
+                writeln!(
+                    f,
+                    "  credential_helper = {} ({}, ttl {}, timeout {})",
+                    helper.name,
+                    helper.program.display(),
+                    dur(helper.ttl),
+                    dur(helper.timeout)
+                )?;
+            }
+            if let Some(helper) = &registry.helper {
+                writeln!(
+                    f,
+                    "  credential_helper = {} ({}, ttl {}, timeout {})",
+                    helper.name,
+                    helper.program.display(),
+                    dur(helper.ttl),
+                    dur(helper.timeout)
+                )?;
+            }
         }
         Ok(())
     }

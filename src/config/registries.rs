@@ -3,7 +3,11 @@
 //! validated into where each host is reached, its tag TTL and the
 //! credentials hoard presents to it. Secrets are read from their files here,
 //! and hosts without credentials take them from a Docker config.json
-//! (docker.rs). The credentials never show in `Debug`.
+//! (docker.rs). A registry may name a Docker credential helper instead
+//! (its own `credential_helper`, or the config.json's `credHelpers` and
+//! `credsStore`); the helper binary is looked up on `PATH` here, so a
+//! missing one stops start-up, and `upstream::helper` runs it. The
+//! credentials never show in `Debug`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +46,30 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// How long a helper's answer is used before the helper runs again when
+/// nothing was refused: helpers give no expiry, GCP access tokens last an
+/// hour and ECR's 12 hours, so a bit under the shortest.
+pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(45 * 60);
+/// How long a helper may run before it is killed.
+pub const DEFAULT_CREDENTIAL_HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Docker credential helper (`docker-credential-NAME get`) that hands
+/// out this registry's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialHelper {
+    /// `NAME` of `docker-credential-NAME` (`ecr-login`, `gcr`, ...).
+    pub name: String,
+    /// The binary found on `PATH` at start-up.
+    pub program: PathBuf,
+    /// What goes on the helper's standard input: the registry host, or
+    /// `https://index.docker.io/v1/` for Docker Hub, as the docker CLI sends.
+    pub server: String,
+    /// The answer is used this long unless the registry refuses it first.
+    pub ttl: Duration,
+    /// A helper still running after this is killed.
+    pub timeout: Duration,
+}
+
 /// How to reach one upstream registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryConfig {
@@ -49,6 +77,8 @@ pub struct RegistryConfig {
     pub url: reqwest::Url,
     /// Credentials for this registry, if any.
     pub credentials: Option<Credentials>,
+    /// The helper that supplies credentials instead, if any.
+    pub helper: Option<CredentialHelper>,
 }
 
 /// One `[registries."HOST"]` table, or what a flag or the environment says
@@ -64,6 +94,10 @@ pub(super) struct RawRegistry {
     pub password_file: Option<PathBuf>,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// `NAME` of a `docker-credential-NAME` helper on `PATH`.
+    pub credential_helper: Option<String>,
+    pub credential_ttl: Option<String>,
+    pub credential_helper_timeout: Option<String>,
 }
 
 impl RawRegistry {
@@ -94,6 +128,11 @@ impl RawRegistry {
             password_file,
             token,
             token_file,
+            credential_helper: later.credential_helper.or(self.credential_helper),
+            credential_ttl: later.credential_ttl.or(self.credential_ttl),
+            credential_helper_timeout: later
+                .credential_helper_timeout
+                .or(self.credential_helper_timeout),
         }
     }
 }
@@ -131,7 +170,8 @@ pub(super) fn from_upstream_flags(mappings: &[String]) -> Result<BTreeMap<String
 }
 
 /// `HOARD_REGISTRY_<HOST>_{URL,TAG_TTL,USERNAME,PASSWORD,PASSWORD_FILE,
-/// TOKEN,TOKEN_FILE}` for each of `hosts`, the host upper-cased with `.`,
+/// TOKEN,TOKEN_FILE,CREDENTIAL_HELPER,CREDENTIAL_TTL,
+/// CREDENTIAL_HELPER_TIMEOUT}` for each of `hosts`, the host upper-cased with `.`,
 /// `-`, `:` as `_` (e.g. `HOARD_REGISTRY_DOCKER_IO_PASSWORD`). The names
 /// only make sense for hosts configured somewhere.
 pub(super) fn from_env<'a>(
@@ -153,6 +193,9 @@ pub(super) fn from_env<'a>(
             password_file: get("PASSWORD_FILE").map(PathBuf::from),
             token: get("TOKEN"),
             token_file: get("TOKEN_FILE").map(PathBuf::from),
+            credential_helper: get("CREDENTIAL_HELPER"),
+            credential_ttl: get("CREDENTIAL_TTL"),
+            credential_helper_timeout: get("CREDENTIAL_HELPER_TIMEOUT"),
         };
         if raw != RawRegistry::default() {
             registries.insert(host.to_owned(), raw);
@@ -163,8 +206,9 @@ pub(super) fn from_env<'a>(
 
 /// The validated registries (`docker.io` always among them) and the tag
 /// TTLs, `tag_ttl` where a registry sets none. Registries without
-/// credentials of their own take those of `docker_config` (a Docker
-/// config.json), if given.
+/// credentials or helper of their own take those of `docker_config` (a
+/// Docker config.json), if given: its `credHelpers` entry for the host,
+/// else its `credsStore`, else its `auths` entry, as the docker CLI does.
 pub(super) fn validate(
     mut raw: BTreeMap<String, RawRegistry>,
     tag_ttl: Duration,
@@ -173,7 +217,7 @@ pub(super) fn validate(
     raw.entry(DOCKER_HUB.to_owned()).or_default();
     let docker = match docker_config {
         Some(path) => docker::read(path).map_err(|e| invalid("upstream.docker_config", e))?,
-        None => BTreeMap::new(),
+        None => docker::DockerCredentials::default(),
     };
     let mut registries = BTreeMap::new();
     let mut tag_ttls = TagTtl {
@@ -193,11 +237,51 @@ pub(super) fn validate(
             let ttl = parse_duration(ttl).map_err(|m| invalid(format!("{key}.tag_ttl"), m))?;
             tag_ttls.registries.insert(host.clone(), ttl);
         }
-        let credentials = match credentials(&key, raw)? {
-            Some(credentials) => Some(credentials),
-            None => docker.get(&host).cloned(),
+        let ttl = match &raw.credential_ttl {
+            Some(t) => {
+                parse_duration(t).map_err(|m| invalid(format!("{key}.credential_ttl"), m))?
+            }
+            None => DEFAULT_CREDENTIAL_TTL,
         };
-        registries.insert(host, RegistryConfig { url, credentials });
+        let timeout = match &raw.credential_helper_timeout {
+            Some(t) => parse_duration(t)
+                .map_err(|m| invalid(format!("{key}.credential_helper_timeout"), m))?,
+            None => DEFAULT_CREDENTIAL_HELPER_TIMEOUT,
+        };
+        let own_helper = raw.credential_helper.clone();
+        let own = credentials(&key, raw)?;
+        if own.is_some() && own_helper.is_some() {
+            return Err(invalid(
+                &key,
+                "credential_helper and username/password/token are exclusive",
+            ));
+        }
+        let (credentials, helper_name, helper_key) = match (own, own_helper) {
+            (Some(own), _) => (Some(own), None, String::new()),
+            (None, Some(name)) => (None, Some(name), format!("{key}.credential_helper")),
+            (None, None) => match docker.helper_for(&host) {
+                Some(name) => (None, Some(name.to_owned()), "upstream.docker_config".into()),
+                None => (docker.auths.get(&host).cloned(), None, String::new()),
+            },
+        };
+        let helper = match helper_name {
+            Some(name) => Some(CredentialHelper {
+                program: find_helper(&helper_key, &name, std::env::var_os("PATH"))?,
+                name,
+                server: helper_server(&host),
+                ttl,
+                timeout,
+            }),
+            None => None,
+        };
+        registries.insert(
+            host,
+            RegistryConfig {
+                url,
+                credentials,
+                helper,
+            },
+        );
     }
     Ok((registries, tag_ttls))
 }
@@ -220,6 +304,36 @@ fn credentials(key: &str, raw: RawRegistry) -> Result<Option<Credentials>> {
         }
         (None, None, None) => Ok(None),
         _ => Err(invalid(key, "username and password go together")),
+    }
+}
+
+/// `docker-credential-NAME` in the first `PATH` folder that has it as an
+/// executable file. Looked up once at start-up: a missing helper is a
+/// configuration error, not a failure at the first pull.
+fn find_helper(key: &str, name: &str, path: Option<std::ffi::OsString>) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if name.is_empty() || name.contains(['/', '\\']) || name.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            key,
+            format!("{name:?} is not a credential helper name"),
+        ));
+    }
+    let binary = format!("docker-credential-{name}");
+    let found = path.iter().flat_map(std::env::split_paths).find_map(|dir| {
+        let candidate = dir.join(&binary);
+        let meta = std::fs::metadata(&candidate).ok()?;
+        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+    });
+    found.ok_or_else(|| invalid(key, format!("credential helper {binary} is not on PATH")))
+}
+
+/// The server name a helper is asked about: what `docker login` stores
+/// credentials under (the docker CLI's `registry.IndexServer` for Hub).
+fn helper_server(host: &str) -> String {
+    if host == DOCKER_HUB {
+        "https://index.docker.io/v1/".to_owned()
+    } else {
+        host.to_owned()
     }
 }
 
@@ -296,6 +410,36 @@ mod tests {
             credentials("k", merged).unwrap(),
             Some(Credentials::Bearer("t".into()))
         );
+    }
+
+    #[test]
+    fn a_helper_is_the_first_executable_of_its_name_on_path() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let write = |dir: &Path, mode: u32| {
+            let path = dir.join("docker-credential-x");
+            std::fs::write(&path, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        write(a.path(), 0o644);
+        let found = write(b.path(), 0o755);
+        let path = std::env::join_paths([a.path(), b.path()]).unwrap();
+        assert_eq!(find_helper("k", "x", Some(path.clone())).unwrap(), found);
+        let e = find_helper("k", "y", Some(path.clone())).unwrap_err();
+        assert!(
+            e.to_string().contains("docker-credential-y is not on PATH"),
+            "{e}"
+        );
+        for bad in ["", "../x", "a b"] {
+            assert!(
+                find_helper("k", bad, Some(path.clone())).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(find_helper("k", "x", None).is_err());
+        assert_eq!(helper_server("docker.io"), "https://index.docker.io/v1/");
+        assert_eq!(helper_server("ghcr.io"), "ghcr.io");
     }
 
     #[test]

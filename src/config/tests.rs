@@ -932,3 +932,79 @@ fn issue_13_peers_need_a_bucket_and_this_replica_s_url() {
         }
     }
 }
+
+#[test]
+fn issue_15_a_missing_credential_helper_stops_start_up() {
+    let e = from_file("[registries.\"ghcr.io\"]\ncredential_helper = \"hoard-test-absent\"\n")
+        .unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("registries.\"ghcr.io\".credential_helper")
+            && e.contains("docker-credential-hoard-test-absent is not on PATH"),
+        "{e}"
+    );
+    // The same from a config.json's credsStore (it covers docker.io).
+    let dir = tempfile::tempdir().unwrap();
+    let docker = dir.path().join("config.json");
+    std::fs::write(&docker, r#"{"credsStore": "hoard-test-absent"}"#).unwrap();
+    let args = ServeArgs {
+        docker_config: Some(docker),
+        ..ServeArgs::default()
+    };
+    let e = Config::load(&args, []).unwrap_err().to_string();
+    assert!(
+        e.contains("upstream.docker_config") && e.contains("docker-credential-hoard-test-absent"),
+        "{e}"
+    );
+}
+
+#[test]
+fn issue_15_a_credential_helper_excludes_a_login_and_its_durations_are_checked() {
+    let e = from_file(
+        "[registries.\"ghcr.io\"]\ncredential_helper = \"x\"\nusername = \"u\"\npassword = \"p\"\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("exclusive"), "{e}");
+    let e = from_env(&[
+        ("HOARD_REGISTRY_DOCKER_IO_CREDENTIAL_HELPER", "x"),
+        ("HOARD_REGISTRY_DOCKER_IO_CREDENTIAL_TTL", "soon"),
+    ])
+    .unwrap_err();
+    assert!(e.to_string().contains("credential_ttl"), "{e}");
+}
+
+#[test]
+fn issue_15_the_readme_cloud_examples_use_real_keys() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("## Private registries and cloud credentials")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 5, "ECR, Artifact Registry, ACR, GHCR, Quay");
+    let dir = tempfile::tempdir().unwrap();
+    for block in blocks {
+        // The secrets the examples name, so that only a helper missing on
+        // this machine can stop them.
+        let mut text = block.to_owned();
+        for line in block.lines() {
+            if let Some(path) = line.strip_prefix("password_file = ") {
+                let file = dir.path().join(path.trim_matches('"').replace('/', "_"));
+                std::fs::write(&file, "secret").unwrap();
+                text = text.replace(path, &format!("{:?}", file.display().to_string()));
+            }
+        }
+        match from_file(&text) {
+            Ok(_) => {}
+            Err(e) => assert!(e.to_string().contains("is not on PATH"), "{block}: {e}"),
+        }
+    }
+}

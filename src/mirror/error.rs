@@ -97,6 +97,8 @@ impl Error {
             U::Connect { cause, .. } => UpstreamFailure::Unreachable(*cause),
             U::Status { .. }
             | U::Token { .. }
+            | U::TokenRefused { .. }
+            | U::CredentialHelper { .. }
             | U::Body { .. }
             | U::Redirects { .. }
             | U::BadResponse { .. }
@@ -193,6 +195,21 @@ mod tests {
                 upstream::Error::Token {
                     registry: reg(),
                     message: "x".into(),
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::TokenRefused {
+                    registry: reg(),
+                    status: 401,
+                },
+                UpstreamFailure::Unavailable,
+            ),
+            (
+                upstream::Error::CredentialHelper {
+                    registry: reg(),
+                    helper: "ecr-login".into(),
+                    message: "timed out after 10s, killed".into(),
                 },
                 UpstreamFailure::Unavailable,
             ),

@@ -325,6 +325,12 @@ async fn fetch_token(
             },
             None => token_error(super::cause::describe(e)),
         })?;
+    if matches!(response.status().as_u16(), 401 | 403) {
+        return Err(Error::TokenRefused {
+            registry: registry.to_owned(),
+            status: response.status().as_u16(),
+        });
+    }
     if !response.status().is_success() {
         return Err(token_error(format!(
             "status {}",

@@ -56,6 +56,17 @@ pub enum Error {
     Refused { registry: String, rule: super::Rule },
     #[error("{registry}: token endpoint failed: {message}")]
     Token { registry: String, message: String },
+    /// The token endpoint answered 401 or 403: the credentials were refused
+    /// (a credential helper's answer is then fetched again).
+    #[error("{registry}: token endpoint refused the credentials (status {status})")]
+    TokenRefused { registry: String, status: u16 },
+    /// A credential helper failed; the message never holds its output.
+    #[error("{registry}: credential helper docker-credential-{helper} {message}")]
+    CredentialHelper {
+        registry: String,
+        helper: String,
+        message: String,
+    },
     #[error("{registry}: manifest larger than {limit} bytes")]
     ManifestTooLarge { registry: String, limit: u64 },
     #[error("{registry}: body failed: {message}")]
@@ -86,7 +97,9 @@ impl Error {
             | Error::Connect { .. }
             | Error::Body { .. }
             | Error::CircuitOpen { .. }
-            | Error::Token { .. } => true,
+            | Error::Token { .. }
+            | Error::TokenRefused { .. }
+            | Error::CredentialHelper { .. } => true,
             _ => false,
         }
     }

@@ -10,6 +10,7 @@ mod cause;
 mod error;
 mod guard;
 mod health;
+mod helper;
 mod partial;
 mod ratelimit;
 mod referrers;
@@ -127,6 +128,7 @@ pub struct Client {
     registries: BTreeMap<String, RegistryConfig>,
     allow_any_upstream: bool,
     auth: auth::Authenticator,
+    helpers: helper::Helpers,
     metrics: Arc<Metrics>,
     response_timeout: Duration,
     stall_timeout: Duration,
@@ -166,6 +168,7 @@ impl Client {
             registries: config.registries.clone(),
             allow_any_upstream: config.allow_any,
             auth: auth::Authenticator::default(),
+            helpers: helper::Helpers::new(&config.registries, metrics.clone()),
             metrics,
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
@@ -458,11 +461,21 @@ impl Client {
                 message: format!("cannot build url: {e}"),
             })?;
         let scope = format!("repository:{}:pull", repo.name());
+        // A registry with a credential helper uses its answer; refused once,
+        // the helper runs again and the request is retried once.
+        let mut lease = self.helpers.lease(registry).await?;
+        let mut refreshed = false;
         let mut authorization = self
-            .auth
-            .prepare(http, registry, credentials, &scope)
-            .await
-            .map_err(|e| self.tally(e))?;
+            .authorize(
+                http,
+                registry,
+                &scope,
+                None,
+                credentials,
+                &mut lease,
+                &mut refreshed,
+            )
+            .await?;
         let mut answered = false;
         loop {
             let sent = self
@@ -478,6 +491,29 @@ impl Client {
                 .await;
             let response = self.judge(registry, sent)?;
             let status = response.status();
+            let refused =
+                (status == StatusCode::UNAUTHORIZED && answered) || status == StatusCode::FORBIDDEN;
+            if refused && !refreshed {
+                if let Some(refused_lease) = &lease {
+                    self.helpers.refuse(registry, refused_lease).await;
+                    lease = self.helpers.lease(registry).await?;
+                    refreshed = true;
+                    self.auth.forget(registry, &scope);
+                    authorization = self
+                        .authorize(
+                            http,
+                            registry,
+                            &scope,
+                            None,
+                            credentials,
+                            &mut lease,
+                            &mut refreshed,
+                        )
+                        .await?;
+                    answered = false;
+                    continue;
+                }
+            }
             if status == StatusCode::UNAUTHORIZED && !answered {
                 let challenge = response
                     .headers()
@@ -490,12 +526,17 @@ impl Client {
                         self.check_realm(registry, &challenge)?;
                     }
                     self.auth.forget(registry, &scope);
-                    authorization = Some(
-                        self.auth
-                            .answer(http, registry, credentials, &challenge, &scope)
-                            .await
-                            .map_err(|e| self.tally(e))?,
-                    );
+                    authorization = self
+                        .authorize(
+                            http,
+                            registry,
+                            &scope,
+                            Some(&challenge),
+                            credentials,
+                            &mut lease,
+                            &mut refreshed,
+                        )
+                        .await?;
                     answered = true;
                     continue;
                 }
@@ -504,6 +545,43 @@ impl Client {
                 return Ok(response);
             }
             return Err(self.status_error(registry, response).await);
+        }
+    }
+
+    /// The authorization for `scope`: an answer to `challenge`, or what
+    /// `auth` has before any. Credentials come from the helper's `lease` if
+    /// the registry has a helper; a token endpoint that refuses them makes
+    /// the helper run again once (`refreshed`).
+    #[allow(clippy::too_many_arguments)]
+    async fn authorize(
+        &self,
+        http: &reqwest::Client,
+        registry: &str,
+        scope: &str,
+        challenge: Option<&Challenge>,
+        configured: Option<&Credentials>,
+        lease: &mut Option<helper::Lease>,
+        refreshed: &mut bool,
+    ) -> Result<Option<auth::Authorization>> {
+        loop {
+            let credentials = helper::pick(lease.as_ref(), configured);
+            let result = match challenge {
+                Some(challenge) => self
+                    .auth
+                    .answer(http, registry, credentials, challenge, scope)
+                    .await
+                    .map(Some),
+                None => self.auth.prepare(http, registry, credentials, scope).await,
+            }
+            .map_err(|e| self.tally(e));
+            match (result, lease.as_ref()) {
+                (Err(Error::TokenRefused { .. }), Some(refused)) if !*refreshed => {
+                    self.helpers.refuse(registry, refused).await;
+                    *lease = self.helpers.lease(registry).await?;
+                    *refreshed = true;
+                }
+                (result, _) => return result,
+            }
         }
     }
 

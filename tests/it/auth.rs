@@ -153,3 +153,125 @@ async fn docker_config_json_credentials_and_identity_tokens() {
     assert_eq!(posts.len(), 1, "one exchange, then the token is cached");
     assert!(posts[0].contains("grant_type=refresh_token"), "{posts:?}");
 }
+
+/// A `docker-credential-it` script in `dir` that counts its runs and answers
+/// `bot` with the password in `dir/password`.
+fn scripted_helper(dir: &std::path::Path) -> hoard::config::CredentialHelper {
+    use std::os::unix::fs::PermissionsExt as _;
+    let program = dir.join("docker-credential-it");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\nread server\necho run >> {runs}\nprintf '{{\"Username\":\"bot\",\"Secret\":\"%s\"}}' \"$(cat {pw})\"\n",
+            runs = dir.join("runs").display(),
+            pw = dir.join("password").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    hoard::config::CredentialHelper {
+        name: "it".into(),
+        program,
+        server: "https://index.docker.io/v1/".into(),
+        ttl: std::time::Duration::from_secs(3600),
+        timeout: std::time::Duration::from_secs(10),
+    }
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
+}
+
+#[tokio::test]
+async fn issue_15_credentials_the_token_endpoint_refuses_are_fetched_again_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "old").unwrap();
+    let helper = scripted_helper(dir.path());
+    let runs = || {
+        std::fs::read_to_string(dir.path().join("runs"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let fake = Fake::start().await;
+    fake.require_token("tok-old", Some(&basic("bot", "old")));
+    fake.put_image("library/private", "1", b"p1");
+    fake.put_image("library/private", "2", b"p2");
+    fake.put_image("library/private", "3", b"p3");
+    let hoard = Hoard::start_with_config(&fake.url(), |config| {
+        config
+            .upstream
+            .registries
+            .get_mut("docker.io")
+            .unwrap()
+            .helper = Some(helper);
+    })
+    .await;
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
+    assert_eq!(runs(), 1);
+
+    // Rotated: the old token and password are refused; the helper now
+    // hands out the new password.
+    fake.require_token("tok-new", Some(&basic("bot", "new")));
+    std::fs::write(dir.path().join("password"), "new").unwrap();
+    assert_eq!(hoard.status("/v2/private/manifests/2").await, 200);
+    assert_eq!(runs(), 2, "the token endpoint's 401 ran the helper again");
+    assert_eq!(hoard.status("/v2/private/manifests/3").await, 200);
+    assert_eq!(runs(), 2, "and its answer is kept");
+
+    // A helper that keeps handing out a refused password: the requests
+    // fail, and its answer (itself fetched after a refusal) is kept a while
+    // rather than fetched again for each of them.
+    fake.require_token("tok-newer", Some(&basic("bot", "newer")));
+    fake.put_image("library/private", "4", b"p4");
+    fake.put_image("library/private", "5", b"p5");
+    assert_eq!(hoard.status("/v2/private/manifests/4").await / 100, 5);
+    assert_eq!(hoard.status("/v2/private/manifests/5").await / 100, 5);
+    assert_eq!(runs(), 2);
+}
+
+#[tokio::test]
+async fn issue_15_a_registry_403_runs_the_helper_again_once_and_not_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "pw").unwrap();
+    let helper = scripted_helper(dir.path());
+    let runs = || {
+        std::fs::read_to_string(dir.path().join("runs"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let fake = Fake::start().await;
+    fake.require_token("tok", Some(&basic("bot", "pw")));
+    for tag in ["1", "2", "3"] {
+        fake.put_image("library/private", tag, tag.as_bytes());
+    }
+    let hoard = Hoard::start_with_config(&fake.url(), |config| {
+        config
+            .upstream
+            .registries
+            .get_mut("docker.io")
+            .unwrap()
+            .helper = Some(helper);
+    })
+    .await;
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
+    assert_eq!(runs(), 1);
+    fake.fault("manifests/2", crate::fake::Fault::Status(403, None));
+    fake.fault("manifests/3", crate::fake::Fault::Status(403, None));
+    // The 403 may mean rotated credentials: one new run, one retry, then
+    // the denial stands.
+    let before = fake.hits("GET", "/v2/library/private/manifests/2");
+    assert_eq!(hoard.status("/v2/private/manifests/2").await, 403);
+    assert_eq!(runs(), 2);
+    assert_eq!(
+        fake.hits("GET", "/v2/library/private/manifests/2") - before,
+        2
+    );
+    // The answer fetched after that refusal is kept: a repository the
+    // credentials may not read does not run the helper per request.
+    assert_eq!(hoard.status("/v2/private/manifests/3").await, 403);
+    assert_eq!(runs(), 2);
+}

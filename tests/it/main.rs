@@ -138,6 +138,25 @@ impl Hoard {
         bucket: Option<std::sync::Arc<hoard::store::Bucket>>,
         listener: Option<tokio::net::TcpListener>,
     ) -> Hoard {
+        Hoard::start_configured(data, upstream, extra, tweak, |_| {}, bucket, listener).await
+    }
+
+    /// Like `start`, with the loaded `Config` changed by `configure` (what
+    /// no flag can say, such as a credential helper outside `PATH`).
+    pub async fn start_with_config(upstream: &str, configure: impl FnOnce(&mut Config)) -> Hoard {
+        let data = tempfile::tempdir().unwrap();
+        Hoard::start_configured(data, upstream, &[], |_| {}, configure, None, None).await
+    }
+
+    async fn start_configured(
+        data: tempfile::TempDir,
+        upstream: &str,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut ServeArgs),
+        configure: impl FnOnce(&mut Config),
+        bucket: Option<std::sync::Arc<hoard::store::Bucket>>,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Hoard {
         let mut upstreams = vec![format!("docker.io={upstream}")];
         upstreams.extend(extra.iter().map(|s| s.to_string()));
         let mut args = ServeArgs {
@@ -153,7 +172,8 @@ impl Hoard {
         let plain_listener = bind_if_asked(&mut args.plain_listen).await;
         let args_admin = args.admin_listen;
         let args_plain = args.plain_listen;
-        let config = Config::load(&args, []).unwrap();
+        let mut config = Config::load(&args, []).unwrap();
+        configure(&mut config);
         let daemon = hoard::Daemon::open_with(config, bucket).await.unwrap();
         let metrics = daemon.metrics();
         let listener = match listener {

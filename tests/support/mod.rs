@@ -464,27 +464,47 @@ impl Drop for Daemon {
 pub struct Distribution {
     pub daemon: Daemon,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Distribution {
     pub fn start() -> Distribution {
-        let bin = require_tool("docker-registry");
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("config.yml");
+        let mut distribution = Distribution::start_in(dir.path(), None);
+        distribution._dir = Some(dir);
+        distribution
+    }
+
+    /// Distribution over the storage in `dir` (kept by the caller, so a
+    /// restart finds its images), on a port of its own choosing, with
+    /// htpasswd (bcrypt) basic auth when `htpasswd` is given. Distribution
+    /// 2.8 reads the htpasswd file once, at start: a new password needs a
+    /// restart, on a new port (a `Relay` keeps one address for clients).
+    pub fn start_in(dir: &Path, htpasswd: Option<&Path>) -> Distribution {
+        let bin = require_tool("docker-registry");
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = dir.join(format!("config-{n}.yml"));
+        let auth = match htpasswd {
+            Some(path) => format!(
+                "auth:\n  htpasswd:\n    realm: hoard-test\n    path: {}\n",
+                path.display()
+            ),
+            None => String::new(),
+        };
         // Port 0: distribution binds it and logs "listening on ADDR" (info).
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\nlog:\n  level: info\n  accesslog:\n    disabled: false\n",
-                dir.path().join("data").display()
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\nlog:\n  level: info\n  accesslog:\n    disabled: false\n{auth}",
+                dir.join("data").display()
             ),
         )
         .unwrap();
         let mut daemon = Daemon::spawn(
             "docker-registry",
             Command::new(bin).arg("serve").arg(&config),
-            dir.path().join("registry.log"),
+            dir.join(format!("registry-{n}.log")),
         );
         let addr: std::net::SocketAddr = daemon.wait_for_line("listening on ", |rest| {
             rest.split(|c: char| c == '"' || c.is_whitespace())
@@ -496,7 +516,7 @@ impl Distribution {
         Distribution {
             daemon,
             port,
-            _dir: dir,
+            _dir: None,
         }
     }
 
@@ -923,5 +943,70 @@ impl Containerd {
 
     pub fn remove(&self, image: &str) {
         run(self.ctr().args(["images", "rm", "--sync", image]));
+    }
+}
+
+/// A TCP relay on a port held for its whole life, to a backend that can
+/// move: a daemon restarted on a new port stays at one address for its
+/// clients, and no port number is ever freed and bound again.
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    backend: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(backend: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = std::sync::Arc::new(std::sync::Mutex::new(backend));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (to, stopping) = (backend.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let target = *to.lock().unwrap();
+                std::thread::spawn(move || {
+                    let Ok(server) = std::net::TcpStream::connect(target) else {
+                        return;
+                    };
+                    let pipe = |mut from: std::net::TcpStream, mut into: std::net::TcpStream| {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    };
+                    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let back = std::thread::spawn(move || pipe(s2, c2));
+                    pipe(client, server);
+                    let _ = back.join();
+                });
+            }
+        });
+        Relay {
+            addr,
+            backend,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// New connections go to `backend` from now on.
+    pub fn point_to(&self, backend: std::net::SocketAddr) {
+        *self.backend.lock().unwrap() = backend;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so it sees the stop.
+        let _ = std::net::TcpStream::connect(self.addr);
     }
 }
