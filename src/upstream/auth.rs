@@ -325,6 +325,14 @@ async fn fetch_token(
             },
             None => token_error(super::cause::describe(e)),
         })?;
+    if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
+        // The login endpoint's own limit (Docker Hub has one): the client
+        // sees a 429 with its Retry-After, and the registry backs off.
+        return Err(Error::TooManyRequests {
+            registry: registry.to_owned(),
+            retry_after: super::ratelimit::retry_after(response.headers()),
+        });
+    }
     if matches!(response.status().as_u16(), 401 | 403) {
         return Err(Error::TokenRefused {
             registry: registry.to_owned(),

@@ -696,9 +696,24 @@ impl Client {
         }
     }
 
-    /// Counts a refusal the token exchange ran into (the guarded resolver
-    /// refused the realm's host name); other errors pass unchanged.
+    /// Accounts for what the token exchange ran into: a 429 (the login
+    /// endpoint's own limit: counted as `kind="login"` and backed off like
+    /// any 429) or a refusal (the guarded resolver refused the realm's
+    /// host name). The error passes unchanged.
     fn tally(&self, e: Error) -> Error {
+        if let Error::TooManyRequests {
+            registry,
+            retry_after,
+        } = &e
+        {
+            // Only the token endpoint answers here: its own (login) limit.
+            self.metrics
+                .upstream_throttled
+                .with_label_values(&[registry, "login"])
+                .inc();
+            self.health
+                .record(registry, health::Verdict::RateLimited(*retry_after));
+        }
         if let Error::Refused { registry, rule } = &e {
             tracing::warn!(
                 registry,

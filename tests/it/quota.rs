@@ -162,3 +162,25 @@ async fn issue_15_a_slow_token_endpoint_gets_the_client_a_503() {
     assert_eq!(r.status(), 503);
     assert_eq!(error_code(r).await, "UNAVAILABLE");
 }
+
+#[tokio::test]
+async fn issue_15_the_login_endpoints_own_limit_is_a_429_and_backed_off() {
+    let fake = Fake::start().await;
+    fake.put_image("library/private", "1", b"p");
+    fake.require_token("t0k3n", None);
+    fake.fault("/token", Fault::Status(429, Some(30)));
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let r = hoard.get("/v2/private/manifests/1").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "30");
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    assert_eq!(
+        hoard.metric("hoard_upstream_throttled_total{kind=\"login\",registry=\"docker.io\"}"),
+        1.0
+    );
+    // Backed off: the next request asks neither the registry nor the
+    // token endpoint.
+    let before = fake.all_hits().len();
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 429);
+    assert_eq!(fake.all_hits().len(), before);
+}
