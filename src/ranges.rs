@@ -83,8 +83,12 @@ impl Ranges {
         if resolved.is_empty() {
             return Err(RangeError::Unsatisfiable);
         }
-        let total: u64 = resolved.iter().map(|(start, end)| end - start).sum();
-        if resolved.len() > 1 && total > len {
+        // u128: 64 ranges of a huge length would overflow a u64.
+        let total: u128 = resolved
+            .iter()
+            .map(|(start, end)| u128::from(end - start))
+            .sum();
+        if resolved.len() > 1 && total > u128::from(len) {
             return Err(RangeError::TooMany);
         }
         Ok(resolved)
@@ -223,6 +227,11 @@ mod tests {
         assert_eq!(resolve("bytes=0-999,0-999", 1000), Err(RangeError::TooMany));
         // One range for all of it is fine.
         assert_eq!(resolve("bytes=0-999", 1000), Ok(vec![(0, 1000)]));
+        // Found by scripts/fuzz.sh: a huge length no longer overflows the sum.
+        assert_eq!(
+            resolve("bytes=0-,1-,2-", u64::MAX),
+            Err(RangeError::TooMany)
+        );
     }
 
     #[test]

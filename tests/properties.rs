@@ -85,7 +85,7 @@ proptest! {
                 prop_assert!(start < end && *end <= len, "{} of {} -> {}..{}", header, len, start, end);
             }
             if parts.len() > 1 {
-                prop_assert!(parts.iter().map(|(s, e)| e - s).sum::<u64>() <= len);
+                prop_assert!(parts.iter().map(|(s, e)| u128::from(e - s)).sum::<u128>() <= u128::from(len));
             }
         }
     }

@@ -561,16 +561,6 @@ impl fmt::Display for Config {
                     dur(helper.timeout)
                 )?;
             }
-            if let Some(helper) = &registry.helper {
-                writeln!(
-                    f,
-                    "  credential_helper = {} ({}, ttl {}, timeout {})",
-                    helper.name,
-                    helper.program.display(),
-                    dur(helper.ttl),
-                    dur(helper.timeout)
-                )?;
-            }
         }
         Ok(())
     }

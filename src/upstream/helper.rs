@@ -112,7 +112,14 @@ impl Helpers {
         };
         let mut state = slot.state.lock().await;
         if let Some((lease, at)) = &state.current {
-            if at.elapsed() < slot.config.ttl {
+            // "Not found" is kept only briefly: ecr-login says it for every
+            // failure (STS throttling, a pod identity not mounted yet), and
+            // a Basic registry refused no credentials never asks again.
+            let keep = match lease.credentials {
+                Some(_) => slot.config.ttl,
+                None => FAILURE_HOLD,
+            };
+            if at.elapsed() < keep {
                 return Ok(Some(lease.clone()));
             }
         }

@@ -23,9 +23,11 @@ impl Throttle {
     /// Tells the two apart: the pull limit says so in the registry error
     /// body or its headers; a bare 429 is the abuse limit.
     pub fn of(headers: &HeaderMap, envelope: Option<&Envelope>) -> Throttle {
+        // TOOMANYREQUESTS alone is the spec's code for any 429 (GHCR, Quay
+        // and ECR send it too): Docker Hub's pull limit names itself.
         let says_limit = envelope.is_some_and(|e| {
-            e.code.eq_ignore_ascii_case("TOOMANYREQUESTS")
-                || e.message.to_ascii_lowercase().contains("rate limit")
+            let message = e.message.to_ascii_lowercase();
+            message.contains("pull rate limit") || message.contains("increase-rate-limit")
         });
         let quota_spent = parse(headers, "ratelimit-remaining").is_some_and(|left| left <= 0);
         if says_limit || quota_spent {
@@ -123,5 +125,11 @@ mod tests {
             message: "slow down".into(),
         };
         assert_eq!(Throttle::of(&none, Some(&other)), Throttle::Abuse);
+        // The spec's code for any 429 (GHCR, Quay, ECR): not the quota.
+        let generic = Envelope {
+            code: "TOOMANYREQUESTS".into(),
+            message: "too many requests".into(),
+        };
+        assert_eq!(Throttle::of(&none, Some(&generic)), Throttle::Abuse);
     }
 }

@@ -104,19 +104,6 @@ async fn issue_15_a_refused_connection_says_so() {
 }
 
 #[tokio::test]
-async fn issue_15_an_unknown_name_says_the_lookup_failed() {
-    let fake = Fake::start().await;
-    let hoard = Hoard::start(&fake.url(), &[], |args| {
-        args.allow_any_upstream = Some(true);
-        args.connect_timeout = Some("5s".into());
-    })
-    .await;
-    let r = hoard.get("/v2/registry.invalid/app/manifests/1").await;
-    assert_eq!(r.status(), 502);
-    assert_eq!(error_body(r).await["detail"]["cause"], "dns lookup failed");
-}
-
-#[tokio::test]
 async fn issue_15_an_untrusted_certificate_says_why() {
     // The upstream is another hoard serving TLS with a certificate from a
     // CA the first one does not trust.
