@@ -113,8 +113,25 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Rule> {
         ))
         .or(Some(Rule::Reserved));
     }
+    let embedded =
+        |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    // Forms that carry an IPv4 address a gateway connects to: NAT64
+    // (64:ff9b::/96, RFC 6052; on IPv6-only clusters DNS64 hands these
+    // out for every v4 name), SIIT (::ffff:0:a.b.c.d, RFC 6145) and 6to4
+    // (2002:aabb:ccdd::/48, RFC 3056). They are as internal as the v4
+    // address inside.
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return classify_v4(embedded(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return classify_v4(embedded(s[1], s[2]));
+    }
     Some(match s[0] {
+        // Local-use NAT64 (64:ff9b:1::/48, RFC 8215): a site's own gateway.
+        0x64 if s[1] == 0xff9b && s[2] == 1 => Rule::Private,
         x if x & 0xfe00 == 0xfc00 => Rule::Private,
+        // Site-local (fec0::/10): deprecated, still routed inside sites.
+        x if x & 0xffc0 == 0xfec0 => Rule::Private,
         x if x & 0xffc0 == 0xfe80 => Rule::LinkLocal,
         x if x & 0xff00 == 0xff00 => Rule::Multicast,
         // 2001:db8::/32 documentation.
@@ -260,6 +277,23 @@ mod tests {
         ] {
             assert_eq!(rule(addr), expected, "{addr}");
         }
+    }
+
+    #[test]
+    fn ipv6_forms_carrying_an_internal_ipv4_address_are_refused() {
+        let rule = |a: &str| classify(a.parse().unwrap());
+        // NAT64 (RFC 6052): what DNS64 answers on IPv6-only clusters.
+        assert_eq!(rule("64:ff9b::a00:1"), Some(Rule::Private));
+        assert_eq!(rule("64:ff9b::7f00:1"), Some(Rule::Loopback));
+        assert_eq!(rule("64:ff9b::a9fe:a9fe"), Some(Rule::LinkLocal));
+        assert_eq!(rule("64:ff9b::808:808"), None, "a public v4 through NAT64");
+        // Local-use NAT64 (RFC 8215), site-local, SIIT and 6to4.
+        assert_eq!(rule("64:ff9b:1::a00:1"), Some(Rule::Private));
+        assert_eq!(rule("fec0::1"), Some(Rule::Private));
+        assert_eq!(rule("::ffff:0:a00:1"), Some(Rule::Private));
+        assert_eq!(rule("2002:a00:1::1"), Some(Rule::Private));
+        assert_eq!(rule("2002:a9fe:a9fe::1"), Some(Rule::LinkLocal));
+        assert_eq!(rule("2002:808:808::1"), None);
     }
 
     #[test]

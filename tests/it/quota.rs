@@ -88,6 +88,22 @@ async fn issue_15_pulls_answered_from_the_cache_are_counted_as_saved() {
     assert_eq!(hoard.head("/v2/app/manifests/1").await.status(), 200);
     assert_eq!(saved(), 2.0);
     assert_eq!(fake.hits("GET", "/manifests/"), 1);
+
+    // An index GET is free on Docker Hub (its image's GET is the pull):
+    // answered from the cache, it saves nothing.
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":1,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+    );
+    fake.put_manifest(
+        "library/app",
+        Some("multi"),
+        "application/vnd.oci.image.index.v1+json",
+        index.into_bytes(),
+    );
+    assert_eq!(get("/v2/app/manifests/multi".into()).await.status(), 200);
+    let again = get("/v2/app/manifests/multi".into()).await;
+    assert_eq!(again.headers()["x-hoard-cache"], "hit");
+    assert_eq!(saved(), 2.0);
 }
 
 #[tokio::test]
