@@ -21,11 +21,7 @@ use crate::mirror::{ByteStream, Outcome};
 pub fn json_response(body: impl Into<Bytes>, head: bool) -> Response<Body> {
     let body = body.into();
     let len = body.len();
-    let mut response = Response::new(if head {
-        Body::empty()
-    } else {
-        Body::full(body)
-    });
+    let mut response = Response::new(Body::unless_head(body, head));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -61,6 +57,16 @@ impl Body {
         Body {
             kind: Kind::Full(Some(bytes.into())),
             log: None,
+        }
+    }
+
+    /// `bytes`, or nothing for a `HEAD` (whose headers still say how long
+    /// the `GET` body is).
+    pub fn unless_head(bytes: impl Into<Bytes>, head: bool) -> Body {
+        if head {
+            Body::empty()
+        } else {
+            Body::full(bytes)
         }
     }
 

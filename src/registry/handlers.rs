@@ -205,11 +205,7 @@ fn meta(app: &App, method: &Method, route: Route) -> Response<Body> {
         Route::Metrics => (app.metrics.render(), "text/plain; version=0.0.4"),
         _ => ("ok\n".to_owned(), "text/plain"),
     };
-    let mut response = Response::new(if *method == Method::HEAD {
-        Body::empty()
-    } else {
-        Body::full(body)
-    });
+    let mut response = Response::new(Body::unless_head(body, *method == Method::HEAD));
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -476,13 +472,8 @@ async fn tags(app: &App, repo: &Repository, query: &str, path: &str, head: bool)
     if let Some(link) = list.link.as_deref().and_then(|l| rewrite_link(l, path)) {
         response = response.header(header::LINK, link);
     }
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::full(list.bytes)
-    };
     let response = response
-        .body(body)
+        .body(Body::unless_head(list.bytes, head))
         .map_err(|_| ApiError::new(Code::Unavailable, "invalid upstream tag list"))?;
     Ok((response, Some(outcome)))
 }

@@ -36,13 +36,8 @@ pub(super) async fn referrers(
         // include a header `OCI-Filters-Applied: artifactType`".
         response = response.header("oci-filters-applied", "artifactType");
     }
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::full(list.bytes)
-    };
     let response = response
-        .body(body)
+        .body(Body::unless_head(list.bytes, head))
         .map_err(|_| ApiError::new(Code::Unknown, "invalid referrers response"))?;
     Ok((response, Some(outcome)))
 }
