@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -82,9 +81,7 @@ printf '{{"ServerURL":"%s","Username":"{USER}","Secret":"%s"}}\n' "$server" "$(c
     }
 
     fn script(&self, name: &str, body: &str) {
-        let path = self.bin().join(format!("docker-credential-{name}"));
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        credential_helper(&self.bin(), name, body);
     }
 
     fn set_password(&self, password: &str) {

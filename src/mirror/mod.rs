@@ -282,6 +282,11 @@ impl Mirror {
         Ok((len, outcome))
     }
 
+    /// `registry` as a metric label (bounded: see `upstream::Client::label`).
+    pub fn registry_label<'a>(&self, registry: &'a str) -> &'a str {
+        self.shared.upstream.label(registry)
+    }
+
     /// When upstream last confirmed `repo:tag` (unix ms), as recorded here:
     /// what a replica tells the replica it served the tag to.
     pub fn tag_checked_at(&self, repo: &Repository, tag: &str) -> Option<u64> {

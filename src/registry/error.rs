@@ -239,11 +239,23 @@ impl From<UpstreamFailure> for ApiError {
                 ApiError::new(Code::UpstreamTimeout, "upstream registry timed out")
             }
             UpstreamFailure::Down => ApiError::new(Code::UpstreamDown, "upstream registry is down"),
-            UpstreamFailure::Refused(rule) => ApiError::new(
-                Code::Denied,
-                format!("destination not allowed: {}", rule.describe()),
-            )
-            .with_detail(json!({ "rule": rule.as_str() })),
+            // The client learns whether the port or the address refused,
+            // not which range the address is in (loopback, private, link
+            // local): that would map the office's internal DNS for anyone
+            // who asks. The operator's log and metric name the range.
+            UpstreamFailure::Refused(rule) => {
+                let (kind, message) = match rule {
+                    crate::upstream::Rule::Port => (
+                        "port",
+                        "destination not allowed: port not allowed for registries that are not configured",
+                    ),
+                    _ => (
+                        "address",
+                        "destination not allowed: the registry does not resolve to a public address",
+                    ),
+                };
+                ApiError::new(Code::Denied, message).with_detail(json!({ "rule": kind }))
+            }
             UpstreamFailure::Unreachable(cause) => {
                 ApiError::new(Code::Unavailable, "upstream registry unreachable")
                     .with_detail(json!({ "cause": cause.as_str() }))
@@ -486,12 +498,18 @@ mod tests {
             ApiError::from(UpstreamFailure::RateLimited(nine)).retry_after,
             nine
         );
-        let refused = ApiError::from(UpstreamFailure::Refused(crate::upstream::Rule::Loopback));
-        assert_eq!(
-            refused.message,
-            "destination not allowed: resolves to a loopback address"
-        );
-        assert_eq!(refused.detail["rule"], "loopback");
+        for rule in [
+            crate::upstream::Rule::Loopback,
+            crate::upstream::Rule::Private,
+            crate::upstream::Rule::LinkLocal,
+        ] {
+            let refused = ApiError::from(UpstreamFailure::Refused(rule));
+            assert_eq!(
+                refused.message,
+                "destination not allowed: the registry does not resolve to a public address"
+            );
+            assert_eq!(refused.detail["rule"], "address");
+        }
         let unreachable = ApiError::from(UpstreamFailure::Unreachable(
             crate::upstream::Cause::Refused,
         ));

@@ -239,7 +239,7 @@ async fn manifest(
         // GET before it is free, a HEAD always is): this one never left.
         app.metrics
             .pulls_saved
-            .with_label_values(&[repo.registry()])
+            .with_label_values(&[app.mirror.registry_label(repo.registry())])
             .inc();
     }
     let etag = format!("\"{}\"", manifest.digest);

@@ -60,6 +60,16 @@ impl Challenge {
     }
 }
 
+/// Whether a 401's challenge says the token lacks the scope
+/// (`error="insufficient_scope"`, RFC 6750 §3.1): the repository does not
+/// exist or the login may not read it, not a refused login.
+pub fn insufficient_scope(header: &str) -> bool {
+    let (_, rest) = header.trim().split_once(' ').unwrap_or(("", ""));
+    parse_params(rest)
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("error") && v == "insufficient_scope")
+}
+
 /// `key=value` and `key="quoted, \"escaped\""` pairs separated by commas.
 fn parse_params(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -211,21 +221,20 @@ impl Authenticator {
             .lock()
             .insert(registry.to_owned(), challenge.clone());
         let (auth, lifetime) = match challenge {
-            Challenge::Basic => match credentials {
-                Some(Credentials::Basic { username, password }) => (
-                    Authorization::Basic {
+            // Made from the credentials each time, never cached: a helper's
+            // new answer (its TTL ran out) is used at once.
+            Challenge::Basic => {
+                return match credentials {
+                    Some(Credentials::Basic { username, password }) => Ok(Authorization::Basic {
                         username: username.clone(),
                         password: password.clone(),
-                    },
-                    Duration::from_secs(3600),
-                ),
-                _ => {
-                    return Err(Error::Unauthorized {
+                    }),
+                    _ => Err(Error::Unauthorized {
                         registry: registry.to_owned(),
                         envelope: None,
-                    })
+                    }),
                 }
-            },
+            }
             Challenge::Bearer { realm, service, .. } => {
                 fetch_token(
                     http,
@@ -323,7 +332,13 @@ async fn fetch_token(
                 registry: registry.to_owned(),
                 rule,
             },
-            None => token_error(super::cause::describe(e)),
+            // Named like the registry's own connection failures, so the
+            // client's error says why (`detail.cause`).
+            None => Error::Connect {
+                registry: registry.to_owned(),
+                cause: super::cause::classify(&e),
+                message: format!("token endpoint: {}", super::cause::describe(e)),
+            },
         })?;
     if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
         // The login endpoint's own limit (Docker Hub has one): the client
@@ -416,32 +431,53 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn answers_are_cached_per_scope_until_forgotten() {
+    async fn basic_answers_follow_the_credentials_of_each_request() {
         let auth = Authenticator::default();
         let http = reqwest::Client::new();
-        let creds = Credentials::Basic {
+        let login = |password: &str| Credentials::Basic {
             username: "u".into(),
-            password: "p".into(),
+            password: password.into(),
         };
-        auth.answer(&http, "r", Some(&creds), &Challenge::Basic, "s1")
+        let old = auth
+            .answer(&http, "r", Some(&login("old")), &Challenge::Basic, "s1")
             .await
             .unwrap();
-        assert!(auth.cached("r", "s1").is_some());
-        assert!(auth.cached("r", "s2").is_none());
-        // A new scope is answered from the remembered challenge, before any 401.
-        assert!(auth
-            .prepare(&http, "r", Some(&creds), "s2")
-            .await
-            .unwrap()
-            .is_some());
-        auth.forget("r", "s1");
+        assert_eq!(
+            old,
+            Authorization::Basic {
+                username: "u".into(),
+                password: "old".into()
+            }
+        );
+        // Nothing cached: a new password (a helper's next answer) is sent at
+        // once, for a new scope too, from the remembered challenge.
         assert!(auth.cached("r", "s1").is_none());
+        for scope in ["s1", "s2"] {
+            let new = auth
+                .prepare(&http, "r", Some(&login("new")), scope)
+                .await
+                .unwrap();
+            assert!(
+                matches!(new, Some(Authorization::Basic { password, .. }) if password == "new")
+            );
+        }
         // Basic without credentials cannot be answered.
         let err = auth
             .answer(&http, "r", None, &Challenge::Basic, "s3")
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Unauthorized { .. }));
+    }
+
+    #[test]
+    fn insufficient_scope_is_told_from_a_refused_login() {
+        assert!(insufficient_scope(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:x/y:pull",error="insufficient_scope""#
+        ));
+        assert!(!insufficient_scope(
+            r#"Bearer realm="https://auth.docker.io/token",error="invalid_token""#
+        ));
+        assert!(!insufficient_scope(r#"Basic realm="r""#));
     }
 
     #[test]

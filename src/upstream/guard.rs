@@ -43,24 +43,13 @@ impl Rule {
             Rule::Port => "port",
         }
     }
-
-    /// What the client is told: the rule, not the address.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Rule::Loopback => "resolves to a loopback address",
-            Rule::Private => "resolves to a private network address",
-            Rule::LinkLocal => "resolves to a link-local address",
-            Rule::Unspecified => "resolves to an unspecified address",
-            Rule::Multicast => "resolves to a multicast or broadcast address",
-            Rule::Reserved => "resolves to a reserved address",
-            Rule::Port => "port not allowed for registries that are not configured",
-        }
-    }
 }
 
+/// For the operator's log: the rule's name. What a client is told is
+/// `registry::error`'s business (less than this).
 impl std::fmt::Display for Rule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.describe())
+        f.write_str(self.as_str())
     }
 }
 

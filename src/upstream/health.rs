@@ -23,8 +23,12 @@ const MAX_COOL_OFF: Duration = Duration::from_secs(300);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Back-off after a 429 without `Retry-After`.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Registries tracked at most. Under `allow_any_upstream` clients name the
+/// hosts: past this many, registries with nothing to remember (no failure,
+/// back-off or budget) are forgotten first, then the newcomer is not kept.
+const MAX_TRACKED: usize = 4096;
 
-#[derive(Default)]
+#[derive(Default, PartialEq)]
 struct State {
     failures: u32,
     open_until: Option<Instant>,
@@ -64,7 +68,9 @@ impl Health {
     pub fn admit(&self, registry: &str) -> Result<(), Error> {
         let now = Instant::now();
         let mut states = self.states.lock();
-        let state = states.entry(registry.to_owned()).or_default();
+        let Some(state) = tracked(&mut states, registry) else {
+            return Ok(());
+        };
         if let Some(until) = state.backoff_until {
             if until > now {
                 return Err(Error::TooManyRequests {
@@ -95,7 +101,9 @@ impl Health {
     pub fn record(&self, registry: &str, verdict: Verdict) {
         let now = Instant::now();
         let mut states = self.states.lock();
-        let state = states.entry(registry.to_owned()).or_default();
+        let Some(state) = tracked(&mut states, registry) else {
+            return;
+        };
         match verdict {
             Verdict::Answered => {
                 state.failures = 0;
@@ -136,7 +144,9 @@ impl Health {
     /// falls under the floor.
     pub fn observe_remaining(&self, registry: &str, remaining: i64) {
         let mut states = self.states.lock();
-        let state = states.entry(registry.to_owned()).or_default();
+        let Some(state) = tracked(&mut states, registry) else {
+            return;
+        };
         let was_low = state.remaining.is_some_and(|r| r < self.floor);
         state.remaining = Some(remaining);
         if remaining < self.floor && !was_low {
@@ -165,9 +175,37 @@ impl Health {
     }
 }
 
+/// `registry`'s state, made if new while there is room (see `MAX_TRACKED`).
+fn tracked<'a>(states: &'a mut HashMap<String, State>, registry: &str) -> Option<&'a mut State> {
+    if !states.contains_key(registry) && states.len() >= MAX_TRACKED {
+        let blank = State::default();
+        states.retain(|_, state| *state != blank);
+        if states.len() >= MAX_TRACKED {
+            return None;
+        }
+    }
+    Some(states.entry(registry.to_owned()).or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_named_registries_are_tracked_within_a_bound() {
+        let h = Health::new(10);
+        for _ in 0..THRESHOLD {
+            h.record("failing.example", Verdict::Failed);
+        }
+        for n in 0..MAX_TRACKED * 2 {
+            h.admit(&format!("host-{n}.example")).unwrap();
+            h.record(&format!("host-{n}.example"), Verdict::Answered);
+        }
+        assert!(h.states.lock().len() <= MAX_TRACKED);
+        // What there is to remember is kept through the pruning.
+        assert!(h.is_open("failing.example"));
+        assert!(h.admit("failing.example").is_err());
+    }
 
     #[test]
     fn circuit_opens_after_repeated_failures_and_a_probe_closes_it() {

@@ -6,15 +6,17 @@
 //! registry at a time (later callers wait for it), kept until the registry
 //! refuses it or its TTL ends. Never logs, counts or returns what the helper
 //! printed: only its exit status. Knows nothing of HTTP; `auth` uses the
-//! credentials.
+//! credentials and the client says when the registry refused them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+// tokio's clock, so the unit tests can step over the holds below.
+use tokio::time::Instant;
 
 use super::error::{Error, Result};
 use crate::config::{CredentialHelper, Credentials, RegistryConfig};
@@ -23,6 +25,16 @@ use crate::metrics::Metrics;
 /// A failed run is reported to every request for this long before the
 /// helper runs again, so a broken helper does not run once per request.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
+/// After a run caused by a refusal, further refusals wait this long before
+/// the helper runs again, doubling with each such run up to
+/// `MAX_REFUSAL_HOLD`. A refusal is not always about the login (a 403 on a
+/// repository the credentials may not read looks the same), and a helper
+/// whose source has not rotated yet hands out the refused answer again:
+/// neither may run the helper once per request.
+const REFUSAL_HOLD: Duration = Duration::from_secs(10);
+const MAX_REFUSAL_HOLD: Duration = Duration::from_secs(300);
+/// Refusal runs further apart than this start the doubling over.
+const REFUSALS_FORGOTTEN: Duration = Duration::from_secs(1800);
 /// Largest helper output read; the protocol's JSON is a few KiB at most.
 const MAX_OUTPUT: usize = 1024 * 1024;
 /// What helpers print (on stdout or stderr, exit 1) when they hold nothing
@@ -40,35 +52,71 @@ pub struct Lease {
     generation: u64,
 }
 
-/// The credentials to send: the helper's if the registry has one, else the
-/// configured ones.
-pub fn pick<'a>(
-    lease: Option<&'a Lease>,
+/// One upstream request's credentials: the helper's answer if the registry
+/// has a helper, else the configured ones; renewed at most once per request.
+pub struct Login<'a> {
+    registry: &'a str,
     configured: Option<&'a Credentials>,
-) -> Option<&'a Credentials> {
-    match lease {
-        Some(lease) => lease.credentials.as_deref(),
-        None => configured,
+    lease: Option<Lease>,
+    renewed: bool,
+}
+
+impl Login<'_> {
+    /// The credentials to send.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        match &self.lease {
+            Some(lease) => lease.credentials.as_deref(),
+            None => self.configured,
+        }
+    }
+
+    /// The registry refused `credentials`: whether there are new ones to try.
+    /// Only a helper's answer is renewed, once per request, and not while a
+    /// refusal hold lasts (then the refusal stands).
+    pub async fn renew(&mut self, helpers: &Helpers) -> Result<bool> {
+        let Some(lease) = &self.lease else {
+            return Ok(false);
+        };
+        if self.renewed || !helpers.refuse(self.registry, lease).await {
+            return Ok(false);
+        }
+        self.renewed = true;
+        self.lease = helpers.lease(self.registry).await?;
+        Ok(true)
     }
 }
 
 #[derive(Default)]
 struct State {
+    /// The answer in use and when it was fetched. Kept when a routine
+    /// (TTL) run fails: the credentials may well still be good.
     current: Option<(Lease, Instant)>,
     generation: u64,
     failed: Option<(Error, Instant)>,
     /// The next run replaces an answer the registry refused.
     refused: bool,
-    /// The current answer replaced a refused one.
-    after_refusal: bool,
+    /// Runs caused by refusals in a row, and when the last one was.
+    refusal_runs: u32,
+    last_refusal_run: Option<Instant>,
+}
+
+impl State {
+    /// How long refusals are held after the last run one caused.
+    fn refusal_hold(&self) -> Duration {
+        match self.refusal_runs {
+            0 => Duration::ZERO,
+            n => REFUSAL_HOLD
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(MAX_REFUSAL_HOLD),
+        }
+    }
 }
 
 struct Slot {
-    registry: String,
     config: CredentialHelper,
     /// Held across a run: the single flight. Callers that arrive during a
     /// run wait here and then find its answer.
-    state: tokio::sync::Mutex<State>,
+    state: Arc<tokio::sync::Mutex<State>>,
 }
 
 /// Every configured registry's helper and its cached answer.
@@ -87,7 +135,6 @@ impl Helpers {
                 Some((
                     host.clone(),
                     Slot {
-                        registry: host.clone(),
                         config: helper,
                         state: Default::default(),
                     },
@@ -97,20 +144,28 @@ impl Helpers {
         Helpers { slots, metrics }
     }
 
-    fn count(&self, registry: &str, result: &str) {
-        self.metrics
-            .credential_helper_runs
-            .with_label_values(&[registry, result])
-            .inc();
+    /// The credentials for one request to `registry`, running its helper if
+    /// it has one and nothing fresh is cached.
+    pub async fn login<'a>(
+        &self,
+        registry: &'a str,
+        configured: Option<&'a Credentials>,
+    ) -> Result<Login<'a>> {
+        Ok(Login {
+            registry,
+            configured,
+            lease: self.lease(registry).await?,
+            renewed: false,
+        })
     }
 
     /// `registry`'s current credentials from its helper, running it if
     /// nothing fresh is cached; `None` if the registry has no helper.
-    pub async fn lease(&self, registry: &str) -> Result<Option<Lease>> {
+    async fn lease(&self, registry: &str) -> Result<Option<Lease>> {
         let Some(slot) = self.slots.get(registry) else {
             return Ok(None);
         };
-        let mut state = slot.state.lock().await;
+        let state = slot.state.clone().lock_owned().await;
         if let Some((lease, at)) = &state.current {
             // "Not found" is kept only briefly: ecr-login says it for every
             // failure (STS throttling, a pod identity not mounted yet), and
@@ -125,70 +180,119 @@ impl Helpers {
         }
         if let Some((error, at)) = &state.failed {
             if at.elapsed() < FAILURE_HOLD {
-                return Err(error.clone());
+                return match &state.current {
+                    Some((kept, _)) => Ok(Some(kept.clone())),
+                    None => Err(error.clone()),
+                };
             }
         }
-        let result = run(&slot.config).await;
-        self.count(
-            registry,
+        // The run is a task of its own that holds the state: a request
+        // given up meanwhile (its client gone, its deadline passed) neither
+        // kills the helper nor loses its answer, which the next caller finds.
+        let run = tokio::spawn(refresh(
+            state,
+            registry.to_owned(),
+            slot.config.clone(),
+            self.metrics.clone(),
+        ));
+        run.await.unwrap_or_else(|_| {
+            Err(Error::CredentialHelper {
+                registry: registry.to_owned(),
+                helper: slot.config.name.clone(),
+                message: "run was cancelled (shutting down)".into(),
+            })
+        })
+    }
+
+    /// The registry refused `lease`'s credentials: whether the helper will
+    /// run again for the next `lease`. It does unless another caller
+    /// already replaced them (many requests refused at once cause one new
+    /// run) or a refusal hold lasts (see `REFUSAL_HOLD`).
+    async fn refuse(&self, registry: &str, lease: &Lease) -> bool {
+        let Some(slot) = self.slots.get(registry) else {
+            return false;
+        };
+        let mut state = slot.state.lock().await;
+        match &state.current {
+            Some((current, _)) if current.generation == lease.generation => {}
+            // Replaced (or failed) since: the next lease is another answer.
+            _ => return true,
+        }
+        if let Some(at) = state.last_refusal_run {
+            if at.elapsed() < state.refusal_hold() {
+                tracing::debug!(registry, "credentials refused again; helper held");
+                return false;
+            }
+        }
+        state.current = None;
+        state.refused = true;
+        true
+    }
+}
+
+/// Runs the helper and records its answer in `state` (held throughout).
+async fn refresh(
+    mut state: tokio::sync::OwnedMutexGuard<State>,
+    registry: String,
+    config: CredentialHelper,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Lease>> {
+    let result = run(&config).await;
+    metrics
+        .credential_helper_runs
+        .with_label_values(&[
+            registry.as_str(),
             match &result {
                 Ok(Some(_)) => "ok",
                 Ok(None) => "not_found",
                 Err(Failure::Timeout(_)) => "timeout",
                 Err(Failure::Other(_)) => "failed",
             },
-        );
-        match result.map_err(Failure::into_message) {
-            Ok(credentials) => {
-                state.generation += 1;
-                let lease = Lease {
-                    credentials: credentials.map(Arc::new),
-                    generation: state.generation,
-                };
-                state.current = Some((lease.clone(), Instant::now()));
-                state.failed = None;
-                state.after_refusal = std::mem::take(&mut state.refused);
-                tracing::debug!(
-                    registry,
-                    helper = %slot.config.name,
-                    found = lease.credentials.is_some(),
-                    "credential helper ran"
-                );
-                Ok(Some(lease))
-            }
-            Err(message) => {
-                let error = Error::CredentialHelper {
-                    registry: slot.registry.clone(),
-                    helper: slot.config.name.clone(),
-                    message,
-                };
-                tracing::warn!(registry, "{error}");
-                state.current = None;
-                state.failed = Some((error.clone(), Instant::now()));
-                Err(error)
-            }
-        }
-    }
-
-    /// The registry refused `lease`'s credentials: the next `lease` runs the
-    /// helper again, unless another caller already replaced them (many
-    /// requests refused at once cause one new run). An answer that itself
-    /// replaced a refused one is kept for `FAILURE_HOLD` first: a helper
-    /// that keeps handing out refused credentials (or a 403 that is about
-    /// the repository, not the login) must not run once per request.
-    pub async fn refuse(&self, registry: &str, lease: &Lease) {
-        if let Some(slot) = self.slots.get(registry) {
-            let mut state = slot.state.lock().await;
-            let held = match &state.current {
-                Some((current, at)) => {
-                    current.generation != lease.generation
-                        || (state.after_refusal && at.elapsed() < FAILURE_HOLD)
-                }
-                None => true,
+        ])
+        .inc();
+    match result.map_err(Failure::into_message) {
+        Ok(credentials) => {
+            state.generation += 1;
+            let lease = Lease {
+                credentials: credentials.map(Arc::new),
+                generation: state.generation,
             };
-            if !held {
-                state.current = None;
-                state.refused = true;
+            let now = Instant::now();
+            state.current = Some((lease.clone(), now));
+            state.failed = None;
+            if std::mem::take(&mut state.refused) {
+                let forgotten = state
+                    .last_refusal_run
+                    .is_none_or(|at| now - at > REFUSALS_FORGOTTEN);
+                state.refusal_runs = if forgotten { 1 } else { state.refusal_runs + 1 };
+                state.last_refusal_run = Some(now);
+            } else {
+                state.refusal_runs = 0;
+            }
+            tracing::debug!(
+                registry,
+                helper = %config.name,
+                found = lease.credentials.is_some(),
+                "credential helper ran"
+            );
+            Ok(Some(lease))
+        }
+        Err(message) => {
+            let error = Error::CredentialHelper {
+                registry: registry.clone(),
+                helper: config.name.clone(),
+                message,
+            };
+            state.failed = Some((error.clone(), Instant::now()));
+            match &state.current {
+                Some((kept, _)) => {
+                    tracing::warn!(registry, "{error}; the answer before it is kept");
+                    Ok(Some(kept.clone()))
+                }
+                None => {
+                    tracing::warn!(registry, "{error}");
+                    Err(error)
+                }
             }
         }
     }
@@ -233,8 +337,11 @@ async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credential
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Should this future be dropped (the request cancelled), the helper
-        // must not outlive it.
+        // Its own process group, so a timeout kills what a wrapper script
+        // started too (an `aws ecr get-login-password` under a shell).
+        .process_group(0)
+        // Should this future be dropped (the runtime shutting down), the
+        // helper must not outlive it.
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", helper.program.display()))?;
@@ -259,6 +366,11 @@ async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credential
     let status = match tokio::time::timeout(helper.timeout, exchange).await {
         Ok(status) => status.map_err(|e| format!("failed: {e}"))?,
         Err(_) => {
+            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                // SAFETY: kill(2) with a negative pid signals the process
+                // group the helper leads (made above); no memory is touched.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
             // Killed and reaped here, not left to the runtime's best effort.
             let _ = child.kill().await;
             return Err(Failure::Timeout(format!(
@@ -411,16 +523,37 @@ printf '{"ServerURL":"%s","Username":"bot","Secret":"s3cret-%s"}' "$server" "$se
         );
     }
 
+    /// Steps tokio's clock by `by` (paused only meanwhile: a helper run
+    /// under a paused clock would see its timeout fire at once).
+    async fn step(by: Duration) {
+        tokio::time::pause();
+        tokio::time::advance(by).await;
+        tokio::time::resume();
+    }
+
+    /// How many times the helper in `dir` ran (its script appends to `count`).
+    fn runs(dir: &std::path::Path) -> usize {
+        std::fs::read_to_string(dir.join("count"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+
     #[tokio::test]
-    async fn a_hanging_helper_is_killed_after_its_timeout() {
+    async fn a_hanging_helper_is_killed_after_its_timeout_with_what_it_started() {
         let dir = tempfile::tempdir().unwrap();
-        let pid_file = dir.path().join("pid");
+        let (pid_file, child_file) = (dir.path().join("pid"), dir.path().join("child"));
+        // A wrapper script that started a process of its own and waits.
         let config = helper(
             dir.path(),
-            &format!("echo $$ > {}; exec sleep 60", pid_file.display()),
+            &format!(
+                "sleep 60 & echo $! > {}; echo $$ > {}; wait",
+                child_file.display(),
+                pid_file.display()
+            ),
             Duration::from_millis(500),
         );
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let e = helpers(config).lease("r").await.unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(
@@ -428,30 +561,35 @@ printf '{"ServerURL":"%s","Username":"bot","Secret":"s3cret-%s"}' "$server" "$se
                 .contains("docker-credential-test timed out after 500ms, killed"),
             "{e}"
         );
-        let pid = std::fs::read_to_string(&pid_file).unwrap();
-        let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
-        // Killed and reaped (tokio reaps dropped children in the background).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while proc.exists() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for file in [&pid_file, &child_file] {
+            let pid = std::fs::read_to_string(file).unwrap();
+            let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
+            // Killed; the helper reaped here, its child by init.
+            let gone = || {
+                std::fs::read_to_string(proc.join("stat"))
+                    .map(|stat| stat.contains(") Z "))
+                    .unwrap_or(true)
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !gone() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(gone(), "{} still running", file.display());
         }
-        assert!(!proc.exists(), "helper still running");
     }
 
     #[tokio::test]
-    async fn one_run_serves_concurrent_callers_until_refused() {
+    async fn one_run_serves_concurrent_callers_and_refusals_back_off() {
         let dir = tempfile::tempdir().unwrap();
-        let count = dir.path().join("count");
         let config = helper(
             dir.path(),
             &format!(
                 "echo run >> {}; sleep 0.2; echo '{{\"Username\":\"u\",\"Secret\":\"p\"}}'",
-                count.display()
+                dir.path().join("count").display()
             ),
             Duration::from_secs(10),
         );
         let helpers = Arc::new(helpers(config));
-        let runs = || std::fs::read_to_string(&count).unwrap().lines().count();
         let mut tasks = Vec::new();
         for _ in 0..20 {
             let helpers = helpers.clone();
@@ -463,43 +601,72 @@ printf '{"ServerURL":"%s","Username":"bot","Secret":"s3cret-%s"}' "$server" "$se
         for task in tasks {
             leases.push(task.await.unwrap());
         }
-        assert_eq!(runs(), 1);
+        assert_eq!(runs(dir.path()), 1);
         // Every refusal of the same answer causes one new run.
         for lease in &leases {
-            helpers.refuse("r", lease).await;
-        }
-        helpers.lease("r").await.unwrap();
-        for lease in &leases {
-            helpers.refuse("r", lease).await;
+            assert!(helpers.refuse("r", lease).await);
         }
         let replaced = helpers.lease("r").await.unwrap().unwrap();
-        assert_eq!(runs(), 2);
-        // The replacement refused at once is kept a while.
-        helpers.refuse("r", &replaced).await;
+        for lease in &leases {
+            assert!(helpers.refuse("r", lease).await, "already replaced");
+        }
+        assert_eq!(
+            helpers.lease("r").await.unwrap().unwrap().generation,
+            replaced.generation
+        );
+        assert_eq!(runs(dir.path()), 2);
+        // The replacement refused at once is held; after the hold it runs
+        // again, and the next hold is twice as long.
+        assert!(!helpers.refuse("r", &replaced).await);
+        step(REFUSAL_HOLD).await;
+        assert!(helpers.refuse("r", &replaced).await);
+        let third = helpers.lease("r").await.unwrap().unwrap();
+        assert_eq!(runs(dir.path()), 3);
+        step(REFUSAL_HOLD).await;
+        assert!(
+            !helpers.refuse("r", &third).await,
+            "held for 2 x REFUSAL_HOLD"
+        );
+        step(REFUSAL_HOLD).await;
+        assert!(helpers.refuse("r", &third).await);
         helpers.lease("r").await.unwrap();
-        assert_eq!(runs(), 2);
+        assert_eq!(runs(dir.path()), 4);
         assert!(helpers.lease("other").await.unwrap().is_none());
     }
 
     #[tokio::test]
-    async fn an_answer_past_its_ttl_is_fetched_again() {
+    async fn an_answer_past_its_ttl_is_fetched_again_and_kept_if_that_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let count = dir.path().join("count");
+        // Answers on its first run only.
         let mut config = helper(
             dir.path(),
             &format!(
-                "echo run >> {}; echo '{{\"Username\":\"u\",\"Secret\":\"p\"}}'",
-                count.display()
+                "echo run >> {count}; [ $(wc -l < {count}) -eq 1 ] || exit 3
+echo '{{\"Username\":\"u\",\"Secret\":\"p\"}}'",
+                count = dir.path().join("count").display()
             ),
             Duration::from_secs(10),
         );
-        config.ttl = Duration::from_millis(300);
+        config.ttl = Duration::from_secs(60);
         let helpers = helpers(config);
+        let first = helpers.lease("r").await.unwrap().unwrap();
         helpers.lease("r").await.unwrap();
-        helpers.lease("r").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        helpers.lease("r").await.unwrap();
-        let runs = std::fs::read_to_string(&count).unwrap().lines().count();
-        assert_eq!(runs, 2);
+        assert_eq!(runs(dir.path()), 1);
+        step(Duration::from_secs(61)).await;
+        // Due again; the run fails, and the answer before it is still good
+        // as far as anyone knows: kept, not dropped.
+        let kept = helpers.lease("r").await.unwrap().unwrap();
+        assert_eq!(runs(dir.path()), 2);
+        assert_eq!(kept.generation, first.generation);
+        assert!(kept.credentials.is_some());
+        helpers.lease("r").await.unwrap().unwrap();
+        assert_eq!(runs(dir.path()), 2, "not run again within FAILURE_HOLD");
+        step(FAILURE_HOLD).await;
+        helpers.lease("r").await.unwrap().unwrap();
+        assert_eq!(runs(dir.path()), 3);
+        // Once the registry refuses it, the failure is the answer.
+        assert!(helpers.refuse("r", &kept).await);
+        let e = helpers.lease("r").await.unwrap_err();
+        assert!(e.to_string().contains("exit status: 3"), "{e}");
     }
 }

@@ -189,6 +189,17 @@ impl Client {
         self.stall_timeout
     }
 
+    /// `registry` as a metric label: its name if configured, else `other`.
+    /// Under `allow_any_upstream` clients name the hosts, and a label per
+    /// host would grow the metrics without bound.
+    pub fn label<'a>(&self, registry: &'a str) -> &'a str {
+        if self.registries.contains_key(registry) {
+            registry
+        } else {
+            "other"
+        }
+    }
+
     /// Whether requests for this registry host may be sent at all.
     pub fn serves(&self, registry: &str) -> bool {
         self.allow_any_upstream || self.registries.contains_key(registry)
@@ -461,23 +472,15 @@ impl Client {
                 message: format!("cannot build url: {e}"),
             })?;
         let scope = format!("repository:{}:pull", repo.name());
-        // A registry with a credential helper uses its answer; refused once,
-        // the helper runs again and the request is retried once.
-        let mut lease = self.helpers.lease(registry).await?;
-        let mut refreshed = false;
-        let mut authorization = self
-            .authorize(
-                http,
-                registry,
-                &scope,
-                None,
-                credentials,
-                &mut lease,
-                &mut refreshed,
-            )
-            .await?;
-        let mut answered = false;
+        let mut login = self.helpers.login(registry, credentials).await?;
+        // What the next authorization answers: nothing yet (a cached token,
+        // or one for the challenge this registry made before), then a 401's
+        // challenge.
+        let mut challenge = None;
         loop {
+            let authorization = self
+                .authorize(http, registry, &scope, challenge.as_ref(), &mut login)
+                .await?;
             let sent = self
                 .follow(
                     http,
@@ -491,80 +494,51 @@ impl Client {
                 .await;
             let response = self.judge(registry, sent)?;
             let status = response.status();
-            let refused =
-                (status == StatusCode::UNAUTHORIZED && answered) || status == StatusCode::FORBIDDEN;
-            if refused && !refreshed {
-                if let Some(refused_lease) = &lease {
-                    self.helpers.refuse(registry, refused_lease).await;
-                    lease = self.helpers.lease(registry).await?;
-                    refreshed = true;
-                    self.auth.forget(registry, &scope);
-                    authorization = self
-                        .authorize(
-                            http,
-                            registry,
-                            &scope,
-                            None,
-                            credentials,
-                            &mut lease,
-                            &mut refreshed,
-                        )
-                        .await?;
-                    answered = false;
-                    continue;
-                }
+            if status.is_success() {
+                return Ok(response);
             }
-            if status == StatusCode::UNAUTHORIZED && !answered {
-                let challenge = response
+            // Refused credentials (a helper's, rotated since) are renewed
+            // once: new ones from the helper, then the request again.
+            if refuses_login(&response, &url, challenge.is_some())
+                && login.renew(&self.helpers).await?
+            {
+                self.auth.forget(registry, &scope);
+                challenge = None;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED && challenge.is_none() {
+                let offered = response
                     .headers()
                     .get_all(header::WWW_AUTHENTICATE)
                     .iter()
                     .filter_map(|v| v.to_str().ok())
                     .find_map(Challenge::parse);
-                if let Some(challenge) = challenge {
+                if let Some(offered) = offered {
                     if guarded {
-                        self.check_realm(registry, &challenge)?;
+                        self.check_realm(registry, &offered)?;
                     }
                     self.auth.forget(registry, &scope);
-                    authorization = self
-                        .authorize(
-                            http,
-                            registry,
-                            &scope,
-                            Some(&challenge),
-                            credentials,
-                            &mut lease,
-                            &mut refreshed,
-                        )
-                        .await?;
-                    answered = true;
+                    challenge = Some(offered);
                     continue;
                 }
-            }
-            if status.is_success() {
-                return Ok(response);
             }
             return Err(self.status_error(registry, response).await);
         }
     }
 
     /// The authorization for `scope`: an answer to `challenge`, or what
-    /// `auth` has before any. Credentials come from the helper's `lease` if
-    /// the registry has a helper; a token endpoint that refuses them makes
-    /// the helper run again once (`refreshed`).
-    #[allow(clippy::too_many_arguments)]
+    /// `auth` has before any. A token endpoint that refuses the `login`
+    /// (or a Basic registry's challenge it has nothing for) renews it once.
     async fn authorize(
         &self,
         http: &reqwest::Client,
         registry: &str,
         scope: &str,
         challenge: Option<&Challenge>,
-        configured: Option<&Credentials>,
-        lease: &mut Option<helper::Lease>,
-        refreshed: &mut bool,
+        login: &mut helper::Login<'_>,
     ) -> Result<Option<auth::Authorization>> {
         loop {
-            let credentials = helper::pick(lease.as_ref(), configured);
+            let credentials = login.credentials();
             let result = match challenge {
                 Some(challenge) => self
                     .auth
@@ -574,13 +548,10 @@ impl Client {
                 None => self.auth.prepare(http, registry, credentials, scope).await,
             }
             .map_err(|e| self.tally(e));
-            match (result, lease.as_ref()) {
-                (Err(Error::TokenRefused { .. }), Some(refused)) if !*refreshed => {
-                    self.helpers.refuse(registry, refused).await;
-                    *lease = self.helpers.lease(registry).await?;
-                    *refreshed = true;
-                }
-                (result, _) => return result,
+            match result {
+                Err(Error::TokenRefused { .. } | Error::Unauthorized { .. })
+                    if login.renew(&self.helpers).await? => {}
+                result => return result,
             }
         }
     }
@@ -709,7 +680,7 @@ impl Client {
             // Only the token endpoint answers here: its own (login) limit.
             self.metrics
                 .upstream_throttled
-                .with_label_values(&[registry, "login"])
+                .with_label_values(&[self.label(registry), "login"])
                 .inc();
             self.health
                 .record(registry, health::Verdict::RateLimited(*retry_after));
@@ -750,7 +721,7 @@ impl Client {
     fn count(&self, registry: &str, method: &Method, status: &str) {
         self.metrics
             .upstream_requests
-            .with_label_values(&[registry, method.as_str(), status])
+            .with_label_values(&[self.label(registry), method.as_str(), status])
             .inc();
     }
 
@@ -768,7 +739,7 @@ impl Client {
         self.health.record(registry, verdict);
         self.metrics
             .circuit_open
-            .with_label_values(&[registry])
+            .with_label_values(&[self.label(registry)])
             .set(self.health.is_open(registry) as i64);
         sent
     }
@@ -778,13 +749,13 @@ impl Client {
             self.health.observe_remaining(registry, remaining);
             self.metrics
                 .ratelimit_remaining
-                .with_label_values(&[registry])
+                .with_label_values(&[self.label(registry)])
                 .set(remaining);
         }
         if let Some(limit) = ratelimit::parse(headers, "ratelimit-limit") {
             self.metrics
                 .ratelimit_limit
-                .with_label_values(&[registry])
+                .with_label_values(&[self.label(registry)])
                 .set(limit);
         }
         let window = ratelimit::window(headers, "ratelimit-limit")
@@ -792,7 +763,7 @@ impl Client {
         if let Some(window) = window {
             self.metrics
                 .ratelimit_window
-                .with_label_values(&[registry])
+                .with_label_values(&[self.label(registry)])
                 .set(window);
         }
     }
@@ -809,7 +780,7 @@ impl Client {
             let kind = ratelimit::Throttle::of(&headers, envelope.as_ref());
             self.metrics
                 .upstream_throttled
-                .with_label_values(&[registry, kind.as_str()])
+                .with_label_values(&[self.label(registry), kind.as_str()])
                 .inc();
             tracing::warn!(registry, kind = kind.as_str(), retry_after = ?retry_after, "upstream rate limit");
         }
@@ -850,6 +821,30 @@ pub(crate) enum ReadError {
     TooLarge,
     Stalled,
     Broken(String),
+}
+
+/// Whether `response` refuses the login itself, so that new credentials
+/// could help: a 403 from the registry (ECR says so of an expired token),
+/// or a 401 after its challenge was answered (`answered`). Not a 403 from
+/// a redirect's target (a blob store's signed URL), nor a 401 saying the
+/// token lacks the scope (a repository missing or not readable: Docker Hub
+/// answers that for both).
+fn refuses_login(response: &reqwest::Response, asked: &reqwest::Url, answered: bool) -> bool {
+    let from_registry = response.url().origin() == asked.origin();
+    match response.status() {
+        StatusCode::FORBIDDEN => from_registry,
+        StatusCode::UNAUTHORIZED => {
+            answered
+                && from_registry
+                && !response
+                    .headers()
+                    .get_all(header::WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(auth::insufficient_scope)
+        }
+        _ => false,
+    }
 }
 
 /// Reads a whole (small) body, refusing more than `limit` bytes and giving

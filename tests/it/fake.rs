@@ -58,6 +58,9 @@ pub enum Fault {
     NoContentRange,
     /// Docker Hub's pull-limit 429: its error body and spent quota headers.
     PullLimit,
+    /// Docker Hub's answer for a repository that does not exist (or that the
+    /// token may not read): 401 with `error="insufficient_scope"`.
+    InsufficientScope,
     /// The first GET serves these bytes instead (under another `ETag`), cut
     /// after half of them; later requests get the real blob.
     ChangedOnce(Bytes, Arc<std::sync::atomic::AtomicBool>),
@@ -85,6 +88,11 @@ pub struct State {
     pub authorizations: Mutex<Vec<(String, Option<String>)>>,
     /// Require `Bearer <token>` issued by /token.
     token_auth: Mutex<Option<TokenAuth>>,
+    /// The token service the challenge names, if not this fake's /token.
+    realm: Mutex<Option<String>>,
+    /// Require this `Authorization` (Basic) on the registry API, answering
+    /// a Basic challenge without it (as ECR and distribution's htpasswd do).
+    basic_auth: Mutex<Option<String>>,
     token_posts: Mutex<Vec<String>>,
     /// Redirect blob GETs to this base URL.
     redirect: Mutex<Option<String>>,
@@ -263,6 +271,16 @@ impl Fake {
         });
     }
 
+    /// Challenges name this token service instead of the fake's own.
+    pub fn token_realm(&self, realm: &str) {
+        *self.state.realm.lock().unwrap() = Some(realm.to_owned());
+    }
+
+    /// The registry API answers only requests carrying `basic`.
+    pub fn require_basic(&self, basic: &str) {
+        *self.state.basic_auth.lock().unwrap() = Some(basic.to_owned());
+    }
+
     /// Tokens only in exchange for `refresh` (grant_type=refresh_token).
     pub fn require_refresh_token(&self, token: &str, refresh: &str) {
         *self.state.token_auth.lock().unwrap() = Some(TokenAuth {
@@ -392,6 +410,18 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
             .insert("ratelimit-remaining", "0;w=21600".parse().unwrap());
         return r;
     }
+    if let Some(Fault::InsufficientScope) = &fault {
+        let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
+        r.headers_mut().insert(
+            "www-authenticate",
+            format!(
+                r#"Bearer realm="http://{me}/token",service="fake",scope="repository:x:pull",error="insufficient_scope""#
+            )
+            .parse()
+            .unwrap(),
+        );
+        return r;
+    }
     if let Some(Fault::Status(code, retry)) = &fault {
         let mut r = full(StatusCode::from_u16(*code).unwrap(), error_body("FAULT"));
         if let Some(retry) = retry {
@@ -456,17 +486,28 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
         return full(StatusCode::OK, "{}");
     }
 
+    let basic_auth = state.basic_auth.lock().unwrap().clone();
+    if basic_auth.is_some() && authorization != basic_auth {
+        let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
+        r.headers_mut()
+            .insert("www-authenticate", r#"Basic realm="fake""#.parse().unwrap());
+        return r;
+    }
     let token_auth = state.token_auth.lock().unwrap().clone();
     if let Some(auth) = token_auth {
         if authorization.as_deref() != Some(&format!("Bearer {}", auth.token)) {
+            let realm = state
+                .realm
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| format!("http://{me}/token"));
             let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
             r.headers_mut().insert(
                 "www-authenticate",
-                format!(
-                    r#"Bearer realm="http://{me}/token",service="fake",scope="repository:x:pull""#
-                )
-                .parse()
-                .unwrap(),
+                format!(r#"Bearer realm="{realm}",service="fake",scope="repository:x:pull""#)
+                    .parse()
+                    .unwrap(),
             );
             return r;
         }

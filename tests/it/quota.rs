@@ -106,6 +106,72 @@ async fn issue_15_pulls_answered_from_the_cache_are_counted_as_saved() {
     assert_eq!(saved(), 2.0);
 }
 
+/// A manifest GET as docker sends it.
+async fn pull(hoard: &Hoard, path: &str) -> reqwest::Response {
+    hoard
+        .client
+        .get(hoard.url(path))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn issue_15_revalidated_stale_and_coalesced_answers_are_pulls_saved() {
+    let fake = Fake::start().await;
+    fake.put_image("library/app", "1", b"layer");
+    fake.put_image("library/app", "2", b"layer 2");
+    // Every tag GET asks upstream again (a HEAD, which Docker Hub does not
+    // count): answered from the store, the pull was saved.
+    let hoard = Hoard::start(&fake.url(), &[], |args| {
+        args.tag_ttl = Some("0s".into());
+    })
+    .await;
+    let saved =
+        |hoard: &Hoard| hoard.metric("hoard_upstream_pulls_saved_total{registry=\"docker.io\"}");
+    assert_eq!(pull(&hoard, "/v2/app/manifests/1").await.status(), 200);
+    let revalidated = pull(&hoard, "/v2/app/manifests/1").await;
+    assert_eq!(revalidated.headers()["x-hoard-cache"], "revalidated");
+    assert_eq!(saved(&hoard), 1.0);
+    fake.fault("/manifests/", Fault::Status(500, None));
+    let stale = pull(&hoard, "/v2/app/manifests/1").await;
+    assert_eq!(stale.status(), 200);
+    assert_eq!(stale.headers()["x-hoard-cache"], "stale");
+    assert_eq!(saved(&hoard), 2.0);
+    assert_eq!(
+        fake.hits("GET", "/manifests/"),
+        1,
+        "only the first GET left"
+    );
+    fake.clear_faults();
+
+    // Clients joining a fetch in flight: one pull upstream, the rest saved.
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    fake.fault("/manifests/2", Fault::Delay(Duration::from_secs(3)));
+    let first = {
+        let (client, url) = (hoard.client.clone(), hoard.url("/v2/app/manifests/2"));
+        tokio::spawn(async move { client.get(url).header("accept", ACCEPT).send().await })
+    };
+    let started = eventually_async(Duration::from_secs(10), || async {
+        fake.hits("GET", "/manifests/2") == 1
+    })
+    .await;
+    assert!(started, "the first fetch reached upstream");
+    let joined =
+        futures_util::future::join_all((0..4).map(|_| pull(&hoard, "/v2/app/manifests/2"))).await;
+    assert_eq!(
+        first.await.unwrap().unwrap().headers()["x-hoard-cache"],
+        "miss"
+    );
+    for r in &joined {
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-hoard-cache"], "coalesced");
+    }
+    assert_eq!(saved(&hoard), 4.0);
+    assert_eq!(fake.hits("GET", "/manifests/2"), 1);
+}
+
 #[tokio::test]
 async fn issue_15_a_slow_upstream_gets_the_client_a_503_before_the_deadline() {
     let fake = Fake::start().await;

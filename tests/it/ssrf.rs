@@ -51,14 +51,24 @@ async fn issue_15_any_upstream_refuses_loopback_by_address_and_by_name() {
         assert_eq!(r.status(), 403, "{ns}");
         let error = error_body(r).await;
         assert_eq!(error["code"], "DENIED", "{ns}");
+        // The client is told the address is not public, not which range it
+        // is in; the operator's metric says loopback.
         assert_eq!(
-            error["message"], "destination not allowed: resolves to a loopback address",
+            error["message"],
+            "destination not allowed: the registry does not resolve to a public address",
             "{ns}"
         );
-        assert_eq!(error["detail"]["rule"], "loopback");
+        assert_eq!(error["detail"]["rule"], "address");
     }
     // Refused before connecting: the 403 came back, nothing was opened.
     assert_eq!(seen.load(Ordering::SeqCst), 0, "connections to the probe");
+    // Hosts clients name are one `other` label, not a series each.
+    let metrics = hoard.metrics.render();
+    assert!(
+        !metrics.contains("registry=\"127.0.0.1") && !metrics.contains("registry=\"localhost"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("registry=\"other\""), "{metrics}");
     assert_eq!(
         hoard.metric(r#"hoard_upstream_refused_total{reason="loopback"}"#),
         2.0
@@ -96,6 +106,21 @@ async fn issue_15_any_upstream_refuses_other_ports() {
 async fn issue_15_a_refused_connection_says_so() {
     let (_socket, port) = crate::support::fleet::refusing_port();
     let hoard = Hoard::start(&format!("http://127.0.0.1:{port}"), &[], |_| {}).await;
+    let r = hoard.get("/v2/library/alpine/manifests/1").await;
+    assert_eq!(r.status(), 502);
+    let error = error_body(r).await;
+    assert_eq!(error["code"], "UNAVAILABLE");
+    assert_eq!(error["detail"]["cause"], "connection refused");
+}
+
+#[tokio::test]
+async fn issue_15_a_token_service_that_refuses_connections_says_so() {
+    let (_socket, port) = crate::support::fleet::refusing_port();
+    let fake = Fake::start().await;
+    fake.require_token("tok", None);
+    fake.token_realm(&format!("http://127.0.0.1:{port}/token"));
+    fake.put_image("library/alpine", "1", b"a");
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     let r = hoard.get("/v2/library/alpine/manifests/1").await;
     assert_eq!(r.status(), 502);
     let error = error_body(r).await;

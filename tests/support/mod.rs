@@ -697,6 +697,17 @@ pub fn blob_file(store: &Path, digest: &str) -> PathBuf {
     store.join("blobs/sha256").join(&hex[..2]).join(hex)
 }
 
+/// Writes `dir/docker-credential-NAME`, an executable shell script running
+/// `body`: a Docker credential helper as the tests need one (it speaks the
+/// protocol by reading the server on stdin and printing JSON).
+pub fn credential_helper(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(format!("docker-credential-{name}"));
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 /// Files below `dir`, recursively (0 if it does not exist).
 pub fn count_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
