@@ -23,12 +23,12 @@ const MAX_COOL_OFF: Duration = Duration::from_secs(300);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Back-off after a 429 without `Retry-After`.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
-/// Registries tracked at most. Under `allow_any_upstream` clients name the
-/// hosts: past this many, registries with nothing to remember (no failure,
-/// back-off or budget) are forgotten first, then the newcomer is not kept.
+/// Registries clients named (`allow_any_upstream`) tracked at most: past
+/// this many, all of them are forgotten (their back-offs too: a client can
+/// only make hoard ask them sooner, never stop asking a configured one).
 const MAX_TRACKED: usize = 4096;
 
-#[derive(Default, PartialEq)]
+#[derive(Default)]
 struct State {
     failures: u32,
     open_until: Option<Instant>,
@@ -41,6 +41,8 @@ struct State {
 /// Health of every upstream registry.
 pub struct Health {
     floor: i64,
+    /// Configured registries: always tracked.
+    configured: std::collections::HashSet<String>,
     states: Mutex<HashMap<String, State>>,
 }
 
@@ -56,10 +58,12 @@ pub enum Verdict {
 }
 
 impl Health {
-    /// `floor`: the `ratelimit-remaining` under which the budget is low.
-    pub fn new(floor: i64) -> Health {
+    /// `floor`: the `ratelimit-remaining` under which the budget is low;
+    /// `configured`: the registries never forgotten.
+    pub fn new<'a>(floor: i64, configured: impl IntoIterator<Item = &'a String>) -> Health {
         Health {
             floor,
+            configured: configured.into_iter().cloned().collect(),
             states: Mutex::new(HashMap::new()),
         }
     }
@@ -68,9 +72,7 @@ impl Health {
     pub fn admit(&self, registry: &str) -> Result<(), Error> {
         let now = Instant::now();
         let mut states = self.states.lock();
-        let Some(state) = tracked(&mut states, registry) else {
-            return Ok(());
-        };
+        let state = self.tracked(&mut states, registry);
         if let Some(until) = state.backoff_until {
             if until > now {
                 return Err(Error::TooManyRequests {
@@ -101,9 +103,7 @@ impl Health {
     pub fn record(&self, registry: &str, verdict: Verdict) {
         let now = Instant::now();
         let mut states = self.states.lock();
-        let Some(state) = tracked(&mut states, registry) else {
-            return;
-        };
+        let state = self.tracked(&mut states, registry);
         match verdict {
             Verdict::Answered => {
                 state.failures = 0;
@@ -144,9 +144,7 @@ impl Health {
     /// falls under the floor.
     pub fn observe_remaining(&self, registry: &str, remaining: i64) {
         let mut states = self.states.lock();
-        let Some(state) = tracked(&mut states, registry) else {
-            return;
-        };
+        let state = self.tracked(&mut states, registry);
         let was_low = state.remaining.is_some_and(|r| r < self.floor);
         state.remaining = Some(remaining);
         if remaining < self.floor && !was_low {
@@ -157,6 +155,15 @@ impl Health {
                 "upstream rate-limit budget low: serving cached tags without revalidation"
             );
         }
+    }
+
+    /// `registry`'s state, made if new; client-named registries are
+    /// forgotten past `MAX_TRACKED` (see there).
+    fn tracked<'a>(&self, states: &'a mut HashMap<String, State>, registry: &str) -> &'a mut State {
+        if !states.contains_key(registry) && states.len() >= self.configured.len() + MAX_TRACKED {
+            states.retain(|name, _| self.configured.contains(name));
+        }
+        states.entry(registry.to_owned()).or_default()
     }
 
     /// Whether `registry`'s remaining budget is under the floor.
@@ -175,41 +182,36 @@ impl Health {
     }
 }
 
-/// `registry`'s state, made if new while there is room (see `MAX_TRACKED`).
-fn tracked<'a>(states: &'a mut HashMap<String, State>, registry: &str) -> Option<&'a mut State> {
-    if !states.contains_key(registry) && states.len() >= MAX_TRACKED {
-        let blank = State::default();
-        states.retain(|_, state| *state != blank);
-        if states.len() >= MAX_TRACKED {
-            return None;
-        }
-    }
-    Some(states.entry(registry.to_owned()).or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn client_named_registries_are_tracked_within_a_bound() {
-        let h = Health::new(10);
-        for _ in 0..THRESHOLD {
-            h.record("failing.example", Verdict::Failed);
-        }
+        let h = Health::new(10, &["configured.example".to_owned()]);
+        h.record("configured.example", Verdict::RateLimited(None));
+        // Hosts clients name, failing ones too, fill the map past its bound.
         for n in 0..MAX_TRACKED * 2 {
-            h.admit(&format!("host-{n}.example")).unwrap();
-            h.record(&format!("host-{n}.example"), Verdict::Answered);
+            let host = format!("host-{n}.example");
+            h.admit(&host).unwrap();
+            h.record(&host, Verdict::Failed);
         }
-        assert!(h.states.lock().len() <= MAX_TRACKED);
-        // What there is to remember is kept through the pruning.
-        assert!(h.is_open("failing.example"));
-        assert!(h.admit("failing.example").is_err());
+        assert!(h.states.lock().len() <= MAX_TRACKED + 1);
+        // A configured registry's back-off survives it.
+        assert!(matches!(
+            h.admit("configured.example"),
+            Err(Error::TooManyRequests { .. })
+        ));
+        // And a newcomer is still tracked.
+        for _ in 0..THRESHOLD {
+            h.record("new.example", Verdict::Failed);
+        }
+        assert!(h.is_open("new.example"));
     }
 
     #[test]
     fn circuit_opens_after_repeated_failures_and_a_probe_closes_it() {
-        let h = Health::new(10);
+        let h = Health::new(10, &["configured.example".to_owned()]);
         for _ in 0..THRESHOLD - 1 {
             h.record("r", Verdict::Failed);
             assert!(h.admit("r").is_ok());
@@ -228,7 +230,7 @@ mod tests {
 
     #[test]
     fn failed_probe_doubles_the_cool_off() {
-        let h = Health::new(10);
+        let h = Health::new(10, &["configured.example".to_owned()]);
         for _ in 0..THRESHOLD {
             h.record("r", Verdict::Failed);
         }
@@ -241,7 +243,7 @@ mod tests {
 
     #[test]
     fn rate_limit_backs_off_and_budget_floor() {
-        let h = Health::new(10);
+        let h = Health::new(10, &["configured.example".to_owned()]);
         h.record("r", Verdict::RateLimited(Some(Duration::from_secs(30))));
         match h.admit("r") {
             Err(Error::TooManyRequests {

@@ -23,8 +23,10 @@ use crate::config::{CredentialHelper, Credentials, RegistryConfig};
 use crate::metrics::Metrics;
 
 /// A failed run is reported to every request for this long before the
-/// helper runs again, so a broken helper does not run once per request.
+/// helper runs again, so a broken helper does not run once per request;
+/// the hold doubles with each failure in a row, up to `MAX_FAILURE_HOLD`.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
+const MAX_FAILURE_HOLD: Duration = Duration::from_secs(60);
 /// After a run caused by a refusal, further refusals wait this long before
 /// the helper runs again, doubling with each such run up to
 /// `MAX_REFUSAL_HOLD`. A refusal is not always about the login (a 403 on a
@@ -72,17 +74,25 @@ impl Login<'_> {
 
     /// The registry refused `credentials`: whether there are new ones to try.
     /// Only a helper's answer is renewed, once per request, and not while a
-    /// refusal hold lasts (then the refusal stands).
-    pub async fn renew(&mut self, helpers: &Helpers) -> Result<bool> {
+    /// refusal hold lasts (then the refusal stands). A run that fails is
+    /// logged and the refusal stands too: the client hears the registry's
+    /// answer, not the helper's trouble.
+    pub async fn renew(&mut self, helpers: &Helpers) -> bool {
         let Some(lease) = &self.lease else {
-            return Ok(false);
+            return false;
         };
         if self.renewed || !helpers.refuse(self.registry, lease).await {
-            return Ok(false);
+            return false;
         }
         self.renewed = true;
-        self.lease = helpers.lease(self.registry).await?;
-        Ok(true)
+        match helpers.lease(self.registry).await {
+            Ok(lease) => {
+                self.lease = lease;
+                true
+            }
+            // Already logged where it failed.
+            Err(_) => false,
+        }
     }
 }
 
@@ -93,6 +103,11 @@ struct State {
     current: Option<(Lease, Instant)>,
     generation: u64,
     failed: Option<(Error, Instant)>,
+    /// Failed runs in a row.
+    failures: u32,
+    /// A run in the background replaces `current` (past its TTL) while
+    /// requests go on using it.
+    refreshing: bool,
     /// The next run replaces an answer the registry refused.
     refused: bool,
     /// Runs caused by refusals in a row, and when the last one was.
@@ -101,6 +116,24 @@ struct State {
 }
 
 impl State {
+    /// Whether the last run failed within its hold: not run again yet.
+    fn failure_held(&self) -> bool {
+        let hold = FAILURE_HOLD
+            .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
+            .min(MAX_FAILURE_HOLD);
+        self.failed
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < hold)
+    }
+
+    /// The answer still in use after a failed run, else that failure.
+    fn kept_or(&self, error: Error) -> Result<Option<Lease>> {
+        match &self.current {
+            Some((kept, _)) => Ok(Some(kept.clone())),
+            None => Err(error),
+        }
+    }
+
     /// How long refusals are held after the last run one caused.
     fn refusal_hold(&self) -> Duration {
         match self.refusal_runs {
@@ -165,43 +198,75 @@ impl Helpers {
         let Some(slot) = self.slots.get(registry) else {
             return Ok(None);
         };
-        let state = slot.state.clone().lock_owned().await;
+        let mut state = slot.state.clone().lock_owned().await;
         if let Some((lease, at)) = &state.current {
-            // "Not found" is kept only briefly: ecr-login says it for every
-            // failure (STS throttling, a pod identity not mounted yet), and
-            // a Basic registry refused no credentials never asks again.
-            let keep = match lease.credentials {
-                Some(_) => slot.config.ttl,
-                None => FAILURE_HOLD,
-            };
-            if at.elapsed() < keep {
-                return Ok(Some(lease.clone()));
+            let lease = lease.clone();
+            match lease.credentials {
+                Some(_) if at.elapsed() < slot.config.ttl => return Ok(Some(lease)),
+                // Past its TTL: still good as far as anyone knows (the TTL
+                // comes before the real expiry), so requests go on with it
+                // while one run in the background replaces it.
+                Some(_) => {
+                    if !state.refreshing && !state.failure_held() {
+                        state.refreshing = true;
+                        drop(state);
+                        let run = self.spawn_run(registry, slot, None);
+                        tokio::spawn(async move {
+                            let _ = run.await;
+                        });
+                    }
+                    return Ok(Some(lease));
+                }
+                // "Not found" is kept only briefly: ecr-login says it for
+                // every failure (STS throttling, a pod identity not mounted
+                // yet), and a Basic registry refused no credentials never
+                // asks again.
+                None if at.elapsed() < FAILURE_HOLD => return Ok(Some(lease)),
+                None => {}
             }
         }
-        if let Some((error, at)) = &state.failed {
-            if at.elapsed() < FAILURE_HOLD {
-                return match &state.current {
-                    Some((kept, _)) => Ok(Some(kept.clone())),
-                    None => Err(error.clone()),
+        if state.failure_held() {
+            let (error, _) = state.failed.clone().expect("held after a failure");
+            return state.kept_or(error);
+        }
+        self.spawn_run(registry, slot, Some(state)).await
+    }
+
+    /// Runs `slot`'s helper in a task of its own that holds the state
+    /// (`held`, or taken when the task starts): a request given up meanwhile
+    /// (its client gone, its deadline passed) neither kills the helper nor
+    /// loses its answer, which the next caller finds.
+    fn spawn_run(
+        &self,
+        registry: &str,
+        slot: &Slot,
+        held: Option<tokio::sync::OwnedMutexGuard<State>>,
+    ) -> impl std::future::Future<Output = Result<Option<Lease>>> + Send + 'static {
+        let (registry, config) = (registry.to_owned(), slot.config.clone());
+        let (state, metrics) = (slot.state.clone(), self.metrics.clone());
+        let task = tokio::spawn({
+            let (registry, config) = (registry.clone(), config.clone());
+            async move {
+                let guard = match held {
+                    Some(guard) => guard,
+                    None => state.lock_owned().await,
                 };
+                refresh(guard, registry, config, metrics).await
             }
-        }
-        // The run is a task of its own that holds the state: a request
-        // given up meanwhile (its client gone, its deadline passed) neither
-        // kills the helper nor loses its answer, which the next caller finds.
-        let run = tokio::spawn(refresh(
-            state,
-            registry.to_owned(),
-            slot.config.clone(),
-            self.metrics.clone(),
-        ));
-        run.await.unwrap_or_else(|_| {
-            Err(Error::CredentialHelper {
-                registry: registry.to_owned(),
-                helper: slot.config.name.clone(),
-                message: "run was cancelled (shutting down)".into(),
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Error::CredentialHelper {
+                    registry,
+                    helper: config.name,
+                    message: if e.is_panic() {
+                        "run panicked".into()
+                    } else {
+                        "run was cancelled (shutting down)".into()
+                    },
+                })
             })
-        })
+        }
     }
 
     /// The registry refused `lease`'s credentials: whether the helper will
@@ -238,6 +303,7 @@ async fn refresh(
     metrics: Arc<Metrics>,
 ) -> Result<Option<Lease>> {
     let result = run(&config).await;
+    state.refreshing = false;
     metrics
         .credential_helper_runs
         .with_label_values(&[
@@ -260,6 +326,7 @@ async fn refresh(
             let now = Instant::now();
             state.current = Some((lease.clone(), now));
             state.failed = None;
+            state.failures = 0;
             if std::mem::take(&mut state.refused) {
                 let forgotten = state
                     .last_refusal_run
@@ -284,16 +351,13 @@ async fn refresh(
                 message,
             };
             state.failed = Some((error.clone(), Instant::now()));
-            match &state.current {
-                Some((kept, _)) => {
-                    tracing::warn!(registry, "{error}; the answer before it is kept");
-                    Ok(Some(kept.clone()))
-                }
-                None => {
-                    tracing::warn!(registry, "{error}");
-                    Err(error)
-                }
+            state.failures += 1;
+            if state.current.is_some() {
+                tracing::warn!(registry, "{error}; the answer before it is kept");
+            } else {
+                tracing::warn!(registry, "{error}");
             }
+            state.kept_or(error)
         }
     }
 }
@@ -345,6 +409,10 @@ async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credential
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", helper.program.display()))?;
+    // Taken now: once the helper is reaped `id()` says nothing, yet what it
+    // started may live on in its group (the group id is not reused while
+    // a member lives).
+    let group = child.id().and_then(|pid| i32::try_from(pid).ok());
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
@@ -366,10 +434,10 @@ async fn run(helper: &CredentialHelper) -> std::result::Result<Option<Credential
     let status = match tokio::time::timeout(helper.timeout, exchange).await {
         Ok(status) => status.map_err(|e| format!("failed: {e}"))?,
         Err(_) => {
-            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            if let Some(group) = group {
                 // SAFETY: kill(2) with a negative pid signals the process
                 // group the helper leads (made above); no memory is touched.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                unsafe { libc::kill(-group, libc::SIGKILL) };
             }
             // Killed and reaped here, not left to the runtime's best effort.
             let _ = child.kill().await;
@@ -543,38 +611,41 @@ printf '{"ServerURL":"%s","Username":"bot","Secret":"s3cret-%s"}' "$server" "$se
     async fn a_hanging_helper_is_killed_after_its_timeout_with_what_it_started() {
         let dir = tempfile::tempdir().unwrap();
         let (pid_file, child_file) = (dir.path().join("pid"), dir.path().join("child"));
-        // A wrapper script that started a process of its own and waits.
-        let config = helper(
-            dir.path(),
-            &format!(
-                "sleep 60 & echo $! > {}; echo $$ > {}; wait",
-                child_file.display(),
-                pid_file.display()
-            ),
-            Duration::from_millis(500),
-        );
-        let started = std::time::Instant::now();
-        let e = helpers(config).lease("r").await.unwrap_err();
-        assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(
-            e.to_string()
-                .contains("docker-credential-test timed out after 500ms, killed"),
-            "{e}"
-        );
-        for file in [&pid_file, &child_file] {
-            let pid = std::fs::read_to_string(file).unwrap();
-            let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
-            // Killed; the helper reaped here, its child by init.
-            let gone = || {
-                std::fs::read_to_string(proc.join("stat"))
-                    .map(|stat| stat.contains(") Z "))
-                    .unwrap_or(true)
-            };
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !gone() && std::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        // A wrapper script that started a process of its own and waits for
+        // it, or exits leaving it (holding the output open).
+        for end in ["wait", "exit 0"] {
+            let config = helper(
+                dir.path(),
+                &format!(
+                    "sleep 60 & echo $! > {}; echo $$ > {}; {end}",
+                    child_file.display(),
+                    pid_file.display()
+                ),
+                Duration::from_millis(500),
+            );
+            let started = std::time::Instant::now();
+            let e = helpers(config).lease("r").await.unwrap_err();
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(
+                e.to_string()
+                    .contains("docker-credential-test timed out after 500ms, killed"),
+                "{e}"
+            );
+            for file in [&pid_file, &child_file] {
+                let pid = std::fs::read_to_string(file).unwrap();
+                let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
+                // Killed; the helper reaped here, its child by init.
+                let gone = || {
+                    std::fs::read_to_string(proc.join("stat"))
+                        .map(|stat| stat.contains(") Z "))
+                        .unwrap_or(true)
+                };
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !gone() && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                assert!(gone(), "{} still running ({end})", file.display());
             }
-            assert!(gone(), "{} still running", file.display());
         }
     }
 
@@ -634,8 +705,17 @@ printf '{"ServerURL":"%s","Username":"bot","Secret":"s3cret-%s"}' "$server" "$se
         assert!(helpers.lease("other").await.unwrap().is_none());
     }
 
+    /// Waits (at most 10 s) until the helper in `dir` ran `n` times.
+    async fn ran(dir: &std::path::Path, n: usize) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while runs(dir) < n && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        runs(dir) == n
+    }
+
     #[tokio::test]
-    async fn an_answer_past_its_ttl_is_fetched_again_and_kept_if_that_fails() {
+    async fn an_answer_past_its_ttl_is_replaced_in_the_background_and_kept_if_that_fails() {
         let dir = tempfile::tempdir().unwrap();
         // Answers on its first run only.
         let mut config = helper(
@@ -653,14 +733,23 @@ echo '{{\"Username\":\"u\",\"Secret\":\"p\"}}'",
         helpers.lease("r").await.unwrap();
         assert_eq!(runs(dir.path()), 1);
         step(Duration::from_secs(61)).await;
-        // Due again; the run fails, and the answer before it is still good
-        // as far as anyone knows: kept, not dropped.
+        // Due again: the request goes on at once with the answer it has,
+        // while one run in the background fetches the next.
         let kept = helpers.lease("r").await.unwrap().unwrap();
-        assert_eq!(runs(dir.path()), 2);
         assert_eq!(kept.generation, first.generation);
-        assert!(kept.credentials.is_some());
+        assert!(ran(dir.path(), 2).await);
+        // That run failed; the answer before it is still good as far as
+        // anyone knows: kept, not dropped, and not run for again at once.
+        for _ in 0..3 {
+            let again = helpers.lease("r").await.unwrap().unwrap();
+            assert_eq!(again.generation, first.generation);
+            assert!(again.credentials.is_some());
+        }
+        assert_eq!(runs(dir.path()), 2, "held after the failure");
+        step(FAILURE_HOLD).await;
         helpers.lease("r").await.unwrap().unwrap();
-        assert_eq!(runs(dir.path()), 2, "not run again within FAILURE_HOLD");
+        assert!(ran(dir.path(), 3).await);
+        // Failed twice in a row: the hold doubled.
         step(FAILURE_HOLD).await;
         helpers.lease("r").await.unwrap().unwrap();
         assert_eq!(runs(dir.path()), 3);

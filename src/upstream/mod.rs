@@ -173,7 +173,7 @@ impl Client {
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
             max_manifest_bytes: config.max_manifest_bytes,
-            health: health::Health::new(config.rate_limit_floor),
+            health: health::Health::new(config.rate_limit_floor, config.registries.keys()),
             max_concurrent_fetches: config.max_concurrent_fetches,
             fetch_permits: Default::default(),
         })
@@ -500,20 +500,17 @@ impl Client {
             // Refused credentials (a helper's, rotated since) are renewed
             // once: new ones from the helper, then the request again.
             if refuses_login(&response, &url, challenge.is_some())
-                && login.renew(&self.helpers).await?
+                && login.renew(&self.helpers).await
             {
                 self.auth.forget(registry, &scope);
                 challenge = None;
                 continue;
             }
-            if status == StatusCode::UNAUTHORIZED && challenge.is_none() {
-                let offered = response
-                    .headers()
-                    .get_all(header::WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .find_map(Challenge::parse);
-                if let Some(offered) = offered {
+            // Only the registry's own challenge is answered: one from a
+            // redirect's target (a blob store) would get the login.
+            let from_registry = response.url().origin() == url.origin();
+            if status == StatusCode::UNAUTHORIZED && challenge.is_none() && from_registry {
+                if let Some(offered) = challenges(response.headers()).find_map(Challenge::parse) {
                     if guarded {
                         self.check_realm(registry, &offered)?;
                     }
@@ -550,7 +547,7 @@ impl Client {
             .map_err(|e| self.tally(e));
             match result {
                 Err(Error::TokenRefused { .. } | Error::Unauthorized { .. })
-                    if login.renew(&self.helpers).await? => {}
+                    if login.renew(&self.helpers).await => {}
                 result => return result,
             }
         }
@@ -836,15 +833,18 @@ fn refuses_login(response: &reqwest::Response, asked: &reqwest::Url, answered: b
         StatusCode::UNAUTHORIZED => {
             answered
                 && from_registry
-                && !response
-                    .headers()
-                    .get_all(header::WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .any(auth::insufficient_scope)
+                && !challenges(response.headers()).any(auth::insufficient_scope)
         }
         _ => false,
     }
+}
+
+/// The `WWW-Authenticate` values of an answer.
+fn challenges(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
 }
 
 /// Reads a whole (small) body, refusing more than `limit` bytes and giving

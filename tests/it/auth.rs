@@ -331,6 +331,34 @@ async fn issue_15_a_missing_repository_or_a_blob_stores_403_is_not_a_refused_log
 }
 
 #[tokio::test]
+async fn issue_15_a_challenge_from_a_redirect_target_gets_no_login() {
+    // A blob store answering 401 with a token service of its own: the
+    // helper's password must not go there.
+    let helper = Helper::with_password("pw");
+    let fake = Fake::start().await;
+    let cdn = Fake::start().await;
+    fake.require_token("tok", Some(&basic("bot", "pw")));
+    fake.redirect_blobs_to(&cdn.url());
+    let (_, layer) = fake.put_image("library/private", "1", b"layer");
+    cdn.put_blob("cdn", b"layer".to_vec());
+    cdn.fault("/cdn/", crate::fake::Fault::InsufficientScope);
+    let hoard = helper.hoard(&fake).await;
+    // The token for the repository is cached: the blob GET carries it, and
+    // the first answer it gets is the blob store's challenge.
+    assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
+    let status = hoard.status(&format!("/v2/private/blobs/{layer}")).await;
+    assert!(status >= 400, "{status}");
+    assert_eq!(cdn.hits("GET", "/token"), 0, "{:?}", cdn.all_hits());
+    assert!(cdn
+        .state
+        .authorizations
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, auth)| auth.is_none()));
+}
+
+#[tokio::test]
 async fn issue_15_a_basic_registry_refusing_no_credentials_runs_the_helper_again() {
     // ECR-like: a Basic challenge. The helper's first run finds nothing
     // (ecr-login says "not found" for any failure, an STS hiccup); the

@@ -346,6 +346,25 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<BoxBody> {
     r
 }
 
+/// A 401 with a Bearer challenge naming the token service (`token_realm`,
+/// else this fake's /token); `extra` is appended to its parameters.
+fn challenge(state: &State, me: SocketAddr, extra: &str) -> Response<BoxBody> {
+    let realm = state
+        .realm
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_else(|| format!("http://{me}/token"));
+    let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
+    r.headers_mut().insert(
+        "www-authenticate",
+        format!(r#"Bearer realm="{realm}",service="fake",scope="repository:x:pull"{extra}"#)
+            .parse()
+            .unwrap(),
+    );
+    r
+}
+
 fn error_body(code: &str) -> String {
     format!(r#"{{"errors":[{{"code":"{code}","message":"fake says {code}"}}]}}"#)
 }
@@ -411,16 +430,7 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
         return r;
     }
     if let Some(Fault::InsufficientScope) = &fault {
-        let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
-        r.headers_mut().insert(
-            "www-authenticate",
-            format!(
-                r#"Bearer realm="http://{me}/token",service="fake",scope="repository:x:pull",error="insufficient_scope""#
-            )
-            .parse()
-            .unwrap(),
-        );
-        return r;
+        return challenge(&state, me, r#",error="insufficient_scope""#);
     }
     if let Some(Fault::Status(code, retry)) = &fault {
         let mut r = full(StatusCode::from_u16(*code).unwrap(), error_body("FAULT"));
@@ -496,20 +506,7 @@ async fn handle(state: Arc<State>, me: SocketAddr, req: Request<Incoming>) -> Re
     let token_auth = state.token_auth.lock().unwrap().clone();
     if let Some(auth) = token_auth {
         if authorization.as_deref() != Some(&format!("Bearer {}", auth.token)) {
-            let realm = state
-                .realm
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_else(|| format!("http://{me}/token"));
-            let mut r = full(StatusCode::UNAUTHORIZED, error_body("UNAUTHORIZED"));
-            r.headers_mut().insert(
-                "www-authenticate",
-                format!(r#"Bearer realm="{realm}",service="fake",scope="repository:x:pull""#)
-                    .parse()
-                    .unwrap(),
-            );
-            return r;
+            return challenge(&state, me, "");
         }
     }
 
