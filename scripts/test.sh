@@ -2,7 +2,8 @@
 # The whole test suite: unit, in-process integration, and end-to-end tests
 # with real software (Debian's docker-registry as upstream; skopeo, dockerd,
 # containerd and podman as clients; the engine tests need root; Garage as the
-# S3 server and nginx as the balancer of the replica tests).
+# S3 server and nginx as the balancer of the replica tests; chromium, driven
+# by Playwright from npm, for the status page).
 # Installs the real parts when they are missing: Debian's packages (needs root
 # or sudo) and Garage from crates.io (built once, about 8 minutes on 2 cores,
 # then reused from ~/.cargo/bin).
@@ -18,6 +19,9 @@ declare -A needs=(
   [containerd]=/usr/bin/containerd
   [podman]=/usr/bin/podman
   [nginx-light]=/usr/sbin/nginx
+  [chromium]=/usr/bin/chromium
+  [nodejs]=/usr/bin/node
+  [npm]=/usr/bin/npm
 )
 missing=()
 for pkg in "${!needs[@]}"; do
@@ -41,6 +45,12 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v garage >/dev/null; then
   echo "test.sh: building Garage (the S3 server of the replica tests) from crates.io, once"
   cargo install --locked --quiet garage
+fi
+# Playwright (playwright-core: no browser download; it drives Debian's
+# chromium) for tests/e2e_ui.rs, pinned by tests/ui/package-lock.json.
+if [ ! -d tests/ui/node_modules/playwright-core ]; then
+  echo "test.sh: installing tests/ui's npm packages"
+  npm ci --prefix tests/ui --no-audit --no-fund --loglevel=error
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -136,6 +136,7 @@ impl Daemon {
                 admin_token: config.admin.token.clone(),
                 access,
                 response_deadline: config.limits.response_deadline,
+                ui: config.ui_enabled.then(Default::default),
             }),
             config,
             tls,
@@ -193,6 +194,12 @@ impl Daemon {
         });
         if let Some(tls) = &self.tls {
             tokio::spawn(tls.clone().watch(stopped(stop_rx.clone())));
+        }
+        if let Some(ui) = &self.app.ui {
+            tokio::spawn(
+                ui.clone()
+                    .sample(self.app.metrics.clone(), stopped(stop_rx.clone())),
+            );
         }
         registry::serve(
             listeners.api,

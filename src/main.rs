@@ -50,6 +50,9 @@ enum Command {
         /// Only this registry host (e.g. docker.io).
         #[arg(long)]
         registry: Option<String>,
+        /// The images as JSON (raw bytes and unix times), for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Never evict IMAGE (e.g. alpine:3.19, ghcr.io/owner/app@sha256:...).
     Pin {
@@ -114,7 +117,11 @@ fn main() -> anyhow::Result<()> {
             return cli::serve::config_check(file)
         }
         Some(Command::Health { addr }) => return cli::client::health(&addr),
-        Some(Command::Ls { target, registry }) => return cli::images::ls(&target, registry),
+        Some(Command::Ls {
+            target,
+            registry,
+            json,
+        }) => return cli::images::ls(&target, registry, json),
         Some(Command::Warm {
             mirror,
             platform,

@@ -176,7 +176,9 @@ async fn send(request: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Re
 fn http_error(url: &str, e: reqwest::Error) -> Error {
     Error::Http {
         url: url.to_owned(),
-        message: e.without_url().to_string(),
+        // The whole chain ("connection refused", "dns error"), not only
+        // reqwest's "error sending request".
+        message: crate::upstream::describe_error(e),
     }
 }
 

@@ -182,6 +182,27 @@ fn ls_and_pin_work_through_the_admin_api_and_on_a_stopped_store() {
         line.trim_end().ends_with("yes"),
         "pinned, and the pin persisted: {line}"
     );
+    // Sizes and times as people read them, like `docker images` (only
+    // the manifest was pulled: its size in bytes).
+    assert!(line.contains(" B just now"), "{line}");
+    let json: serde_json::Value = serde_json::from_str(&cli(&[
+        "ls",
+        "--json",
+        "--data-dir",
+        store.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let image = json["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image"] == "docker.io/library/alpine-like:3")
+        .unwrap();
+    assert!(
+        image["size"].as_u64().unwrap() > 100,
+        "raw bytes for scripts"
+    );
+    assert_eq!(image["pinned"], true);
     assert!(cli(&[
         "unpin",
         "--data-dir",
@@ -229,9 +250,28 @@ fn hoard_warm_prefetches_through_the_running_mirror() {
     assert_eq!(upstream.count("GET", &seeded.docker.layers[1].digest()), 1);
     let second = warm(&["library/multi:1"]);
     assert!(
-        second.contains("2 blobs (2 already cached), 0 bytes fetched"),
+        second.contains("2 blobs (2 already cached), 0 B fetched"),
         "{second}"
     );
+    assert!(
+        first.contains("MiB fetched") || first.contains("KiB fetched"),
+        "amounts in binary units: {first}"
+    );
+
+    // A mirror that is not there: the error names why.
+    let (_socket, port) = support::fleet::refusing_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_hoard"))
+        .args([
+            "warm",
+            "--mirror",
+            &format!("http://127.0.0.1:{port}"),
+            "alpine-like:3",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
 #[test]

@@ -57,8 +57,11 @@ pub fn warm(mirror: &str, platform: &str, images: &[String]) -> anyhow::Result<(
             Some(&progress),
         )) {
             Ok(r) => println!(
-                "{image}: {} manifests, {} blobs ({} already cached), {} bytes fetched",
-                r.manifests, r.blobs, r.cached, r.fetched_bytes
+                "{image}: {} manifests, {} blobs ({} already cached), {} fetched",
+                r.manifests,
+                r.blobs,
+                r.cached,
+                super::human::size(r.fetched_bytes)
             ),
             Err(e) => {
                 failed += 1;

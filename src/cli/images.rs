@@ -6,6 +6,7 @@ use hoard::mirror::catalog::CachedImage;
 use hoard::reference::ImageRef;
 use hoard::registry::admin;
 
+use super::human;
 use super::store::{open_store, StoreArgs};
 
 /// A running daemon's admin API, or a stopped store.
@@ -49,8 +50,9 @@ fn block_on<T>(call: impl std::future::Future<Output = T>) -> anyhow::Result<T> 
         .block_on(call))
 }
 
-/// `hoard ls`.
-pub fn ls(target: &Target, registry: Option<String>) -> anyhow::Result<()> {
+/// `hoard ls`: a table like `docker images` (sizes in binary units, times
+/// as ages), or with `json` the daemon's JSON as it is.
+pub fn ls(target: &Target, registry: Option<String>, json: bool) -> anyhow::Result<()> {
     let images: Vec<CachedImage> = match target.admin()? {
         Some(client) => block_on(client.images(registry.as_deref()))??,
         None => {
@@ -58,29 +60,40 @@ pub fn ls(target: &Target, registry: Option<String>) -> anyhow::Result<()> {
             hoard::mirror::catalog::images(&store, &[], registry.as_deref())?
         }
     };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&admin::Images { images })?
+        );
+        return Ok(());
+    }
+    let now = hoard::clock::unix_ms() / 1000;
     println!(
-        "{:<60} {:<20} {:>12} {:<20} PINNED",
-        "IMAGE", "DIGEST", "SIZE", "CHECKED"
+        "{:<50} {:<19} {:>10} {:<16} {:<16} {:<20} PINNED",
+        "IMAGE", "DIGEST", "SIZE", "PULLED", "CHECKED", "PLATFORMS"
     );
     for image in &images {
-        println!("{}", row(image));
+        println!("{}", row(image, now));
     }
     Ok(())
 }
 
-/// One line of `hoard ls`. The strings come from a daemon's JSON: cut by
-/// characters, never by bytes, whatever they hold.
-fn row(image: &CachedImage) -> String {
-    let checked = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(image.checked_at_ms),
-    );
+/// One line of `hoard ls` at unix second `now`. The strings come from a
+/// daemon's JSON: cut by characters, never by bytes, whatever they hold.
+fn row(image: &CachedImage, now: u64) -> String {
     let digest: String = image.digest.chars().take(19).collect();
     format!(
-        "{:<60} {:<20} {:>12} {:<20} {}",
+        "{:<50} {:<19} {:>10} {:<16} {:<16} {:<20} {}",
         image.image,
         digest,
-        image.size,
-        checked,
+        human::size(image.size),
+        human::ago(image.last_pulled_secs, now),
+        human::ago(image.checked_at_ms / 1000, now),
+        if image.platforms.is_empty() {
+            "-".to_owned()
+        } else {
+            image.platforms.join(",")
+        },
         if image.pinned { "yes" } else { "" }
     )
 }
@@ -119,13 +132,20 @@ mod tests {
             // Byte 19 falls inside a character: a byte slice there panics.
             digest: "sha256:aéééééééééééééééééééé".into(),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            size: 42,
-            checked_at_ms: 0,
-            last_pulled_secs: 0,
+            size: 3 * 1024 * 1024,
+            checked_at_ms: 1_000_000_000,
+            last_pulled_secs: 1_000_000 - 300,
             pinned: true,
+            platforms: vec!["linux/amd64".into()],
         };
-        let line = row(&image);
+        let line = row(&image, 1_000_000);
         assert!(line.contains("sha256:aééééééééééé "), "{line}");
         assert!(line.ends_with("yes"));
+        // Sizes and times as people read them.
+        assert!(line.contains("   3.0 MiB 5 min ago"), "{line}");
+        assert!(
+            line.contains("just now") && line.contains("linux/amd64"),
+            "{line}"
+        );
     }
 }

@@ -191,6 +191,9 @@ pub struct ServeArgs {
     /// How long shutdown waits for transfers in progress [default: 30s].
     #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
+    /// Whether the status page (/ui/) is served [default: true].
+    #[arg(long, env = "HOARD_UI", value_name = "BOOL")]
+    pub ui: Option<bool>,
 }
 
 impl ServeArgs {

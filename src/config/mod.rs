@@ -84,6 +84,8 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// The other replicas; `None`: this one alone.
     pub cluster: Option<ClusterConfig>,
+    /// `[ui]`: whether the status page is served.
+    pub ui_enabled: bool,
 }
 
 /// `[cluster]`: the replicas sharing a bucket, so that each object is
@@ -404,6 +406,8 @@ impl fmt::Display for Config {
             "  response_deadline = {}",
             dur(self.limits.response_deadline)
         )?;
+        writeln!(f, "[ui]")?;
+        writeln!(f, "  enabled = {}", self.ui_enabled)?;
         writeln!(f, "[store]")?;
         writeln!(
             f,

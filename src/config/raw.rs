@@ -43,6 +43,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub cluster: RawCluster,
     #[serde(default)]
+    pub ui: RawUi,
+    #[serde(default)]
     pub registries: BTreeMap<String, RawRegistry>,
 }
 
@@ -119,6 +121,13 @@ pub(super) struct RawWarm {
     pub images: Option<Vec<String>>,
     pub platforms: Option<Vec<String>>,
     pub interval: Option<String>,
+}
+
+/// `[ui]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUi {
+    pub enabled: Option<bool>,
 }
 
 /// `[admin]`.
@@ -229,6 +238,7 @@ impl RawConfig {
             range_fill,
             any_ports,
             shutdown_timeout,
+            ui,
         } = args.clone();
         Ok(RawConfig {
             listen,
@@ -283,6 +293,7 @@ impl RawConfig {
                 reload_interval: auth_reload_interval,
                 ..RawAuth::default()
             },
+            ui: RawUi { enabled: ui },
             cluster: RawCluster {
                 peers: (!peers.is_empty()).then_some(peers),
                 advertise,
@@ -377,6 +388,9 @@ impl RawConfig {
                 access: l.auth.access.or(s.auth.access),
                 groups: l.auth.groups.or(s.auth.groups),
                 reload_interval: l.auth.reload_interval.or(s.auth.reload_interval),
+            },
+            ui: RawUi {
+                enabled: l.ui.enabled.or(s.ui.enabled),
             },
             cluster: RawCluster {
                 peers: l.cluster.peers.or(s.cluster.peers),

@@ -413,6 +413,11 @@ fn every_setting(dir: &Path) -> Vec<Setting> {
             Some(&["--range-fill", "false"]),
         ),
         setting(
+            "[ui]\nenabled = false",
+            &[("HOARD_UI", "false")],
+            Some(&["--ui", "false"]),
+        ),
+        setting(
             "[upstream]\nany_ports = [443, 5000]",
             &[("HOARD_ANY_PORTS", "443,5000")],
             Some(&["--any-port", "443", "--any-port", "5000"]),

@@ -40,6 +40,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config> {
         tls,
         auth,
         cluster,
+        ui,
         registries,
     } = raw;
     let store = store_config(data_dir, store)?;
@@ -70,6 +71,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config> {
         tls: tls_config(tls)?,
         auth: auth_config(auth)?,
         cluster,
+        ui_enabled: ui.enabled.unwrap_or(true),
     })
 }
 

@@ -27,6 +27,10 @@ pub struct CachedImage {
     #[serde(rename = "last_pulled")]
     pub last_pulled_secs: u64,
     pub pinned: bool,
+    /// `os/arch[/variant]` of each platform it has (an index's, or its
+    /// config's); empty when not known here.
+    #[serde(default)]
+    pub platforms: Vec<String>,
 }
 
 /// Every pin: from the config and added at run time.
@@ -96,6 +100,7 @@ pub fn images(
             .sum();
         out.push(CachedImage {
             image: key,
+            platforms: platforms(store, &root),
             pinned: protected.contains(&root),
             digest: root.to_string(),
             media_type: record.media_type,
@@ -147,6 +152,70 @@ pub fn expire(
         }
     }
     Ok(total)
+}
+
+/// Largest image config read for its platform; configs are a few KiB.
+const MAX_CONFIG: u64 = 1 << 20;
+
+/// The platforms of the image `root` is: an index's entries (attestation
+/// manifests, `unknown/unknown`, left out), or a manifest's config's.
+fn platforms(store: &Store, root: &Digest) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Platform {
+        #[serde(default)]
+        os: String,
+        #[serde(default)]
+        architecture: String,
+        variant: Option<String>,
+    }
+    impl Platform {
+        fn name(self) -> Option<String> {
+            if self.os.is_empty() || self.os == "unknown" {
+                return None;
+            }
+            Some(match self.variant.filter(|v| !v.is_empty()) {
+                Some(variant) => format!("{}/{}/{variant}", self.os, self.architecture),
+                None => format!("{}/{}", self.os, self.architecture),
+            })
+        }
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        platform: Option<Platform>,
+    }
+    #[derive(Deserialize)]
+    struct Config {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        manifests: Vec<Entry>,
+        config: Option<Config>,
+    }
+    let Some(manifest) = read_manifest(store, root) else {
+        return Vec::new();
+    };
+    let Ok(body) = serde_json::from_slice::<Body>(&manifest.bytes) else {
+        return Vec::new();
+    };
+    if !body.manifests.is_empty() {
+        let mut names: Vec<String> = body
+            .manifests
+            .into_iter()
+            .filter_map(|entry| entry.platform?.name())
+            .collect();
+        names.dedup();
+        return names;
+    }
+    let config = body
+        .config
+        .and_then(|c| Digest::parse(&c.digest).ok())
+        .and_then(|digest| store.open_blob(&digest).ok().flatten())
+        .filter(|blob| blob.meta.size <= MAX_CONFIG)
+        .and_then(|blob| blob.reader.read_all(blob.meta.size).ok())
+        .and_then(|bytes| serde_json::from_slice::<Platform>(&bytes).ok());
+    config.and_then(Platform::name).into_iter().collect()
 }
 
 fn read_manifest(store: &Store, digest: &Digest) -> Option<Manifest> {
@@ -214,5 +283,66 @@ mod tests {
         assert!(store.blob_meta(&kept).unwrap().is_some());
         assert!(store.blob_meta(&kept_layer).unwrap().is_some());
         assert_eq!(images(&store, &[], None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn platforms_come_from_the_index_or_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let put = |bytes: &[u8], media_type: Option<&str>| {
+            let digest = Digest::of(bytes);
+            store
+                .put_bytes(&digest, media_type.map(str::to_owned), bytes)
+                .unwrap();
+            digest
+        };
+        let tag = |name: &str, digest: &Digest, media_type: &str| {
+            let record = TagRecord {
+                digest: digest.clone(),
+                media_type: media_type.into(),
+                checked_at_ms: 0,
+            };
+            store
+                .put_tag(&Repository::new("docker.io", name).unwrap(), "1", &record)
+                .unwrap();
+        };
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let config = put(
+            br#"{"os":"linux","architecture":"arm","variant":"v7"}"#,
+            None,
+        );
+        let single = put(
+            format!(r#"{{"schemaVersion":2,"config":{{"digest":"{config}"}},"layers":[]}}"#)
+                .as_bytes(),
+            Some(oci),
+        );
+        tag("single", &single, oci);
+        let index_type = "application/vnd.oci.image.index.v1+json";
+        let index = put(
+            format!(
+                r#"{{"schemaVersion":2,"manifests":[
+                {{"digest":"{single}","platform":{{"os":"linux","architecture":"amd64"}}}},
+                {{"digest":"{single}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},
+                {{"digest":"{single}","platform":{{"os":"unknown","architecture":"unknown"}}}}]}}"#
+            )
+            .as_bytes(),
+            Some(index_type),
+        );
+        tag("multi", &index, index_type);
+        let listed = images(&store, &[], None).unwrap();
+        let of = |name: &str| {
+            listed
+                .iter()
+                .find(|i| i.image.contains(name))
+                .unwrap()
+                .platforms
+                .clone()
+        };
+        assert_eq!(
+            of("multi"),
+            ["linux/amd64", "linux/arm64/v8"],
+            "attestations left out"
+        );
+        assert_eq!(of("single"), ["linux/arm/v7"]);
     }
 }

@@ -202,6 +202,17 @@ impl Fill {
         rate > 0.0 && (end - received) as f64 / rate <= within.as_secs_f64()
     }
 
+    /// How long ago the download started.
+    pub fn age(&self) -> std::time::Duration {
+        self.created.elapsed()
+    }
+
+    /// Readers following the download now (the clients it serves, and the
+    /// bucket's uploader where there is one).
+    pub fn readers(&self) -> usize {
+        self.state.receiver_count()
+    }
+
     /// Whether the fill reached its end, good or bad.
     pub fn is_finished(&self) -> bool {
         matches!(

@@ -57,6 +57,15 @@ impl Fills {
         }
     }
 
+    /// Every download running now (the status page).
+    pub(super) fn all(&self) -> Vec<(Digest, Arc<Fill>)> {
+        self.map
+            .lock()
+            .iter()
+            .map(|(digest, running)| (digest.clone(), running.fill.clone()))
+            .collect()
+    }
+
     /// Cancels every download (shutdown past its grace period): their
     /// leads drop, so readers are told and temp files are deleted.
     pub(super) fn abort_all(&self) {

@@ -399,6 +399,8 @@ pub(super) async fn images(shared: &Shared, registry: Option<&str>) -> Result<Ve
             // the last pull after the tag's TTL.
             last_pulled_secs: record.checked_at_ms / 1000,
             pinned,
+            // Would cost a bucket read per image per listing.
+            platforms: Vec::new(),
         });
     }
     out.sort_by(|a, b| a.image.cmp(&b.image));

@@ -36,6 +36,7 @@ mod outcome;
 mod referrers;
 mod resume;
 mod shared;
+mod status;
 mod stream;
 mod tag_list;
 mod upload;
@@ -51,6 +52,11 @@ pub use lazy::{Ranged, Relayed};
 pub use manifest::Manifest;
 pub use outcome::Outcome;
 pub use referrers::Referrers;
+pub use status::{Download, StoreUsage};
+// The upstream's words the registry layer answers with, named here so that
+// `registry` names no `upstream` item: why a destination was refused or
+// unreachable, how a registry is doing, and an HTTP client error's causes.
+pub use crate::upstream::{describe_error, Cause, Condition, RegistryHealth, Rule};
 pub use stream::{ByteStream, Piece};
 pub use tag_list::TagList;
 

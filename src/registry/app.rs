@@ -18,6 +18,8 @@ pub struct App {
     pub access: Option<Access>,
     /// Longest a request waits for its response head (`limits.response_deadline`).
     pub response_deadline: std::time::Duration,
+    /// The status page; `None` with `ui.enabled = false`.
+    pub ui: Option<std::sync::Arc<super::ui::Ui>>,
 }
 
 /// Which endpoints a listener offers.

@@ -245,7 +245,7 @@ impl From<UpstreamFailure> for ApiError {
             // who asks. The operator's log and metric name the range.
             UpstreamFailure::Refused(rule) => {
                 let (kind, message) = match rule {
-                    crate::upstream::Rule::Port => (
+                    crate::mirror::Rule::Port => (
                         "port",
                         "destination not allowed: port not allowed for registries that are not configured",
                     ),
@@ -477,12 +477,12 @@ mod tests {
                 "UNAVAILABLE",
             ),
             (
-                UpstreamFailure::Refused(crate::upstream::Rule::Loopback),
+                UpstreamFailure::Refused(crate::mirror::Rule::Loopback),
                 StatusCode::FORBIDDEN,
                 "DENIED",
             ),
             (
-                UpstreamFailure::Unreachable(crate::upstream::Cause::Dns),
+                UpstreamFailure::Unreachable(crate::mirror::Cause::Dns),
                 StatusCode::BAD_GATEWAY,
                 "UNAVAILABLE",
             ),
@@ -499,9 +499,9 @@ mod tests {
             nine
         );
         for rule in [
-            crate::upstream::Rule::Loopback,
-            crate::upstream::Rule::Private,
-            crate::upstream::Rule::LinkLocal,
+            crate::mirror::Rule::Loopback,
+            crate::mirror::Rule::Private,
+            crate::mirror::Rule::LinkLocal,
         ] {
             let refused = ApiError::from(UpstreamFailure::Refused(rule));
             assert_eq!(
@@ -510,9 +510,8 @@ mod tests {
             );
             assert_eq!(refused.detail["rule"], "address");
         }
-        let unreachable = ApiError::from(UpstreamFailure::Unreachable(
-            crate::upstream::Cause::Refused,
-        ));
+        let unreachable =
+            ApiError::from(UpstreamFailure::Unreachable(crate::mirror::Cause::Refused));
         assert_eq!(unreachable.detail["cause"], "connection refused");
     }
 

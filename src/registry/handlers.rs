@@ -42,13 +42,17 @@ pub async fn handle<B>(
         Ok(Route::Base) => "base",
         Ok(Route::Metrics) => "metrics",
         Ok(Route::Healthz) => "healthz",
+        Ok(Route::Ui) => "ui",
         Ok(Route::Unsupported) | Err(_) => "other",
     };
     let (mut response, result) = match routed {
         Ok(route) => match admit(app, peer, &route, request.headers()).await {
             Err(refusal) => (refused(app, &refusal), None),
-            Ok(()) => match route {
+            Ok(who) => match route {
                 route @ (Route::Metrics | Route::Healthz) => (meta(app, &method, route), None),
+                Route::Ui if surface == Surface::Full => {
+                    (super::ui::handle(app, &who, &method, &path).await, None)
+                }
                 _ if surface == Surface::MetricsOnly => (
                     error(&ApiError::new(Code::NotFound, "no such endpoint")),
                     None,
@@ -107,18 +111,22 @@ pub async fn handle<B>(
     response.map(|body| body.logged(log))
 }
 
-/// Checks the client may make this request (always, without auth).
+/// Checks the client may make this request (always, without auth), and
+/// says who it is.
 async fn admit(
     app: &App,
     peer: Option<IpAddr>,
     route: &Route,
     headers: &http::HeaderMap,
-) -> Result<(), Refusal> {
+) -> Result<Who, Refusal> {
     let Some(access) = &app.access else {
-        return Ok(());
+        return Ok(Who::Anonymous);
     };
     let needs_user = match route {
         Route::Metrics | Route::Healthz => access.protects_metrics(),
+        // The page shows what the mirror holds: with logins on, only to
+        // someone logged in (and then only what they may pull).
+        Route::Ui => true,
         // The base check is how clients learn they should log in (docker
         // sends credentials only after a challenge), so it always asks.
         Route::Base => true,
@@ -140,7 +148,7 @@ async fn admit(
             Who::Anonymous => Err(Refusal::Unauthenticated),
             Who::User(_) => Err(Refusal::Denied),
         },
-        _ => Ok(()),
+        _ => Ok(who),
     }
 }
 
@@ -192,7 +200,9 @@ async fn dispatch(
             Code::Unsupported,
             "this registry mirror is read-only",
         )),
-        Route::Metrics | Route::Healthz => unreachable!("handled before dispatch"),
+        Route::Metrics | Route::Healthz | Route::Ui => {
+            unreachable!("handled before dispatch")
+        }
     };
     result.unwrap_or_else(|e| (error(&e), None))
 }

@@ -15,6 +15,7 @@ mod referrers;
 mod routes;
 mod server;
 mod tls;
+pub mod ui;
 
 pub use access::Access;
 pub use app::{App, Surface};

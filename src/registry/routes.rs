@@ -35,6 +35,8 @@ pub enum Route {
     Metrics,
     /// `/healthz`.
     Healthz,
+    /// `/ui` and everything under `/ui/`: the status page.
+    Ui,
 }
 
 /// Why a path was not routed.
@@ -66,6 +68,8 @@ pub fn route(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
     match path {
         "/metrics" => return Ok(Route::Metrics),
         "/healthz" => return Ok(Route::Healthz),
+        "/ui" => return Ok(Route::Ui),
+        _ if path.starts_with("/ui/") => return Ok(Route::Ui),
         "/v2" | "/v2/" => return Ok(Route::Base),
         _ => {}
     }

@@ -36,6 +36,36 @@ struct State {
     probe_started: Option<Instant>,
     backoff_until: Option<Instant>,
     remaining: Option<i64>,
+    /// `ratelimit-limit` and its window (`;w=`), as last seen.
+    limit: Option<i64>,
+    window: Option<i64>,
+}
+
+/// How a registry is doing, for people (the status page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Answering.
+    Ok,
+    /// Its rate-limit budget is under the floor: cached tags are served
+    /// without asking it again.
+    BudgetLow,
+    /// The last requests failed (connect errors, timeouts, 5xx); not yet
+    /// enough to stop asking.
+    Failing { failures: u32 },
+    /// Not asked until `retry_in` has passed (the circuit breaker).
+    CircuitOpen { retry_in: Duration },
+    /// Backing off after a 429 until `retry_in` has passed.
+    RateLimited { retry_in: Duration },
+}
+
+/// A registry's condition and the rate limit it last announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub condition: Condition,
+    pub remaining: Option<i64>,
+    pub limit: Option<i64>,
+    /// The window the limit counts over, in seconds.
+    pub window_secs: Option<i64>,
 }
 
 /// Health of every upstream registry.
@@ -166,6 +196,47 @@ impl Health {
         states.entry(registry.to_owned()).or_default()
     }
 
+    /// Notes a `ratelimit-limit` and its window.
+    pub fn observe_limit(&self, registry: &str, limit: Option<i64>, window: Option<i64>) {
+        let mut states = self.states.lock();
+        let state = self.tracked(&mut states, registry);
+        state.limit = limit.or(state.limit);
+        state.window = window.or(state.window);
+    }
+
+    /// What is known of `registry` now.
+    pub fn snapshot(&self, registry: &str) -> Snapshot {
+        let now = Instant::now();
+        let states = self.states.lock();
+        let Some(state) = states.get(registry) else {
+            return Snapshot {
+                condition: Condition::Ok,
+                remaining: None,
+                limit: None,
+                window_secs: None,
+            };
+        };
+        let condition = match (state.backoff_until, state.open_until) {
+            (Some(until), _) if until > now => Condition::RateLimited {
+                retry_in: until - now,
+            },
+            (_, Some(until)) => Condition::CircuitOpen {
+                retry_in: until.saturating_duration_since(now),
+            },
+            _ if state.failures > 0 => Condition::Failing {
+                failures: state.failures,
+            },
+            _ if state.remaining.is_some_and(|r| r < self.floor) => Condition::BudgetLow,
+            _ => Condition::Ok,
+        };
+        Snapshot {
+            condition,
+            remaining: state.remaining,
+            limit: state.limit,
+            window_secs: state.window,
+        }
+    }
+
     /// Whether `registry`'s remaining budget is under the floor.
     pub fn budget_low(&self, registry: &str) -> bool {
         let states = self.states.lock();
@@ -207,6 +278,35 @@ mod tests {
             h.record("new.example", Verdict::Failed);
         }
         assert!(h.is_open("new.example"));
+    }
+
+    #[test]
+    fn snapshots_say_how_a_registry_is_doing() {
+        let h = Health::new(10, &["r".to_owned()]);
+        assert_eq!(h.snapshot("r").condition, Condition::Ok);
+        h.observe_remaining("r", 5);
+        h.observe_limit("r", Some(100), Some(21600));
+        let s = h.snapshot("r");
+        assert_eq!(s.condition, Condition::BudgetLow);
+        assert_eq!(
+            (s.remaining, s.limit, s.window_secs),
+            (Some(5), Some(100), Some(21600))
+        );
+        h.record("r", Verdict::Failed);
+        assert_eq!(
+            h.snapshot("r").condition,
+            Condition::Failing { failures: 1 }
+        );
+        for _ in 1..THRESHOLD {
+            h.record("r", Verdict::Failed);
+        }
+        assert!(
+            matches!(h.snapshot("r").condition, Condition::CircuitOpen { retry_in } if retry_in <= FIRST_COOL_OFF)
+        );
+        h.record("r", Verdict::RateLimited(Some(Duration::from_secs(30))));
+        assert!(
+            matches!(h.snapshot("r").condition, Condition::RateLimited { retry_in } if retry_in > Duration::from_secs(29))
+        );
     }
 
     #[test]

@@ -23,9 +23,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 
 pub use auth::Challenge;
-pub use cause::Cause;
+pub use cause::{describe as describe_error, Cause};
 pub use error::{Envelope, Error, Result};
 pub use guard::Rule;
+pub use health::{Condition, Snapshot as RegistryHealth};
 pub use partial::ContentRange;
 pub use referrers::ReferrersResponse;
 
@@ -198,6 +199,14 @@ impl Client {
         } else {
             "other"
         }
+    }
+
+    /// Every configured registry and how it is doing (the status page).
+    pub fn registries(&self) -> Vec<(String, RegistryHealth)> {
+        self.registries
+            .keys()
+            .map(|name| (name.clone(), self.health.snapshot(name)))
+            .collect()
     }
 
     /// Whether requests for this registry host may be sent at all.
@@ -757,6 +766,11 @@ impl Client {
         }
         let window = ratelimit::window(headers, "ratelimit-limit")
             .or_else(|| ratelimit::window(headers, "ratelimit-remaining"));
+        self.health.observe_limit(
+            registry,
+            ratelimit::parse(headers, "ratelimit-limit"),
+            window,
+        );
         if let Some(window) = window {
             self.metrics
                 .ratelimit_window

@@ -22,6 +22,7 @@ mod resume;
 mod single_flight;
 mod ssrf;
 mod tls;
+mod ui;
 mod warm;
 
 use std::net::SocketAddr;

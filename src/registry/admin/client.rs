@@ -77,7 +77,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Unreachable {
                 base: self.base.clone(),
-                cause: root_cause(&e),
+                cause: crate::mirror::describe_error(e),
             })?;
         let status = response.status();
         let body = response
@@ -85,7 +85,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Unreachable {
                 base: self.base.clone(),
-                cause: root_cause(&e),
+                cause: crate::mirror::describe_error(e),
             })?;
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&body)
@@ -103,14 +103,4 @@ impl Client {
             cause: e.to_string(),
         })
     }
-}
-
-/// The innermost error: "Connection refused (os error 111)" rather than
-/// reqwest's "error sending request".
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut inner = e;
-    while let Some(source) = inner.source() {
-        inner = source;
-    }
-    inner.to_string()
 }
