@@ -77,12 +77,17 @@ enum Command {
         images: Vec<String>,
     },
     /// Exit 0 if the mirror's /healthz answers 200 (for container
-    /// HEALTHCHECKs in images without curl). Plain HTTP only.
+    /// HEALTHCHECKs in images without curl). Without --addr, checks the
+    /// address `serve` would listen on, from the same defaults, config file
+    /// and HOARD_* variables, over TLS when that listener has it.
     Health {
-        /// Address of a plain-HTTP listener (the API, --metrics-listen or
-        /// --plain-listen).
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        addr: String,
+        /// A plain-HTTP listener to check instead (the API, --metrics-listen
+        /// or --plain-listen).
+        #[arg(long)]
+        addr: Option<String>,
+        /// The config file `serve` reads.
+        #[arg(short, long, env = "HOARD_CONFIG", value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
     },
     /// Configuration tools.
     #[command(subcommand)]
@@ -116,7 +121,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Config(ConfigCommand::Check { file })) => {
             return cli::serve::config_check(file)
         }
-        Some(Command::Health { addr }) => return cli::client::health(&addr),
+        Some(Command::Health { addr, config }) => return cli::client::health(addr, config),
         Some(Command::Ls {
             target,
             registry,

@@ -388,3 +388,49 @@ fn hoard_health_checks_a_running_mirror() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }
+
+/// `hoard health` with no `--addr` checks where `serve` would listen, from
+/// the same HOARD_* variables (as a container's HEALTHCHECK runs it), over
+/// TLS when the listener has it.
+#[test]
+fn issue_18_hoard_health_follows_the_listener_serve_would_use() {
+    let upstream = Distribution::start();
+    let health = |env: &[(&str, String)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        command.arg("health").env("RUST_BACKTRACE", "0");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        command.output().unwrap()
+    };
+    let plain = HoardProcess::start(&upstream.url(), &[]);
+    let listen = ("HOARD_LISTEN", plain.addr());
+    let out = health(std::slice::from_ref(&listen));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pki = tempfile::tempdir().unwrap();
+    let (cert, key) = support::pki::Ca::new("health check CA").server_files(pki.path());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let tls = HoardProcess::start(&upstream.url(), &["--tls-cert", cert, "--tls-key", key]);
+    let tls_env = [
+        ("HOARD_LISTEN", tls.addr()),
+        ("HOARD_TLS_CERT", cert.to_owned()),
+        ("HOARD_TLS_KEY", key.to_owned()),
+    ];
+    let out = health(&tls_env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Asked in plain HTTP, the TLS listener does not answer 200.
+    assert!(!health(&[("HOARD_LISTEN", tls.addr())]).status.success());
+    // Nothing listens on port 0: the error names the address it tried.
+    let out = health(&[("HOARD_LISTEN", "127.0.0.1:0".to_owned())]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to 127.0.0.1:0"));
+}

@@ -3,35 +3,148 @@
 
 use anyhow::Context as _;
 
-/// `hoard health`: one GET /healthz with a 5 s budget.
-pub fn health(addr: &str) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
-    use std::net::ToSocketAddrs;
-    let timeout = std::time::Duration::from_secs(5);
-    let target = addr
-        .to_socket_addrs()
-        .with_context(|| format!("bad address {addr}"))?
-        .next()
-        .with_context(|| format!("{addr} resolves to nothing"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = [0u8; 64];
-    let n = stream.read(&mut head)?;
-    let line = String::from_utf8_lossy(&head[..n]);
+/// How long `hoard health` waits for each step.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `hoard health`: one GET /healthz with a 5 s budget, to `addr` over plain
+/// HTTP, or to where `serve` would listen (resolved from the defaults, the
+/// config file and the HOARD_* variables, as `serve` resolves them).
+pub fn health(addr: Option<String>, config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let (target, tls) = match &addr {
+        Some(addr) => (resolve(addr)?, false),
+        None => {
+            let args = hoard::config::ServeArgs {
+                config,
+                ..Default::default()
+            };
+            let config = hoard::config::Config::load(&args, std::env::vars())
+                .context("cannot read the settings `serve` would use")?;
+            own_listener(&config)
+        }
+    };
+    let shown = addr.unwrap_or_else(|| target.to_string());
+    let stream = std::net::TcpStream::connect_timeout(&target, HEALTH_TIMEOUT)
+        .with_context(|| format!("cannot connect to {shown}"))?;
+    stream.set_read_timeout(Some(HEALTH_TIMEOUT))?;
+    stream.set_write_timeout(Some(HEALTH_TIMEOUT))?;
+    let line = if tls {
+        let name = rustls_pki_types::ServerName::IpAddress(target.ip().into());
+        let connection = rustls::ClientConnection::new(liveness_tls(), name)?;
+        healthz(rustls::StreamOwned::new(connection, stream), &shown)?
+    } else {
+        healthz(stream, &shown)?
+    };
     if line.starts_with("HTTP/1.1 200") {
         Ok(())
     } else {
         anyhow::bail!(
-            "{addr}/healthz: {}",
+            "{shown}/healthz: {}",
             line.lines().next().unwrap_or("no answer")
         )
     }
+}
+
+fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    addr.to_socket_addrs()
+        .with_context(|| format!("bad address {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to nothing"))
+}
+
+/// Where this machine reaches the listener `config` sets up, and whether
+/// it speaks TLS. A listener on all addresses is asked on loopback. One
+/// that wants client certificates is asked on its plain listener if there
+/// is one (a liveness check has no certificate to show).
+fn own_listener(config: &hoard::config::Config) -> (std::net::SocketAddr, bool) {
+    let loopback = |mut addr: std::net::SocketAddr| {
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        addr
+    };
+    match &config.tls {
+        Some(tls) if tls.client_ca.is_some() && tls.plain_listen.is_some() => {
+            (loopback(tls.plain_listen.expect("checked")), false)
+        }
+        Some(_) => (loopback(config.listen), true),
+        None => (loopback(config.listen), false),
+    }
+}
+
+/// Sends `GET /healthz` on `stream` and reads the status line.
+fn healthz(mut stream: impl std::io::Read + std::io::Write, host: &str) -> anyhow::Result<String> {
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    stream.flush()?;
+    let mut head = [0u8; 64];
+    let n = stream
+        .read(&mut head)
+        .with_context(|| format!("{host} sent no answer"))?;
+    Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+}
+
+/// TLS for a liveness check of hoard's own listener on this machine: the
+/// certificate is not checked (it names the mirror's public name, and the
+/// check only asks whether the process answers), so nothing secret is sent.
+fn liveness_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    #[derive(Debug)]
+    struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &rustls_pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
 }
 
 pub fn warm(mirror: &str, platform: &str, images: &[String]) -> anyhow::Result<()> {
@@ -73,4 +186,37 @@ pub fn warm(mirror: &str, platform: &str, images: &[String]) -> anyhow::Result<(
         anyhow::bail!("{failed} of {} images could not be warmed", images.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> hoard::config::Config {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hoard.toml");
+        std::fs::write(&file, text).unwrap();
+        let args = hoard::config::ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        hoard::config::Config::load(&args, std::iter::empty()).unwrap()
+    }
+
+    #[test]
+    fn issue_18_the_health_check_asks_the_listener_on_loopback() {
+        assert_eq!(
+            own_listener(&config("")),
+            ("127.0.0.1:5000".parse().unwrap(), false),
+            "the default 0.0.0.0:5000"
+        );
+        assert_eq!(
+            own_listener(&config("listen = \"[::]:8443\"")),
+            ("[::1]:8443".parse().unwrap(), false)
+        );
+        assert_eq!(
+            own_listener(&config("listen = \"127.0.0.2:7000\"")),
+            ("127.0.0.2:7000".parse().unwrap(), false)
+        );
+    }
 }
