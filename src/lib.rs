@@ -129,6 +129,9 @@ impl Daemon {
             upstream,
             metrics.clone(),
         );
+        let ui = config
+            .ui_enabled
+            .then(|| Arc::new(registry::ui::Ui::new(&metrics)));
         Ok(Daemon {
             app: Arc::new(registry::App {
                 mirror,
@@ -136,7 +139,7 @@ impl Daemon {
                 admin_token: config.admin.token.clone(),
                 access,
                 response_deadline: config.limits.response_deadline,
-                ui: config.ui_enabled.then(Default::default),
+                ui,
             }),
             config,
             tls,

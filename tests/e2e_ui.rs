@@ -116,7 +116,10 @@ fn issue_17_the_status_page_shows_the_mirror_and_a_failing_upstream() {
     expect("phase2 ok");
     let exit = driver.0.wait().unwrap();
     assert!(exit.success(), "{exit}");
-    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let kept = target.join("ui");
     std::fs::create_dir_all(&kept).unwrap();
     for shot in ["status.png", "status-phone.png", "status-failing.png"] {
         assert!(shots.join(shot).is_file(), "{shot} saved");

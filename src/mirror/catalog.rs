@@ -211,7 +211,7 @@ fn platforms(store: &Store, root: &Digest) -> Vec<String> {
     let config = body
         .config
         .and_then(|c| Digest::parse(&c.digest).ok())
-        .and_then(|digest| store.open_blob(&digest).ok().flatten())
+        .and_then(|digest| store.peek_blob(&digest).ok().flatten())
         .filter(|blob| blob.meta.size <= MAX_CONFIG)
         .and_then(|blob| blob.reader.read_all(blob.meta.size).ok())
         .and_then(|bytes| serde_json::from_slice::<Platform>(&bytes).ok());
@@ -219,7 +219,7 @@ fn platforms(store: &Store, root: &Digest) -> Vec<String> {
 }
 
 fn read_manifest(store: &Store, digest: &Digest) -> Option<Manifest> {
-    let blob = store.open_blob(digest).ok()??;
+    let blob = store.peek_blob(digest).ok()??;
     let media_type = blob.meta.media_type.clone()?;
     let bytes = blob.reader.read_all(blob.meta.size).ok()?;
     Some(Manifest {

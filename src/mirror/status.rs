@@ -10,7 +10,8 @@ use crate::upstream::RegistryHealth;
 /// A blob download in progress.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Download {
-    /// `registry/name` the download was asked for.
+    /// The registry and repository the download was asked for.
+    pub registry: String,
     pub repository: String,
     pub digest: String,
     pub received: u64,
@@ -43,7 +44,8 @@ impl Mirror {
                 let (size, received) = fill.progress().unwrap_or((None, 0));
                 let seconds = fill.age().as_secs_f64().max(0.001);
                 Download {
-                    repository: format!("{}/{}", fill.repo().registry(), fill.repo().name()),
+                    registry: fill.repo().registry().to_owned(),
+                    repository: fill.repo().name().to_owned(),
                     digest: digest.to_string(),
                     received,
                     size,
@@ -61,12 +63,18 @@ impl Mirror {
         self.shared.upstream.registries()
     }
 
-    /// How full the store is.
-    pub fn store_usage(&self) -> StoreUsage {
+    /// How full the store is. The free space is asked of the file system
+    /// on the blocking pool (a network file system may take its time).
+    pub async fn store_usage(&self) -> StoreUsage {
+        let store = self.shared.store.clone();
+        let free = tokio::task::spawn_blocking(move || store.available_space().ok())
+            .await
+            .ok()
+            .flatten();
         StoreUsage {
             used_bytes: self.shared.store.size_bytes(),
             limit_bytes: self.shared.limits.max,
-            disk_free_bytes: self.shared.store.available_space().ok(),
+            disk_free_bytes: free,
         }
     }
 }

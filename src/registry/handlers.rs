@@ -46,7 +46,7 @@ pub async fn handle<B>(
         Ok(Route::Unsupported) | Err(_) => "other",
     };
     let (mut response, result) = match routed {
-        Ok(route) => match admit(app, peer, &route, request.headers()).await {
+        Ok(route) => match admit(app, surface, peer, &route, request.headers()).await {
             Err(refusal) => (refused(app, &refusal), None),
             Ok(who) => match route {
                 route @ (Route::Metrics | Route::Healthz) => (meta(app, &method, route), None),
@@ -115,6 +115,7 @@ pub async fn handle<B>(
 /// says who it is.
 async fn admit(
     app: &App,
+    surface: Surface,
     peer: Option<IpAddr>,
     route: &Route,
     headers: &http::HeaderMap,
@@ -125,8 +126,9 @@ async fn admit(
     let needs_user = match route {
         Route::Metrics | Route::Healthz => access.protects_metrics(),
         // The page shows what the mirror holds: with logins on, only to
-        // someone logged in (and then only what they may pull).
-        Route::Ui => true,
+        // someone logged in (and then only what they may pull). Where it
+        // is off, or on a listener without it, it is simply not there.
+        Route::Ui => app.ui.is_some() && surface == Surface::Full,
         // The base check is how clients learn they should log in (docker
         // sends credentials only after a challenge), so it always asks.
         Route::Base => true,

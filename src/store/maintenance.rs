@@ -252,6 +252,25 @@ mod tests {
     }
 
     #[test]
+    fn a_peek_is_not_an_access_and_an_open_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = put(&store, b"listed, not pulled", None);
+        age(&store, &digest, 5_000);
+        let peeked = store.peek_blob(&digest).unwrap().unwrap();
+        assert_eq!(
+            peeked.reader.read_all(peeked.meta.size).unwrap().as_ref(),
+            b"listed, not pulled"
+        );
+        assert_eq!(
+            store.blob_meta(&digest).unwrap().unwrap().last_access_ms,
+            5_000
+        );
+        store.open_blob(&digest).unwrap().unwrap();
+        assert!(store.blob_meta(&digest).unwrap().unwrap().last_access_ms > 5_000);
+    }
+
+    #[test]
     fn eviction_is_lru_spares_protected_and_takes_manifests_with_their_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

@@ -192,6 +192,19 @@ impl Store {
         Ok(Some(StoredBlob { reader, meta }))
     }
 
+    /// Opens a committed blob without noting an access: for listings and
+    /// walks (`hoard ls`, the status page), which must not make everything
+    /// look just pulled to eviction's LRU.
+    pub fn peek_blob(&self, digest: &Digest) -> Result<Option<StoredBlob>> {
+        let Some(meta) = self.index.blob(digest)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .backend
+            .open(digest)?
+            .map(|reader| StoredBlob { reader, meta }))
+    }
+
     /// Takes a blob found damaged while serving it (its content shorter
     /// than recorded: changed behind hoard's back) out of the store, so
     /// the next request fetches it again. Blocking.

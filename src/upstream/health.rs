@@ -51,9 +51,12 @@ pub enum Condition {
     BudgetLow,
     /// The last requests failed (connect errors, timeouts, 5xx); not yet
     /// enough to stop asking.
-    Failing { failures: u32 },
+    Unreachable { failures: u32 },
     /// Not asked until `retry_in` has passed (the circuit breaker).
     CircuitOpen { retry_in: Duration },
+    /// The circuit's cool-off is over: the next request (or the one in
+    /// flight) tries it again and decides.
+    Revalidating,
     /// Backing off after a 429 until `retry_in` has passed.
     RateLimited { retry_in: Duration },
 }
@@ -220,10 +223,11 @@ impl Health {
             (Some(until), _) if until > now => Condition::RateLimited {
                 retry_in: until - now,
             },
-            (_, Some(until)) => Condition::CircuitOpen {
-                retry_in: until.saturating_duration_since(now),
+            (_, Some(until)) if until > now => Condition::CircuitOpen {
+                retry_in: until - now,
             },
-            _ if state.failures > 0 => Condition::Failing {
+            (_, Some(_)) => Condition::Revalidating,
+            _ if state.failures > 0 => Condition::Unreachable {
                 failures: state.failures,
             },
             _ if state.remaining.is_some_and(|r| r < self.floor) => Condition::BudgetLow,
@@ -295,7 +299,7 @@ mod tests {
         h.record("r", Verdict::Failed);
         assert_eq!(
             h.snapshot("r").condition,
-            Condition::Failing { failures: 1 }
+            Condition::Unreachable { failures: 1 }
         );
         for _ in 1..THRESHOLD {
             h.record("r", Verdict::Failed);

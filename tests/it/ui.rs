@@ -142,7 +142,8 @@ async fn issue_17_a_download_in_progress_shows_its_progress_and_readers() {
     let seen = seen.into_inner().unwrap();
     assert!(shown, "{seen}");
     let download = &seen[0];
-    assert_eq!(download["repository"], "docker.io/library/big");
+    assert_eq!(download["registry"], "docker.io");
+    assert_eq!(download["repository"], "library/big");
     assert_eq!(download["digest"], layer);
     assert_eq!(download["size"], 512 * 1024);
     assert!(download["readers"].as_u64().unwrap() >= 1);
@@ -173,7 +174,7 @@ async fn issue_17_a_failing_or_rate_limited_registry_says_so() {
     fake.fault("/manifests/", Fault::Status(500, None));
     assert_eq!(hoard.status("/v2/a/manifests/1").await / 100, 5);
     let failing = docker(status(&hoard).await);
-    assert_eq!(failing["state"], "failing");
+    assert_eq!(failing["state"], "unreachable");
     assert_eq!(failing["failures"], 1);
     fake.clear_faults();
     fake.fault("/manifests/", Fault::Status(429, Some(120)));

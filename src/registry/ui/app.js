@@ -7,6 +7,9 @@ const REFRESH_MS = 5000;
 const state = { status: null, sortKey: 'size', sortDir: -1, filter: '' };
 
 const $ = (id) => document.getElementById(id);
+// Live regions are written only when their text changes: a screen reader
+// would otherwise read them out at every refresh.
+const say = (node, text) => { if (node.textContent !== text) node.textContent = text; };
 const el = (tag, attrs = {}, ...children) => {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -48,8 +51,9 @@ function describe(registry) {
   switch (registry.state) {
     case 'ok': return ['✓ OK', 'ok'];
     case 'budget_low': return ['⚠ Rate-limit budget low: cached tags served without revalidating', 'warn'];
-    case 'failing': return [`✕ Failing: ${registry.failures} failed request${registry.failures === 1 ? '' : 's'} in a row`, 'bad'];
-    case 'circuit_open': return [`✕ Unreachable: not asked for ${duration(registry.retry_in_seconds)}`, 'bad'];
+    case 'unreachable': return [`✕ Unreachable: ${registry.failures} failed request${registry.failures === 1 ? '' : 's'} in a row`, 'bad'];
+    case 'circuit_open': return [`✕ Circuit open: not asked for ${duration(registry.retry_in_seconds)}`, 'bad'];
+    case 'revalidating': return ['↻ Revalidating: the next request tries it again', 'warn'];
     case 'rate_limited': return [`⏸ Rate-limited: ${duration(registry.retry_in_seconds)} left`, 'warn'];
     default: return [registry.state, 'warn'];
   }
@@ -65,9 +69,9 @@ function limit(registry) {
 
 function renderSummary(s) {
   const bad = s.registries.filter((r) => r.state !== 'ok');
-  $('summary').textContent = bad.length === 0
+  say($('summary'), bad.length === 0
     ? `All ${s.registries.length} registr${s.registries.length === 1 ? 'y' : 'ies'} OK · ${percent(s.recent.hit_ratio)} hits in the last 5 min`
-    : `${bad.length} registr${bad.length === 1 ? 'y needs' : 'ies need'} attention: ${bad.map((r) => r.name).join(', ')}`;
+    : `${bad.length} registr${bad.length === 1 ? 'y needs' : 'ies need'} attention: ${bad.map((r) => r.name).join(', ')}`);
   $('version').textContent = s.version;
   $('uptime').textContent = duration(s.uptime_seconds);
   $('updated').textContent = new Date().toLocaleTimeString();
@@ -121,11 +125,11 @@ function renderDownloads(downloads) {
   $('no-downloads').hidden = downloads.length > 0;
   $('downloads').hidden = downloads.length === 0;
   const rows = downloads.map((d) => {
-    const bar = el('progress', { 'aria-label': `${d.repository} ${d.digest.slice(7, 19)}` });
+    const bar = el('progress', { 'aria-label': `${d.registry}/${d.repository} ${d.digest.slice(7, 19)}` });
     if (d.size) { bar.max = d.size; bar.value = d.received; }
     const of = d.size ? ` of ${bytes(d.size)}` : '';
     return el('tr', {},
-      el('td', { text: d.repository }),
+      el('td', { text: `${d.registry}/${d.repository}` }),
       el('td', {}, el('code', { text: d.digest.slice(0, 19) })),
       el('td', {}, bar, ` ${bytes(d.received)}${of}`),
       el('td', { class: 'num', text: `${bytes(d.bytes_per_second)}/s` }),
@@ -155,9 +159,9 @@ function renderImages(images) {
     el('td', { text: ago(i.last_pulled) }),
     el('td', { text: i.pinned ? '📌 pinned' : 'no' })));
   $('images').tBodies[0].replaceChildren(...rows);
-  $('image-count').textContent = needle
+  say($('image-count'), needle
     ? `${shown.length} of ${images.length} images`
-    : `${images.length} image${images.length === 1 ? '' : 's'}`;
+    : `${images.length} image${images.length === 1 ? '' : 's'}`);
   for (const th of $('images').tHead.rows[0].cells) {
     if (th.dataset.key === key) th.setAttribute('aria-sort', state.sortDir > 0 ? 'ascending' : 'descending');
     else th.removeAttribute('aria-sort');

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
-use parking_lot::Mutex;
 
 use super::access::Who;
 use super::app::App;
@@ -38,22 +37,21 @@ pub struct Ui {
     started: Instant,
     history: History,
     images: tokio::sync::Mutex<Option<(Instant, Arc<Vec<CachedImage>>)>>,
-    /// The totals at start, for the first minutes' window.
-    first: Mutex<Option<Totals>>,
-}
-
-impl Default for Ui {
-    fn default() -> Ui {
-        Ui {
-            started: Instant::now(),
-            history: History::default(),
-            images: tokio::sync::Mutex::new(None),
-            first: Mutex::new(None),
-        }
-    }
 }
 
 impl Ui {
+    /// A page whose history starts with `metrics` as they are now, so the
+    /// first minutes' figures and chart count from here.
+    pub fn new(metrics: &crate::metrics::Metrics) -> Ui {
+        let history = History::default();
+        history.record(crate::clock::unix_ms(), Totals::read(metrics));
+        Ui {
+            started: Instant::now(),
+            history,
+            images: tokio::sync::Mutex::new(None),
+        }
+    }
+
     /// Samples the metrics every `history::EVERY` until `stop` resolves.
     pub async fn sample(
         self: Arc<Ui>,
@@ -65,9 +63,8 @@ impl Ui {
         let sampling = async {
             loop {
                 ticks.tick().await;
-                let totals = Totals::read(&metrics);
-                self.first.lock().get_or_insert(totals);
-                self.history.record(crate::clock::unix_ms(), totals);
+                self.history
+                    .record(crate::clock::unix_ms(), Totals::read(&metrics));
             }
         };
         tokio::select! {
@@ -99,11 +96,8 @@ impl Ui {
         let now_ms = crate::clock::unix_ms();
         let since_recent = now_ms.saturating_sub(RECENT.as_millis() as u64);
         let uptime = self.started.elapsed();
-        let recent = self
-            .history
-            .from(since_recent)
-            .or(*self.first.lock())
-            .unwrap_or_default();
+        // There is always a sample at most `EVERY` old (one is taken at start).
+        let recent = self.history.from(since_recent).unwrap_or_default();
         let may_pull =
             |registry: &str, name: &str| match (&app.access, Repository::new(registry, name)) {
                 (None, _) => true,
@@ -128,11 +122,7 @@ impl Ui {
             .mirror
             .downloads()
             .into_iter()
-            .filter(|d| {
-                d.repository
-                    .split_once('/')
-                    .is_some_and(|(registry, name)| may_pull(registry, name))
-            })
+            .filter(|d| may_pull(&d.registry, &d.repository))
             .collect();
         Ok(Status {
             version: env!("CARGO_PKG_VERSION"),
@@ -149,17 +139,12 @@ impl Ui {
             downloads,
             images,
             store: status::Store {
-                usage: app.mirror.store_usage(),
+                usage: app.mirror.store_usage().await,
                 evicted_blobs: app.metrics.evicted_blobs.get(),
                 evicted_bytes: app.metrics.evicted_bytes.get(),
             },
         })
     }
-}
-
-/// Whether `path` is the page's (`/ui`, `/ui/...`).
-pub fn owns(path: &str) -> bool {
-    path == "/ui" || path.starts_with("/ui/")
 }
 
 /// Answers a request for one of the page's paths.

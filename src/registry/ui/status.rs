@@ -50,11 +50,12 @@ impl Window {
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Registry {
     pub name: String,
-    /// `ok`, `budget_low`, `failing`, `circuit_open` or `rate_limited`.
+    /// `ok`, `budget_low`, `unreachable`, `circuit_open`, `revalidating` or
+    /// `rate_limited`.
     pub state: &'static str,
     /// Until it is asked again (`circuit_open`, `rate_limited`).
     pub retry_in_seconds: Option<u64>,
-    /// Failures in a row (`failing`).
+    /// Failures in a row (`unreachable`).
     pub failures: Option<u32>,
     /// Its rate limit as last announced (Docker Hub: pulls left in the
     /// window, of how many, over how long).
@@ -68,7 +69,8 @@ impl Registry {
         let (state, retry_in, failures) = match health.condition {
             Condition::Ok => ("ok", None, None),
             Condition::BudgetLow => ("budget_low", None, None),
-            Condition::Failing { failures } => ("failing", None, Some(failures)),
+            Condition::Unreachable { failures } => ("unreachable", None, Some(failures)),
+            Condition::Revalidating => ("revalidating", None, None),
             Condition::CircuitOpen { retry_in } => ("circuit_open", Some(retry_in), None),
             Condition::RateLimited { retry_in } => ("rate_limited", Some(retry_in), None),
         };
@@ -148,8 +150,10 @@ mod tests {
         assert_eq!(limited.state, "rate_limited");
         assert_eq!(limited.retry_in_seconds, Some(30));
         assert_eq!((limited.remaining, limited.limit), (Some(7), Some(100)));
-        let failing = Registry::new("r".into(), health(Condition::Failing { failures: 2 }));
-        assert_eq!((failing.state, failing.failures), ("failing", Some(2)));
+        let failing = Registry::new("r".into(), health(Condition::Unreachable { failures: 2 }));
+        assert_eq!((failing.state, failing.failures), ("unreachable", Some(2)));
+        let probing = Registry::new("r".into(), health(Condition::Revalidating));
+        assert_eq!(probing.state, "revalidating");
         let json = serde_json::to_value(Registry::new("r".into(), health(Condition::Ok))).unwrap();
         assert_eq!(json["state"], "ok");
         assert_eq!(json["window_seconds"], 21600);
