@@ -1,5 +1,6 @@
 # hoard: a pull-through caching registry mirror.
-#   docker build --build-arg HOARD_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t hoard .
+#   docker build --build-arg HOARD_GIT_COMMIT=$(git rev-parse --short=12 HEAD) \
+#     --build-arg HOARD_VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1) -t hoard .
 #   docker run -d -p 5000:5000 -v hoard-data:/var/lib/hoard hoard
 #
 # Offline or air-gapped (see the README's "Building the image offline"):
@@ -45,7 +46,9 @@ FROM ${BINARY_FROM} AS binary
 # hadolint ignore=DL3006
 FROM ${RUNTIME_IMAGE}
 ARG HOARD_GIT_COMMIT=unknown
+ARG HOARD_VERSION=unknown
 LABEL org.opencontainers.image.title="hoard" \
+      org.opencontainers.image.version="${HOARD_VERSION}" \
       org.opencontainers.image.description="Pull-through caching mirror for container registries" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.revision="${HOARD_GIT_COMMIT}" \

@@ -3,7 +3,8 @@
 # with real software (Debian's docker-registry as upstream; skopeo, dockerd,
 # containerd and podman as clients; the engine tests need root; Garage as the
 # S3 server and nginx as the balancer of the replica tests; chromium, driven
-# by Playwright from npm, for the status page).
+# by Playwright from npm, for the status page; debootstrap for the runtime
+# base of the container image test).
 # Installs the real parts when they are missing: Debian's packages (needs root
 # or sudo) and Garage from crates.io (built once, about 8 minutes on 2 cores,
 # then reused from ~/.cargo/bin).
@@ -19,6 +20,8 @@ declare -A needs=(
   [containerd]=/usr/bin/containerd
   [podman]=/usr/bin/podman
   [nginx-light]=/usr/sbin/nginx
+  [debootstrap]=/usr/sbin/debootstrap
+  [binutils]=/usr/bin/strip
   [chromium]=/usr/bin/chromium
   [nodejs]=/usr/bin/node
   [npm]=/usr/bin/npm
