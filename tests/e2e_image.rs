@@ -236,17 +236,13 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
     assert!(base.is_file());
     private_network();
 
-    let commit = String::from_utf8(
-        Command::new("git")
-            .args(["rev-parse", "--short=12", "HEAD"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_owned();
+    // The commit the binary says it was built from: the labels must agree.
+    let version = run(Command::new(env!("CARGO_BIN_EXE_hoard")).arg("--version"));
+    let commit = version
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ',')
+        .find(|word| word.len() == 12 && word.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or("unknown")
+        .to_owned();
     let upstream = Distribution::start();
     let seeded = seed(&upstream);
     let dockerd = Dockerd::start();
@@ -264,7 +260,10 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
         run(dockerd
             .docker()
             .args(["run", "--rm", "--network", "host", IMAGE, "--version"]));
-    assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+    assert!(
+        version.contains(env!("CARGO_PKG_VERSION")) && version.contains(&commit),
+        "{version}"
+    );
     assert_eq!(dockerd.inspect(IMAGE, "{{.Config.User}}"), "65532:65532");
     let size: u64 = dockerd.inspect(IMAGE, "{{.Size}}").parse().unwrap();
     eprintln!("image size: {} MiB (runtime base and binary)", size >> 20);
