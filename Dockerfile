@@ -38,12 +38,10 @@ RUN touch src/main.rs src/lib.rs \
  && install -d -o 65532 -g 65532 /out/data
 
 # Where the binary comes from: the stage above, or a prebuilt image.
-# hadolint ignore=DL3006
 FROM ${BINARY_FROM} AS binary
 
 # Runtime: glibc, CA certificates and a non-root user, nothing else
 # (no shell: the health check is hoard itself).
-# hadolint ignore=DL3006
 FROM ${RUNTIME_IMAGE}
 ARG HOARD_GIT_COMMIT=unknown
 ARG HOARD_VERSION=unknown

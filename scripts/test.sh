@@ -22,6 +22,7 @@ declare -A needs=(
   [nginx-light]=/usr/sbin/nginx
   [debootstrap]=/usr/sbin/debootstrap
   [binutils]=/usr/bin/strip
+  [iproute2]=/usr/sbin/ip
   [chromium]=/usr/bin/chromium
   [nodejs]=/usr/bin/node
   [npm]=/usr/bin/npm

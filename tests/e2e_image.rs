@@ -78,8 +78,11 @@ fn apt_mirror() -> String {
             line.strip_prefix("URIs:")
                 .map(str::trim)
                 .or_else(|| {
-                    line.strip_prefix("deb ")
-                        .and_then(|rest| rest.split_whitespace().next())
+                    // `deb [options] URI suite ...`
+                    line.strip_prefix("deb ").and_then(|rest| {
+                        rest.split_whitespace()
+                            .find(|w| !w.starts_with('[') && !w.ends_with(']'))
+                    })
                 })
                 .filter(|uri| !uri.contains("security"))
                 .map(|uri| uri.split_whitespace().next().unwrap_or(uri).to_owned())
@@ -93,19 +96,34 @@ fn private_network() {
     // thread's network namespace; no memory is touched.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-    run(Command::new("ip").args(["link", "set", "lo", "up"]));
+    run(Command::new(require_tool("ip")).args(["link", "set", "lo", "up"]));
 }
 
 /// A dockerd of this test's own (vfs storage, no bridge: containers use
-/// `--network host`, which is this test's namespace).
+/// `--network host`, which is this test's namespace), on this test's
+/// containerd: a dockerd left to find one would take the host's if its
+/// socket exists, and run the containers outside the namespace. Its
+/// containers are removed when it drops.
 struct Dockerd {
     daemon: Daemon,
     host: String,
     dir: tempfile::TempDir,
 }
 
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(out) = self.docker().args(["ps", "-aq"]).output() {
+            let ids = String::from_utf8_lossy(&out.stdout).into_owned();
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = self.docker().args(["rm", "-f"]).args(&ids).output();
+            }
+        }
+    }
+}
+
 impl Dockerd {
-    fn start() -> Dockerd {
+    fn start(containerd: &Containerd) -> Dockerd {
         let bin = require_tool("dockerd");
         assert!(
             Path::new(DOCKER).is_file(),
@@ -114,9 +132,22 @@ impl Dockerd {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("docker.sock");
         let host = format!("unix://{}", socket.display());
+        // No /etc/docker/daemon.json of the host's.
+        let config = dir.path().join("daemon.json");
+        std::fs::write(&config, "{}").unwrap();
+        let namespace = containerd.namespace();
         let daemon = Daemon::spawn(
             "dockerd",
             Command::new(bin)
+                .arg("--config-file")
+                .arg(&config)
+                .arg("--containerd")
+                .arg(containerd.socket())
+                .arg(format!("--containerd-namespace={namespace}-docker"))
+                .arg(format!(
+                    "--containerd-plugins-namespace={namespace}-plugins"
+                ))
+                .arg("--shutdown-timeout=2")
                 .args([
                     "--storage-driver",
                     "vfs",
@@ -168,6 +199,13 @@ impl Dockerd {
             if health == "healthy" {
                 return;
             }
+            if self.inspect(container, "{{.State.Running}}") != "true" {
+                let out = self.docker().args(["logs", container]).output().unwrap();
+                panic!(
+                    "{container} exited: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             assert!(
                 Instant::now() < deadline,
                 "{container} is {health}: {}",
@@ -178,12 +216,13 @@ impl Dockerd {
     }
 }
 
-/// Builds the shipped Dockerfile's runtime stage with this test's binary.
-fn build_image(dockerd: &Dockerd, commit: &str) {
+/// Builds the shipped Dockerfile's runtime stage on `base` with this
+/// test's binary.
+fn build_image(dockerd: &Dockerd, base: &Path, commit: &str) {
     run(dockerd
         .docker()
         .arg("import")
-        .arg(runtime_base())
+        .arg(base)
         .arg("hoard-e2e-runtime:bookworm"));
     // The prebuilt binary, as BINARY_FROM expects it: /out/hoard and a data
     // folder owned by the image's user.
@@ -239,14 +278,18 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
     // The commit the binary says it was built from: the labels must agree.
     let version = run(Command::new(env!("CARGO_BIN_EXE_hoard")).arg("--version"));
     let commit = version
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ',')
-        .find(|word| word.len() == 12 && word.chars().all(|c| c.is_ascii_hexdigit()))
-        .unwrap_or("unknown")
+        .split("commit ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no commit in {version:?}"))
         .to_owned();
     let upstream = Distribution::start();
     let seeded = seed(&upstream);
-    let dockerd = Dockerd::start();
-    build_image(&dockerd, &commit);
+    // containerd with the hosts.toml users copy from deploy/clients: it
+    // pulls through the containerised hoard, and runs dockerd's containers.
+    let containerd = Containerd::start("127.0.0.1:18990", "containerd/certs.d");
+    let dockerd = Dockerd::start(&containerd);
+    build_image(&dockerd, &base, &commit);
 
     // Labels and --version carry the version and the commit.
     let labels = dockerd.inspect(IMAGE, "{{json .Config.Labels}}");
@@ -306,11 +349,8 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
         &pulled.path().join("b"),
     );
     assert_eq!(upstream.count("GET", &seeded.oci.config.digest()), 1);
-    // containerd with the hosts.toml users copy from deploy/clients.
-    let containerd = Containerd::start("127.0.0.1:18990", "containerd/certs.d");
     containerd.pull("docker.io/library/multi:1", &["--platform", "linux/arm64"]);
     assert_eq!(upstream.count("GET", &seeded.arm.layers[0].digest()), 1);
-    drop(containerd);
 
     // JSON logs; `docker stop` ends it cleanly within the grace period.
     let stop_started = Instant::now();
@@ -345,6 +385,9 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
     dockerd.wait_healthy("hoard-b", Duration::from_secs(60));
     let by_digest = format!("owner/app@{}", seeded.oci.manifest.digest());
     skopeo_copy("127.0.0.1:18990", &by_digest, &pulled.path().join("c"));
+    // By tag too: its record, written by the first container, is in the
+    // volume and inside its TTL.
+    skopeo_copy("127.0.0.1:18990", "owner/app:1.0", &pulled.path().join("d"));
     assert_eq!(
         upstream.total(),
         before + 1,
@@ -380,4 +423,5 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
     run(dockerd.docker().args(["rm", "-f", "hoard-tls"]));
     eprintln!("image test took {:?}", started.elapsed());
     drop(dockerd);
+    drop(containerd);
 }

@@ -3,15 +3,16 @@
 
 use anyhow::Context as _;
 
-/// How long `hoard health` waits for each step.
-const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long `hoard health` waits for each step (connect, send, answer):
+/// together under the image's HEALTHCHECK timeout of 6 s.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// `hoard health`: one GET /healthz with a 5 s budget, to `addr` over plain
 /// HTTP, or to where `serve` would listen (resolved from the defaults, the
 /// config file and the HOARD_* variables, as `serve` resolves them).
 pub fn health(addr: Option<String>, config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let (target, tls) = match &addr {
-        Some(addr) => (resolve(addr)?, false),
+    let (targets, tls) = match &addr {
+        Some(addr) => (vec![resolve(addr)?], false),
         None => {
             let args = hoard::config::ServeArgs {
                 config,
@@ -19,12 +20,24 @@ pub fn health(addr: Option<String>, config: Option<std::path::PathBuf>) -> anyho
             };
             let config = hoard::config::Config::load(&args, std::env::vars())
                 .context("cannot read the settings `serve` would use")?;
-            own_listener(&config)
+            own_listener(&config)?
         }
     };
+    let mut tried = Vec::new();
+    let connected = targets.iter().find_map(|target| {
+        std::net::TcpStream::connect_timeout(target, HEALTH_TIMEOUT)
+            .map(|stream| (stream, *target))
+            .map_err(|e| tried.push(format!("{target}: {e}")))
+            .ok()
+    });
+    let Some((stream, target)) = connected else {
+        anyhow::bail!(
+            "cannot connect to {}: {}",
+            addr.unwrap_or_else(|| targets[0].to_string()),
+            tried.join("; ")
+        );
+    };
     let shown = addr.unwrap_or_else(|| target.to_string());
-    let stream = std::net::TcpStream::connect_timeout(&target, HEALTH_TIMEOUT)
-        .with_context(|| format!("cannot connect to {shown}"))?;
     stream.set_read_timeout(Some(HEALTH_TIMEOUT))?;
     stream.set_write_timeout(Some(HEALTH_TIMEOUT))?;
     let line = if tls {
@@ -52,27 +65,39 @@ fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
         .with_context(|| format!("{addr} resolves to nothing"))
 }
 
-/// Where this machine reaches the listener `config` sets up, and whether
-/// it speaks TLS. A listener on all addresses is asked on loopback. One
-/// that wants client certificates is asked on its plain listener if there
-/// is one (a liveness check has no certificate to show).
-fn own_listener(config: &hoard::config::Config) -> (std::net::SocketAddr, bool) {
-    let loopback = |mut addr: std::net::SocketAddr| {
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr {
-                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
+/// Where this machine reaches the listener `config` sets up (addresses to
+/// try in order), and whether it speaks TLS. A listener on all addresses is
+/// asked on loopback (`[::]` on ::1, then on 127.0.0.1: a container with
+/// IPv6 off has no ::1, yet a dual-stack listener answers on IPv4). One
+/// that wants client certificates is asked on a plain listener (a liveness
+/// check has no certificate to show): `tls.plain_listen`, else
+/// `metrics_listen`.
+fn own_listener(
+    config: &hoard::config::Config,
+) -> anyhow::Result<(Vec<std::net::SocketAddr>, bool)> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let loopback = |addr: SocketAddr| match addr {
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
+            vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())]
         }
-        addr
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => vec![
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        ],
+        addr => vec![addr],
     };
-    match &config.tls {
-        Some(tls) if tls.client_ca.is_some() && tls.plain_listen.is_some() => {
-            (loopback(tls.plain_listen.expect("checked")), false)
-        }
+    Ok(match &config.tls {
+        Some(tls) if tls.client_ca.is_some() => match tls.plain_listen.or(config.metrics_listen) {
+            Some(plain) => (loopback(plain), false),
+            None => anyhow::bail!(
+                "{} requires client certificates: set tls.plain_listen or metrics_listen \
+                     for the health check, or pass --addr",
+                config.listen
+            ),
+        },
         Some(_) => (loopback(config.listen), true),
         None => (loopback(config.listen), false),
-    }
+    })
 }
 
 /// Sends `GET /healthz` on `stream` and reads the status line.
@@ -80,8 +105,9 @@ fn healthz(mut stream: impl std::io::Read + std::io::Write, host: &str) -> anyho
     write!(
         stream,
         "GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    stream.flush()?;
+    )
+    .and_then(|()| stream.flush())
+    .with_context(|| format!("{host}: the request could not be sent (TLS handshake?)"))?;
     let mut head = [0u8; 64];
     let n = stream
         .read(&mut head)
@@ -205,18 +231,37 @@ mod tests {
 
     #[test]
     fn issue_18_the_health_check_asks_the_listener_on_loopback() {
+        let addrs = |list: &[&str]| -> Vec<std::net::SocketAddr> {
+            list.iter().map(|a| a.parse().unwrap()).collect()
+        };
         assert_eq!(
-            own_listener(&config("")),
-            ("127.0.0.1:5000".parse().unwrap(), false),
+            own_listener(&config("")).unwrap(),
+            (addrs(&["127.0.0.1:5000"]), false),
             "the default 0.0.0.0:5000"
         );
         assert_eq!(
-            own_listener(&config("listen = \"[::]:8443\"")),
-            ("[::1]:8443".parse().unwrap(), false)
+            own_listener(&config("listen = \"[::]:8443\"")).unwrap(),
+            (addrs(&["[::1]:8443", "127.0.0.1:8443"]), false)
         );
         assert_eq!(
-            own_listener(&config("listen = \"127.0.0.2:7000\"")),
-            ("127.0.0.2:7000".parse().unwrap(), false)
+            own_listener(&config("listen = \"127.0.0.2:7000\"")).unwrap(),
+            (addrs(&["127.0.0.2:7000"]), false)
+        );
+        let tls = "listen = \"0.0.0.0:443\"\n[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n";
+        assert_eq!(
+            own_listener(&config(tls)).unwrap(),
+            (addrs(&["127.0.0.1:443"]), true)
+        );
+        let mtls = format!("metrics_listen = \"127.0.0.1:9090\"\n{tls}client_ca = \"/ca.pem\"\n");
+        assert_eq!(
+            own_listener(&config(&mtls)).unwrap(),
+            (addrs(&["127.0.0.1:9090"]), false),
+            "client certificates required: the plain metrics listener"
+        );
+        let e = own_listener(&config(&format!("{tls}client_ca = \"/ca.pem\"\n"))).unwrap_err();
+        assert!(
+            e.to_string().contains("tls.plain_listen or metrics_listen"),
+            "{e}"
         );
     }
 }

@@ -935,6 +935,16 @@ impl Containerd {
         containerd
     }
 
+    /// Its socket and namespace, for a dockerd that is to run its
+    /// containers on this containerd (`--containerd`).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     pub fn ctr(&self) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address")
