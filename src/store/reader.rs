@@ -14,7 +14,9 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use super::buffers::{self, POOL};
 
 /// A readable blob: a committed file, or the temp file of a download (the
 /// handle stays valid across the commit's rename and an eviction's unlink).
@@ -53,6 +55,16 @@ impl BlobReader {
             .unwrap_or_else(|e| Err(io::Error::other(e)))
     }
 
+    /// Up to `n` bytes at `pos` if the page cache holds the first of them,
+    /// without waiting for the disk (so callable on the runtime's threads);
+    /// `None` when nothing is cached.
+    pub fn read_cached(&self, pos: u64, n: usize) -> io::Result<Option<Bytes>> {
+        if n == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        read_cached(&self.file, pos, n)
+    }
+
     /// The whole content (small objects: manifests). Blocking.
     pub fn read_all(&self, len: u64) -> io::Result<Bytes> {
         let n = usize::try_from(len).map_err(|_| io::Error::other("object too large"))?;
@@ -68,16 +80,16 @@ impl BlobReader {
 /// What the page cache holds of `pos..pos + n`, from its start; `None` if
 /// the first page is not cached (or the kernel cannot tell without waiting).
 fn read_cached(file: &File, pos: u64, n: usize) -> io::Result<Option<Bytes>> {
-    let mut buf = BytesMut::with_capacity(n);
+    let mut buf = Buffer::new(n);
     let offset = libc::off_t::try_from(pos).map_err(|_| io::Error::other("offset out of range"))?;
-    let spare = buf.spare_capacity_mut();
+    let spare = buf.0.spare_capacity_mut();
     let iov = libc::iovec {
         iov_base: spare.as_mut_ptr().cast(),
         iov_len: n,
     };
-    // SAFETY: one iovec over `n` bytes of spare capacity this buffer owns;
-    // the kernel writes at most `n` bytes there, and `set_len` below covers
-    // only what it reports written.
+    // SAFETY: one iovec over `n` bytes of spare capacity this buffer owns
+    // (`Buffer::new` reserves at least `n`); the kernel writes at most `n`
+    // bytes there, and `set_len` below covers only what it reports written.
     let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
     match read {
         0 => Err(io::ErrorKind::UnexpectedEof.into()),
@@ -92,8 +104,31 @@ fn read_cached(file: &File, pos: u64, n: usize) -> io::Result<Option<Bytes>> {
         }
         r => {
             // SAFETY: the kernel initialized the first `r` (<= n) bytes.
-            unsafe { buf.set_len(r as usize) };
+            unsafe { buf.0.set_len(r as usize) };
             Ok(Some(buf.freeze()))
+        }
+    }
+}
+
+/// A buffer for one read: from the pool for chunk-sized reads (the flag),
+/// else a plain allocation of the size asked.
+struct Buffer(Vec<u8>, bool);
+
+impl Buffer {
+    /// Room for at least `n` bytes, empty.
+    fn new(n: usize) -> Buffer {
+        if n > buffers::MIN && n <= buffers::SIZE {
+            Buffer(POOL.take(), true)
+        } else {
+            Buffer(Vec::with_capacity(n), false)
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        if self.1 {
+            POOL.freeze(self.0)
+        } else {
+            Bytes::from(self.0)
         }
     }
 }
@@ -102,10 +137,10 @@ fn read_cached(file: &File, pos: u64, n: usize) -> io::Result<Option<Bytes>> {
 /// first: profiling 32 clients on a cached blob showed zeroing each chunk
 /// (`BytesMut::zeroed`) cost more CPU than the read itself. Blocking.
 fn read_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(n);
-    while buf.len() < n {
-        let filled = buf.len();
-        let spare = &mut buf.spare_capacity_mut()[..n - filled];
+    let mut buf = Buffer::new(n);
+    while buf.0.len() < n {
+        let filled = buf.0.len();
+        let spare = &mut buf.0.spare_capacity_mut()[..n - filled];
         let offset = libc::off_t::try_from(pos + filled as u64)
             .map_err(|_| io::Error::other("offset out of range"))?;
         // SAFETY: pread writes at most `spare.len()` bytes into memory this
@@ -127,7 +162,7 @@ fn read_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
                 }
             }
             // SAFETY: the first `r` spare bytes were just initialized.
-            r => unsafe { buf.set_len(filled + r as usize) },
+            r => unsafe { buf.0.set_len(filled + r as usize) },
         }
     }
     Ok(buf.freeze())
