@@ -229,7 +229,13 @@ fn http1_builder(header_read_timeout: Duration) -> hyper::server::conn::http1::B
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
-        .max_header_size(MAX_HEAD_BYTES);
+        .max_header_size(MAX_HEAD_BYTES)
+        // Also what hyper queues of a body before it waits for the socket:
+        // by default ~400 KiB per connection, which a thousand clients on a
+        // cached blob, or a hundred slow readers of downloads, turned into
+        // hundreds of MiB of chunks held for sockets that were full (issue
+        // 16). With this, a connection holds at most one chunk past it.
+        .max_buf_size(MAX_HEAD_BYTES);
     builder
 }
 

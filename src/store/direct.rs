@@ -14,8 +14,11 @@ use std::path::Path;
 /// Alignment of buffer address, length and file offset that `O_DIRECT`
 /// needs: the largest logical block size in common use.
 const ALIGN: usize = 4096;
-/// Staged bytes per direct write.
-const STAGE: usize = 1 << 20;
+/// Staged bytes per direct write. Each download holds one stage for its
+/// whole run, so this is per-download memory: 1 MiB made 100 concurrent
+/// downloads hold 100 MiB of stages alone (issue 16); 256 KiB writes still
+/// cost the device and the kernel little per byte.
+const STAGE: usize = 256 << 10;
 
 /// An append-only file, written directly when the file system allows.
 #[derive(Debug)]

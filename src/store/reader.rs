@@ -36,7 +36,8 @@ impl BlobReader {
         BlobReader::new(Arc::new(file))
     }
 
-    /// Up to `n` bytes at `pos` (fewer when only part of them is cached).
+    /// Up to `n` bytes at `pos` (fewer when only part of them is cached, or
+    /// when the read buffers are at their budget: see `buffers`).
     /// Reading at or past the end of the file is an `UnexpectedEof` error:
     /// callers only ask for bytes the index or the download says exist, so
     /// a short file means it was changed behind hoard's back.
@@ -50,7 +51,7 @@ impl BlobReader {
             Err(e) => return Err(e),
         }
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || read_at(&file, pos, n))
+        tokio::task::spawn_blocking(move || read_at(&file, pos, n, false))
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e)))
     }
@@ -68,7 +69,7 @@ impl BlobReader {
     /// The whole content (small objects: manifests). Blocking.
     pub fn read_all(&self, len: u64) -> io::Result<Bytes> {
         let n = usize::try_from(len).map_err(|_| io::Error::other("object too large"))?;
-        read_at(&self.file, 0, n)
+        read_at(&self.file, 0, n, true)
     }
 
     /// The file's length now.
@@ -80,7 +81,7 @@ impl BlobReader {
 /// What the page cache holds of `pos..pos + n`, from its start; `None` if
 /// the first page is not cached (or the kernel cannot tell without waiting).
 fn read_cached(file: &File, pos: u64, n: usize) -> io::Result<Option<Bytes>> {
-    let mut buf = Buffer::new(n);
+    let (mut buf, n) = Buffer::new(n, false);
     let offset = libc::off_t::try_from(pos).map_err(|_| io::Error::other("offset out of range"))?;
     let spare = buf.0.spare_capacity_mut();
     let iov = libc::iovec {
@@ -111,33 +112,52 @@ fn read_cached(file: &File, pos: u64, n: usize) -> io::Result<Option<Bytes>> {
 }
 
 /// A buffer for one read: from the pool for chunk-sized reads (the flag),
-/// else a plain allocation of the size asked.
+/// else a plain allocation.
 struct Buffer(Vec<u8>, bool);
 
 impl Buffer {
-    /// Room for at least `n` bytes, empty.
-    fn new(n: usize) -> Buffer {
-        if n > buffers::MIN && n <= buffers::SIZE {
-            Buffer(POOL.take(), true)
-        } else {
-            Buffer(Vec::with_capacity(n), false)
+    /// An empty buffer and how much to read into it: `n`, or `SHORT` when
+    /// the pool is at its budget and `exact` is not asked (a stream takes
+    /// what comes; a whole manifest does not).
+    fn new(n: usize, exact: bool) -> (Buffer, usize) {
+        if n <= buffers::MIN || n > buffers::SIZE {
+            return (Buffer(Vec::with_capacity(n), false), n);
+        }
+        match POOL.take() {
+            Some(buf) => (Buffer(buf, true), n),
+            None if exact => (Buffer(Vec::with_capacity(n), false), n),
+            None => {
+                let n = n.min(buffers::SHORT);
+                (Buffer(Vec::with_capacity(n), false), n)
+            }
         }
     }
 
-    fn freeze(self) -> Bytes {
-        if self.1 {
-            POOL.freeze(self.0)
+    fn freeze(mut self) -> Bytes {
+        let buf = std::mem::take(&mut self.0);
+        if std::mem::take(&mut self.1) {
+            POOL.freeze(buf)
         } else {
-            Bytes::from(self.0)
+            Bytes::from(buf)
         }
     }
 }
 
-/// Reads exactly `n` bytes at `pos` into a new buffer without zeroing it
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // Not frozen (nothing read, or an error): back to the pool.
+        if self.1 {
+            POOL.put(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+/// Reads `n` bytes at `pos` (fewer only when not `exact` and the read
+/// buffers are at their budget: see `Buffer::new`) without zeroing them
 /// first: profiling 32 clients on a cached blob showed zeroing each chunk
 /// (`BytesMut::zeroed`) cost more CPU than the read itself. Blocking.
-fn read_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
-    let mut buf = Buffer::new(n);
+fn read_at(file: &File, pos: u64, n: usize, exact: bool) -> io::Result<Bytes> {
+    let (mut buf, n) = Buffer::new(n, exact);
     while buf.0.len() < n {
         let filled = buf.0.len();
         let spare = &mut buf.0.spare_capacity_mut()[..n - filled];
