@@ -284,6 +284,14 @@ impl Transfer {
                 }
                 return Sent::All;
             }
+            // Room for the chunk first, then the read: a transfer whose
+            // client is slow waits holding no chunk, so a connection holds
+            // at most the channel's chunks and the one hyper is writing
+            // (issue 16: a thousand connections on a cached blob).
+            let permit = match tokio::time::timeout(CLIENT_STALL, self.tx.reserve()).await {
+                Ok(Ok(permit)) => permit,
+                _ => return Sent::Stopped,
+            };
             // A reader keeping up with a download takes the chunks that just
             // arrived; everything else is read from the file.
             let until = match self.fill.as_ref().map(|fill| fill.source(pos, limit)) {
@@ -305,9 +313,7 @@ impl Transfer {
                 Ok(chunk) => {
                     let n = chunk.len() as u64;
                     self.served.inc_by(n);
-                    if !deliver(&self.tx, chunk).await {
-                        return Sent::Stopped;
-                    }
+                    permit.send(Ok(chunk));
                     pos += n;
                 }
                 Err(e) => {
@@ -316,7 +322,7 @@ impl Transfer {
                             on_damaged();
                         }
                     }
-                    let _ = self.tx.send(Err(e)).await;
+                    permit.send(Err(e));
                     return Sent::Stopped;
                 }
             }
