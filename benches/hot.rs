@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the functions on hoard's request path: hashing
-//! streamed chunks, parsing routes and references, and index lookups.
+//! streamed chunks, parsing routes and references, index lookups, and
+//! reading a cached blob's chunks (the pooled buffers of issue 16).
 //! `cargo bench`; the daemon-level comparison is scripts/bench.sh.
 
 use std::hint::black_box;
@@ -84,5 +85,31 @@ fn index(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hashing, routing, index);
+/// A cached blob's first chunk as a stored-blob response reads it: a 64 KiB
+/// blob whole (a plain buffer) and a 256 KiB chunk of a larger one (a
+/// pooled buffer, dropped as hyper drops it after the write).
+fn reading(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let digest = Digest::of(&data);
+    store.put_bytes(&digest, None, &data).unwrap();
+    let reader = store.open_blob(&digest).unwrap().unwrap().reader;
+    // Into the page cache.
+    reader.read_all(data.len() as u64).unwrap();
+    let mut group = c.benchmark_group("read cached");
+    for (name, n) in [("64 KiB blob", 64 << 10), ("256 KiB chunk", 256 << 10)] {
+        group.throughput(Throughput::Bytes(n as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let chunk = reader.read_cached(0, black_box(n)).unwrap().unwrap();
+                assert_eq!(chunk.len(), n);
+                chunk
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, hashing, routing, index, reading);
 criterion_main!(benches);

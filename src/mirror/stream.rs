@@ -22,26 +22,49 @@ use super::fill::{Fill, Source};
 use crate::reference::Digest;
 use crate::store::BlobReader;
 
-/// Bytes read from a file per chunk.
-pub(super) const CHUNK: u64 = 256 * 1024;
+/// Bytes read from a file per chunk: one pooled read buffer.
+pub(super) const CHUNK: u64 = crate::store::buffers::SIZE as u64;
 /// Chunks buffered per transfer.
 const DEPTH: usize = 2;
 
 /// A blob body being read; yields an error (a cut connection for the
 /// client) if the read or the download it follows fails.
 pub struct ByteStream {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
+    /// A chunk read before the response left: a small stored blob whole,
+    /// or the first chunk of a larger one (see `spawn`).
+    first: Option<Bytes>,
+    /// The rest, from the task; `None` when `first` is all.
+    rx: Option<mpsc::Receiver<io::Result<Bytes>>>,
 }
 
 impl ByteStream {
+    fn channel(rx: mpsc::Receiver<io::Result<Bytes>>) -> ByteStream {
+        ByteStream {
+            first: None,
+            rx: Some(rx),
+        }
+    }
+
     /// The next chunk, `None` at the end.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
-        self.rx.poll_recv(cx)
+        if let Some(chunk) = self.first.take() {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        match self.rx.as_mut() {
+            Some(rx) => rx.poll_recv(cx),
+            None => Poll::Ready(None),
+        }
     }
 
     /// Awaits the next chunk.
     pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Whether nothing more will come (hyper then ends the body without
+    /// polling again).
+    pub fn is_end(&self) -> bool {
+        self.first.is_none() && self.rx.is_none()
     }
 }
 
@@ -119,12 +142,41 @@ pub enum Piece {
 }
 
 /// Streams `pieces` of what `follow` says.
+///
+/// A stored blob asked for in one range starts with what the page cache
+/// holds of its first chunk, read here before the response leaves: hyper
+/// then sends the headers and that chunk in one `writev`, and a blob that
+/// fits one chunk (configs, thin layers: most blobs of a pull) needs no
+/// task and no channel at all. Profiling 256 clients on a cached 64 KiB
+/// blob showed two `writev`s per request (the headers went out alone while
+/// the task started) besides the task's own wake-ups.
 pub(super) fn spawn(
     reader: BlobReader,
-    pieces: Vec<Piece>,
+    mut pieces: Vec<Piece>,
     follow: Follow,
     served: IntCounter,
 ) -> ByteStream {
+    let mut first = None;
+    if let (Follow::Stored(_), &[Piece::Range(start, Some(end))]) = (&follow, pieces.as_slice()) {
+        // Only what is cached, without waiting; anything else (the disk, a
+        // short file) is the task's to read and to report.
+        let cached = (start < end)
+            .then(|| reader.read_cached(start, (end - start).min(CHUNK) as usize))
+            .and_then(Result::ok)
+            .flatten();
+        if let Some(chunk) = cached {
+            served.inc_by(chunk.len() as u64);
+            let pos = start + chunk.len() as u64;
+            if pos == end {
+                return ByteStream {
+                    first: Some(chunk),
+                    rx: None,
+                };
+            }
+            first = Some(chunk);
+            pieces = vec![Piece::Range(pos, Some(end))];
+        }
+    }
     let (tx, rx) = mpsc::channel(DEPTH);
     tokio::spawn(async move {
         let (fill, on_damaged, resume) = match follow {
@@ -171,7 +223,10 @@ pub(super) fn spawn(
             }
         }
     });
-    ByteStream { rx }
+    ByteStream {
+        first,
+        rx: Some(rx),
+    }
 }
 
 /// One transfer's reading side.
@@ -229,6 +284,14 @@ impl Transfer {
                 }
                 return Sent::All;
             }
+            // Room for the chunk first, then the read: a transfer whose
+            // client is slow waits holding no chunk, so a connection holds
+            // at most the channel's chunks and the one hyper is writing
+            // (issue 16: a thousand connections on a cached blob).
+            let permit = match tokio::time::timeout(CLIENT_STALL, self.tx.reserve()).await {
+                Ok(Ok(permit)) => permit,
+                _ => return Sent::Stopped,
+            };
             // A reader keeping up with a download takes the chunks that just
             // arrived; everything else is read from the file.
             let until = match self.fill.as_ref().map(|fill| fill.source(pos, limit)) {
@@ -250,9 +313,7 @@ impl Transfer {
                 Ok(chunk) => {
                     let n = chunk.len() as u64;
                     self.served.inc_by(n);
-                    if !deliver(&self.tx, chunk).await {
-                        return Sent::Stopped;
-                    }
+                    permit.send(Ok(chunk));
                     pos += n;
                 }
                 Err(e) => {
@@ -261,7 +322,7 @@ impl Transfer {
                             on_damaged();
                         }
                     }
-                    let _ = self.tx.send(Err(e)).await;
+                    permit.send(Err(e));
                     return Sent::Stopped;
                 }
             }
@@ -308,7 +369,7 @@ pub(super) fn forward(mut body: impl Chunks, served: IntCounter) -> ByteStream {
             }
         }
     });
-    ByteStream { rx }
+    ByteStream::channel(rx)
 }
 
 /// Relays an upstream body straight to one client, `start..end` of it,
@@ -325,7 +386,7 @@ pub(super) fn relay(
     let (tx, rx) = mpsc::channel(DEPTH);
     let verify = (start == 0).then(|| (Sha256::new(), digest));
     tokio::spawn(pump(response, start, end, verify, tx, served));
-    ByteStream { rx }
+    ByteStream::channel(rx)
 }
 
 /// Sends `[send_from, end)` of an upstream body (whose first byte is at

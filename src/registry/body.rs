@@ -114,7 +114,7 @@ impl http_body::Body for Body {
         match &self.kind {
             Kind::Empty => true,
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Stream(_) => false,
+            Kind::Stream(stream) => stream.is_end(),
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod backend;
 pub mod bucket;
+pub mod buffers;
 mod direct;
 mod error;
 mod fs;
