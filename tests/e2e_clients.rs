@@ -160,69 +160,14 @@ fn containerd_override_path_form_reaches_the_prefixed_registry() {
 
 // ------------------------------------------------------------------- dockerd
 
-struct Dockerd {
-    daemon: Daemon,
-    host: String,
-    dir: tempfile::TempDir,
-}
-
-impl Dockerd {
-    fn start(mirror: &str) -> Dockerd {
-        let bin = require_tool("dockerd");
-        require_tool("docker");
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("daemon.json");
-        std::fs::write(&config, client_config("docker/daemon.json", mirror)).unwrap();
-        let socket = dir.path().join("docker.sock");
-        let host = format!("unix://{}", socket.display());
-        let daemon = Daemon::spawn(
-            "dockerd",
-            Command::new(bin)
-                .arg("--config-file")
-                .arg(&config)
-                .args([
-                    "--storage-driver",
-                    "vfs",
-                    "--iptables=false",
-                    "--ip-masq=false",
-                    "--bridge=none",
-                ])
-                .arg("--data-root")
-                .arg(dir.path().join("data"))
-                .arg("--exec-root")
-                .arg(dir.path().join("exec"))
-                .arg("--pidfile")
-                .arg(dir.path().join("docker.pid"))
-                .arg("-H")
-                .arg(&host),
-            dir.path().join("dockerd.log"),
-        );
-        let dockerd = Dockerd { daemon, host, dir };
-        wait_until(&dockerd.daemon, Duration::from_secs(60), || {
-            dockerd
-                .docker()
-                .arg("version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        dockerd
-    }
-
-    fn docker(&self) -> Command {
-        let mut c = Command::new("docker");
-        c.env("DOCKER_CONFIG", self.dir.path().join("cli"))
-            .arg("-H")
-            .arg(&self.host);
-        c
-    }
-
-    fn pull(&self, image: &str, extra: &[&str]) -> String {
-        run(self.docker().arg("pull").args(extra).arg(image))
-    }
-
-    fn remove(&self, image: &str) {
-        run(self.docker().args(["rmi", "-f", image]));
-    }
+/// dockerd with deploy/clients/docker/daemon.json (`registry-mirrors`
+/// naming `mirror`), driven by the docker CLI on `PATH`.
+fn dockerd(mirror: &str) -> Dockerd {
+    Dockerd::start(
+        &client_config("docker/daemon.json", mirror),
+        &[],
+        require_tool("docker"),
+    )
 }
 
 #[test]
@@ -231,7 +176,7 @@ fn dockerd_pulls_and_runs_through_hoard_as_registry_mirror() {
     let upstream = Distribution::start();
     let seeded = seed(&upstream);
     let hoard = HoardProcess::start(&upstream.url(), &["--tag-ttl", "12s"]);
-    let docker = Dockerd::start(&hoard.addr());
+    let docker = dockerd(&hoard.addr());
     let first_pull = Instant::now();
 
     docker.pull("alpine-like:3", &[]);
@@ -390,7 +335,7 @@ fn dockerd_containerd_and_podman_at_once_cause_one_upstream_get_per_blob() {
     let upstream = Distribution::start();
     let seeded = seed(&upstream);
     let hoard = HoardProcess::start(&upstream.url(), &[]);
-    let docker = Dockerd::start(&hoard.addr());
+    let docker = dockerd(&hoard.addr());
     let ctr = Containerd::start(&hoard.addr(), "containerd/certs.d");
     let podman = Podman::new(&hoard.addr());
 

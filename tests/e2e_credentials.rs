@@ -8,8 +8,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -125,15 +124,6 @@ printf '{{"ServerURL":"%s","Username":"{USER}","Secret":"%s"}}\n' "$server" "$(c
     }
 }
 
-fn skopeo_copy(hoard: &HoardProcess, image: &str, dest: &Path) {
-    run(Command::new(require_tool("skopeo"))
-        .arg("--insecure-policy")
-        .arg("copy")
-        .arg("--src-tls-verify=false")
-        .arg(format!("docker://{}/{image}", hoard.addr()))
-        .arg(format!("dir:{}", dest.display())));
-}
-
 /// `GET` through hoard; the status.
 fn get(hoard: &HoardProcess, path: &str) -> u16 {
     let client = reqwest::blocking::Client::builder()
@@ -197,7 +187,7 @@ fn issue_15_a_credential_helper_logs_in_once_and_again_after_the_password_change
         }
     });
     let pulled = scene.path("pulled-app");
-    skopeo_copy(&hoard, "owner/app:1.0", &pulled);
+    skopeo_copy(&hoard.addr(), "owner/app:1.0", &pulled);
     assert_eq!(
         scene.runs("scripted"),
         vec!["https://index.docker.io/v1/".to_owned()],
@@ -209,7 +199,11 @@ fn issue_15_a_credential_helper_logs_in_once_and_again_after_the_password_change
     let registry = scene.restart(second);
     relay.point_to(([127, 0, 0, 1], registry.port).into());
     scene.set_password(second);
-    skopeo_copy(&hoard, "library/multi:1", &scene.path("pulled-multi"));
+    skopeo_copy(
+        &hoard.addr(),
+        "library/multi:1",
+        &scene.path("pulled-multi"),
+    );
     assert_eq!(
         scene.runs("scripted").len(),
         2,

@@ -99,120 +99,42 @@ fn private_network() {
     run(Command::new(require_tool("ip")).args(["link", "set", "lo", "up"]));
 }
 
-/// A dockerd of this test's own (vfs storage, no bridge: containers use
-/// `--network host`, which is this test's namespace), on this test's
-/// containerd: a dockerd left to find one would take the host's if its
-/// socket exists, and run the containers outside the namespace. Its
-/// containers are removed when it drops.
-struct Dockerd {
-    daemon: Daemon,
-    host: String,
-    dir: tempfile::TempDir,
+/// A dockerd of this test's own on this test's containerd (a dockerd left
+/// to find one would take the host's if its socket exists, and run the
+/// containers outside the namespace), driven by Debian's CLI.
+fn dockerd(containerd: &Containerd) -> Dockerd {
+    let namespace = containerd.namespace();
+    let extra: Vec<std::ffi::OsString> = vec![
+        "--containerd".into(),
+        containerd.socket().into(),
+        format!("--containerd-namespace={namespace}-docker").into(),
+        format!("--containerd-plugins-namespace={namespace}-plugins").into(),
+        "--shutdown-timeout=2".into(),
+    ];
+    Dockerd::start("{}", &extra, PathBuf::from(DOCKER))
 }
 
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Ok(out) = self.docker().args(["ps", "-aq"]).output() {
-            let ids = String::from_utf8_lossy(&out.stdout).into_owned();
-            let ids: Vec<&str> = ids.split_whitespace().collect();
-            if !ids.is_empty() {
-                let _ = self.docker().args(["rm", "-f"]).args(&ids).output();
-            }
+/// Waits (at most `limit`) until Docker reports `container` healthy.
+fn wait_healthy(dockerd: &Dockerd, container: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let health = dockerd.inspect(container, "{{.State.Health.Status}}");
+        if health == "healthy" {
+            return;
         }
-    }
-}
-
-impl Dockerd {
-    fn start(containerd: &Containerd) -> Dockerd {
-        let bin = require_tool("dockerd");
-        assert!(
-            Path::new(DOCKER).is_file(),
-            "Debian's docker CLI ({DOCKER}) is not installed: run scripts/test.sh"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("docker.sock");
-        let host = format!("unix://{}", socket.display());
-        // No /etc/docker/daemon.json of the host's.
-        let config = dir.path().join("daemon.json");
-        std::fs::write(&config, "{}").unwrap();
-        let namespace = containerd.namespace();
-        let daemon = Daemon::spawn(
-            "dockerd",
-            Command::new(bin)
-                .arg("--config-file")
-                .arg(&config)
-                .arg("--containerd")
-                .arg(containerd.socket())
-                .arg(format!("--containerd-namespace={namespace}-docker"))
-                .arg(format!(
-                    "--containerd-plugins-namespace={namespace}-plugins"
-                ))
-                .arg("--shutdown-timeout=2")
-                .args([
-                    "--storage-driver",
-                    "vfs",
-                    "--iptables=false",
-                    "--ip-masq=false",
-                    "--bridge=none",
-                ])
-                .arg("--data-root")
-                .arg(dir.path().join("data"))
-                .arg("--exec-root")
-                .arg(dir.path().join("exec"))
-                .arg("--pidfile")
-                .arg(dir.path().join("docker.pid"))
-                .arg("-H")
-                .arg(&host),
-            dir.path().join("dockerd.log"),
-        );
-        let dockerd = Dockerd { daemon, host, dir };
-        wait_until(&dockerd.daemon, Duration::from_secs(60), || {
-            dockerd
-                .docker()
-                .arg("version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        dockerd
-    }
-
-    fn docker(&self) -> Command {
-        let mut c = Command::new(DOCKER);
-        c.env("DOCKER_CONFIG", self.dir.path().join("cli"))
-            .env("DOCKER_BUILDKIT", "1")
-            .arg("-H")
-            .arg(&self.host);
-        c
-    }
-
-    fn inspect(&self, what: &str, format: &str) -> String {
-        run(self.docker().args(["inspect", "-f", format, what]))
-            .trim()
-            .to_owned()
-    }
-
-    /// Waits (at most `limit`) until Docker reports `container` healthy.
-    fn wait_healthy(&self, container: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let health = self.inspect(container, "{{.State.Health.Status}}");
-            if health == "healthy" {
-                return;
-            }
-            if self.inspect(container, "{{.State.Running}}") != "true" {
-                let out = self.docker().args(["logs", container]).output().unwrap();
-                panic!(
-                    "{container} exited: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{container} is {health}: {}",
-                self.inspect(container, "{{json .State.Health}}"),
+        if dockerd.inspect(container, "{{.State.Running}}") != "true" {
+            let out = dockerd.docker().args(["logs", container]).output().unwrap();
+            panic!(
+                "{container} exited: {}",
+                String::from_utf8_lossy(&out.stderr)
             );
-            std::thread::sleep(Duration::from_millis(200));
         }
+        assert!(
+            Instant::now() < deadline,
+            "{container} is {health}: {}",
+            dockerd.inspect(container, "{{json .State.Health}}"),
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -256,15 +178,6 @@ fn build_image(dockerd: &Dockerd, base: &Path, commit: &str) {
         .arg(env!("CARGO_MANIFEST_DIR")));
 }
 
-fn skopeo_copy(mirror: &str, image: &str, dest: &Path) {
-    run(Command::new(require_tool("skopeo"))
-        .arg("--insecure-policy")
-        .arg("copy")
-        .arg("--src-tls-verify=false")
-        .arg(format!("docker://{mirror}/{image}"))
-        .arg(format!("dir:{}", dest.display())));
-}
-
 #[test]
 fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
     // SAFETY: geteuid(2) reads the process's user id; nothing else.
@@ -288,7 +201,7 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
     // containerd with the hosts.toml users copy from deploy/clients: it
     // pulls through the containerised hoard, and runs dockerd's containers.
     let containerd = Containerd::start("127.0.0.1:18990", "containerd/certs.d");
-    let dockerd = Dockerd::start(&containerd);
+    let dockerd = dockerd(&containerd);
     build_image(&dockerd, &base, &commit);
 
     // Labels and --version carry the version and the commit.
@@ -340,7 +253,7 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
         &["HOARD_LISTEN=127.0.0.1:18990", &upstream_env],
         &[],
     );
-    dockerd.wait_healthy("hoard-a", Duration::from_secs(60));
+    wait_healthy(&dockerd, "hoard-a", Duration::from_secs(60));
     let pulled = tempfile::tempdir().unwrap();
     skopeo_copy("127.0.0.1:18990", "owner/app:1.0", &pulled.path().join("a"));
     skopeo_copy(
@@ -382,7 +295,7 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
         &["HOARD_LISTEN=127.0.0.1:18990", &upstream_env],
         &[],
     );
-    dockerd.wait_healthy("hoard-b", Duration::from_secs(60));
+    wait_healthy(&dockerd, "hoard-b", Duration::from_secs(60));
     let by_digest = format!("owner/app@{}", seeded.oci.manifest.digest());
     skopeo_copy("127.0.0.1:18990", &by_digest, &pulled.path().join("c"));
     // By tag too: its record, written by the first container, is in the
@@ -419,7 +332,7 @@ fn issue_18_the_shipped_image_builds_runs_and_stays_healthy() {
         ],
         &[&format!("{}:/pki:ro", pki.path().display())],
     );
-    dockerd.wait_healthy("hoard-tls", Duration::from_secs(60));
+    wait_healthy(&dockerd, "hoard-tls", Duration::from_secs(60));
     run(dockerd.docker().args(["rm", "-f", "hoard-tls"]));
     eprintln!("image test took {:?}", started.elapsed());
     drop(dockerd);

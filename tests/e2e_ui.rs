@@ -37,15 +37,6 @@ impl Drop for Driver {
     }
 }
 
-fn skopeo_copy(hoard: &HoardProcess, image: &str, dest: &Path) {
-    run(Command::new(require_tool("skopeo"))
-        .arg("--insecure-policy")
-        .arg("copy")
-        .arg("--src-tls-verify=false")
-        .arg(format!("docker://{}/{image}", hoard.addr()))
-        .arg(format!("dir:{}", dest.display())));
-}
-
 #[test]
 fn issue_17_the_status_page_shows_the_mirror_and_a_failing_upstream() {
     let (node, chromium) = browser_tools();
@@ -59,7 +50,11 @@ fn issue_17_the_status_page_shows_the_mirror_and_a_failing_upstream() {
         .enumerate()
     {
         for round in 0..2 {
-            skopeo_copy(&hoard, image, &pulled.path().join(format!("{n}-{round}")));
+            skopeo_copy(
+                &hoard.addr(),
+                image,
+                &pulled.path().join(format!("{n}-{round}")),
+            );
         }
     }
     // Taken in the test's own folder, then copied under target/ui.

@@ -248,6 +248,12 @@ mod tests {
         store
             .add_refs(&digest, std::slice::from_ref(&layer_digest))
             .unwrap();
+        tag(store, name, &digest, media_type);
+        (digest, layer_digest)
+    }
+
+    /// Tags `digest` as `docker.io/name:1`.
+    fn tag(store: &Store, name: &str, digest: &Digest, media_type: &str) {
         let record = TagRecord {
             digest: digest.clone(),
             media_type: media_type.into(),
@@ -256,7 +262,6 @@ mod tests {
         store
             .put_tag(&Repository::new("docker.io", name).unwrap(), "1", &record)
             .unwrap();
-        (digest, layer_digest)
     }
 
     #[test]
@@ -296,16 +301,6 @@ mod tests {
                 .unwrap();
             digest
         };
-        let tag = |name: &str, digest: &Digest, media_type: &str| {
-            let record = TagRecord {
-                digest: digest.clone(),
-                media_type: media_type.into(),
-                checked_at_ms: 0,
-            };
-            store
-                .put_tag(&Repository::new("docker.io", name).unwrap(), "1", &record)
-                .unwrap();
-        };
         let oci = "application/vnd.oci.image.manifest.v1+json";
         let config = put(
             br#"{"os":"linux","architecture":"arm","variant":"v7"}"#,
@@ -316,7 +311,7 @@ mod tests {
                 .as_bytes(),
             Some(oci),
         );
-        tag("single", &single, oci);
+        tag(&store, "single", &single, oci);
         let index_type = "application/vnd.oci.image.index.v1+json";
         let index = put(
             format!(
@@ -328,7 +323,7 @@ mod tests {
             .as_bytes(),
             Some(index_type),
         );
-        tag("multi", &index, index_type);
+        tag(&store, "multi", &index, index_type);
         let listed = images(&store, &[], None).unwrap();
         let of = |name: &str| {
             listed

@@ -300,15 +300,23 @@ async fn issue_15_a_registry_403_runs_the_helper_again_once_and_not_per_request(
     );
 }
 
-#[tokio::test]
-async fn issue_15_a_missing_repository_or_a_blob_stores_403_is_not_a_refused_login() {
-    let helper = Helper::with_password("pw");
+/// A registry whose token endpoint takes the helper's login (`bot`, `pw`)
+/// and whose blob GETs redirect to a blob store (`cdn`); one image, whose
+/// layer digest comes back.
+async fn behind_a_blob_store() -> (Fake, Fake, String) {
     let fake = Fake::start().await;
     let cdn = Fake::start().await;
     fake.require_token("tok", Some(&basic("bot", "pw")));
     fake.redirect_blobs_to(&cdn.url());
     let (_, layer) = fake.put_image("library/private", "1", b"layer");
     cdn.put_blob("cdn", b"layer".to_vec());
+    (fake, cdn, layer)
+}
+
+#[tokio::test]
+async fn issue_15_a_missing_repository_or_a_blob_stores_403_is_not_a_refused_login() {
+    let helper = Helper::with_password("pw");
+    let (fake, cdn, layer) = behind_a_blob_store().await;
     let hoard = helper.hoard(&fake).await;
     assert_eq!(hoard.status("/v2/private/manifests/1").await, 200);
     assert_eq!(helper.runs(), 1);
@@ -335,12 +343,7 @@ async fn issue_15_a_challenge_from_a_redirect_target_gets_no_login() {
     // A blob store answering 401 with a token service of its own: the
     // helper's password must not go there.
     let helper = Helper::with_password("pw");
-    let fake = Fake::start().await;
-    let cdn = Fake::start().await;
-    fake.require_token("tok", Some(&basic("bot", "pw")));
-    fake.redirect_blobs_to(&cdn.url());
-    let (_, layer) = fake.put_image("library/private", "1", b"layer");
-    cdn.put_blob("cdn", b"layer".to_vec());
+    let (fake, cdn, layer) = behind_a_blob_store().await;
     cdn.fault("/cdn/", crate::fake::Fault::InsufficientScope);
     let hoard = helper.hoard(&fake).await;
     // The token for the repository is cached: the blob GET carries it, and

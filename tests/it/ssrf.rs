@@ -106,11 +106,17 @@ async fn issue_15_any_upstream_refuses_other_ports() {
 async fn issue_15_a_refused_connection_says_so() {
     let (_socket, port) = crate::support::fleet::refusing_port();
     let hoard = Hoard::start(&format!("http://127.0.0.1:{port}"), &[], |_| {}).await;
+    assert_unreachable(&hoard, "connection refused").await;
+}
+
+/// A manifest GET through `hoard` is a 502 `UNAVAILABLE` whose detail
+/// names `cause`.
+async fn assert_unreachable(hoard: &Hoard, cause: &str) {
     let r = hoard.get("/v2/library/alpine/manifests/1").await;
     assert_eq!(r.status(), 502);
     let error = error_body(r).await;
     assert_eq!(error["code"], "UNAVAILABLE");
-    assert_eq!(error["detail"]["cause"], "connection refused");
+    assert_eq!(error["detail"]["cause"], cause);
 }
 
 #[tokio::test]
@@ -121,11 +127,7 @@ async fn issue_15_a_token_service_that_refuses_connections_says_so() {
     fake.token_realm(&format!("http://127.0.0.1:{port}/token"));
     fake.put_image("library/alpine", "1", b"a");
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
-    let r = hoard.get("/v2/library/alpine/manifests/1").await;
-    assert_eq!(r.status(), 502);
-    let error = error_body(r).await;
-    assert_eq!(error["code"], "UNAVAILABLE");
-    assert_eq!(error["detail"]["cause"], "connection refused");
+    assert_unreachable(&hoard, "connection refused").await;
 }
 
 #[tokio::test]

@@ -967,6 +967,119 @@ impl Containerd {
     }
 }
 
+/// A dockerd of a test's own: vfs storage, no bridge (containers use
+/// `--network host`), its state in a temp dir, started with `daemon_json`
+/// as its config file (so the host's /etc/docker/daemon.json is never
+/// read) and `extra` flags, driven by the docker CLI `cli`. The containers
+/// it runs are removed when it drops.
+pub struct Dockerd {
+    pub daemon: Daemon,
+    cli: PathBuf,
+    host: String,
+    dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    pub fn start(daemon_json: &str, extra: &[std::ffi::OsString], cli: PathBuf) -> Dockerd {
+        let bin = require_tool("dockerd");
+        assert!(
+            cli.is_file(),
+            "the docker CLI {} is not installed: run scripts/test.sh",
+            cli.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("daemon.json");
+        std::fs::write(&config, daemon_json).unwrap();
+        let socket = dir.path().join("docker.sock");
+        let host = format!("unix://{}", socket.display());
+        let daemon = Daemon::spawn(
+            "dockerd",
+            Command::new(bin)
+                .arg("--config-file")
+                .arg(&config)
+                .args(extra)
+                .args([
+                    "--storage-driver",
+                    "vfs",
+                    "--iptables=false",
+                    "--ip-masq=false",
+                    "--bridge=none",
+                ])
+                .arg("--data-root")
+                .arg(dir.path().join("data"))
+                .arg("--exec-root")
+                .arg(dir.path().join("exec"))
+                .arg("--pidfile")
+                .arg(dir.path().join("docker.pid"))
+                .arg("-H")
+                .arg(&host),
+            dir.path().join("dockerd.log"),
+        );
+        let dockerd = Dockerd {
+            daemon,
+            cli,
+            host,
+            dir,
+        };
+        wait_until(&dockerd.daemon, Duration::from_secs(60), || {
+            dockerd
+                .docker()
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        dockerd
+    }
+
+    /// The CLI, pointed at this dockerd (BuildKit on for `build`).
+    pub fn docker(&self) -> Command {
+        let mut c = Command::new(&self.cli);
+        c.env("DOCKER_CONFIG", self.dir.path().join("cli"))
+            .env("DOCKER_BUILDKIT", "1")
+            .arg("-H")
+            .arg(&self.host);
+        c
+    }
+
+    pub fn pull(&self, image: &str, extra: &[&str]) -> String {
+        run(self.docker().arg("pull").args(extra).arg(image))
+    }
+
+    pub fn remove(&self, image: &str) {
+        run(self.docker().args(["rmi", "-f", image]));
+    }
+
+    /// `docker inspect -f FORMAT WHAT`, trimmed.
+    pub fn inspect(&self, what: &str, format: &str) -> String {
+        run(self.docker().args(["inspect", "-f", format, what]))
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(out) = self.docker().args(["ps", "-aq"]).output() {
+            let ids = String::from_utf8_lossy(&out.stdout).into_owned();
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = self.docker().args(["rm", "-f"]).args(&ids).output();
+            }
+        }
+    }
+}
+
+/// `skopeo copy` of `image` from the registry at `mirror` (HOST:PORT, plain
+/// HTTP) into a `dir:` at `dest`.
+pub fn skopeo_copy(mirror: &str, image: &str, dest: &Path) {
+    run(Command::new(require_tool("skopeo"))
+        .arg("--insecure-policy")
+        .arg("copy")
+        .arg("--src-tls-verify=false")
+        .arg(format!("docker://{mirror}/{image}"))
+        .arg(format!("dir:{}", dest.display())));
+}
+
 /// A TCP relay on a port held for its whole life, to a backend that can
 /// move: a daemon restarted on a new port stays at one address for its
 /// clients, and no port number is ever freed and bound again.
