@@ -60,6 +60,9 @@ pub struct Metrics {
     /// `hoard_store_write_errors_total`: downloads that could not be written
     /// (disk full, I/O errors); their clients were served from upstream.
     pub store_write_errors: IntCounter,
+    /// `hoard_sendfile_bytes_total`: blob bytes sent from the page cache
+    /// with `sendfile` (plain HTTP/1), never copied through hoard.
+    pub sendfile_bytes: IntCounter,
     /// `hoard_inflight_fetches`: upstream downloads running now.
     pub inflight_fetches: IntGauge,
     /// `hoard_digest_mismatches_total`: upstream content that failed verification.
@@ -197,6 +200,10 @@ impl Metrics {
             "Blobs and manifests removed by eviction.",
         );
         let evicted_bytes = counter("hoard_evicted_bytes_total", "Bytes freed by eviction.");
+        let sendfile_bytes = counter(
+            "hoard_sendfile_bytes_total",
+            "Blob bytes sent from the page cache with sendfile (plain HTTP/1), without a copy through hoard.",
+        );
         let store_write_errors = counter(
             "hoard_store_write_errors_total",
             "Downloads that could not be written to the store (disk full, I/O errors).",
@@ -359,6 +366,7 @@ impl Metrics {
             evicted_bytes,
             store_bypassed,
             store_write_errors,
+            sendfile_bytes,
             inflight_fetches,
             digest_mismatches,
             http_requests,

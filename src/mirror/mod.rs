@@ -57,7 +57,7 @@ pub use status::{Download, StoreUsage};
 // `registry` names no `upstream` item: why a destination was refused or
 // unreachable, how a registry is doing, and an HTTP client error's causes.
 pub use crate::upstream::{describe_error, Cause, Condition, RegistryHealth, Rule};
-pub use stream::{ByteStream, Piece};
+pub use stream::{ByteStream, Chunk, Piece, CLIENT_STALL};
 pub use tag_list::TagList;
 
 use crate::cluster::Cluster;

@@ -30,30 +30,109 @@ const DEPTH: usize = 2;
 /// A blob body being read; yields an error (a cut connection for the
 /// client) if the read or the download it follows fails.
 pub struct ByteStream {
-    /// A chunk read before the response left: a small stored blob whole,
-    /// or the first chunk of a larger one (see `spawn`).
-    first: Option<Bytes>,
-    /// The rest, from the task; `None` when `first` is all.
+    /// A stored blob's range, read here while the page cache holds it (see
+    /// `spawn`); the task takes over at the first chunk that is not.
+    stored: Option<Stored>,
+    /// The rest, from the task; `None` when `stored` is all.
     rx: Option<mpsc::Receiver<io::Result<Bytes>>>,
+}
+
+/// A chunk for a consumer that can send from the file itself.
+pub enum Chunk {
+    Bytes(Bytes),
+    /// `len` bytes at `pos` of a stored blob, every page of them in the
+    /// page cache when this was yielded (`BlobReader::is_cached`).
+    File {
+        reader: BlobReader,
+        pos: u64,
+        len: usize,
+    },
+}
+
+/// A stored blob's range not handed to a task yet.
+struct Stored {
+    reader: BlobReader,
+    pos: u64,
+    end: u64,
+    on_damaged: OnDamaged,
+    served: IntCounter,
+    /// Whether the first chunk was asked for in bytes (`poll_next`).
+    started: bool,
+}
+
+impl Stored {
+    /// The next chunk's length.
+    fn next_len(&self) -> usize {
+        (self.end - self.pos).min(CHUNK) as usize
+    }
 }
 
 impl ByteStream {
     fn channel(rx: mpsc::Receiver<io::Result<Bytes>>) -> ByteStream {
         ByteStream {
-            first: None,
+            stored: None,
             rx: Some(rx),
+        }
+    }
+
+    /// Counts `n` bytes of `stored` as sent.
+    fn advance(&mut self, n: u64) {
+        if let Some(stored) = self.stored.as_mut() {
+            stored.served.inc_by(n);
+            stored.pos += n;
+            if stored.pos >= stored.end {
+                self.stored = None;
+            }
         }
     }
 
     /// The next chunk, `None` at the end.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
-        if let Some(chunk) = self.first.take() {
-            return Poll::Ready(Some(Ok(chunk)));
+        if let Some(stored) = self.stored.as_mut() {
+            if !std::mem::replace(&mut stored.started, true) {
+                // Only what is cached, without waiting; anything else (the
+                // disk, a short file) is the task's to read and to report.
+                if let Ok(Some(chunk)) = stored.reader.read_cached(stored.pos, stored.next_len()) {
+                    self.advance(chunk.len() as u64);
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+            }
+            let Stored {
+                reader,
+                pos,
+                end,
+                on_damaged,
+                served,
+                ..
+            } = self.stored.take().expect("checked above");
+            let pieces = vec![Piece::Range(pos, Some(end))];
+            self.rx = Some(start(reader, pieces, Follow::Stored(on_damaged), served));
         }
         match self.rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
             None => Poll::Ready(None),
         }
+    }
+
+    /// The next chunk for a consumer that sends from files itself (plain
+    /// HTTP/1's `sendfile`): a stored blob's chunk whose pages are all in
+    /// the page cache comes as a `Chunk::File`, read by nobody here;
+    /// anything else as bytes, as from `poll_next`.
+    pub fn poll_next_in_place(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Chunk>>> {
+        if let Some(stored) = self.stored.as_ref() {
+            let len = stored.next_len();
+            if stored.reader.is_cached(stored.pos, len) {
+                let chunk = Chunk::File {
+                    reader: stored.reader.clone(),
+                    pos: stored.pos,
+                    len,
+                };
+                self.advance(len as u64);
+                return Poll::Ready(Some(Ok(chunk)));
+            }
+        }
+        self.poll_next(cx)
+            .map(|next| next.map(|r| r.map(Chunk::Bytes)))
     }
 
     /// Awaits the next chunk.
@@ -64,13 +143,13 @@ impl ByteStream {
     /// Whether nothing more will come (hyper then ends the body without
     /// polling again).
     pub fn is_end(&self) -> bool {
-        self.first.is_none() && self.rx.is_none()
+        self.stored.is_none() && self.rx.is_none()
     }
 }
 
 /// A client that takes no data for this long is dropped (its connection
 /// is cut), freeing the file and the transfer slot.
-const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(300);
+pub const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Hands a chunk to the response; false if the client is gone or stalled.
 async fn deliver(tx: &mpsc::Sender<io::Result<Bytes>>, chunk: Bytes) -> bool {
@@ -143,40 +222,43 @@ pub enum Piece {
 
 /// Streams `pieces` of what `follow` says.
 ///
-/// A stored blob asked for in one range starts with what the page cache
-/// holds of its first chunk, read here before the response leaves: hyper
-/// then sends the headers and that chunk in one `writev`, and a blob that
-/// fits one chunk (configs, thin layers: most blobs of a pull) needs no
-/// task and no channel at all. Profiling 256 clients on a cached 64 KiB
-/// blob showed two `writev`s per request (the headers went out alone while
-/// the task started) besides the task's own wake-ups.
+/// A stored blob asked for in one range is read in place, by whoever polls
+/// the stream, while the page cache holds it: hyper then sends the headers
+/// and the first chunk in one `writev`, and a blob that fits one chunk
+/// (configs, thin layers: most blobs of a pull) needs no task and no
+/// channel at all. Profiling 256 clients on a cached 64 KiB blob showed two
+/// `writev`s per request (the headers went out alone while the task
+/// started) besides the task's own wake-ups. In place also lets a plain
+/// HTTP/1 connection send the chunks with `sendfile` (`poll_next_in_place`).
 pub(super) fn spawn(
     reader: BlobReader,
-    mut pieces: Vec<Piece>,
+    pieces: Vec<Piece>,
     follow: Follow,
     served: IntCounter,
 ) -> ByteStream {
-    let mut first = None;
-    if let (Follow::Stored(_), &[Piece::Range(start, Some(end))]) = (&follow, pieces.as_slice()) {
-        // Only what is cached, without waiting; anything else (the disk, a
-        // short file) is the task's to read and to report.
-        let cached = (start < end)
-            .then(|| reader.read_cached(start, (end - start).min(CHUNK) as usize))
-            .and_then(Result::ok)
-            .flatten();
-        if let Some(chunk) = cached {
-            served.inc_by(chunk.len() as u64);
-            let pos = start + chunk.len() as u64;
-            if pos == end {
-                return ByteStream {
-                    first: Some(chunk),
-                    rx: None,
-                };
-            }
-            first = Some(chunk);
-            pieces = vec![Piece::Range(pos, Some(end))];
-        }
+    match (follow, pieces.as_slice()) {
+        (Follow::Stored(on_damaged), &[Piece::Range(pos, Some(end))]) => ByteStream {
+            stored: (pos < end).then(|| Stored {
+                reader,
+                pos,
+                end,
+                on_damaged,
+                served,
+                started: false,
+            }),
+            rx: None,
+        },
+        (follow, _) => ByteStream::channel(start(reader, pieces, follow, served)),
     }
+}
+
+/// Starts the task that streams `pieces` of what `follow` says.
+fn start(
+    reader: BlobReader,
+    pieces: Vec<Piece>,
+    follow: Follow,
+    served: IntCounter,
+) -> mpsc::Receiver<io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel(DEPTH);
     tokio::spawn(async move {
         let (fill, on_damaged, resume) = match follow {
@@ -223,10 +305,7 @@ pub(super) fn spawn(
             }
         }
     });
-    ByteStream {
-        first,
-        rx: Some(rx),
-    }
+    rx
 }
 
 /// One transfer's reading side.

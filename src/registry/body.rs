@@ -4,6 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -13,7 +14,8 @@ use http::Response;
 use http_body::{Frame, SizeHint};
 use tracing::info;
 
-use crate::mirror::{ByteStream, Outcome};
+use super::sendfile::Segments;
+use crate::mirror::{ByteStream, Chunk, Outcome};
 
 /// A JSON answer with its `Content-Type` and `Content-Length`; for a `HEAD`,
 /// the same headers without the body. Every JSON response (the API's, its
@@ -35,6 +37,9 @@ pub fn json_response(body: impl Into<Bytes>, head: bool) -> Response<Body> {
 pub struct Body {
     kind: Kind,
     log: Option<AccessLog>,
+    /// Set on plain HTTP/1 connections: cached chunks of a stream leave
+    /// with `sendfile` (see `sendfile`).
+    in_place: Option<Arc<Segments>>,
 }
 
 enum Kind {
@@ -49,6 +54,7 @@ impl Body {
         Body {
             kind: Kind::Empty,
             log: None,
+            in_place: None,
         }
     }
 
@@ -57,6 +63,7 @@ impl Body {
         Body {
             kind: Kind::Full(Some(bytes.into())),
             log: None,
+            in_place: None,
         }
     }
 
@@ -75,6 +82,15 @@ impl Body {
         Body {
             kind: Kind::Stream(stream),
             log: None,
+            in_place: None,
+        }
+    }
+
+    /// Lets a stream's cached chunks be sent from their file by the
+    /// connection whose ranges `segments` holds.
+    pub(super) fn send_in_place(&mut self, segments: &Arc<Segments>) {
+        if matches!(self.kind, Kind::Stream(_)) {
+            self.in_place = Some(segments.clone());
         }
     }
 
@@ -98,7 +114,15 @@ impl http_body::Body for Body {
         let polled = match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(Ok)),
-            Kind::Stream(stream) => stream.poll_next(cx),
+            Kind::Stream(stream) => match this.in_place.as_ref() {
+                None => stream.poll_next(cx),
+                Some(segments) => stream.poll_next_in_place(cx).map(|next| {
+                    next.map(|chunk| match chunk? {
+                        Chunk::Bytes(bytes) => Ok(bytes),
+                        Chunk::File { reader, pos, len } => segments.push(reader, pos, len),
+                    })
+                }),
+            },
         };
         if let (Poll::Ready(item), Some(log)) = (&polled, this.log.as_mut()) {
             match item {

@@ -13,6 +13,7 @@ mod handlers;
 mod multipart;
 mod referrers;
 mod routes;
+mod sendfile;
 mod server;
 mod tls;
 pub mod ui;

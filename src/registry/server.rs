@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
 use super::app::{App, Surface};
+use super::sendfile::{self, Segments};
 use super::tls::Tls;
 use super::{admin, handlers};
 
@@ -131,14 +132,19 @@ pub async fn serve(
         if over_limit {
             debug!(%peer, "too many connections from this client");
         }
+        // Plain HTTP/1 sends cached chunks with sendfile (see `sendfile`).
+        let segments = Arc::new(Segments::default());
+        let in_place = tls.is_none().then(|| segments.clone());
+        let sendfile_bytes = app.metrics.sendfile_bytes.clone();
         let app = app.clone();
         let requested = Arc::new(AtomicBool::new(false));
         let asked = requested.clone();
         let service = service_fn(move |request| {
             let app = app.clone();
+            let in_place = in_place.clone();
             asked.store(true, Ordering::Relaxed);
             async move {
-                let response = if over_limit {
+                let mut response = if over_limit {
                     too_many_connections()
                 } else {
                     // Boxed: the handler's future is large (every await of
@@ -148,6 +154,9 @@ pub async fn serve(
                     // cached 64 KiB blob (perf, issue 16).
                     guarded(Box::pin(respond(&app, surface, Some(peer.ip()), request))).await
                 };
+                if let Some(segments) = in_place.as_ref() {
+                    response.body_mut().send_in_place(segments);
+                }
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
@@ -161,9 +170,12 @@ pub async fn serve(
         tokio::spawn(async move {
             let result = match acceptor {
                 None => {
-                    watcher
-                        .watch(http1().serve_connection(TokioIo::new(stream), service))
-                        .await
+                    let io = sendfile::Io::new(stream, segments, sendfile_bytes);
+                    // Vectored writes: hyper then queues body chunks as
+                    // they are, which the placeholders rely on.
+                    let mut builder = http1();
+                    builder.writev(true);
+                    watcher.watch(builder.serve_connection(io, service)).await
                 }
                 Some(acceptor) => {
                     let handshake =

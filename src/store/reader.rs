@@ -76,6 +76,89 @@ impl BlobReader {
     pub fn file_len(&self) -> io::Result<u64> {
         self.file.metadata().map(|m| m.len())
     }
+
+    /// Whether every page of `pos..pos + n` is in the page cache now, so
+    /// that `sendfile` of that range copies from memory instead of waiting
+    /// for the disk on the runtime's thread. Asked with `cachestat(2)`
+    /// (Linux 6.5); where the kernel has no `cachestat`, with two one-byte
+    /// `RWF_NOWAIT` reads of the first and the last page, which misses a
+    /// page evicted from the middle (that send then waits for the disk,
+    /// as nginx's `sendfile` does). Never true past the end of the file:
+    /// pages that do not exist are not cached.
+    pub fn is_cached(&self, pos: u64, n: usize) -> bool {
+        n > 0 && page_cached(&self.file, pos, n as u64)
+    }
+
+    /// The open file, for sending it without reading it (`sendfile`).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// `cachestat(2)`'s number: one for every architecture (the unified
+/// syscall table), not yet in the `libc` crate for x86_64.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Set once the kernel said it has no `cachestat`.
+static NO_CACHESTAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// See `BlobReader::is_cached`.
+fn page_cached(file: &File, pos: u64, n: u64) -> bool {
+    use std::sync::atomic::Ordering;
+    const PAGE: u64 = 4096;
+    if !NO_CACHESTAT.load(Ordering::Relaxed) {
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        let range = Range { off: pos, len: n };
+        let mut stat = Stat::default();
+        // SAFETY: cachestat reads `range` and writes one `Stat`, both live
+        // and laid out as the kernel's `cachestat_range` and `cachestat`
+        // (five and two u64s, repr(C)); flags must be 0.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Stat,
+                0,
+            )
+        };
+        if r == 0 {
+            // Pages the range touches. cachestat counts whole pages: the
+            // kernel's page size is at least 4 KiB, so on a larger one the
+            // count is below this and the answer a safe "no".
+            let pages = (pos + n - 1) / PAGE - pos / PAGE + 1;
+            return stat.nr_cache >= pages;
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+            return false;
+        }
+        NO_CACHESTAT.store(true, Ordering::Relaxed);
+    }
+    let mut byte = 0u8;
+    [pos, pos + n - 1].iter().all(|&at| {
+        let Ok(offset) = libc::off_t::try_from(at) else {
+            return false;
+        };
+        let iov = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        // SAFETY: one iovec over one byte this frame owns.
+        unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) == 1 }
+    })
 }
 
 /// What the page cache holds of `pos..pos + n`, from its start; `None` if
@@ -216,6 +299,32 @@ mod tests {
             assert_eq!(got, &data[pos..pos + n]);
         }
         assert_eq!(reader.read_all(data.len() as u64).unwrap(), data);
+    }
+
+    #[test]
+    fn a_range_is_cached_only_when_the_page_cache_holds_all_of_it() {
+        let data = vec![3u8; 8 * 4096];
+        let (reader, file) = reader(&data);
+        // Written through the page cache: all of it is there.
+        assert!(reader.is_cached(0, data.len()));
+        assert!(reader.is_cached(4095, 2));
+        assert!(!reader.is_cached(0, 0));
+        // Past the end nothing is cached.
+        assert!(!reader.is_cached(data.len() as u64 - 1, 4097));
+        assert!(!reader.is_cached(data.len() as u64, 1));
+        // Dropped from the page cache: no longer (fdatasync first, as
+        // DONTNEED keeps dirty pages).
+        file.sync_data().unwrap();
+        // SAFETY: plain advice on a file descriptor this test owns.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        // On tmpfs the page cache is the file: DONTNEED keeps it.
+        // SAFETY: an all-zero statfs is a valid value to overwrite.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs writes one struct this frame owns.
+        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) }, 0);
+        let tmpfs = fs.f_type == libc::TMPFS_MAGIC;
+        assert_eq!(reader.is_cached(0, data.len()), tmpfs);
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ mod ranges;
 mod referrers;
 mod regression;
 mod resume;
+mod sendfile;
 mod single_flight;
 mod ssrf;
 mod tls;
