@@ -56,8 +56,10 @@ pub use status::{Download, StoreUsage};
 // The upstream's words the registry layer answers with, named here so that
 // `registry` names no `upstream` item: why a destination was refused or
 // unreachable, how a registry is doing, and an HTTP client error's causes.
+/// Stored content, as `Chunk::File` hands it out.
+pub use crate::store::BlobReader;
 pub use crate::upstream::{describe_error, Cause, Condition, RegistryHealth, Rule};
-pub use stream::{ByteStream, Chunk, Piece, CLIENT_STALL};
+pub use stream::{ByteStream, Chunk, Damage, Piece, CHUNK, CLIENT_STALL};
 pub use tag_list::TagList;
 
 use crate::cluster::Cluster;

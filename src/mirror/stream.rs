@@ -22,16 +22,16 @@ use super::fill::{Fill, Source};
 use crate::reference::Digest;
 use crate::store::BlobReader;
 
-/// Bytes read from a file per chunk: one pooled read buffer.
-pub(super) const CHUNK: u64 = crate::store::buffers::SIZE as u64;
+/// Bytes read from a file per chunk: one pooled read buffer. Also the
+/// longest `Chunk::File`.
+pub const CHUNK: u64 = crate::store::buffers::SIZE as u64;
 /// Chunks buffered per transfer.
 const DEPTH: usize = 2;
 
 /// A blob body being read; yields an error (a cut connection for the
 /// client) if the read or the download it follows fails.
 pub struct ByteStream {
-    /// A stored blob's range, read here while the page cache holds it (see
-    /// `spawn`); the task takes over at the first chunk that is not.
+    /// A stored blob's range not handed to a task yet (see `spawn`).
     stored: Option<Stored>,
     /// The rest, from the task; `None` when `stored` is all.
     rx: Option<mpsc::Receiver<io::Result<Bytes>>>,
@@ -41,12 +41,36 @@ pub struct ByteStream {
 pub enum Chunk {
     Bytes(Bytes),
     /// `len` bytes at `pos` of a stored blob, every page of them in the
-    /// page cache when this was yielded (`BlobReader::is_cached`).
+    /// page cache when this was yielded (`BlobReader::is_cached`). Whoever
+    /// finds the file shorter than that reports it to `damage`.
     File {
         reader: BlobReader,
         pos: u64,
         len: usize,
+        damage: Damage,
     },
+}
+
+/// Who is told, once, that a stored blob is shorter than its index says:
+/// shared by a stream and the file chunks it handed out, since the
+/// connection that sends those itself is the one to find the short file.
+#[derive(Clone)]
+pub struct Damage(Arc<parking_lot::Mutex<Option<OnDamaged>>>);
+
+impl Damage {
+    pub(crate) fn new(on_damaged: impl FnOnce() + Send + 'static) -> Damage {
+        Damage(Arc::new(parking_lot::Mutex::new(Some(Box::new(
+            on_damaged,
+        )))))
+    }
+
+    /// Reports the blob damaged (the first call only).
+    pub fn report(&self) {
+        let on_damaged = self.0.lock().take();
+        if let Some(on_damaged) = on_damaged {
+            on_damaged();
+        }
+    }
 }
 
 /// A stored blob's range not handed to a task yet.
@@ -54,7 +78,7 @@ struct Stored {
     reader: BlobReader,
     pos: u64,
     end: u64,
-    on_damaged: OnDamaged,
+    damage: Damage,
     served: IntCounter,
     /// Whether the first chunk was asked for in bytes (`poll_next`).
     started: bool,
@@ -86,27 +110,40 @@ impl ByteStream {
         }
     }
 
+    /// Hands what is left of `stored` to a task, which reads ahead.
+    fn start_task(&mut self) {
+        if let Some(Stored {
+            reader,
+            pos,
+            end,
+            damage,
+            served,
+            ..
+        }) = self.stored.take()
+        {
+            let pieces = vec![Piece::Range(pos, Some(end))];
+            let on_damaged: OnDamaged = Box::new(move || damage.report());
+            self.rx = Some(start(reader, pieces, Follow::Stored(on_damaged), served));
+        }
+    }
+
     /// The next chunk, `None` at the end.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
         if let Some(stored) = self.stored.as_mut() {
-            if !std::mem::replace(&mut stored.started, true) {
-                // Only what is cached, without waiting; anything else (the
-                // disk, a short file) is the task's to read and to report.
-                if let Ok(Some(chunk)) = stored.reader.read_cached(stored.pos, stored.next_len()) {
-                    self.advance(chunk.len() as u64);
-                    return Poll::Ready(Some(Ok(chunk)));
-                }
+            let first = !std::mem::replace(&mut stored.started, true);
+            // The first chunk here if cached, without waiting; anything else
+            // (the disk, a short file) is the task's to read and to report.
+            let cached = first
+                .then(|| stored.reader.read_cached(stored.pos, stored.next_len()))
+                .and_then(Result::ok)
+                .flatten();
+            if let Some(chunk) = cached {
+                self.advance(chunk.len() as u64);
+                // The rest starts reading now, while hyper sends this one.
+                self.start_task();
+                return Poll::Ready(Some(Ok(chunk)));
             }
-            let Stored {
-                reader,
-                pos,
-                end,
-                on_damaged,
-                served,
-                ..
-            } = self.stored.take().expect("checked above");
-            let pieces = vec![Piece::Range(pos, Some(end))];
-            self.rx = Some(start(reader, pieces, Follow::Stored(on_damaged), served));
+            self.start_task();
         }
         match self.rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
@@ -126,6 +163,7 @@ impl ByteStream {
                     reader: stored.reader.clone(),
                     pos: stored.pos,
                     len,
+                    damage: stored.damage.clone(),
                 };
                 self.advance(len as u64);
                 return Poll::Ready(Some(Ok(chunk)));
@@ -222,14 +260,15 @@ pub enum Piece {
 
 /// Streams `pieces` of what `follow` says.
 ///
-/// A stored blob asked for in one range is read in place, by whoever polls
-/// the stream, while the page cache holds it: hyper then sends the headers
-/// and the first chunk in one `writev`, and a blob that fits one chunk
-/// (configs, thin layers: most blobs of a pull) needs no task and no
-/// channel at all. Profiling 256 clients on a cached 64 KiB blob showed two
-/// `writev`s per request (the headers went out alone while the task
-/// started) besides the task's own wake-ups. In place also lets a plain
-/// HTTP/1 connection send the chunks with `sendfile` (`poll_next_in_place`).
+/// A stored blob asked for in one range starts when the stream is first
+/// polled, with its first chunk read there if the page cache holds it:
+/// hyper then sends the headers and that chunk in one `writev`, and a blob
+/// that fits one chunk (configs, thin layers: most blobs of a pull) needs
+/// no task and no channel at all. Profiling 256 clients on a cached 64 KiB
+/// blob showed two `writev`s per request (the headers went out alone while
+/// the task started) besides the task's own wake-ups. A task reads the rest
+/// ahead. A plain HTTP/1 connection instead takes every chunk the page
+/// cache holds as a file range to `sendfile` (`poll_next_in_place`).
 pub(super) fn spawn(
     reader: BlobReader,
     pieces: Vec<Piece>,
@@ -242,7 +281,7 @@ pub(super) fn spawn(
                 reader,
                 pos,
                 end,
-                on_damaged,
+                damage: Damage::new(on_damaged),
                 served,
                 started: false,
             }),

@@ -89,7 +89,7 @@ impl Body {
     /// Lets a stream's cached chunks be sent from their file by the
     /// connection whose ranges `segments` holds.
     pub(super) fn send_in_place(&mut self, segments: &Arc<Segments>) {
-        if matches!(self.kind, Kind::Stream(_)) {
+        if matches!(self.kind, Kind::Stream(_)) && super::sendfile::available() {
             self.in_place = Some(segments.clone());
         }
     }
@@ -119,7 +119,12 @@ impl http_body::Body for Body {
                 Some(segments) => stream.poll_next_in_place(cx).map(|next| {
                     next.map(|chunk| match chunk? {
                         Chunk::Bytes(bytes) => Ok(bytes),
-                        Chunk::File { reader, pos, len } => segments.push(reader, pos, len),
+                        Chunk::File {
+                            reader,
+                            pos,
+                            len,
+                            damage,
+                        } => segments.push(reader, pos, len, damage),
                     })
                 }),
             },

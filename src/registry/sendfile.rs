@@ -7,20 +7,30 @@
 //! does all of it (status, headers, lengths, keep-alive; the access log and
 //! the metrics count the same body) and only the bytes are swapped at the
 //! socket. For a chunk whose pages are all cached, the response body
-//! (`Body::send_in_place`) yields a placeholder: a `Bytes` pointing into
-//! `PLACEHOLDER`, as long as the chunk, and pushes the file range it stands
+//! (`Body::send_in_place`) yields a placeholder: a `Bytes` as long as the
+//! chunk pointing into `PLACEHOLDER`, and pushes the file range it stands
 //! for onto the connection's `Segments`. `Io`, the connection's transport,
 //! writes everything else as it comes; where a write reaches a placeholder
 //! slice it sends the range at the front of the queue from the file.
 //!
 //! This rests on hyper queueing body chunks as they are, never copying
-//! them, when the transport writes vectored (`writev(true)` on the
-//! connection's builder, which `server` sets): each placeholder reaches
-//! `Io` as its own slice, advanced only by what `Io` reported written. `Io`
-//! checks that each placeholder slice is exactly the range at the front of
-//! the queue and cuts the connection otherwise: a mistake here ends in a
-//! cut connection, never in wrong bytes for the client. The tests serve
-//! blobs through this path and compare every byte.
+//! them, when the transport writes vectored (hyper 1's `WriteStrategy::
+//! Queue`, which `writev(true)` on the connection's builder pins): each
+//! placeholder reaches `Io` as its own slice, advanced only by what `Io`
+//! reported written. `Io` checks that: each placeholder starts at an offset
+//! of its own in `PLACEHOLDER` (its tag, one of `MAX_QUEUED`), so a slice is
+//! matched to its range by address, not length, and a placeholder dropped,
+//! repeated or out of order cuts the connection, as does a non-vectored
+//! write while ranges are queued (hyper copying them). A mistake here ends
+//! in a cut connection, never in wrong bytes. The tests serve blobs through
+//! this path and compare every byte.
+//!
+//! `sendfile` waits for the disk when a page is not in the page cache, on
+//! the runtime's thread. The body hands out only ranges the page cache held
+//! (and had read in) when it was polled, which is just before hyper's first
+//! write of it; `Io` asks again before sending the rest of a range a slow
+//! client took only part of, since pages can be evicted meanwhile. A range
+//! no longer all there is read on the blocking pool and written as bytes.
 //!
 //! Only plain HTTP/1 takes this path: TLS must encrypt in user space and
 //! HTTP/2 frames the body, so both read the chunk into memory as before.
@@ -30,10 +40,11 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use hyper::rt::Write as _;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
@@ -42,42 +53,83 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use crate::mirror::CLIENT_STALL;
-use crate::store::BlobReader;
-
-/// What a placeholder points into: never read, never written (a static in
-/// `.bss`, so its pages are never even touched). Its address is what marks
-/// a slice as a placeholder.
-static PLACEHOLDER: [u8; crate::store::buffers::SIZE] = [0; crate::store::buffers::SIZE];
+use crate::mirror::{BlobReader, Damage, CHUNK, CLIENT_STALL};
 
 /// Ranges queued by a connection's bodies: hyper holds at most this many
 /// buffers, and stops asking the body for more past 64 KiB buffered (one
 /// chunk). More means the queue and hyper are out of step.
 const MAX_QUEUED: usize = 16;
 
+/// What placeholders point into: `CHUNK` bytes past each of `MAX_QUEUED`
+/// tags. Never read or written: zeroed heap memory the kernel maps on first
+/// touch, and nothing touches it. Its addresses mark a slice as a
+/// placeholder and say which one.
+static PLACEHOLDER: LazyLock<&'static [u8]> =
+    LazyLock::new(|| vec![0u8; CHUNK as usize + MAX_QUEUED].leak());
+
+/// Off once a `sendfile` said the file system cannot (no splice read):
+/// bodies then read chunks as on TLS.
+static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// Whether bodies should hand out placeholders.
+pub fn available() -> bool {
+    !UNAVAILABLE.load(Ordering::Relaxed)
+}
+
 /// One file range a placeholder stands for.
 struct Segment {
     reader: BlobReader,
     pos: u64,
     len: usize,
+    /// Where its placeholder starts in `PLACEHOLDER`.
+    tag: usize,
+    /// Bytes of it already written (its placeholder's slice starts there).
+    sent: usize,
+    damage: Damage,
 }
 
 /// The file ranges a connection's placeholders stand for, in the order
 /// hyper will write them. Shared by the connection's bodies (which push)
 /// and its `Io` (which sends and pops); both run on the connection's task.
 #[derive(Default)]
-pub struct Segments(Mutex<VecDeque<Segment>>);
+pub struct Segments(Mutex<Queue>);
+
+#[derive(Default)]
+struct Queue {
+    ranges: VecDeque<Segment>,
+    /// The next tag.
+    next: usize,
+}
 
 impl Segments {
     /// A placeholder for `len` bytes at `pos` of `reader`'s file, whose
-    /// pages are in the page cache.
-    pub fn push(&self, reader: BlobReader, pos: u64, len: usize) -> io::Result<Bytes> {
+    /// pages are in the page cache; `damage` hears of a short file.
+    pub fn push(
+        &self,
+        reader: BlobReader,
+        pos: u64,
+        len: usize,
+        damage: Damage,
+    ) -> io::Result<Bytes> {
         let mut queue = self.0.lock();
-        if len == 0 || len > PLACEHOLDER.len() || queue.len() >= MAX_QUEUED {
+        if len == 0 || len as u64 > CHUNK || queue.ranges.len() >= MAX_QUEUED {
             return Err(out_of_step());
         }
-        queue.push_back(Segment { reader, pos, len });
-        Ok(Bytes::from_static(&PLACEHOLDER[..len]))
+        let tag = queue.next;
+        queue.next = (tag + 1) % MAX_QUEUED;
+        queue.ranges.push_back(Segment {
+            reader,
+            pos,
+            len,
+            tag,
+            sent: 0,
+            damage,
+        });
+        Ok(Bytes::from_static(&PLACEHOLDER[tag..tag + len]))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.lock().ranges.is_empty()
     }
 }
 
@@ -90,6 +142,12 @@ fn is_placeholder(slice: &[u8]) -> bool {
     !slice.is_empty() && PLACEHOLDER.as_ptr_range().contains(&slice.as_ptr())
 }
 
+/// A range being read because the page cache no longer held it.
+enum Fallback {
+    Reading(Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send>>),
+    Read(Bytes),
+}
+
 /// A plain TCP connection's transport for hyper: reads as usual, writes
 /// placeholders with `sendfile`. Also cuts a client that takes nothing for
 /// `CLIENT_STALL`: a body sent from the file holds no task that could time
@@ -99,6 +157,8 @@ pub struct Io {
     segments: Arc<Segments>,
     /// `hoard_sendfile_bytes_total`.
     sent: IntCounter,
+    /// The front range's bytes, read on the blocking pool.
+    fallback: Option<Fallback>,
     /// The deadline of a write waiting for the socket (made at the first
     /// wait, then reset: no allocation per wait).
     stall: Option<Pin<Box<Sleep>>>,
@@ -112,6 +172,7 @@ impl Io {
             tcp: TokioIo::new(tcp),
             segments,
             sent,
+            fallback: None,
             stall: None,
             waiting: false,
         }
@@ -121,10 +182,11 @@ impl Io {
     /// placeholder stands for.
     fn write(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let written = match bufs.iter().position(|b| is_placeholder(b)) {
-            Some(0) => self.send_front(cx, bufs[0].len()),
+            Some(0) => self.send_front(cx, &bufs[0]),
             // The head before a body's first chunk: held back (MSG_MORE)
             // to leave in the same packet as the chunk, as nginx's
-            // TCP_NOPUSH does. The sendfile that follows pushes it.
+            // TCP_NOPUSH does. The sendfile that follows pushes it; if that
+            // fails the connection closes, which pushes it too.
             Some(n) => self.send_more(cx, &bufs[..n]),
             None => Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs),
         };
@@ -150,22 +212,88 @@ impl Io {
         }
     }
 
-    /// Sends (part of) the range at the front of the queue, which the
-    /// placeholder slice of `len` bytes must stand for.
-    fn send_front(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+    /// Sends (part of) the range at the front of the queue, which
+    /// `placeholder` must stand for: from the page cache with `sendfile`,
+    /// or as bytes read on the blocking pool when the page cache no longer
+    /// holds it all.
+    fn send_front(&mut self, cx: &mut Context<'_>, placeholder: &[u8]) -> Poll<io::Result<usize>> {
         let segments = self.segments.clone();
         let mut queue = segments.0.lock();
-        let Some(front) = queue.front_mut() else {
+        let Some(front) = queue.ranges.front_mut() else {
             return Poll::Ready(Err(out_of_step()));
         };
-        if front.len != len {
+        let expected = PLACEHOLDER[front.tag + front.sent..].as_ptr();
+        if placeholder.as_ptr() != expected || placeholder.len() != front.len - front.sent {
             return Poll::Ready(Err(out_of_step()));
         }
-        let file = front.reader.file().as_raw_fd();
-        let mut offset = libc::off_t::try_from(front.pos)
-            .map_err(|_| io::Error::other("offset out of range"))?;
+        let pos = front.pos + front.sent as u64;
+        let left = front.len - front.sent;
+        let sent = loop {
+            match self.fallback.as_mut() {
+                Some(Fallback::Read(bytes)) => {
+                    let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &bytes[..]))?;
+                    bytes.advance(n);
+                    if bytes.is_empty() {
+                        self.fallback = None;
+                    }
+                    break n;
+                }
+                Some(Fallback::Reading(read)) => match ready!(read.as_mut().poll(cx)) {
+                    Ok(bytes) if !bytes.is_empty() => {
+                        self.fallback = Some(Fallback::Read(bytes));
+                    }
+                    Ok(_) => return Poll::Ready(Err(short_file(&front.damage))),
+                    Err(e) => {
+                        self.fallback = None;
+                        if e.kind() == io::ErrorKind::UnexpectedEof {
+                            front.damage.report();
+                        }
+                        return Poll::Ready(Err(e));
+                    }
+                },
+                // Asked again only for the rest of a range the socket took
+                // part of: the body asked just before hyper's first write,
+                // and a slow client may have held the rest for minutes.
+                None if (front.sent > 0 && !front.reader.is_cached(pos, left)) || !available() => {
+                    let reader = front.reader.clone();
+                    self.fallback = Some(Fallback::Reading(Box::pin(async move {
+                        reader.read(pos, left).await
+                    })));
+                }
+                None => match ready!(self.sendfile(cx, &front.reader, pos, left)) {
+                    Ok(0) => return Poll::Ready(Err(short_file(&front.damage))),
+                    Ok(n) => {
+                        self.sent.inc_by(n as u64);
+                        break n;
+                    }
+                    Err(e) if unsupported(&e) => {
+                        // Not this file system: read instead, from now on.
+                        UNAVAILABLE.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                },
+            }
+        };
+        front.sent += sent;
+        if front.sent == front.len {
+            queue.ranges.pop_front();
+        }
+        Poll::Ready(Ok(sent))
+    }
+
+    /// `sendfile` of `len` bytes at `pos` of `reader`'s file.
+    fn sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        reader: &BlobReader,
+        pos: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let file = reader.file().as_raw_fd();
+        let mut offset =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::other("offset out of range"))?;
         let socket = self.tcp.inner().as_raw_fd();
-        let sent = ready!(self.poll_socket(cx, || {
+        self.poll_socket(cx, || {
             // SAFETY: both descriptors are open (the socket is ours, the
             // file is held by the segment); the kernel writes `offset`.
             let r = unsafe { libc::sendfile(socket, file, &mut offset, len) };
@@ -174,21 +302,7 @@ impl Io {
             } else {
                 Ok(r as usize)
             }
-        }))?;
-        if sent == 0 {
-            // The file ended early: changed behind hoard's back.
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "blob shorter than announced",
-            )));
-        }
-        front.pos += sent as u64;
-        front.len -= sent;
-        if front.len == 0 {
-            queue.pop_front();
-        }
-        self.sent.inc_by(sent as u64);
-        Poll::Ready(Ok(sent))
+        })
     }
 
     /// `sendmsg(MSG_MORE)` of `bufs`.
@@ -198,7 +312,7 @@ impl Io {
             // SAFETY: an all-zero msghdr is a valid empty one.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             // IoSlice is ABI-compatible with iovec (std guarantees it on
-            // Unix); the kernel only reads them.
+            // Unix); the kernel only reads them. hyper passes at most 64.
             msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
             msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
             // SAFETY: `msg` points at `bufs`, live for the call.
@@ -229,6 +343,20 @@ impl Io {
     }
 }
 
+/// The file ended before the range: changed behind hoard's back.
+fn short_file(damage: &Damage) -> io::Error {
+    damage.report();
+    io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than announced")
+}
+
+/// `sendfile` errors that mean "not from this file", not "this socket".
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
+}
+
 impl hyper::rt::Read for Io {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -245,6 +373,11 @@ impl hyper::rt::Write for Io {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // Only a flattening hyper writes this way, and it would have copied
+        // the placeholders: their ranges would never be sent.
+        if !self.segments.is_empty() {
+            return Poll::Ready(Err(out_of_step()));
+        }
         self.write(cx, &[IoSlice::new(buf)])
     }
 
@@ -272,26 +405,35 @@ impl hyper::rt::Write for Io {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn file_with(data: &[u8]) -> BlobReader {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, data).unwrap();
+        BlobReader::from_file(file)
+    }
+
+    fn no_damage() -> Damage {
+        Damage::new(|| panic!("nothing is damaged here"))
+    }
 
     #[test]
     fn a_placeholder_is_known_by_its_address_not_its_bytes() {
         let segments = Segments::default();
-        let file = tempfile::tempfile().unwrap();
-        let reader = BlobReader::from_file(file);
-        let placeholder = segments.push(reader.clone(), 0, 10).unwrap();
+        let reader = file_with(b"0123456789");
+        let placeholder = segments.push(reader.clone(), 0, 10, no_damage()).unwrap();
         assert!(is_placeholder(&placeholder));
         assert!(is_placeholder(&placeholder[3..]));
         assert!(!is_placeholder(&[0u8; 10]));
         assert!(!is_placeholder(&placeholder[..0]));
         // Never more than hyper could hold, never an empty or oversized one.
-        assert!(segments.push(reader.clone(), 0, 0).is_err());
-        assert!(segments
-            .push(reader.clone(), 0, PLACEHOLDER.len() + 1)
-            .is_err());
+        assert!(segments.push(reader.clone(), 0, 0, no_damage()).is_err());
+        let over = CHUNK as usize + 1;
+        assert!(segments.push(reader.clone(), 0, over, no_damage()).is_err());
         for _ in 1..MAX_QUEUED {
-            segments.push(reader.clone(), 0, 1).unwrap();
+            segments.push(reader.clone(), 0, 1, no_damage()).unwrap();
         }
-        assert!(segments.push(reader, 0, 1).is_err());
+        assert!(segments.push(reader, 0, 1, no_damage()).is_err());
     }
 
     /// `Io` on the server side of a loopback connection, and the client.
@@ -309,10 +451,22 @@ mod tests {
         std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write_vectored(cx, bufs)).await
     }
 
-    fn file_with(data: &[u8]) -> BlobReader {
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, data).unwrap();
-        BlobReader::from_file(file)
+    /// Writes `bufs` whole, as hyper does: what is left, until none is.
+    async fn write_all(io: &mut Io, mut bufs: Vec<Bytes>) -> io::Result<()> {
+        while !bufs.is_empty() {
+            let slices: Vec<_> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+            let mut n = write(io, &slices).await?;
+            assert!(n > 0);
+            while n > 0 {
+                let take = n.min(bufs[0].len());
+                bufs[0].advance(take);
+                n -= take;
+                if bufs[0].is_empty() {
+                    bufs.remove(0);
+                }
+            }
+        }
+        Ok(())
     }
 
     #[tokio::test]
@@ -320,33 +474,24 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let segments = Arc::new(Segments::default());
         let (mut io, mut client) = pair(segments.clone()).await;
-        let first = segments.push(file_with(b"0123456789"), 2, 5).unwrap();
-        let second = segments.push(file_with(b"abcdef"), 0, 6).unwrap();
-        let mut bufs = vec![
-            (Bytes::from_static(b"head|"), false),
-            (first, true),
-            (Bytes::from_static(b"|"), false),
-            (second, true),
+        let first = segments
+            .push(file_with(b"0123456789"), 2, 5, no_damage())
+            .unwrap();
+        let second = segments
+            .push(file_with(b"abcdef"), 0, 6, no_damage())
+            .unwrap();
+        let bufs = vec![
+            Bytes::from_static(b"head|"),
+            first,
+            Bytes::from_static(b"|"),
+            second,
         ];
-        // As hyper does: write what is left until all is written.
-        while !bufs.is_empty() {
-            let slices: Vec<_> = bufs.iter().map(|(b, _)| IoSlice::new(b)).collect();
-            let mut n = write(&mut io, &slices).await.unwrap();
-            assert!(n > 0);
-            while n > 0 {
-                let take = n.min(bufs[0].0.len());
-                let _ = bufs[0].0.split_to(take);
-                n -= take;
-                if bufs[0].0.is_empty() {
-                    bufs.remove(0);
-                }
-            }
-        }
+        write_all(&mut io, bufs).await.unwrap();
         drop(io);
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"head|23456|abcdef");
-        assert!(segments.0.lock().is_empty());
+        assert!(segments.is_empty());
     }
 
     #[tokio::test]
@@ -356,30 +501,84 @@ mod tests {
         // A placeholder with nothing queued.
         let stray = Bytes::from_static(&PLACEHOLDER[..4]);
         assert!(write(&mut io, &[IoSlice::new(&stray)]).await.is_err());
-        // One whose length is not the front range's.
-        let placeholder = segments.push(file_with(b"0123456789"), 0, 10).unwrap();
-        let e = write(&mut io, &[IoSlice::new(&placeholder[..5])])
+        // One cut short, and one written before the range ahead of it:
+        // both the same length as the front range.
+        let first = segments
+            .push(file_with(b"0123456789"), 0, 10, no_damage())
+            .unwrap();
+        let second = segments
+            .push(file_with(b"abcdefghij"), 0, 10, no_damage())
+            .unwrap();
+        for wrong in [&first[..5], &second[..]] {
+            let e = write(&mut io, &[IoSlice::new(wrong)]).await.unwrap_err();
+            assert!(e.to_string().contains("out of step"), "{e}");
+        }
+        // A flattening writer (hyper copying the placeholders) is refused.
+        let e = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, b"copied"))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("out of step"), "{e}");
     }
 
+    #[tokio::test]
+    async fn a_file_shorter_than_its_range_is_reported_damaged_and_cuts() {
+        use tokio::io::AsyncReadExt;
+        let segments = Arc::new(Segments::default());
+        let (mut io, mut client) = pair(segments.clone()).await;
+        let reports = Arc::new(AtomicUsize::new(0));
+        let counted = reports.clone();
+        let damage = Damage::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        // The index says 10 bytes; the file holds 4.
+        let placeholder = segments.push(file_with(b"0123"), 0, 10, damage).unwrap();
+        let e = write_all(&mut io, vec![placeholder]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(reports.load(Ordering::SeqCst), 1);
+        drop(io);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"0123", "only what the file had");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_client_that_takes_nothing_is_cut_after_the_stall_time() {
         let segments = Arc::new(Segments::default());
-        let (mut io, _client) = pair(segments).await;
+        let (mut io, client) = pair(segments).await;
         let chunk = vec![7u8; 1 << 20];
         let started = tokio::time::Instant::now();
-        // The client never reads: the socket fills, then the write waits
-        // until the (paused, so instant) clock reaches the stall time.
+        // The client reads once, 100 s in, then never again: the socket
+        // fills, the write waits; the read lets it go on; it fills again,
+        // and that wait runs its full stall time from then (the clock is
+        // paused, so the waits take no real time).
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(100)).await;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut drained = 0;
+            loop {
+                match client.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => drained += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert!(drained > 0);
+            client
+        });
         let e = loop {
             match write(&mut io, &[IoSlice::new(&chunk)]).await {
                 Ok(n) => assert!(n > 0),
                 Err(e) => break e,
             }
-            assert!(started.elapsed() <= CLIENT_STALL, "never cut");
+            assert!(started.elapsed() <= 2 * CLIENT_STALL, "never cut");
         };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-        assert!(started.elapsed() >= CLIENT_STALL);
+        let _client = reader.await.unwrap();
+        let cut_at = started.elapsed();
+        assert!(
+            cut_at >= std::time::Duration::from_secs(100) + CLIENT_STALL,
+            "{cut_at:?}"
+        );
     }
 }

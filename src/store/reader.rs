@@ -80,13 +80,18 @@ impl BlobReader {
     /// Whether every page of `pos..pos + n` is in the page cache now, so
     /// that `sendfile` of that range copies from memory instead of waiting
     /// for the disk on the runtime's thread. Asked with `cachestat(2)`
-    /// (Linux 6.5); where the kernel has no `cachestat`, with two one-byte
-    /// `RWF_NOWAIT` reads of the first and the last page, which misses a
-    /// page evicted from the middle (that send then waits for the disk,
-    /// as nginx's `sendfile` does). Never true past the end of the file:
-    /// pages that do not exist are not cached.
+    /// (Linux 6.5) and, since that counts pages still being read in (say,
+    /// by another reader's readahead), a one-byte `RWF_NOWAIT` read of the
+    /// last page, which readahead fills last. Where the kernel has no
+    /// `cachestat` (Linux 6.1 of Debian 12, say), the first and the last
+    /// page only: a page evicted from between them makes that `sendfile`
+    /// wait for the disk, as nginx's does unless it is given a thread pool.
+    /// Never true past the end of the file: pages that do not exist are
+    /// not cached.
     pub fn is_cached(&self, pos: u64, n: usize) -> bool {
-        n > 0 && page_cached(&self.file, pos, n as u64)
+        n > 0
+            && page_cached(&self.file, pos, n as u64)
+            && probe_cached(&self.file, pos + n as u64 - 1, 1)
     }
 
     /// The open file, for sending it without reading it (`sendfile`).
@@ -95,58 +100,75 @@ impl BlobReader {
     }
 }
 
-/// `cachestat(2)`'s number: one for every architecture (the unified
-/// syscall table), not yet in the `libc` crate for x86_64.
+/// `cachestat(2)`'s number: the same on every architecture Rust builds
+/// for (the unified syscall table), not yet in the `libc` crate for x86_64.
 const SYS_CACHESTAT: libc::c_long = 451;
 
 /// Set once the kernel said it has no `cachestat`.
 static NO_CACHESTAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The kernel's page size.
+static PAGE: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    // SAFETY: sysconf only reads the system's configuration.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+});
+
 /// See `BlobReader::is_cached`.
 fn page_cached(file: &File, pos: u64, n: u64) -> bool {
     use std::sync::atomic::Ordering;
-    const PAGE: u64 = 4096;
-    if !NO_CACHESTAT.load(Ordering::Relaxed) {
-        #[repr(C)]
-        struct Range {
-            off: u64,
-            len: u64,
-        }
-        #[repr(C)]
-        #[derive(Default)]
-        struct Stat {
-            nr_cache: u64,
-            nr_dirty: u64,
-            nr_writeback: u64,
-            nr_evicted: u64,
-            nr_recently_evicted: u64,
-        }
-        let range = Range { off: pos, len: n };
-        let mut stat = Stat::default();
-        // SAFETY: cachestat reads `range` and writes one `Stat`, both live
-        // and laid out as the kernel's `cachestat_range` and `cachestat`
-        // (five and two u64s, repr(C)); flags must be 0.
-        let r = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                file.as_raw_fd(),
-                &range as *const Range,
-                &mut stat as *mut Stat,
-                0,
-            )
-        };
-        if r == 0 {
-            // Pages the range touches. cachestat counts whole pages: the
-            // kernel's page size is at least 4 KiB, so on a larger one the
-            // count is below this and the answer a safe "no".
-            let pages = (pos + n - 1) / PAGE - pos / PAGE + 1;
-            return stat.nr_cache >= pages;
-        }
-        if io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
-            return false;
-        }
-        NO_CACHESTAT.store(true, Ordering::Relaxed);
+    if NO_CACHESTAT.load(Ordering::Relaxed) {
+        return probe_cached(file, pos, n);
     }
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range { off: pos, len: n };
+    let mut stat = Stat::default();
+    // SAFETY: cachestat reads `range` and writes one `Stat`, both live and
+    // laid out as the kernel's `cachestat_range` (two u64s) and `cachestat`
+    // (five u64s), repr(C); flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0,
+        )
+    };
+    if r == 0 {
+        let page = *PAGE;
+        let pages = (pos + n - 1) / page - pos / page + 1;
+        return stat.nr_cache >= pages;
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENOSYS) => {
+            NO_CACHESTAT.store(true, Ordering::Relaxed);
+            probe_cached(file, pos, n)
+        }
+        // Newer kernels refuse cachestat on a file the caller may not
+        // write and does not own (hoard's own blobs are both).
+        Some(libc::EPERM) => probe_cached(file, pos, n),
+        _ => false,
+    }
+}
+
+/// Whether the first and the last page of `pos..pos + n` are cached and
+/// read in: one-byte `RWF_NOWAIT` reads, which refuse rather than wait.
+/// Pages between them are not asked about.
+fn probe_cached(file: &File, pos: u64, n: u64) -> bool {
     let mut byte = 0u8;
     [pos, pos + n - 1].iter().all(|&at| {
         let Ok(offset) = libc::off_t::try_from(at) else {
@@ -325,6 +347,16 @@ mod tests {
         assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) }, 0);
         let tmpfs = fs.f_type == libc::TMPFS_MAGIC;
         assert_eq!(reader.is_cached(0, data.len()), tmpfs);
+    }
+
+    #[test]
+    fn the_probe_asks_the_first_and_the_last_page() {
+        let data = vec![5u8; 4 * 4096];
+        let (_reader, file) = reader(&data);
+        assert!(probe_cached(&file, 0, data.len() as u64));
+        assert!(probe_cached(&file, 4095, 2));
+        // Past the end: nothing to read, so not cached.
+        assert!(!probe_cached(&file, 0, data.len() as u64 + 1));
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use crate::fake::{digest_of, Fake};
 use crate::Hoard;
 
 const SENT: &str = "hoard_sendfile_bytes_total";
+const SERVED: &str = r#"hoard_served_bytes_total{source="cache"}"#;
 
 /// Bytes that differ at every offset (a misplaced range shows).
 fn blob(len: usize, seed: u32) -> Vec<u8> {
@@ -39,6 +40,7 @@ async fn cached_blobs_are_sent_from_the_page_cache_and_every_byte_is_the_blobs()
     let data = blob(3 * 256 * 1024 + 12_345, 1);
     let (_fake, hoard, path) = cached(&data).await;
     let before = hoard.metric(SENT);
+    let served_before = hoard.metric(SERVED);
     // One keep-alive connection: whole blob, a range, HEAD, whole again.
     for _ in 0..2 {
         let body = hoard.get(&path).await.bytes().await.unwrap();
@@ -60,6 +62,8 @@ async fn cached_blobs_are_sent_from_the_page_cache_and_every_byte_is_the_blobs()
     let sent = hoard.metric(SENT) - before;
     let expected = 2.0 * (data.len() as f64 + (600_000 - 262_000 + 1) as f64);
     assert_eq!(sent, expected, "bytes sent with sendfile");
+    // Counted once each as served from the cache, as any other bytes.
+    assert_eq!(hoard.metric(SERVED) - served_before, expected);
 }
 
 #[tokio::test]
