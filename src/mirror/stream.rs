@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use prometheus::IntCounter;
@@ -82,7 +82,15 @@ struct Stored {
     served: IntCounter,
     /// Whether the first chunk was asked for in bytes (`poll_next`).
     started: bool,
+    /// For a consumer that sends from files: the blocking pool putting the
+    /// bytes up to `.1` into the page cache (`BlobReader::load`).
+    loading: Option<(tokio::task::JoinHandle<io::Result<()>>, u64)>,
+    /// Bytes before this were loaded once (or failed to): not again.
+    loaded: u64,
 }
+
+/// Bytes put in the page cache at a time for `poll_next_in_place`.
+const LOAD_AHEAD: u64 = 4 * CHUNK;
 
 impl Stored {
     /// The next chunk's length.
@@ -156,7 +164,18 @@ impl ByteStream {
     /// the page cache comes as a `Chunk::File`, read by nobody here;
     /// anything else as bytes, as from `poll_next`.
     pub fn poll_next_in_place(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Chunk>>> {
-        if let Some(stored) = self.stored.as_ref() {
+        while let Some(stored) = self.stored.as_mut() {
+            if let Some((loading, until)) = stored.loading.as_mut() {
+                let until = *until;
+                let loaded = ready!(Pin::new(loading).poll(cx));
+                stored.loading = None;
+                // A failed load (a short file, the disk) is left to the
+                // read below, which reports it as for any client.
+                stored.loaded = match loaded {
+                    Ok(Ok(())) => until,
+                    _ => stored.end,
+                };
+            }
             let len = stored.next_len();
             if stored.reader.is_cached(stored.pos, len) {
                 let chunk = Chunk::File {
@@ -168,6 +187,17 @@ impl ByteStream {
                 self.advance(len as u64);
                 return Poll::Ready(Some(Ok(chunk)));
             }
+            if stored.loaded >= stored.pos + len as u64 {
+                // Loaded and already gone again: read it after all.
+                break;
+            }
+            // Not in the page cache (the first hit after a download, which
+            // was written around it): load the next chunks there, then send
+            // them from it.
+            let until = (stored.pos + LOAD_AHEAD).min(stored.end);
+            let (reader, pos) = (stored.reader.clone(), stored.pos);
+            let load = tokio::task::spawn_blocking(move || reader.load(pos, until - pos));
+            stored.loading = Some((load, until));
         }
         self.poll_next(cx)
             .map(|next| next.map(|r| r.map(Chunk::Bytes)))
@@ -284,6 +314,8 @@ pub(super) fn spawn(
                 damage: Damage::new(on_damaged),
                 served,
                 started: false,
+                loading: None,
+                loaded: 0,
             }),
             rx: None,
         },

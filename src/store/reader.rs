@@ -94,6 +94,47 @@ impl BlobReader {
             && probe_cached(&self.file, pos + n as u64 - 1, 1)
     }
 
+    /// Reads `pos..pos + n` into the page cache without copying it
+    /// anywhere, for a caller that then sends it with `sendfile`: the
+    /// first hit of a blob after its download, which was written around
+    /// the page cache. A `sendfile` to `/dev/null` does it: the kernel
+    /// reads the pages (with readahead, waiting until they are read) and
+    /// drops its references at once. The copy a `pread` would make is most
+    /// of a first hit's CPU in a VM, where the page cache's fresh memory is
+    /// faulted in on first touch (issue 16). Blocking. A file that ends
+    /// first is an `UnexpectedEof` error.
+    pub fn load(&self, pos: u64, n: u64) -> io::Result<()> {
+        static NULL: std::sync::LazyLock<io::Result<File>> =
+            std::sync::LazyLock::new(|| std::fs::OpenOptions::new().write(true).open("/dev/null"));
+        let null = NULL
+            .as_ref()
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+        let mut offset =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::other("offset out of range"))?;
+        let end = offset
+            .checked_add(libc::off_t::try_from(n).map_err(|_| io::Error::other("range too long"))?)
+            .ok_or_else(|| io::Error::other("range too long"))?;
+        while offset < end {
+            let left = (end - offset) as usize;
+            // SAFETY: both descriptors are open for the call; the kernel
+            // advances `offset`, which this frame owns.
+            let r = unsafe {
+                libc::sendfile(null.as_raw_fd(), self.file.as_raw_fd(), &mut offset, left)
+            };
+            match r {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                r if r < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The open file, for sending it without reading it (`sendfile`).
     pub fn file(&self) -> &File {
         &self.file
@@ -347,6 +388,21 @@ mod tests {
         assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) }, 0);
         let tmpfs = fs.f_type == libc::TMPFS_MAGIC;
         assert_eq!(reader.is_cached(0, data.len()), tmpfs);
+    }
+
+    #[test]
+    fn load_puts_a_range_in_the_page_cache() {
+        let data = vec![9u8; 64 * 4096];
+        let (reader, file) = reader(&data);
+        file.sync_data().unwrap();
+        // SAFETY: plain advice on a file descriptor this test owns.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        reader.load(4096, 16 * 4096).unwrap();
+        assert!(reader.is_cached(4096, 16 * 4096));
+        // Past the end: the file is shorter than asked.
+        let e = reader.load(60 * 4096, 8 * 4096).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

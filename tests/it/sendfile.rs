@@ -186,3 +186,27 @@ async fn a_slow_reader_with_a_tiny_window_gets_every_byte() {
     }
     assert_eq!(hoard.metric(SENT) - before, data.len() as f64);
 }
+
+#[tokio::test]
+async fn the_first_hit_after_a_download_is_sent_from_the_page_cache_too() {
+    // Downloads are written around the page cache (O_DIRECT where the file
+    // system allows): the first hit loads the blob there without copying
+    // it through hoard, then sends it like any later hit.
+    let data = blob(2 * 1024 * 1024 + 99, 5);
+    let fake = Fake::start().await;
+    let digest = fake.put_blob("library/first", data.clone());
+    let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
+    let path = format!("/v2/first/blobs/{digest}");
+    assert!(hoard.get(&path).await.bytes().await.unwrap() == data);
+    assert!(
+        crate::eventually(Duration::from_secs(20), || {
+            hoard.blob_files() == 1 && hoard.metric("hoard_inflight_fetches") == 0.0
+        })
+        .await,
+        "the download was never committed"
+    );
+    let before = hoard.metric(SENT);
+    assert!(hoard.get(&path).await.bytes().await.unwrap() == data);
+    assert_eq!(hoard.metric(SENT) - before, data.len() as f64);
+    assert_eq!(fake.hits("GET", "/blobs/"), 1);
+}
