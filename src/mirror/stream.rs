@@ -87,12 +87,24 @@ struct Stored {
     loading: Option<(tokio::task::JoinHandle<io::Result<()>>, u64)>,
     /// Bytes before this were loaded once (or failed to): not again.
     loaded: u64,
+    /// A chunk being read as bytes (`poll_next_in_place`).
+    reading: Option<Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send>>>,
 }
 
 /// Bytes put in the page cache at a time for `poll_next_in_place`.
 const LOAD_AHEAD: u64 = 4 * CHUNK;
+// A load must cover at least the chunk that waits for it.
+const _: () = assert!(LOAD_AHEAD >= CHUNK);
 
 impl Stored {
+    /// Starts loading `LOAD_AHEAD` bytes from `from` into the page cache.
+    fn load(&mut self, from: u64) {
+        let until = (from + LOAD_AHEAD).min(self.end);
+        let reader = self.reader.clone();
+        let load = tokio::task::spawn_blocking(move || reader.load(from, until - from));
+        self.loading = Some((load, until));
+    }
+
     /// The next chunk's length.
     fn next_len(&self) -> usize {
         (self.end - self.pos).min(CHUNK) as usize
@@ -160,23 +172,33 @@ impl ByteStream {
     }
 
     /// The next chunk for a consumer that sends from files itself (plain
-    /// HTTP/1's `sendfile`): a stored blob's chunk whose pages are all in
-    /// the page cache comes as a `Chunk::File`, read by nobody here;
-    /// anything else as bytes, as from `poll_next`.
+    /// HTTP/1's `sendfile`): each chunk of a stored blob comes as a
+    /// `Chunk::File` once the page cache holds all of it, read by nobody
+    /// here. Chunks not in the page cache (the first hit after a download,
+    /// which was written around it) are first loaded there on the blocking
+    /// pool, `LOAD_AHEAD` at a time and the next window while the current
+    /// one is sent; a chunk loaded and dropped again before it was sent
+    /// (memory pressure) comes as bytes, read on the blocking pool.
     pub fn poll_next_in_place(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Chunk>>> {
         while let Some(stored) = self.stored.as_mut() {
-            if let Some((loading, until)) = stored.loading.as_mut() {
-                let until = *until;
-                let loaded = ready!(Pin::new(loading).poll(cx));
-                stored.loading = None;
-                // A failed load (a short file, the disk) is left to the
-                // read below, which reports it as for any client.
-                stored.loaded = match loaded {
-                    Ok(Ok(())) => until,
-                    _ => stored.end,
-                };
-            }
             let len = stored.next_len();
+            if let Some(read) = stored.reading.as_mut() {
+                let read = ready!(read.as_mut().poll(cx));
+                stored.reading = None;
+                return Poll::Ready(Some(match read {
+                    Ok(bytes) => {
+                        self.advance(bytes.len() as u64);
+                        Ok(Chunk::Bytes(bytes))
+                    }
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::UnexpectedEof {
+                            stored.damage.report();
+                        }
+                        self.stored = None;
+                        Err(e)
+                    }
+                }));
+            }
             if stored.reader.is_cached(stored.pos, len) {
                 let chunk = Chunk::File {
                     reader: stored.reader.clone(),
@@ -184,20 +206,38 @@ impl ByteStream {
                     len,
                     damage: stored.damage.clone(),
                 };
+                // Loading (a first hit): the next window starts loading
+                // once the current one is half sent.
+                let next = stored.pos + len as u64;
+                let loading = stored.loaded > 0 && stored.loaded < stored.end;
+                if loading
+                    && stored.loading.is_none()
+                    && next + LOAD_AHEAD / 2 >= stored.loaded
+                    && BlobReader::can_load()
+                {
+                    stored.load(stored.loaded);
+                }
                 self.advance(len as u64);
                 return Poll::Ready(Some(Ok(chunk)));
             }
-            if stored.loaded >= stored.pos + len as u64 {
-                // Loaded and already gone again: read it after all.
-                break;
+            if let Some((loading, until)) = stored.loading.as_mut() {
+                let until = *until;
+                let loaded = ready!(Pin::new(loading).poll(cx));
+                stored.loading = None;
+                // A failed load (a short file, the disk): the reads below
+                // meet the failure again and report it as for any client.
+                stored.loaded = match loaded {
+                    Ok(Ok(())) => until,
+                    _ => stored.end,
+                };
+                continue;
             }
-            // Not in the page cache (the first hit after a download, which
-            // was written around it): load the next chunks there, then send
-            // them from it.
-            let until = (stored.pos + LOAD_AHEAD).min(stored.end);
-            let (reader, pos) = (stored.reader.clone(), stored.pos);
-            let load = tokio::task::spawn_blocking(move || reader.load(pos, until - pos));
-            stored.loading = Some((load, until));
+            if stored.loaded >= stored.pos + len as u64 || !BlobReader::can_load() {
+                let (reader, pos) = (stored.reader.clone(), stored.pos);
+                stored.reading = Some(Box::pin(async move { reader.read(pos, len).await }));
+                continue;
+            }
+            stored.load(stored.pos);
         }
         self.poll_next(cx)
             .map(|next| next.map(|r| r.map(Chunk::Bytes)))
@@ -297,8 +337,9 @@ pub enum Piece {
 /// no task and no channel at all. Profiling 256 clients on a cached 64 KiB
 /// blob showed two `writev`s per request (the headers went out alone while
 /// the task started) besides the task's own wake-ups. A task reads the rest
-/// ahead. A plain HTTP/1 connection instead takes every chunk the page
-/// cache holds as a file range to `sendfile` (`poll_next_in_place`).
+/// ahead. A plain HTTP/1 connection instead takes every chunk as a file
+/// range to `sendfile` from the page cache, loaded there first when it is
+/// not (`poll_next_in_place`).
 pub(super) fn spawn(
     reader: BlobReader,
     pieces: Vec<Piece>,
@@ -316,6 +357,7 @@ pub(super) fn spawn(
                 started: false,
                 loading: None,
                 loaded: 0,
+                reading: None,
             }),
             rx: None,
         },
@@ -593,5 +635,82 @@ async fn pump(
     if let Some(last) = held {
         served.inc_by(last.len() as u64);
         deliver(&tx, last).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A stored stream of `len` bytes over a file holding `data`, dropped
+    /// from the page cache first; and how often it reported damage.
+    fn stored(data: &[u8], len: u64) -> (ByteStream, IntCounter, Arc<AtomicUsize>) {
+        use std::os::unix::io::AsRawFd;
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, data).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: plain advice on a file descriptor this test owns.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        let served = IntCounter::new("served", "test").unwrap();
+        let damaged = Arc::new(AtomicUsize::new(0));
+        let counted = damaged.clone();
+        let on_damaged: OnDamaged = Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        let stream = spawn(
+            BlobReader::from_file(file),
+            vec![Piece::Range(0, Some(len))],
+            Follow::Stored(on_damaged),
+            served.clone(),
+        );
+        (stream, served, damaged)
+    }
+
+    /// Every chunk `poll_next_in_place` yields, with file ranges read back.
+    async fn drain(stream: &mut ByteStream) -> (Vec<u8>, usize, Option<io::Error>) {
+        let (mut got, mut files) = (Vec::new(), 0);
+        while let Some(chunk) = std::future::poll_fn(|cx| stream.poll_next_in_place(cx)).await {
+            match chunk {
+                Ok(Chunk::Bytes(bytes)) => got.extend_from_slice(&bytes),
+                Ok(Chunk::File {
+                    reader, pos, len, ..
+                }) => {
+                    assert!(
+                        reader.is_cached(pos, len),
+                        "a file range not in the page cache"
+                    );
+                    got.extend_from_slice(&reader.read(pos, len).await.unwrap());
+                    files += 1;
+                }
+                Err(e) => return (got, files, Some(e)),
+            }
+        }
+        (got, files, None)
+    }
+
+    #[tokio::test]
+    async fn a_blob_not_in_the_page_cache_is_loaded_and_sent_as_file_ranges() {
+        let data: Vec<u8> = (0..5 * CHUNK + 123).map(|i| (i % 251) as u8).collect();
+        let (mut stream, served, damaged) = stored(&data, data.len() as u64);
+        let (got, files, error) = drain(&mut stream).await;
+        assert!(error.is_none());
+        assert!(got == data);
+        assert_eq!(files, 6, "every chunk from the page cache");
+        assert_eq!(served.get(), data.len() as u64, "each byte counted once");
+        assert_eq!(damaged.load(Ordering::SeqCst), 0);
+        assert!(stream.is_end());
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_its_index_says_is_reported_once_and_ends_in_an_error() {
+        let data: Vec<u8> = (0..CHUNK + 100).map(|i| (i % 249) as u8).collect();
+        let (mut stream, served, damaged) = stored(&data, 3 * CHUNK);
+        let (got, _, error) = drain(&mut stream).await;
+        assert_eq!(error.unwrap().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(got == data, "what the file had, then the error");
+        assert_eq!(served.get(), data.len() as u64);
+        assert_eq!(damaged.load(Ordering::SeqCst), 1);
     }
 }

@@ -27,10 +27,11 @@
 //!
 //! `sendfile` waits for the disk when a page is not in the page cache, on
 //! the runtime's thread. The body hands out only ranges the page cache held
-//! (and had read in) when it was polled, which is just before hyper's first
-//! write of it; `Io` asks again before sending the rest of a range a slow
-//! client took only part of, since pages can be evicted meanwhile. A range
-//! no longer all there is read on the blocking pool and written as bytes.
+//! (and had read in) when it was polled; `Io` asks again before a send
+//! when that answer is more than `RECHECK_AFTER` old (a slow client can
+//! hold a range, or the one before it, for minutes while pages are
+//! evicted). A range no longer all there is read on the blocking pool and
+//! written as bytes.
 //!
 //! Only plain HTTP/1 takes this path: TLS must encrypt in user space and
 //! HTTP/2 frames the body, so both read the chunk into memory as before.
@@ -86,7 +87,14 @@ struct Segment {
     /// Bytes of it already written (its placeholder's slice starts there).
     sent: usize,
     damage: Damage,
+    /// When the body checked that the page cache held it.
+    checked: std::time::Instant,
 }
+
+/// A range checked longer ago than this is checked again before it is
+/// sent: hyper asks the body for the next chunk while the last one's tail
+/// may still wait for a slow client.
+const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The file ranges a connection's placeholders stand for, in the order
 /// hyper will write them. Shared by the connection's bodies (which push)
@@ -124,6 +132,7 @@ impl Segments {
             tag,
             sent: 0,
             damage,
+            checked: std::time::Instant::now(),
         });
         Ok(Bytes::from_static(&PLACEHOLDER[tag..tag + len]))
     }
@@ -251,10 +260,13 @@ impl Io {
                         return Poll::Ready(Err(e));
                     }
                 },
-                // Asked again only for the rest of a range the socket took
-                // part of: the body asked just before hyper's first write,
-                // and a slow client may have held the rest for minutes.
-                None if (front.sent > 0 && !front.reader.is_cached(pos, left)) || !available() => {
+                // Asked again when the body's answer is not fresh: a slow
+                // client may have held the range (or the one before it)
+                // for minutes.
+                None if (front.checked.elapsed() > RECHECK_AFTER
+                    && !front.reader.is_cached(pos, left))
+                    || !available() =>
+                {
                     let reader = front.reader.clone();
                     self.fallback = Some(Fallback::Reading(Box::pin(async move {
                         reader.read(pos, left).await
