@@ -109,6 +109,16 @@ fn reading(c: &mut Criterion) {
         });
     }
     group.finish();
+    // What plain HTTP/1 pays per chunk instead of the read: asking the page
+    // cache whether it holds the chunk before handing out a sendfile range.
+    let mut group = c.benchmark_group("is cached");
+    for (name, n) in [("64 KiB blob", 64 << 10), ("256 KiB chunk", 256 << 10)] {
+        group.throughput(Throughput::Bytes(n as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| assert!(reader.is_cached(0, black_box(n))))
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, hashing, routing, index, reading);
