@@ -199,7 +199,34 @@ impl ByteStream {
                     }
                 }));
             }
-            if stored.reader.is_cached(stored.pos, len) {
+            let cached = stored.reader.is_cached(stored.pos, len);
+            if let Some((loading, until)) = stored.loading.as_mut() {
+                // Waited for when this chunk needs it; collected as soon as
+                // it is done either way, so the next window can start.
+                if !cached || loading.is_finished() {
+                    let until = *until;
+                    let loaded = ready!(Pin::new(loading).poll(cx));
+                    stored.loading = None;
+                    // A failed load (a short file, the disk): the reads
+                    // below meet the failure again and report it as for
+                    // any client.
+                    stored.loaded = match loaded {
+                        Ok(Ok(())) => until,
+                        _ => stored.end,
+                    };
+                    if !cached {
+                        let covered = stored.loaded >= stored.pos + len as u64;
+                        if covered && !stored.reader.is_cached(stored.pos, len) {
+                            // Loaded and still not seen as cached: this
+                            // system cannot tell (no cachestat, no
+                            // RWF_NOWAIT). The task reads the rest, ahead.
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if cached {
                 let chunk = Chunk::File {
                     reader: stored.reader.clone(),
                     pos: stored.pos,
@@ -212,27 +239,21 @@ impl ByteStream {
                 let loading = stored.loaded > 0 && stored.loaded < stored.end;
                 if loading
                     && stored.loading.is_none()
+                    && next < stored.end
                     && next + LOAD_AHEAD / 2 >= stored.loaded
                     && BlobReader::can_load()
                 {
-                    stored.load(stored.loaded);
+                    stored.load(stored.loaded.max(next));
                 }
                 self.advance(len as u64);
                 return Poll::Ready(Some(Ok(chunk)));
             }
-            if let Some((loading, until)) = stored.loading.as_mut() {
-                let until = *until;
-                let loaded = ready!(Pin::new(loading).poll(cx));
-                stored.loading = None;
-                // A failed load (a short file, the disk): the reads below
-                // meet the failure again and report it as for any client.
-                stored.loaded = match loaded {
-                    Ok(Ok(())) => until,
-                    _ => stored.end,
-                };
-                continue;
+            if !BlobReader::can_load() {
+                break;
             }
-            if stored.loaded >= stored.pos + len as u64 || !BlobReader::can_load() {
+            if stored.loaded >= stored.pos + len as u64 {
+                // Loaded, then evicted before it was sent (memory
+                // pressure): this chunk as bytes; the next ones are loaded.
                 let (reader, pos) = (stored.reader.clone(), stored.pos);
                 stored.reading = Some(Box::pin(async move { reader.read(pos, len).await }));
                 continue;
@@ -709,6 +730,8 @@ mod tests {
         let (mut stream, served, damaged) = stored(&data, 3 * CHUNK);
         let (got, _, error) = drain(&mut stream).await;
         assert_eq!(error.unwrap().kind(), io::ErrorKind::UnexpectedEof);
+        let after = std::future::poll_fn(|cx| stream.poll_next_in_place(cx)).await;
+        assert!(after.is_none(), "the stream ends after its error");
         assert!(got == data, "what the file had, then the error");
         assert_eq!(served.get(), data.len() as u64);
         assert_eq!(damaged.load(Ordering::SeqCst), 1);

@@ -91,6 +91,21 @@ struct Segment {
     checked: std::time::Instant,
 }
 
+impl Segment {
+    /// Whether the page cache still holds `pos..pos + left` of this range,
+    /// asked again when the last answer is older than `RECHECK_AFTER`.
+    fn fresh(&mut self, pos: u64, left: usize) -> bool {
+        if self.checked.elapsed() <= RECHECK_AFTER {
+            return true;
+        }
+        let cached = self.reader.is_cached(pos, left);
+        if cached {
+            self.checked = std::time::Instant::now();
+        }
+        cached
+    }
+}
+
 /// A range checked longer ago than this is checked again before it is
 /// sent: hyper asks the body for the next chunk while the last one's tail
 /// may still wait for a slow client.
@@ -263,10 +278,7 @@ impl Io {
                 // Asked again when the body's answer is not fresh: a slow
                 // client may have held the range (or the one before it)
                 // for minutes.
-                None if (front.checked.elapsed() > RECHECK_AFTER
-                    && !front.reader.is_cached(pos, left))
-                    || !available() =>
-                {
+                None if !available() || !front.fresh(pos, left) => {
                     let reader = front.reader.clone();
                     self.fallback = Some(Fallback::Reading(Box::pin(async move {
                         reader.read(pos, left).await
