@@ -70,10 +70,7 @@ async fn kill_9_mid_download_leaves_nothing_served_and_verify_agrees() {
         rest.is_err(),
         "the client was cut off, not handed a short body"
     );
-    let layer_file = store
-        .join("blobs/sha256")
-        .join(&layer[7..9])
-        .join(&layer[7..]);
+    let layer_file = blob_file(&store, &layer);
     assert!(!layer_file.exists(), "no partial blob in place");
 
     // verify, on the stopped store: reconciles, re-hashes, finds nothing wrong.
@@ -212,14 +209,7 @@ async fn a_disk_that_fills_mid_download_still_serves_the_client() {
         "{metrics}"
     );
     let store = hoard.store();
-    assert!(
-        !store
-            .join("blobs/sha256")
-            .join(&layer[7..9])
-            .join(&layer[7..])
-            .exists(),
-        "nothing partial kept"
-    );
+    assert!(!blob_file(&store, &layer).exists(), "nothing partial kept");
     assert_eq!(std::fs::read_dir(store.join("tmp")).unwrap().count(), 0);
     tokio::task::spawn_blocking(move || drop(hoard))
         .await

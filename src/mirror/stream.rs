@@ -667,13 +667,8 @@ mod tests {
     /// A stored stream of `len` bytes over a file holding `data`, dropped
     /// from the page cache first; and how often it reported damage.
     fn stored(data: &[u8], len: u64) -> (ByteStream, IntCounter, Arc<AtomicUsize>) {
-        use std::os::unix::io::AsRawFd;
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, data).unwrap();
-        file.sync_all().unwrap();
-        // SAFETY: plain advice on a file descriptor this test owns.
-        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(r, 0);
+        let (reader, _) = BlobReader::temp(data);
+        reader.evict();
         let served = IntCounter::new("served", "test").unwrap();
         let damaged = Arc::new(AtomicUsize::new(0));
         let counted = damaged.clone();
@@ -681,7 +676,7 @@ mod tests {
             counted.fetch_add(1, Ordering::SeqCst);
         });
         let stream = spawn(
-            BlobReader::from_file(file),
+            reader,
             vec![Piece::Range(0, Some(len))],
             Follow::Stored(on_damaged),
             served.clone(),

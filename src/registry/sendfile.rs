@@ -320,12 +320,7 @@ impl Io {
         self.poll_socket(cx, || {
             // SAFETY: both descriptors are open (the socket is ours, the
             // file is held by the segment); the kernel writes `offset`.
-            let r = unsafe { libc::sendfile(socket, file, &mut offset, len) };
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(r as usize)
-            }
+            counted(unsafe { libc::sendfile(socket, file, &mut offset, len) })
         })
     }
 
@@ -340,12 +335,7 @@ impl Io {
             msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
             msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
             // SAFETY: `msg` points at `bufs`, live for the call.
-            let r = unsafe { libc::sendmsg(socket, &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(r as usize)
-            }
+            counted(unsafe { libc::sendmsg(socket, &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) })
         })
     }
 
@@ -365,6 +355,11 @@ impl Io {
             }
         }
     }
+}
+
+/// A send call's result: bytes sent, or the error it set.
+fn counted(r: isize) -> io::Result<usize> {
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
 /// The file ended before the range: changed behind hoard's back.
@@ -432,9 +427,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn file_with(data: &[u8]) -> BlobReader {
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, data).unwrap();
-        BlobReader::from_file(file)
+        BlobReader::temp(data).0
     }
 
     fn no_damage() -> Damage {

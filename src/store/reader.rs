@@ -36,6 +36,32 @@ impl BlobReader {
         BlobReader::new(Arc::new(file))
     }
 
+    /// A reader of a temp file holding `data`, and the file (tests).
+    #[cfg(test)]
+    pub(crate) fn temp(data: &[u8]) -> (BlobReader, File) {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, data).unwrap();
+        let other = file.try_clone().unwrap();
+        (BlobReader::new(Arc::new(file)), other)
+    }
+
+    /// Drops the file's pages from the page cache (tests); false where
+    /// that cannot be done: on tmpfs the page cache is the file.
+    #[cfg(test)]
+    pub(crate) fn evict(&self) -> bool {
+        // fdatasync first: DONTNEED keeps dirty pages.
+        self.file.sync_data().unwrap();
+        // SAFETY: plain advice on a file descriptor this reader holds.
+        let r =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        // SAFETY: an all-zero statfs is a valid value to overwrite.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs writes one struct this frame owns.
+        assert_eq!(unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut fs) }, 0);
+        fs.f_type != libc::TMPFS_MAGIC
+    }
+
     /// Up to `n` bytes at `pos` (fewer when only part of them is cached, or
     /// when the read buffers are at their budget: see `buffers`).
     /// Reading at or past the end of the file is an `UnexpectedEof` error:
@@ -359,17 +385,10 @@ fn read_at(file: &File, pos: u64, n: usize, exact: bool) -> io::Result<Bytes> {
 mod tests {
     use super::*;
 
-    fn reader(data: &[u8]) -> (BlobReader, File) {
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, data).unwrap();
-        let other = file.try_clone().unwrap();
-        (BlobReader::new(Arc::new(file)), other)
-    }
-
     #[tokio::test]
     async fn chunks_match_the_file_at_any_offset() {
         let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 253) as u8).collect();
-        let (reader, _) = reader(&data);
+        let (reader, _) = BlobReader::temp(&data);
         for (pos, n) in [(0, data.len()), (1, 10), (4095, 4098), (3 * 4096, 100)] {
             let mut got = Vec::new();
             while got.len() < n {
@@ -388,7 +407,7 @@ mod tests {
     #[test]
     fn a_range_is_cached_only_when_the_page_cache_holds_all_of_it() {
         let data = vec![3u8; 8 * 4096];
-        let (reader, file) = reader(&data);
+        let (reader, _) = BlobReader::temp(&data);
         // Written through the page cache: all of it is there.
         assert!(reader.is_cached(0, data.len()));
         assert!(reader.is_cached(4095, 2));
@@ -396,34 +415,17 @@ mod tests {
         // Past the end nothing is cached.
         assert!(!reader.is_cached(data.len() as u64 - 1, 4097));
         assert!(!reader.is_cached(data.len() as u64, 1));
-        // Dropped from the page cache: no longer (fdatasync first, as
-        // DONTNEED keeps dirty pages).
-        file.sync_data().unwrap();
-        // SAFETY: plain advice on a file descriptor this test owns.
-        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(r, 0);
-        // On tmpfs the page cache is the file: DONTNEED keeps it.
-        // SAFETY: an all-zero statfs is a valid value to overwrite.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: fstatfs writes one struct this frame owns.
-        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) }, 0);
-        let tmpfs = fs.f_type == libc::TMPFS_MAGIC;
-        assert_eq!(reader.is_cached(0, data.len()), tmpfs);
+        // Dropped from the page cache: no longer (on tmpfs, where it
+        // cannot be dropped, still).
+        let evicted = reader.evict();
+        assert_eq!(reader.is_cached(0, data.len()), !evicted);
     }
 
     #[test]
     fn load_puts_a_range_in_the_page_cache() {
         let data = vec![9u8; 64 * 4096];
-        let (reader, file) = reader(&data);
-        file.sync_data().unwrap();
-        // SAFETY: plain advice on a file descriptor this test owns.
-        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(r, 0);
-        // SAFETY: an all-zero statfs is a valid value to overwrite.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: fstatfs writes one struct this frame owns.
-        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) }, 0);
-        if fs.f_type != libc::TMPFS_MAGIC {
+        let (reader, _) = BlobReader::temp(&data);
+        if reader.evict() {
             assert!(
                 !reader.is_cached(4096, 16 * 4096),
                 "dropped before the load"
@@ -439,7 +441,7 @@ mod tests {
     #[test]
     fn the_probe_asks_the_first_and_the_last_page() {
         let data = vec![5u8; 4 * 4096];
-        let (_reader, file) = reader(&data);
+        let (_reader, file) = BlobReader::temp(&data);
         assert!(probe_cached(&file, 0, data.len() as u64));
         assert!(probe_cached(&file, 4095, 2));
         // Past the end: nothing to read, so not cached.
@@ -448,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_cut_short_behind_our_back_is_an_error_not_a_crash() {
-        let (reader, file) = reader(&vec![7u8; 1 << 20]);
+        let (reader, file) = BlobReader::temp(&vec![7u8; 1 << 20]);
         assert_eq!(reader.read(0, 10).await.unwrap().len(), 10);
         file.set_len(100).unwrap();
         let e = reader.read(4096, 4096).await.unwrap_err();

@@ -207,14 +207,7 @@ async fn the_first_hit_after_a_download_is_sent_from_the_page_cache_too() {
     );
     // Whatever of it the page cache still holds (a buffered tail, a file
     // system without O_DIRECT), dropped: the next GET finds none of it.
-    let hex = digest.trim_start_matches("sha256:");
-    let file = hoard
-        .data
-        .path()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex);
-    evict(&file);
+    evict(&crate::support::blob_file(hoard.data.path(), &digest));
     let before = hoard.metric(SENT);
     assert!(hoard.get(&path).await.bytes().await.unwrap() == data);
     assert_eq!(hoard.metric(SENT) - before, data.len() as f64);

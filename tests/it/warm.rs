@@ -43,13 +43,7 @@ async fn the_warm_list_is_pulled_at_start_for_the_listed_platforms() {
         "other platforms are not warmed"
     );
     // Once the warmed layer is committed, the first real pull is a hit.
-    let hex = arm_layer.trim_start_matches("sha256:");
-    let file = hoard
-        .data
-        .path()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex);
+    let file = crate::support::blob_file(hoard.data.path(), &arm_layer);
     assert!(
         eventually(Duration::from_secs(10), || file.exists()).await,
         "the warmed layer was never committed"
