@@ -19,19 +19,32 @@ fn blob(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
-/// hoard with `blob` cached: fetched once, and read once more so that the
-/// page cache holds it (a download's own writes bypass it).
+/// hoard with `blob` cached: fetched, committed, and read once more so
+/// that the page cache holds it (a download's own writes bypass it).
 async fn cached(data: &[u8]) -> (Fake, Hoard, String) {
     let fake = Fake::start().await;
     let digest = fake.put_blob("library/big", data.to_vec());
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     let path = format!("/v2/big/blobs/{digest}");
-    for _ in 0..2 {
-        let body = hoard.get(&path).await.bytes().await.unwrap();
-        assert_eq!(digest_of(&body), digest);
-    }
+    let body = hoard.get(&path).await.bytes().await.unwrap();
+    assert_eq!(digest_of(&body), digest);
+    committed(&hoard, 1).await;
+    let body = hoard.get(&path).await.bytes().await.unwrap();
+    assert_eq!(digest_of(&body), digest);
     assert_eq!(fake.hits("GET", "/blobs/"), 1);
     (fake, hoard, path)
+}
+
+/// Waits until `n` downloads are committed and none runs: until then a
+/// GET follows the download instead of reading the stored file.
+async fn committed(hoard: &Hoard, n: usize) {
+    assert!(
+        crate::eventually(Duration::from_secs(20), || {
+            hoard.blob_files() == n && hoard.metric("hoard_inflight_fetches") == 0.0
+        })
+        .await,
+        "the downloads were never committed"
+    );
 }
 
 #[tokio::test]
@@ -75,16 +88,15 @@ async fn pipelined_requests_get_their_own_bytes_in_order() {
     let large_digest = fake.put_blob("library/p", large.clone());
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     for digest in [&small_digest, &large_digest] {
-        for _ in 0..2 {
-            let body = hoard
-                .get(&format!("/v2/p/blobs/{digest}"))
-                .await
-                .bytes()
-                .await
-                .unwrap();
-            assert_eq!(&digest_of(&body), digest);
-        }
+        let body = hoard
+            .get(&format!("/v2/p/blobs/{digest}"))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(&digest_of(&body), digest);
     }
+    committed(&hoard, 2).await;
     let before = hoard.metric(SENT);
     // Four requests in one write: hyper answers them in turn while the
     // earlier answers may still sit in its write queue.
@@ -198,13 +210,7 @@ async fn the_first_hit_after_a_download_is_sent_from_the_page_cache_too() {
     let hoard = Hoard::start(&fake.url(), &[], |_| {}).await;
     let path = format!("/v2/first/blobs/{digest}");
     assert!(hoard.get(&path).await.bytes().await.unwrap() == data);
-    assert!(
-        crate::eventually(Duration::from_secs(20), || {
-            hoard.blob_files() == 1 && hoard.metric("hoard_inflight_fetches") == 0.0
-        })
-        .await,
-        "the download was never committed"
-    );
+    committed(&hoard, 1).await;
     // Whatever of it the page cache still holds (a buffered tail, a file
     // system without O_DIRECT), dropped: the next GET finds none of it.
     evict(&crate::support::blob_file(hoard.data.path(), &digest));
